@@ -1,0 +1,27 @@
+"""helloworld: the smallest useful actor, a durable counter.
+
+troth serve --config ca.json.example &
+curl -s -XPOST localhost:8700/v1/actors/counter/alice-c1/increment -d '{"args": [2]}'
+troth call counter/alice-c1 get
+"""
+
+from __future__ import annotations
+
+import troth
+
+
+class Counter(troth.CA):
+    state_version = "1.0.0"
+
+    def init(self) -> None:
+        self.state["count"] = 0
+
+    def increment(self, by: int = 1) -> int:
+        """Add ``by`` (a positive int); returns the new value."""
+        if not isinstance(by, int) or isinstance(by, bool) or by < 1:
+            raise troth.AppError("by must be a positive integer", {"by": by})
+        self.state["count"] += by
+        return int(self.state["count"])
+
+    def get(self) -> int:
+        return int(self.state["count"])

@@ -1,0 +1,33 @@
+"""troth: an actor runtime with transactional Redis checkpoints.
+
+Subclass :class:`CA`, register the class in the configuration, and run
+``troth serve``. See ``README.md`` for the model and its guarantees.
+"""
+
+from .actor import CA, Checkpoint
+from .errors import (
+    ActivationError,
+    AppError,
+    FencedError,
+    NotFoundError,
+    RetryableError,
+    TrothError,
+)
+from .names import ActorName
+from .plugin import RetryPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CA",
+    "ActivationError",
+    "ActorName",
+    "AppError",
+    "Checkpoint",
+    "FencedError",
+    "NotFoundError",
+    "RetryPolicy",
+    "RetryableError",
+    "TrothError",
+    "__version__",
+]

@@ -1,0 +1,107 @@
+"""``troth.CA``: the class developers subclass.
+
+An actor is a plain Python object whose public methods run one at a time, each
+inside a transaction (see :mod:`troth.transaction`). It has three kinds of
+memory:
+
+* ``self.state``: a dict checkpointed to Redis with every committed message, and
+  restored exactly as it was before a message that failed;
+* ``self.scratch``: a volatile dict, never checkpointed, lost on passivation or on
+  a move to another node (caches, connections);
+* ``self.plugins.NAME``: the transactional plugins configured for the node.
+
+Hooks, each run in a transaction of its own like a method:
+
+* ``init()`` once, on first activation (``self.state`` is empty);
+* ``resume(checkpoint)`` after every load from a checkpoint;
+* ``pulse()`` every ``pulse_seconds`` when that is set (autonomous actors);
+* ``upgrade(old, new)`` when the stored ``state_version`` is not compatible with
+  the class's (see :mod:`troth.versioning`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .names import ActorName
+from .plugin import ActorPlugin
+
+HOOKS = frozenset({"init", "resume", "pulse", "upgrade"})
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What ``resume`` is told about the checkpoint it was loaded from."""
+
+    version: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+    upgraded_from: str | None = None
+
+
+class Plugins:
+    """``self.plugins``: attribute access to the actor's plugin instances."""
+
+    def __init__(self, plugins: dict[str, ActorPlugin]) -> None:
+        self._plugins = plugins
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._plugins[name]
+        except KeyError:
+            raise AttributeError(
+                f"no plugin {name!r} is configured (have: {sorted(self._plugins)})"
+            ) from None
+
+    def __iter__(self) -> Any:
+        return iter(self._plugins.items())
+
+
+class CA:
+    """Base class of every troth actor ("Cloud Assistant").
+
+    Subclasses set ``state_version`` (semver) and define public methods. A method's
+    arguments and return value must be JSON-compatible (they cross HTTP) and the
+    state must stay msgpack-serializable.
+    """
+
+    state_version: ClassVar[str] = "0.1.0"
+    #: Default pulse interval; the type's ``pulse_seconds`` in the config overrides it.
+    pulse_seconds: ClassVar[float | None] = None
+
+    def __init__(self, name: ActorName, plugins: Plugins) -> None:
+        self.name = name
+        self.plugins = plugins
+        self.state: dict[str, Any] = {}
+        self.scratch: dict[str, Any] = {}
+        self.log = logging.getLogger(f"troth.actor.{name.type}")
+
+    def init(self) -> None:
+        """First activation: fill ``self.state``."""
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Every reload from a checkpoint (after ``upgrade`` if one ran)."""
+
+    def pulse(self) -> None:
+        """Autonomous behaviour, every ``pulse_seconds``."""
+
+    @classmethod
+    def public_methods(cls) -> frozenset[str]:
+        """Names a client may call: public, callable, defined below ``CA``."""
+        cached = cls.__dict__.get("_troth_methods")
+        if isinstance(cached, frozenset):
+            return cached
+        base = set(dir(CA))
+        names = frozenset(
+            n
+            for n in dir(cls)
+            if not n.startswith("_")
+            and n not in base
+            and n not in HOOKS
+            and callable(getattr(cls, n, None))
+        )
+        cls._troth_methods = names  # type: ignore[attr-defined]
+        return names

@@ -1,0 +1,109 @@
+"""Operator reads straight from Redis: ``troth status`` and ``troth inspect``.
+
+They need no running node, so they work while a cluster is down or recovering.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+
+from . import codec
+from .keys import KeySpace
+from .names import ActorName, shard_of
+from .plugin import OutboxEntry
+
+
+def status(client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    nodes_raw = client.zrange(keys.nodes, 0, -1, withscores=True)
+    pipe = client.pipeline(transaction=False)
+    for member, _ in nodes_raw:
+        pipe.hgetall(keys.node(member.decode()))
+    infos = pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    for s in range(keys.shard_count):
+        sk = keys.shard(s)
+        pipe.hget(sk.lease, "owner")
+        pipe.zcard(sk.outbox_queue)
+        pipe.hlen(sk.outbox)
+        pipe.zcard(sk.timers)
+        pipe.scard(sk.actors)
+    rows = pipe.execute()
+    owners: Counter[str] = Counter()
+    outbox_pending = outbox_total = timers = actors = 0
+    for i in range(keys.shard_count):
+        owner, queued, total, tm, cas = rows[i * 5 : i * 5 + 5]
+        owners[(owner or b"").decode() or "(none)"] += 1
+        outbox_pending += queued
+        outbox_total += total
+        timers += tm
+        actors += cas
+    nodes = []
+    for (member, expiry), info in zip(nodes_raw, infos, strict=True):
+        node_id = member.decode()
+        decoded = {k.decode(): v.decode() for k, v in info.items()}
+        nodes.append(
+            {
+                "id": node_id,
+                "live": expiry > now,
+                "url": decoded.get("url", ""),
+                "pid": decoded.get("pid", ""),
+                "shards": owners.get(node_id, 0),
+                "active_actors": int(decoded.get("active", 0) or 0),
+                "lease_expires_in_seconds": round((expiry - now) / 1000, 1),
+            }
+        )
+    served = sum(n["shards"] for n in nodes if n["live"])
+    return {
+        "prefix": keys.prefix,
+        "shards": keys.shard_count,
+        "unserved_shards": keys.shard_count - served,
+        "nodes": nodes,
+        "actors": actors,
+        "outbox": {"pending": outbox_pending, "stuck": outbox_total - outbox_pending},
+        "timers": timers,
+    }
+
+
+def inspect(client: redis.Redis, keys: KeySpace, name: ActorName) -> dict[str, Any] | None:
+    shard = shard_of(name, keys.shard_count)
+    sk = keys.shard(shard)
+    fields = client.hgetall(sk.checkpoint(str(name)))
+    if not fields:
+        return None
+    f = {k.decode(): v for k, v in fields.items()}
+    pstate = codec.unpack(f["pstate"]) if f.get("pstate") else {}
+    lease = client.hgetall(sk.lease)
+    entries = []
+    for _, raw in client.hscan_iter(sk.outbox, match=f"{name}:*", count=500):
+        e = OutboxEntry.from_dict(codec.unpack(raw))
+        entries.append(
+            {
+                "id": e.id,
+                "kind": e.kind,
+                "status": e.status,
+                "attempts": e.attempts,
+                "next_ms": e.next_ms,
+                "idempotency_key": e.idempotency_key,
+                "spec": e.spec,
+                "result": e.result,
+            }
+        )
+    return {
+        "name": str(name),
+        "shard": shard,
+        "owner": (lease.get(b"owner") or b"").decode(),
+        "epoch": int(lease.get(b"epoch") or 0),
+        "version": f["version"].decode(),
+        "seq": int(f["seq"]),
+        "created_ms": int(f.get("created", 0) or 0),
+        "updated_ms": int(f.get("updated", 0) or 0),
+        "state": codec.unpack(f["state"]),
+        "timers": pstate.get("timers", {}),
+        "outbox": sorted(entries, key=lambda e: e["id"]),
+        "cached_replies": client.zcard(sk.reply_times(str(name))),
+    }

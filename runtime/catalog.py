@@ -1,0 +1,98 @@
+"""The actor types a node can host, resolved from the configuration."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .actor import CA
+from .config import ActorTypeConfig, Config, ConfigError
+from .errors import NotFoundError
+from .versioning import parse
+
+
+@dataclass(frozen=True, slots=True)
+class ActorType:
+    name: str
+    cls: type[CA]
+    state_version: str
+    pulse_seconds: float | None
+    idle_seconds: float
+
+    @property
+    def autonomous(self) -> bool:
+        return self.pulse_seconds is not None
+
+    @property
+    def methods(self) -> frozenset[str]:
+        return self.cls.public_methods()
+
+    @property
+    def has_upgrade(self) -> bool:
+        return callable(getattr(self.cls, "upgrade", None))
+
+
+def import_class(path: str) -> type:
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        raise ConfigError(f"class path {path!r} must be 'module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for {path!r}: {exc}") from exc
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, type):
+        raise ConfigError(f"{path!r} is not a class")
+    return obj
+
+
+class Catalog:
+    """Actor types by name. ``commitment`` and other built-ins are added by the node."""
+
+    def __init__(self, types: dict[str, ActorType]) -> None:
+        self._types = dict(types)
+
+    @classmethod
+    def from_config(cls, config: Config, builtins: dict[str, type[CA]] | None = None) -> Catalog:
+        for entry in config.python_path:
+            path = str(config.resolve_path(entry).resolve())
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        types: dict[str, ActorType] = {}
+        for name, ca_cls in (builtins or {}).items():
+            types[name] = build_type(name, ca_cls, ActorTypeConfig.model_validate({"class": "-"}))
+        for name, tc in config.types.items():
+            ca_cls = import_class(tc.class_path)
+            if not issubclass(ca_cls, CA):
+                raise ConfigError(f"types.{name}: {tc.class_path} is not a troth.CA subclass")
+            types[name] = build_type(name, ca_cls, tc)
+        return cls(types)
+
+    def get(self, name: str) -> ActorType:
+        try:
+            return self._types[name]
+        except KeyError:
+            raise NotFoundError(f"unknown actor type {name!r}") from None
+
+    def __iter__(self) -> Iterator[ActorType]:
+        return iter(self._types.values())
+
+
+def build_type(name: str, ca_cls: type[CA], tc: ActorTypeConfig) -> ActorType:
+    version = tc.state_version or ca_cls.state_version
+    try:
+        parse(version)
+    except Exception as exc:
+        raise ConfigError(f"types.{name}: {exc}") from exc
+    return ActorType(
+        name=name,
+        cls=ca_cls,
+        state_version=version,
+        pulse_seconds=tc.pulse_seconds or ca_cls.pulse_seconds,
+        idle_seconds=tc.idle_seconds,
+    )

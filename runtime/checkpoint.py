@@ -1,0 +1,188 @@
+"""The checkpoint store: loading an actor and committing a transaction to Redis.
+
+The commit is one Lua script (``lua/commit.lua``) and therefore atomic: the new
+state, the state version, the message sequence number, the reply kept for
+``request_id`` de-duplication, the outbox entries and the timer changes are all
+written, or none is. The script first checks two guards:
+
+* **fencing**: the shard's lease still names this node at the epoch the node
+  claimed it with; a node that lost its shard can never commit again;
+* **sequence**: the stored ``seq`` is the one this activation loaded, so two
+  activations of one actor can never interleave their commits.
+
+A timer firing adds a third guard: the timer must still exist with the same id,
+and is deleted in the same commit as its handler's state (exactly-once).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import redis
+
+from . import codec
+from .keys import KeySpace, ShardKeys
+from .plugin import CommitOps
+
+
+def load_lua(name: str) -> str:
+    return resources.files("troth").joinpath("lua", name).read_text()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class StoredCheckpoint:
+    """An actor's checkpoint as read from Redis."""
+
+    state: dict[str, Any]
+    pstate: dict[str, Any]
+    version: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+
+
+@dataclass(slots=True)
+class CommitRequest:
+    """Everything one transaction asks the store to write."""
+
+    name: str
+    shard: int
+    epoch: str
+    expected_seq: int
+    state: bytes
+    pstate: bytes
+    version: str
+    request_id: str | None = None
+    reply: bytes = b""
+    ops: CommitOps = field(default_factory=CommitOps)
+    fired_timer: tuple[str, str] | None = None
+    autonomous: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    ok: bool
+    reason: str = ""
+    detail: str = ""
+
+
+class CheckpointStore:
+    """Reads and writes actor checkpoints; safe to share between threads."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: KeySpace,
+        node_id: str,
+        reply_cache_max: int = 1000,
+        reply_cache_seconds: float = 86_400.0,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.node_id = node_id
+        self.reply_cache_max = reply_cache_max
+        self.reply_cache_ms = int(reply_cache_seconds * 1000)
+        self._commit = client.register_script(load_lua("commit.lua"))
+
+    def load(self, shard: int, name: str) -> StoredCheckpoint | None:
+        fields = self.client.hmget(
+            self.keys.shard(shard).checkpoint(name),
+            ["state", "pstate", "version", "seq", "created", "updated"],
+        )
+        if fields[0] is None:
+            return None
+        state, pstate, version, seq, created, updated = fields
+        return StoredCheckpoint(
+            state=codec.unpack(state),
+            pstate=codec.unpack(pstate) if pstate else {},
+            version=version.decode(),
+            seq=int(seq),
+            created_ms=int(created or 0),
+            updated_ms=int(updated or 0),
+        )
+
+    def committed_reply(self, shard: int, name: str, request_id: str) -> Any:
+        """The reply committed for ``request_id``, or ``None`` (replies are never None)."""
+        data = self.client.hget(self.keys.shard(shard).replies(name), request_id)
+        return None if data is None else codec.unpack(data)
+
+    def commit_many(self, requests: list[CommitRequest]) -> list[CommitResult]:
+        """Commit several transactions in one pipeline (group commit).
+
+        Each request is still its own atomic script: one refused commit does not
+        affect the others. Redis errors propagate; the caller treats them as a
+        failed commit of every request in the batch (nothing is known committed,
+        and the ``seq`` guard makes a blind retry of the same request safe).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for req in requests:
+            sk = self.keys.shard(req.shard)
+            self._commit(
+                keys=self._commit_keys(sk, req.name),
+                args=[self.node_id, req.epoch, str(req.expected_seq), self._payload(req)],
+                client=pipe,
+            )
+        results = pipe.execute(raise_on_error=False)
+        out = []
+        for res in results:
+            if isinstance(res, Exception):
+                raise res
+            ok = int(res[0]) == 1
+            out.append(
+                CommitResult(ok=True)
+                if ok
+                else CommitResult(False, _text(res[1]), _text(res[2]) if len(res) > 2 else "")
+            )
+        return out
+
+    @staticmethod
+    def _commit_keys(sk: ShardKeys, name: str) -> list[str]:
+        return [
+            sk.lease,
+            sk.checkpoint(name),
+            sk.replies(name),
+            sk.reply_times(name),
+            sk.actors,
+            sk.outbox,
+            sk.outbox_queue,
+            sk.timers,
+            sk.timer_data,
+            sk.autonomous,
+        ]
+
+    def _payload(self, req: CommitRequest) -> bytes:
+        now = now_ms()
+        payload: dict[str, Any] = {
+            "n": req.name,
+            "seq": str(req.expected_seq + 1),
+            "st": req.state,
+            "ps": req.pstate,
+            "v": req.version,
+            "now": str(now),
+            "ob": [[e.id, codec.pack(e.to_dict()), str(e.next_ms)] for e in req.ops.outbox],
+            "ts": [[t.key, t.encode(), str(t.due_ms)] for t in req.ops.timers_set],
+            "tc": list(req.ops.timers_cancel),
+        }
+        if req.request_id is not None:
+            payload.update(
+                rid=req.request_id,
+                rep=req.reply,
+                rmax=str(self.reply_cache_max),
+                cut=str(now - self.reply_cache_ms),
+            )
+        if req.autonomous:
+            payload["au"] = 1
+        if req.fired_timer is not None:
+            payload["tf"] = list(req.fired_timer)
+        return codec.pack_for_lua(payload)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

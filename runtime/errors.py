@@ -1,0 +1,120 @@
+"""The errors troth raises, and how each one reaches a caller.
+
+Two families matter to a caller:
+
+* :class:`AppError` is the application saying "no": the transaction rolled back,
+  the caller gets the error, and retrying the same call is pointless.
+* :class:`RetryableError` means the message was not processed (the node lost the
+  actor's shard, the actor was moving, Redis was unreachable): nothing was
+  committed, and the caller should retry, ideally with the same ``request_id``.
+
+Everything else is a bug or a configuration problem and is reported as such.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrothError(Exception):
+    """Base class of every error troth raises on purpose."""
+
+    http_status: int = 500
+
+    @property
+    def type_name(self) -> str:
+        return type(self).__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_name, "message": str(self)}
+
+
+class AppError(TrothError):
+    """Raised by actor code to refuse a request.
+
+    The transaction rolls back (state and every buffered side effect), the caller
+    receives ``{"type": "AppError", "message": ..., "data": ...}`` and the actor
+    stays active. ``data`` must be JSON-serializable.
+    """
+
+    http_status = 409
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.data is not None:
+            out["data"] = self.data
+        return out
+
+
+class ActorError(TrothError):
+    """Actor code raised something other than :class:`AppError`: a bug.
+
+    The transaction rolled back and the traceback was logged on the node.
+    """
+
+    def __init__(self, exc_type: str, message: str) -> None:
+        super().__init__(f"{exc_type}: {message}")
+        self.exc_type = exc_type
+
+
+class NotFoundError(TrothError):
+    """Unknown actor type, method, or actor (for read-only operations)."""
+
+    http_status = 404
+
+
+class BadRequestError(TrothError):
+    """The request itself is malformed: bad name, bad arguments, too large."""
+
+    http_status = 422
+
+
+class SerializationError(TrothError):
+    """State or a reply could not be encoded with msgpack; the message rolled back."""
+
+    http_status = 500
+
+
+class ActivationError(TrothError):
+    """The actor could not be loaded (for example, an incompatible state version).
+
+    The checkpoint is left untouched so that a corrected deployment can load it.
+    """
+
+    http_status = 500
+
+
+class RetryableError(TrothError):
+    """Nothing was committed; retry the call (with the same ``request_id``)."""
+
+    http_status = 503
+
+
+class FencedError(RetryableError):
+    """This node no longer owns the actor's shard: its commit was refused."""
+
+
+class UnavailableError(RetryableError):
+    """The actor or its store is temporarily unavailable (moving, overloaded, down)."""
+
+
+def error_from_dict(data: dict[str, Any]) -> TrothError:
+    """Rebuild an error received over the wire (HTTP, WebSocket, outbox results)."""
+    kind = str(data.get("type", "TrothError"))
+    message = str(data.get("message", ""))
+    if kind == "AppError":
+        return AppError(message, data.get("data"))
+    cls: type[TrothError] = {
+        "NotFoundError": NotFoundError,
+        "BadRequestError": BadRequestError,
+        "SerializationError": SerializationError,
+        "ActivationError": ActivationError,
+        "RetryableError": RetryableError,
+        "FencedError": FencedError,
+        "UnavailableError": UnavailableError,
+    }.get(kind, TrothError)
+    return cls(message)

@@ -1,0 +1,95 @@
+"""The Redis key layout.
+
+Every key that belongs to an actor lives in its shard, and every key of a shard
+carries the hash tag ``{sN}``: one Lua script can therefore touch an actor's
+checkpoint, its reply cache, its shard's outbox and timer index and the shard's
+lease in one atomic step, on a single Redis as on Redis Cluster.
+
+========================  =======  ==============================================
+key                       type     content
+========================  =======  ==============================================
+P:nodes                   zset     node id -> heartbeat expiry (ms)
+P:node:ID                 hash     node info: url, pid, started, active actors
+P:{sN}:lease              hash     owner (node id), epoch (fencing token)
+P:{sN}:ca:NAME            hash     state, version, seq, created, updated
+P:{sN}:rp:NAME            hash     request id -> committed reply (msgpack)
+P:{sN}:rpt:NAME           zset     request id -> commit time (ms), for trimming
+P:{sN}:cas                set      names of the actors with a checkpoint
+P:{sN}:auto               set      names of the autonomous actors (re-activated on claim)
+P:{sN}:ob                 hash     outbox entry id -> entry (the activity ledger)
+P:{sN}:obq                zset     outbox entry id -> next attempt (ms)
+P:{sN}:tm                 zset     timer key -> due time (ms)
+P:{sN}:td                 hash     timer key -> timer (msgpack)
+========================  =======  ==============================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ShardKeys:
+    """The keys of one shard."""
+
+    prefix: str
+    shard: int
+
+    @property
+    def tag(self) -> str:
+        return f"{self.prefix}:{{s{self.shard}}}"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.tag}:lease"
+
+    @property
+    def actors(self) -> str:
+        return f"{self.tag}:cas"
+
+    @property
+    def autonomous(self) -> str:
+        return f"{self.tag}:auto"
+
+    @property
+    def outbox(self) -> str:
+        return f"{self.tag}:ob"
+
+    @property
+    def outbox_queue(self) -> str:
+        return f"{self.tag}:obq"
+
+    @property
+    def timers(self) -> str:
+        return f"{self.tag}:tm"
+
+    @property
+    def timer_data(self) -> str:
+        return f"{self.tag}:td"
+
+    def checkpoint(self, name: str) -> str:
+        return f"{self.tag}:ca:{name}"
+
+    def replies(self, name: str) -> str:
+        return f"{self.tag}:rp:{name}"
+
+    def reply_times(self, name: str) -> str:
+        return f"{self.tag}:rpt:{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """All keys of one troth deployment (one ``prefix`` on one Redis)."""
+
+    prefix: str
+    shard_count: int
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}:nodes"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}:node:{node_id}"
+
+    def shard(self, shard: int) -> ShardKeys:
+        return ShardKeys(self.prefix, shard)

@@ -1,0 +1,60 @@
+-- One transaction's commit: state, reply, outbox entries and timer changes of one
+-- actor, all or nothing, and only while this node holds the shard at this epoch.
+--
+-- KEYS: 1 lease  2 checkpoint  3 replies  4 reply times  5 shard actors
+--       6 outbox  7 outbox queue  8 timer index  9 timer data  10 autonomous actors
+-- ARGV: 1 node id  2 epoch  3 expected seq  4 msgpack payload
+-- Returns {1, seq} or {0, reason, detail}.
+local lease = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then
+  return {0, 'fenced', tostring(lease[1]) .. '@' .. tostring(lease[2])}
+end
+local seq = redis.call('HGET', KEYS[2], 'seq') or '0'
+if seq ~= ARGV[3] then
+  return {0, 'seq', seq}
+end
+local p = cmsgpack.unpack(ARGV[4])
+if p.tf then
+  local cur = redis.call('HGET', KEYS[9], p.tf[1])
+  if not cur or string.sub(cur, 1, 32) ~= p.tf[2] then
+    return {0, 'timer', p.tf[1]}
+  end
+  redis.call('HDEL', KEYS[9], p.tf[1])
+  redis.call('ZREM', KEYS[8], p.tf[1])
+end
+redis.call('HSET', KEYS[2], 'state', p.st, 'pstate', p.ps, 'version', p.v,
+           'seq', p.seq, 'updated', p.now)
+if seq == '0' then
+  redis.call('HSET', KEYS[2], 'created', p.now)
+  redis.call('SADD', KEYS[5], p.n)
+end
+if p.au then
+  redis.call('SADD', KEYS[10], p.n)
+end
+if p.rid then
+  redis.call('HSET', KEYS[3], p.rid, p.rep)
+  redis.call('ZADD', KEYS[4], p.now, p.rid)
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. p.cut, 'LIMIT', 0, 64)
+  local extra = redis.call('ZCARD', KEYS[4]) - #old - tonumber(p.rmax)
+  if extra > 0 then
+    local more = redis.call('ZRANGE', KEYS[4], #old, #old + math.min(extra, 64) - 1)
+    for _, r in ipairs(more) do old[#old + 1] = r end
+  end
+  for _, r in ipairs(old) do
+    redis.call('HDEL', KEYS[3], r)
+    redis.call('ZREM', KEYS[4], r)
+  end
+end
+for _, e in ipairs(p.ob) do
+  redis.call('HSET', KEYS[6], e[1], e[2])
+  redis.call('ZADD', KEYS[7], e[3], e[1])
+end
+for _, k in ipairs(p.tc) do
+  redis.call('HDEL', KEYS[9], k)
+  redis.call('ZREM', KEYS[8], k)
+end
+for _, t in ipairs(p.ts) do
+  redis.call('HSET', KEYS[9], t[1], t[2])
+  redis.call('ZADD', KEYS[8], t[3], t[1])
+end
+return {1, p.seq}

@@ -1,0 +1,115 @@
+"""Running a node with its HTTP API: in the foreground (``troth serve``) or in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+
+import uvicorn
+
+from .actor import CA
+from .config import Config, ConfigError
+from .http_api import create_app
+from .node import Node
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int, config: Config) -> socket.socket:
+    """Bind the API socket; a non-loopback address requires API keys."""
+    if not is_loopback(host) and not config.auth.api_keys:
+        raise ConfigError(
+            f"refusing to bind {host}: no API keys are configured (auth.api_keys); "
+            "bind 127.0.0.1 or configure keys"
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a captured SIGTERM after it stops, which would kill the process
+    before the node's graceful stop (drain, release leases) runs; troth handles the
+    signals itself instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn(node: Node) -> uvicorn.Server:
+    return _Server(
+        uvicorn.Config(create_app(node), log_level="warning", lifespan="off", access_log=False)
+    )
+
+
+def serve_forever(
+    config: Config,
+    redis_url: str,
+    host: str,
+    port: int,
+    node_id: str | None = None,
+    builtin_types: dict[str, type[CA]] | None = None,
+) -> None:
+    """Start a node and its API; return after SIGINT/SIGTERM and a graceful stop."""
+    sock = bind(host, port, config)
+    node = Node(config, redis_url, node_id, builtin_types)
+    bound = sock.getsockname()[1]
+    node.url = config.node.public_url or f"http://{host}:{bound}"
+    node.start()
+    print(f"troth node {node.node_id} listening on {node.url} (redis {redis_url})", flush=True)
+    server = _uvicorn(node)
+
+    def shutdown(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping node %s", signum, node.node_id)
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        node.stop()
+
+
+class ServerThread:
+    """A node's API served from a background thread (embedding, tests, benchmarks)."""
+
+    def __init__(self, node: Node, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.node = node
+        self.sock = bind(host, port, node.config)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        node.url = node.url or self.url
+        self.server = _uvicorn(node)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            threading.Event().wait(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()

@@ -1,0 +1,188 @@
+"""One message = one transaction.
+
+:meth:`ActorRuntime.execute` is the whole protocol of design section 3:
+
+1. every plugin ``begin``\\ s a buffer; the last committed state is the snapshot;
+2. the method or hook runs;
+3. plugins ``prepare`` their buffered effects; state, plugin state and reply are
+   encoded with msgpack (which also proves them serializable);
+4. one atomic, fenced commit (through the group committer);
+5. only after it returned: the in-memory state becomes the decoded committed
+   state (so memory never differs from what a reload would see), plugins release
+   their effects, and the reply is returned.
+
+On any failure (an :class:`AppError`, any other exception, unserializable state,
+a refused or failed commit) the state and plugin states are restored from the
+snapshot, every plugin ``abort``\\ s, and the error propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import codec
+from .actor import CA
+from .checkpoint import CommitRequest, now_ms
+from .committer import GroupCommitter
+from .errors import (
+    ActorError,
+    FencedError,
+    SerializationError,
+    TrothError,
+    UnavailableError,
+)
+from .metrics import NodeMetrics
+from .names import ActorName
+from .plugin import ActorPlugin, CommitOps, TimerRecord, TxnInfo
+
+log = logging.getLogger(__name__)
+
+COMMIT_WAIT_SECONDS = 60.0
+
+
+class TimerAlreadyHandled(TrothError):
+    """A timer firing lost the race against another firing or a cancel: drop it."""
+
+
+class StaleActivation(UnavailableError):
+    """The commit proved this activation stale (fenced, or seq moved on): reload it."""
+
+
+@dataclass(slots=True)
+class Message:
+    """A unit of work for one actor; ``kind`` is call, init, resume, pulse or timer."""
+
+    kind: str
+    method: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    timer: TimerRecord | None = None
+
+
+class ActorRuntime:
+    """An activated actor: its instance, its plugins and its durable position."""
+
+    def __init__(
+        self,
+        name: ActorName,
+        shard: int,
+        epoch: str,
+        ca: CA,
+        plugins: dict[str, ActorPlugin],
+        committer: GroupCommitter,
+        metrics: NodeMetrics,
+        version: str,
+        seq: int,
+        after_commit: Callable[[int, CommitOps], None],
+        autonomous: bool = False,
+    ) -> None:
+        self.name = name
+        self.shard = shard
+        self.epoch = epoch
+        self.ca = ca
+        self.plugins = plugins
+        self.committer = committer
+        self.metrics = metrics
+        self.version = version
+        self.seq = seq
+        self.after_commit = after_commit
+        self.autonomous = autonomous
+        self._state = codec.pack(ca.state)
+        self._pstate = codec.pack({n: p.pstate for n, p in plugins.items()})
+
+    def execute(self, msg: Message, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` as one transaction; see the module docstring for guarantees."""
+        started = time.perf_counter()
+        txn = TxnInfo(
+            actor=self.name,
+            seq=self.seq + 1,
+            now_ms=now_ms(),
+            kind=msg.kind,
+            method=msg.method,
+            request_id=msg.request_id,
+            timer=msg.timer,
+        )
+        self.metrics.messages.labels(self.name.type, msg.kind).inc()
+        try:
+            for p in self.plugins.values():
+                p.begin(txn)
+            try:
+                reply = fn()
+            except TrothError:
+                raise
+            except Exception as exc:
+                self.ca.log.exception("%s.%s raised", self.name, msg.method)
+                raise ActorError(type(exc).__name__, str(exc)) from exc
+            request = self._prepare(msg, reply)
+            commit_started = time.perf_counter()
+            try:
+                result = self.committer.commit(request).result(timeout=COMMIT_WAIT_SECONDS)
+            except Exception as exc:
+                raise StaleActivation(f"commit of {self.name} failed: {exc}") from exc
+            self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
+            if not result.ok:
+                if result.reason == "timer":
+                    raise TimerAlreadyHandled(result.detail)
+                if result.reason == "fenced":
+                    raise FencedError(
+                        f"{self.name}: this node no longer owns shard {self.shard} "
+                        f"(lease is {result.detail}); retry the call"
+                    )
+                raise StaleActivation(f"{self.name}: checkpoint moved to seq {result.detail}")
+        except BaseException as exc:
+            self._rollback()
+            self.metrics.rollbacks.labels(self.name.type, type(exc).__name__).inc()
+            raise
+        self.seq += 1
+        self._state = request.state
+        self._pstate = request.pstate
+        self.ca.state = codec.unpack(request.state)
+        self.metrics.commits.inc()
+        for p in self.plugins.values():
+            p.committed()
+        self.after_commit(self.shard, request.ops)
+        self.metrics.message_latency.observe(time.perf_counter() - started)
+        return reply
+
+    def _prepare(self, msg: Message, reply: Any) -> CommitRequest:
+        if not isinstance(self.ca.state, dict):
+            raise SerializationError(
+                f"{self.name}: self.state must stay a dict, not {type(self.ca.state).__name__}"
+            )
+        ops = CommitOps()
+        for p in self.plugins.values():
+            p.prepare(ops)
+        try:
+            state = codec.pack(self.ca.state)
+        except SerializationError as exc:
+            raise SerializationError(f"{self.name}: state {exc}") from exc
+        try:
+            packed_reply = codec.pack(reply)
+        except SerializationError as exc:
+            raise SerializationError(f"{self.name}.{msg.method}: reply {exc}") from exc
+        return CommitRequest(
+            name=str(self.name),
+            shard=self.shard,
+            epoch=self.epoch,
+            expected_seq=self.seq,
+            state=state,
+            pstate=codec.pack({n: p.pstate for n, p in self.plugins.items()}),
+            version=self.version,
+            request_id=msg.request_id,
+            reply=packed_reply,
+            ops=ops,
+            fired_timer=(msg.timer.key, msg.timer.id) if msg.timer else None,
+            autonomous=self.autonomous,
+        )
+
+    def _rollback(self) -> None:
+        self.ca.state = codec.unpack(self._state)
+        pstates = codec.unpack(self._pstate)
+        for name, p in self.plugins.items():
+            p.pstate = pstates.get(name, {})
+            p.abort()

@@ -1,0 +1,328 @@
+"""Shared fixtures: a real redis-server, nodes in-process and as subprocesses, and a
+real HTTP receiver on 127.0.0.1. Every fixture stops what it starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from troth.config import parse_config
+from troth.embedded_redis import redis_binary
+from troth.node import Node
+from troth.server import ServerThread
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real redis-server for the session; tests isolate themselves by key prefix."""
+    if os.environ.get("TROTH_TEST_REDIS_URL"):
+        yield os.environ["TROTH_TEST_REDIS_URL"]
+        return
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        wait_until(lambda: _pings(client), timeout=10)
+        yield url
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def base_config(prefix: str, **overrides: Any) -> dict[str, Any]:
+    """A test configuration: short leases, example and test actor types, loopback webhooks."""
+    cfg: dict[str, Any] = {
+        "node": {"host": "127.0.0.1", "port": 0, "call_timeout_seconds": 10},
+        "redis": {"key_prefix": prefix},
+        "cluster": {"shards": 64, "lease_ttl_seconds": 2, "heartbeat_seconds": 0.5},
+        "python_path": [str(REPO), str(TESTS)],
+        "types": {
+            "counter": {"class": "examples.helloworld.counter:Counter"},
+            "crashy": {"class": "examples.crashy.crashy:Crashy"},
+            "journal": {"class": "examples.crashy.crashy:Journal"},
+            "heartbeat": {"class": "examples.autonomous.heartbeat:Heartbeat", "pulse_seconds": 0.2},
+            "profile": {"class": "examples.versioning.profiles:ProfileV1"},
+            "probe": {"class": "support_actors:Probe", "idle_seconds": 0.5},
+        },
+        "plugins": {
+            "log": {},
+            "timers": {},
+            "send": {"timeout_seconds": 5},
+            "http": {"allow_loopback": True, "timeout_seconds": 2},
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_node(redis_url: str, prefix: str) -> Iterator[Callable[..., Node]]:
+    """Build and start in-process nodes sharing the test's key prefix."""
+    nodes: list[Node] = []
+
+    def make(node_id: str | None = None, **overrides: Any) -> Node:
+        config = parse_config(base_config(prefix, **overrides))
+        node = Node(config, redis_url, node_id)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in reversed(nodes):
+        if not node._stop.is_set():
+            node.stop()
+
+
+@pytest.fixture
+def node(make_node: Callable[..., Node]) -> Node:
+    return make_node("n1")
+
+
+@pytest.fixture
+def api(node: Node) -> Iterator[httpx.Client]:
+    server = ServerThread(node).start()
+    with httpx.Client(base_url=server.url, timeout=15) as client:
+        yield client
+    server.stop()
+
+
+def call(api: httpx.Client, actor: str, method: str, *args: Any, **kwargs: Any) -> httpx.Response:
+    rid = kwargs.pop("request_id", None)
+    body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
+    if rid:
+        body["request_id"] = rid
+    return api.post(f"/v1/actors/{actor}/{method}", json=body)
+
+
+# -- subprocess nodes -------------------------------------------------------------------
+
+
+@dataclass
+class NodeProcess:
+    """A ``troth serve`` subprocess; ``kill()`` is SIGKILL, ``stop()`` is SIGTERM."""
+
+    config_path: Path
+    redis_url: str
+    node_id: str
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_shards: bool = True) -> NodeProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "troth.cli",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    "--redis",
+                    self.redis_url,
+                    "--port",
+                    str(self.port),
+                    "--node-id",
+                    self.node_id,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_until(self._healthy if not wait_shards else self._serving, timeout=30)
+        return self
+
+    def _health(self) -> dict[str, Any] | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited: {self.log_path.read_text()[-3000:]}")
+        try:
+            resp = httpx.get(f"{self.url}/health", timeout=1)
+            return dict(resp.json()) if resp.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    def _healthy(self) -> bool:
+        return self._health() is not None
+
+    def _serving(self) -> bool:
+        h = self._health()
+        return bool(h and h["shards"] > 0)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, redis_url: str, prefix: str) -> Iterator[Callable[..., NodeProcess]]:
+    procs: list[NodeProcess] = []
+
+    def make(node_id: str = "p1", **overrides: Any) -> NodeProcess:
+        path = tmp_path / f"{node_id}.json"
+        path.write_text(json.dumps(base_config(prefix, **overrides)))
+        p = NodeProcess(path, redis_url, node_id, tmp_path / f"{node_id}.log")
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        p.stop()
+
+
+# -- a real HTTP receiver ------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+class Receiver:
+    """Records requests; answers with scripted statuses (then 200). ``hang`` blocks one."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.script: list[int | str] = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                raw = self.rfile.read(length) if length else b""
+                with receiver.lock:
+                    receiver.requests.append(
+                        Received(
+                            self.path,
+                            {k.lower(): v for k, v in self.headers.items()},
+                            json.loads(raw) if raw else None,
+                        )
+                    )
+                    action = receiver.script.pop(0) if receiver.script else 200
+                if action == "hang":
+                    receiver.release.wait(60)
+                    return
+                self.send_response(int(action))
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"ok": true}')
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()

@@ -1,0 +1,82 @@
+"""Actor classes used only by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import troth
+
+
+class Probe(troth.CA):
+    """Records its hooks, timers and webhook results, to observe the runtime."""
+
+    state_version = "1.0.0"
+
+    def init(self) -> None:
+        self.state.update(inits=1, resumes=0, fired=[], results=[], value=0)
+
+    def resume(self, checkpoint: troth.Checkpoint) -> None:
+        self.state["resumes"] += 1
+        self.scratch["resumed_from_seq"] = checkpoint.seq
+
+    def set(self, value: Any) -> Any:
+        self.state["value"] = value
+        return value
+
+    def get(self) -> dict[str, Any]:
+        return dict(self.state)
+
+    def scratch_seq(self) -> Any:
+        return self.scratch.get("resumed_from_seq")
+
+    def after(self, seconds: float, name: str, fail: bool = False) -> str:
+        return str(self.plugins.timers.after(seconds, "on_timer", name, fail, name=name))
+
+    def every(self, seconds: float, name: str) -> str:
+        return str(self.plugins.timers.every(seconds, "on_timer", name, False, name=name))
+
+    def cancel(self, name: str) -> bool:
+        return bool(self.plugins.timers.cancel(name))
+
+    def timers(self) -> dict[str, Any]:
+        return dict(self.plugins.timers.pending())
+
+    def on_timer(self, name: str, fail: bool) -> None:
+        firing = self.plugins.timers.firing
+        self.state["fired"].append(
+            {
+                "name": name,
+                "lateness": firing.lateness_seconds,
+                "missed": firing.missed,
+            }
+        )
+        if fail:
+            raise RuntimeError("timer handler failure")
+
+    def hook(
+        self,
+        url: str,
+        payload: Any,
+        key: str | None = None,
+        idempotent: bool = True,
+        retry: dict[str, Any] | None = None,
+        fail: bool = False,
+    ) -> str:
+        entry = self.plugins.http.post(
+            url,
+            json=payload,
+            idempotency_key=key,
+            idempotent=idempotent,
+            retry=retry,
+            on_result="on_result",
+            tag="t",
+        )
+        if fail:
+            raise troth.AppError("rolled back")
+        return str(entry)
+
+    def on_result(self, result: dict[str, Any]) -> None:
+        self.state["results"].append(result)
+
+    def tell(self, target: str, value: Any) -> str:
+        return str(self.plugins.send.tell(target, "record", value, on_result="on_result"))

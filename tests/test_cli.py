@@ -1,0 +1,162 @@
+"""The command line: serve with the embedded Redis, status, inspect, call, redis stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO, NodeProcess, free_port, wait_until
+from troth import embedded_redis
+
+
+def troth(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "troth.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"troth {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "d"
+    yield d
+    embedded_redis.stop(d)
+
+
+def serve_example(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """`troth serve --config ca.json.example` from the repository root (the README's path)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "troth.cli",
+            "serve",
+            "--config",
+            "ca.json.example",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={k: v for k, v in os.environ.items() if k != "TROTH_REDIS_URL"},
+    )
+
+
+def serving(port: int) -> bool:
+    try:
+        h = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+        return h.status_code == 200 and h.json()["shards"] > 0
+    except httpx.HTTPError:
+        return False
+
+
+def test_example_config_with_embedded_redis_survives_node_kill(data_dir: Path) -> None:
+    port = free_port()
+    first = serve_example(data_dir, port)
+    try:
+        wait_until(lambda: serving(port), timeout=30)
+        url = f"http://127.0.0.1:{port}/v1/actors/counter/alice-c1/increment"
+        assert httpx.post(url, json={"args": [2]}).json() == {"result": 2}
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        assert embedded_redis.is_running(data_dir), "killing the node must not kill Redis"
+        assert (data_dir / "appendonly.aof").exists()
+        # A second node on the same data directory joins the same Redis.
+        port2 = free_port()
+        second = serve_example(data_dir, port2)
+        try:
+            wait_until(lambda: serving(port2), timeout=30)
+            url2 = f"http://127.0.0.1:{port2}/v1/actors/counter/alice-c1/increment"
+            assert httpx.post(url2, json={"args": [1]}).json() == {"result": 3}
+            status = json.loads(troth("status", "--data-dir", str(data_dir), "--json").stdout)
+            live = [n for n in status["nodes"] if n["live"]]
+            assert len(live) == 1 and live[0]["shards"] == 1024
+        finally:
+            second.terminate()
+            second.wait(20)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert troth("redis", "stop", "--data-dir", str(data_dir)).stdout.strip() == "stopped"
+    assert not embedded_redis.is_running(data_dir)
+
+
+def test_status_inspect_call(spawn: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    node = spawn("p1").start()
+    cfg, redis = str(node.config_path), node.redis_url
+    out = troth("call", "--config", cfg, "--redis", redis, "counter/alice-c", "increment", "5")
+    assert json.loads(out.stdout) == 5
+    out = troth(
+        "call",
+        "--config",
+        cfg,
+        "--redis",
+        redis,
+        "counter/alice-c",
+        "increment",
+        "--kwargs",
+        '{"by": 2}',
+        "--request-id",
+        "same",
+    )
+    again = troth(
+        "call",
+        "--config",
+        cfg,
+        "--redis",
+        redis,
+        "counter/alice-c",
+        "increment",
+        "--kwargs",
+        '{"by": 2}',
+        "--request-id",
+        "same",
+    )
+    assert json.loads(out.stdout) == json.loads(again.stdout) == 7
+    bad = troth(
+        "call", "--config", cfg, "--redis", redis, "counter/alice-c", "increment", "0", check=False
+    )
+    assert bad.returncode == 2 and "AppError" in bad.stderr
+
+    data = json.loads(troth("inspect", "--config", cfg, "--redis", redis, "counter/alice-c").stdout)
+    assert data["state"] == {"count": 7} and data["version"] == "1.0.0" and data["seq"] >= 3
+    assert (
+        troth("inspect", "--config", cfg, "--redis", redis, "counter/none", check=False).returncode
+        == 1
+    )
+
+    status = json.loads(troth("status", "--config", cfg, "--redis", redis, "--json").stdout)
+    assert status["actors"] >= 1 and status["nodes"][0]["id"] == "p1"
+    table = troth("status", "--config", cfg, "--redis", redis).stdout
+    assert "p1" in table and "SHARDS" in table
+
+    # With no node running, `troth call` hosts the call itself.
+    node.stop()
+    out = troth("call", "--config", cfg, "--redis", redis, "counter/alice-c", "get")
+    assert json.loads(out.stdout) == 7
+
+
+def test_bad_config_is_reported(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.json"
+    cfg.write_text('{"node": {"port": "many"}, "typo": 1}')
+    out = troth("status", "--config", str(cfg), check=False)
+    assert out.returncode == 2
+    assert "node.port" in out.stderr and "typo" in out.stderr

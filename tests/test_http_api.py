@@ -1,0 +1,91 @@
+"""The node's HTTP API contract (design section 7)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from conftest import call
+from troth.config import ConfigError, parse_config
+from troth.node import Node
+from troth.server import ServerThread, bind
+
+
+def test_health_and_metrics(api: httpx.Client) -> None:
+    h = api.get("/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["shards"] == 64
+    call(api, "counter/alice-c", "increment", 1)
+    m = api.get("/metrics").text
+    for metric in (
+        "troth_commits_total",
+        "troth_rollbacks_total",
+        "troth_messages_total",
+        "troth_commit_latency_seconds_bucket",
+        "troth_active_actors",
+        "troth_outbox_backlog",
+        "troth_timer_backlog",
+    ):
+        assert metric in m, metric
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "kind"),
+    [
+        ("/v1/actors/nosuch/alice-1/get", {}, 404, "NotFoundError"),
+        ("/v1/actors/counter/alice-1/nosuch", {}, 404, "NotFoundError"),
+        ("/v1/actors/counter/alice-1/_private", {}, 404, "NotFoundError"),
+        ("/v1/actors/counter/alice-1/increment", {"args": [0]}, 409, "AppError"),
+        ("/v1/actors/counter/alice-1/increment", {"args": [1, 2, 3]}, 422, "BadRequestError"),
+        ("/v1/actors/counter/alice-1/increment", {"kwargs": {"nope": 1}}, 422, "BadRequestError"),
+        ("/v1/actors/counter/alice-1/increment", {"args": "x"}, 422, "ValidationError"),
+        ("/v1/actors/counter/alice-1/increment", {"extra": 1}, 422, "ValidationError"),
+        ("/v1/actors/counter/alice-1/increment", {"request_id": ""}, 422, "ValidationError"),
+        ("/v1/actors/Counter!/alice-1/increment", {}, 422, "BadRequestError"),
+    ],
+)
+def test_errors_name_the_problem(
+    api: httpx.Client, path: str, body: object, status: int, kind: str
+) -> None:
+    resp = api.post(path, json=body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == kind and err["message"]
+
+
+def test_malformed_json_and_oversized_body(api: httpx.Client) -> None:
+    resp = api.post("/v1/actors/counter/alice-1/increment", content=b'{"args": [')
+    assert resp.status_code == 422 and "JSON" in resp.json()["error"]["message"]
+    big = b'{"args": ["' + b"x" * 2_000_000 + b'"]}'
+    resp = api.post("/v1/actors/counter/alice-1/increment", content=big)
+    assert resp.status_code == 413
+
+
+def test_empty_body_means_no_arguments(api: httpx.Client) -> None:
+    assert api.post("/v1/actors/counter/alice-1/increment").json() == {"result": 1}
+
+
+def test_openapi_schema_served(api: httpx.Client) -> None:
+    spec = api.get("/openapi.json").json()
+    assert "/v1/actors/{actor_type}/{actor_id}/{method}" in spec["paths"]
+
+
+def test_api_keys_map_to_principals(make_node: Callable[..., Node]) -> None:
+    node = make_node("n1", auth={"api_keys": {"k-alice": "alice", "k-bob": "bob"}})
+    server = ServerThread(node).start()
+    try:
+        with httpx.Client(base_url=server.url) as api:
+            url = "/v1/actors/counter/alice-c/increment"
+            assert api.post(url).status_code == 401
+            assert api.post(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+            assert api.post(url, headers={"authorization": "Bearer k-bob"}).status_code == 403
+            ok = api.post(url, headers={"authorization": "Bearer k-alice"})
+            assert ok.json() == {"result": 1}
+    finally:
+        server.stop()
+
+
+def test_refuses_public_bind_without_keys() -> None:
+    with pytest.raises(ConfigError, match="api_keys"):
+        bind("0.0.0.0", 0, parse_config({}))

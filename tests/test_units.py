@@ -1,0 +1,58 @@
+"""Pure logic: names and shards, configuration, codec."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO
+from troth import codec
+from troth.config import ConfigError, load_config, parse_config
+from troth.errors import BadRequestError, SerializationError
+from troth.names import ActorName, shard_of
+
+
+def test_names_and_owner() -> None:
+    n = ActorName.parse("counter/alice-c1")
+    assert (n.type, n.id, n.owner, str(n)) == ("counter", "alice-c1", "alice", "counter/alice-c1")
+    assert ActorName.parse("counter/solo").owner is None
+    for bad in ("counter", "Counter/x", "counter/", "counter/-x", "c/" + "x" * 201, "c/a b"):
+        with pytest.raises(BadRequestError):
+            ActorName.parse(bad)
+
+
+def test_shard_hash_is_stable() -> None:
+    # Fixed values: changing the hash would strand every existing checkpoint.
+    assert shard_of("counter/alice-c1", 1024) == shard_of(ActorName.parse("counter/alice-c1"), 1024)
+    assert [shard_of(f"counter/a-{i}", 1024) for i in range(3)] == [
+        shard_of(f"counter/a-{i}", 1024) for i in range(3)
+    ]
+    assert shard_of("counter/alice-c1", 1024) == 217
+
+
+def test_example_config_is_valid_and_complete() -> None:
+    config = load_config(REPO / "ca.json.example")
+    assert config.types["counter"].class_path == "examples.helloworld.counter:Counter"
+    assert config.node.host == "127.0.0.1" and not config.auth.api_keys
+    assert config.plugins["http"]["allow_loopback"] is True
+    raw = json.loads((REPO / "ca.json.example").read_text())
+    # every documented section is present in the example
+    assert {"node", "redis", "cluster", "runtime", "auth", "types", "plugins"} <= set(raw)
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"cluster\.shards"):
+        parse_config({"cluster": {"shards": 0}})
+    with pytest.raises(ConfigError, match="heartbeat_seconds"):
+        parse_config({"cluster": {"lease_ttl_seconds": 1, "heartbeat_seconds": 1}})
+    with pytest.raises(ConfigError, match="nodes: Extra inputs"):
+        parse_config({"nodes": {}})
+    assert parse_config({"//": "comment", "node": {"//port": "x"}}).node.port == 8700
+
+
+def test_codec_roundtrip_and_refusal() -> None:
+    _, copy = codec.roundtrip({"a": (1, 2), "b": b"x", "c": None})
+    assert copy == {"a": [1, 2], "b": b"x", "c": None}
+    with pytest.raises(SerializationError):
+        codec.pack({"s": {1, 2}})
