@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import TrothError
 
-
 BUILTIN_PLUGINS = ("log", "timers", "send", "http")
 
 

@@ -1,0 +1,41 @@
+"""Every example runs as the README says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+
+from conftest import REPO, call, wait_until
+
+
+def test_helloworld_counter(api: httpx.Client) -> None:
+    assert call(api, "counter/alice-c1", "increment", 2).json() == {"result": 2}
+    assert call(api, "counter/alice-c1", "increment").json() == {"result": 3}
+    assert call(api, "counter/alice-c1", "get").json() == {"result": 3}
+
+
+def test_autonomous_heartbeat_pulses_by_itself(api: httpx.Client) -> None:
+    call(api, "heartbeat/alice-h", "wake")
+    first = call(api, "heartbeat/alice-h", "status").json()["result"]["pulses"]
+    wait_until(
+        lambda: call(api, "heartbeat/alice-h", "status").json()["result"]["pulses"] >= first + 3,
+        timeout=5,
+    )
+
+
+def test_versioning_demo(redis_url: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "examples/versioning/demo.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TROTH_REDIS_URL": redis_url},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "1.1.0 loaded transparently" in out.stdout
+    assert "2.0.0 without upgrade refused" in out.stdout
+    assert "'first': 'Ada', 'last': 'Lovelace'" in out.stdout
