@@ -15,6 +15,7 @@ activates a fresh cell from the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import threading
@@ -46,6 +47,15 @@ from .transaction import ActorRuntime, Message, StaleActivation, TimerAlreadyHan
 from .versioning import Decision, decide
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def signature_of(cls: type, method: str) -> inspect.Signature:
+    """The signature as called on an instance, computed once per class and method."""
+    sig = inspect.signature(getattr(cls, method))
+    if isinstance(inspect.getattr_static(cls, method), staticmethod | classmethod):
+        return sig
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 @dataclass(slots=True)
@@ -197,12 +207,12 @@ class Cell(pykka.ThreadingActor):
             prior = self.host.store.committed_reply(self.shard, str(self.name), msg.request_id)
             if prior is not None:
                 self.host.metrics.dedup_hits.inc()
-                return prior
+                return prior[0]
         fn = getattr(rt.ca, msg.method, None)
         if fn is None or msg.method not in self.atype.methods:
             raise NotFoundError(f"{self.name.type} has no public method {msg.method!r}")
         try:
-            inspect.signature(fn).bind(*msg.args, **msg.kwargs)
+            signature_of(type(rt.ca), msg.method).bind(*msg.args, **msg.kwargs)
         except TypeError as exc:
             raise BadRequestError(f"{self.name.type}.{msg.method}: {exc}") from None
         return rt.execute(msg, lambda: fn(*msg.args, **msg.kwargs))

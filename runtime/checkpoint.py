@@ -108,10 +108,10 @@ class CheckpointStore:
             updated_ms=int(updated or 0),
         )
 
-    def committed_reply(self, shard: int, name: str, request_id: str) -> Any:
-        """The reply committed for ``request_id``, or ``None`` (replies are never None)."""
+    def committed_reply(self, shard: int, name: str, request_id: str) -> tuple[Any] | None:
+        """``(reply,)`` as committed for ``request_id``, or ``None`` if there is none."""
         data = self.client.hget(self.keys.shard(shard).replies(name), request_id)
-        return None if data is None else codec.unpack(data)
+        return None if data is None else (codec.unpack(data)[0],)
 
     def commit_many(self, requests: list[CommitRequest]) -> list[CommitResult]:
         """Commit several transactions in one pipeline (group commit).

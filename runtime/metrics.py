@@ -7,6 +7,7 @@ one process, as the tests and benchmarks do, without clashing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -16,6 +17,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._message_children: dict[tuple[str, str], Any] = {}
         r = self.registry
         self.messages = Counter(
             "troth_messages",
@@ -68,6 +70,14 @@ class NodeMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=r,
         )
+
+    def message_counter(self, actor_type: str, kind: str) -> Any:
+        """The labelled child, cached: ``labels()`` takes a lock on every call."""
+        key = (actor_type, kind)
+        child = self._message_children.get(key)
+        if child is None:
+            child = self._message_children[key] = self.messages.labels(actor_type, kind)
+        return child
 
     def bind_gauges(
         self,

@@ -107,7 +107,7 @@ class ActorRuntime:
             request_id=msg.request_id,
             timer=msg.timer,
         )
-        self.metrics.messages.labels(self.name.type, msg.kind).inc()
+        self.metrics.message_counter(self.name.type, msg.kind).inc()
         try:
             for p in self.plugins.values():
                 p.begin(txn)
@@ -162,7 +162,7 @@ class ActorRuntime:
         except SerializationError as exc:
             raise SerializationError(f"{self.name}: state {exc}") from exc
         try:
-            packed_reply = codec.pack(reply)
+            packed_reply = codec.pack([reply])  # boxed: a None reply is still a reply
         except SerializationError as exc:
             raise SerializationError(f"{self.name}.{msg.method}: reply {exc}") from exc
         return CommitRequest(

@@ -26,6 +26,9 @@ class Probe(troth.CA):
     def get(self) -> dict[str, Any]:
         return dict(self.state)
 
+    def bump(self) -> None:
+        self.state["value"] += 1
+
     def scratch_seq(self) -> Any:
         return self.scratch.get("resumed_from_seq")
 

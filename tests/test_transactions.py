@@ -91,6 +91,12 @@ def test_request_id_replays_committed_reply(api: httpx.Client, node: Node) -> No
     assert node.metrics.dedup_hits._value.get() == 1
 
 
+def test_none_reply_is_deduplicated_too(api: httpx.Client) -> None:
+    for _ in range(3):
+        assert call(api, "probe/alice-p", "bump", request_id="b1").json() == {"result": None}
+    assert call(api, "probe/alice-p", "get").json()["result"]["value"] == 1
+
+
 def test_failed_request_is_not_cached(api: httpx.Client) -> None:
     assert call(api, "counter/alice-c", "increment", 0, request_id="r").status_code == 409
     assert call(api, "counter/alice-c", "increment", 2, request_id="r").json()["result"] == 2
