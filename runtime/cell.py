@@ -15,7 +15,6 @@ activates a fresh cell from the checkpoint.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import threading
@@ -49,13 +48,18 @@ from .versioning import Decision, decide
 log = logging.getLogger(__name__)
 
 
-@functools.cache
+_SIGNATURES: dict[tuple[type, str], inspect.Signature] = {}
+
+
 def signature_of(cls: type, method: str) -> inspect.Signature:
     """The signature as called on an instance, computed once per class and method."""
-    sig = inspect.signature(getattr(cls, method))
-    if isinstance(inspect.getattr_static(cls, method), staticmethod | classmethod):
-        return sig
-    return sig.replace(parameters=list(sig.parameters.values())[1:])
+    sig = _SIGNATURES.get((cls, method))
+    if sig is None:
+        sig = inspect.signature(getattr(cls, method))
+        if not isinstance(inspect.getattr_static(cls, method), staticmethod | classmethod):
+            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        _SIGNATURES[(cls, method)] = sig
+    return sig
 
 
 @dataclass(slots=True)
