@@ -38,7 +38,7 @@ def bench_troth(url: str, actors: int, messages: int) -> float:
             "redis": {"key_prefix": f"b{uuid.uuid4().hex[:8]}"},
             "types": {"counter": {"class": "examples.helloworld.counter:Counter"}},
             "python_path": ["."],
-            "plugins": {},
+            "plugins": {"session": {}},
         }
     )
     node = Node(config, url, "bench")

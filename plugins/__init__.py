@@ -5,6 +5,7 @@
 ``timers`` durable timers: ``after``, ``at``, ``every``, ``cancel``
 ``send``   messages to other actors, delivered at least once, processed once
 ``http``   outbound HTTP requests (webhooks) with idempotency keys and retries
+``session`` notifications to client sessions, durable and in order
 =========  ===========================================================
 
 The ``plugins`` section of the configuration names the plugins a node loads and
@@ -23,6 +24,7 @@ from troth.plugin import NodeServices, PluginFactory
 from .http import HttpFactory
 from .log import LogFactory
 from .send import SendFactory
+from .session import SessionFactory
 from .timers import TimersFactory
 
 BUILTIN: dict[str, type[PluginFactory]] = {
@@ -30,6 +32,7 @@ BUILTIN: dict[str, type[PluginFactory]] = {
     "timers": TimersFactory,
     "send": SendFactory,
     "http": HttpFactory,
+    "session": SessionFactory,
 }
 
 

@@ -83,12 +83,14 @@ class CheckpointStore:
         node_id: str,
         reply_cache_max: int = 1000,
         reply_cache_seconds: float = 86_400.0,
+        notify_max: int = 1000,
     ) -> None:
         self.client = client
         self.keys = keys
         self.node_id = node_id
         self.reply_cache_max = reply_cache_max
         self.reply_cache_ms = int(reply_cache_seconds * 1000)
+        self.notify_max = notify_max
         self._commit = client.register_script(load_lua("commit.lua"))
 
     def load(self, shard: int, name: str) -> StoredCheckpoint | None:
@@ -155,6 +157,7 @@ class CheckpointStore:
             sk.timers,
             sk.timer_data,
             sk.autonomous,
+            sk.notifications(name),
         ]
 
     def _payload(self, req: CommitRequest) -> bytes:
@@ -169,6 +172,8 @@ class CheckpointStore:
             "ob": [[e.id, codec.pack(e.to_dict()), str(e.next_ms)] for e in req.ops.outbox],
             "ts": [[t.key, t.encode(), str(t.due_ms)] for t in req.ops.timers_set],
             "tc": list(req.ops.timers_cancel),
+            "nt": req.ops.notifications,
+            "ntmax": str(self.notify_max),
         }
         if req.request_id is not None:
             payload.update(

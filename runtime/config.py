@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import TrothError
 
-BUILTIN_PLUGINS = ("log", "timers", "send", "http")
+BUILTIN_PLUGINS = ("log", "timers", "send", "http", "session")
 
 
 def _default_plugins() -> dict[str, dict[str, Any]]:
@@ -74,6 +74,10 @@ class RuntimeConfig(_Model):
     commit_batch_max: int = Field(256, ge=1, description="Commits sent in one Redis pipeline.")
     max_mailbox: int = Field(10_000, ge=1, description="Queued messages per actor before 503.")
     outbox_workers: int = Field(16, ge=1, le=512, description="Concurrent outbox deliveries.")
+    notify_max: int = Field(
+        1000, ge=1, description="Notifications kept per actor for sessions that reconnect."
+    )
+    max_sessions: int = Field(1000, ge=1, description="WebSocket sessions per node.")
 
 
 class ActorTypeConfig(_Model):

@@ -67,6 +67,18 @@ class NotFoundError(TrothError):
     http_status = 404
 
 
+class AuthError(TrothError):
+    """Missing or unknown API key."""
+
+    http_status = 401
+
+
+class ForbiddenError(TrothError):
+    """The principal may not reach this actor (its id does not start with ``principal-``)."""
+
+    http_status = 403
+
+
 class BadRequestError(TrothError):
     """The request itself is malformed: bad name, bad arguments, too large."""
 
@@ -88,6 +100,13 @@ class ActivationError(TrothError):
     http_status = 500
 
 
+class CallTimeout(TrothError):
+    """No reply came in time. The call may still commit later: retry it with the same
+    ``request_id`` to learn its outcome without running it twice."""
+
+    http_status = 504
+
+
 class RetryableError(TrothError):
     """Nothing was committed; retry the call (with the same ``request_id``)."""
 
@@ -102,19 +121,43 @@ class UnavailableError(RetryableError):
     """The actor or its store is temporarily unavailable (moving, overloaded, down)."""
 
 
-def error_from_dict(data: dict[str, Any]) -> TrothError:
+class RemoteError(TrothError):
+    """An error of a kind this process has no class for, as another node reported it."""
+
+    def __init__(self, kind: str, message: str, http_status: int = 500) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.http_status = http_status
+
+    @property
+    def type_name(self) -> str:
+        return self.kind
+
+
+_BY_NAME: dict[str, type[TrothError]] = {
+    cls.__name__: cls
+    for cls in (
+        NotFoundError,
+        BadRequestError,
+        SerializationError,
+        ActivationError,
+        CallTimeout,
+        RetryableError,
+        FencedError,
+        UnavailableError,
+    )
+}
+
+
+def error_from_dict(data: dict[str, Any], http_status: int = 500) -> TrothError:
     """Rebuild an error received over the wire (HTTP, WebSocket, outbox results)."""
     kind = str(data.get("type", "TrothError"))
     message = str(data.get("message", ""))
     if kind == "AppError":
         return AppError(message, data.get("data"))
-    cls: type[TrothError] = {
-        "NotFoundError": NotFoundError,
-        "BadRequestError": BadRequestError,
-        "SerializationError": SerializationError,
-        "ActivationError": ActivationError,
-        "RetryableError": RetryableError,
-        "FencedError": FencedError,
-        "UnavailableError": UnavailableError,
-    }.get(kind, TrothError)
-    return cls(message)
+    cls = _BY_NAME.get(kind)
+    if cls is not None:
+        return cls(message)
+    if http_status == 503:
+        return UnavailableError(message)
+    return RemoteError(kind, message, http_status)

@@ -18,16 +18,19 @@ import asyncio
 import json
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BadRequestError, TrothError
+from .errors import AuthError, BadRequestError, ForbiddenError, TrothError
 from .names import ActorName
 from .node import Node
+from .routing import CLUSTER_HEADER
+from .sessions import SessionServer
 
 MAX_ARGS = 100
 
@@ -106,29 +109,23 @@ class _TooLarge(Exception):
     pass
 
 
-class AuthError(TrothError):
-    http_status = 401
-
-
-class ForbiddenError(TrothError):
-    http_status = 403
-
-
-class CallTimeout(TrothError):
-    """The call was queued but no reply came in time; it may still commit later."""
-
-    http_status = 504
+def resolve_principal(conn: HTTPConnection) -> str | None:
+    """The caller's principal; ``None`` when no API keys are configured (loopback only)
+    or when another node of the cluster forwards a call it already authenticated.
+    WebSocket clients that cannot set headers may pass ``?token=KEY``."""
+    keys: dict[str, str] = conn.app.state.api_keys
+    if not keys or conn.app.state.node.router.is_cluster_call(conn.headers.get(CLUSTER_HEADER)):
+        return None
+    scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        token = conn.query_params.get("token", "") if conn.scope["type"] == "websocket" else ""
+    if token not in keys:
+        raise AuthError("missing or unknown bearer token")
+    return keys[token]
 
 
 async def principal(request: Request) -> str | None:
-    """The caller's principal; ``None`` when no API keys are configured (loopback only)."""
-    keys: dict[str, str] = request.app.state.api_keys
-    if not keys:
-        return None
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or token not in keys:
-        raise AuthError("missing or unknown bearer token")
-    return keys[token]
+    return resolve_principal(request)
 
 
 Principal = Annotated[str | None, Depends(principal)]
@@ -165,7 +162,7 @@ def create_app(node: Node) -> FastAPI:
         description="Actor calls and Commitment-as-a-Service on a troth node.",
     )
     app.state.api_keys = node.config.auth.api_keys
-    timeout = node.config.node.call_timeout_seconds
+    app.state.node = node
 
     @app.exception_handler(TrothError)
     async def _troth_error(_request: Request, exc: TrothError) -> JSONResponse:
@@ -183,6 +180,18 @@ def create_app(node: Node) -> FastAPI:
         ]
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return error_response(422, "ValidationError", message, problems)
+
+    sessions = SessionServer(node)
+    app.state.sessions = sessions
+
+    @app.websocket("/v1/ws")
+    async def session(websocket: WebSocket) -> None:
+        try:
+            who = resolve_principal(websocket)
+        except AuthError as exc:
+            await websocket.close(code=1008, reason=str(exc))
+            return
+        await sessions.serve(websocket, who)
 
     @app.get("/health")
     async def health() -> Response:
@@ -221,11 +230,10 @@ def create_app(node: Node) -> FastAPI:
         name = ActorName.of(actor_type, actor_id)
         if who is not None and name.owner != who:
             raise ForbiddenError(f"principal {who!r} does not own {name}")
-        fut = node.call(name, method, body.args, body.kwargs, body.request_id)
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
-        except TimeoutError:
-            raise CallTimeout(f"no reply from {name} within {timeout}s") from None
+        forwarded = node.router.is_cluster_call(request.headers.get(CLUSTER_HEADER))
+        result = await node.router.call(
+            name, method, body.args, body.kwargs, body.request_id, forwarded=forwarded
+        )
         return CallReply(result=result)
 
     app.add_middleware(BodyLimit, max_bytes=node.config.node.max_body_bytes)

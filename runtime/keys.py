@@ -10,10 +10,13 @@ key                       type     content
 ========================  =======  ==============================================
 P:nodes                   zset     node id -> heartbeat expiry (ms)
 P:node:ID                 hash     node info: url, pid, started, active actors
+P:urls                    hash     node id -> URL other nodes forward calls to
+P:secret                  string   cluster secret authenticating node-to-node calls
 P:{sN}:lease              hash     owner (node id), epoch (fencing token)
 P:{sN}:ca:NAME            hash     state, version, seq, created, updated
 P:{sN}:rp:NAME            hash     request id -> committed reply (msgpack)
 P:{sN}:rpt:NAME           zset     request id -> commit time (ms), for trimming
+P:{sN}:nt:NAME            stream   committed notifications for client sessions
 P:{sN}:cas                set      names of the actors with a checkpoint
 P:{sN}:auto               set      names of the autonomous actors (re-activated on claim)
 P:{sN}:ob                 hash     outbox entry id -> entry (the activity ledger)
@@ -76,6 +79,9 @@ class ShardKeys:
     def reply_times(self, name: str) -> str:
         return f"{self.tag}:rpt:{name}"
 
+    def notifications(self, name: str) -> str:
+        return f"{self.tag}:nt:{name}"
+
 
 @dataclass(frozen=True, slots=True)
 class KeySpace:
@@ -90,6 +96,14 @@ class KeySpace:
 
     def node(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}"
+
+    @property
+    def node_urls(self) -> str:
+        return f"{self.prefix}:urls"
+
+    @property
+    def secret(self) -> str:
+        return f"{self.prefix}:secret"
 
     def shard(self, shard: int) -> ShardKeys:
         return ShardKeys(self.prefix, shard)

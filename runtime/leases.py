@@ -77,6 +77,10 @@ class LeaseManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.live_nodes: list[str] = []
+        #: The owner of every shard and the URL of every live node, as of the last beat:
+        #: the routing table. A stale entry costs one redirected retry, never a wrong commit.
+        self.owners: list[str] = [""] * keys.shard_count
+        self.urls: dict[str, str] = {}
         self.last_beat_ok = 0.0
 
     # -- queries -----------------------------------------------------------------------
@@ -90,6 +94,18 @@ class LeaseManager:
     def owned(self) -> dict[int, str]:
         with self._lock:
             return dict(self._owned)
+
+    def owner_of(self, shard: int) -> str:
+        """The owner of ``shard`` as last seen ("" when none)."""
+        if self.epoch_of(shard) is not None:
+            return self.node_id
+        return self.owners[shard]
+
+    def refresh_owner(self, shard: int) -> str:
+        """Read the current owner of ``shard`` from Redis (after a redirect)."""
+        owner = (self.client.hget(self.keys.shard(shard).lease, "owner") or b"").decode()
+        self.owners[shard] = owner
+        return str(owner)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -107,6 +123,7 @@ class LeaseManager:
             self.release(list(self.owned))
             try:
                 self.client.zrem(self.keys.nodes, self.node_id)
+                self.client.hdel(self.keys.node_urls, self.node_id)
             except redis.RedisError as exc:
                 log.warning("could not deregister node %s: %s", self.node_id, exc)
 
@@ -132,14 +149,24 @@ class LeaseManager:
         pipe.zadd(self.keys.nodes, {self.node_id: now + self.ttl_ms})
         pipe.hset(self.keys.node(self.node_id), mapping=self.node_info())
         pipe.pexpire(self.keys.node(self.node_id), self.ttl_ms * 20)
+        url = self.node_info().get("url", "")
+        if url:
+            pipe.hset(self.keys.node_urls, self.node_id, url)
         pipe.zrangebyscore(self.keys.nodes, now, "+inf")
+        pipe.hgetall(self.keys.node_urls)
         for shard in range(self.keys.shard_count):
             pipe.hmget(self.keys.shard(shard).lease, ["owner", "epoch"])
         results = pipe.execute()
         self.last_beat_ok = time.monotonic()
-        live = sorted(n.decode() for n in results[3])
+        head = 4 if url else 3
+        live = sorted(n.decode() for n in results[head])
+        urls = {k.decode(): v.decode() for k, v in results[head + 1].items()}
+        leases = [
+            LeaseView((o or b"").decode(), (e or b"0").decode()) for o, e in results[head + 2 :]
+        ]
         self.live_nodes = live
-        leases = [LeaseView((o or b"").decode(), (e or b"0").decode()) for o, e in results[4:]]
+        self.urls = {n: urls[n] for n in live if urls.get(n)}
+        self.owners = [lv.owner for lv in leases]
         self._reconcile(leases, set(live))
 
     def _reconcile(self, leases: list[LeaseView], live: set[str]) -> None:
@@ -172,6 +199,8 @@ class LeaseManager:
             if gained:
                 with self._lock:
                     self._owned.update(gained)
+                for shard in gained:
+                    self.owners[shard] = self.node_id
                 self.on_gained(gained)
         elif room < 0:
             surplus = sorted(still_mine)[: min(-room, HANDOFF_PER_BEAT)]
@@ -199,6 +228,8 @@ class LeaseManager:
             held = {s: self._owned.pop(s) for s in shards if s in self._owned}
         if not held:
             return
+        for shard in held:
+            self.owners[shard] = ""
         pipe = self.client.pipeline(transaction=False)
         for s, epoch in held.items():
             self._release(keys=[self.keys.shard(s).lease], args=[self.node_id, epoch], client=pipe)

@@ -32,6 +32,7 @@ import pykka
 import redis
 
 from .actor import CA
+from .aio import LoopThread
 from .catalog import Catalog
 from .cell import Cell, CellHandle, Envelope
 from .checkpoint import CheckpointStore
@@ -44,6 +45,7 @@ from .metrics import NodeMetrics
 from .names import ActorName, shard_of
 from .outbox import OutboxDispatcher
 from .plugin import CommitOps, PluginFactory, TimerRecord
+from .routing import Router
 from .scheduler import TimerScheduler
 from .transaction import Message
 
@@ -97,6 +99,7 @@ class Node:
             self.node_id,
             config.runtime.reply_cache_max,
             config.runtime.reply_cache_seconds,
+            config.runtime.notify_max,
         )
         self.committer = GroupCommitter(self.store, config.runtime.commit_batch_max)
         self.url = config.node.public_url or ""
@@ -126,6 +129,8 @@ class Node:
         for factory in self.plugin_factories.values():
             for executor in factory.executors():
                 self.dispatcher.register(executor)
+        self.io = LoopThread(f"troth-io-{self.node_id}")
+        self.router = Router(self, secret="")
         self._cells: dict[str, CellHandle] = {}
         self._draining: set[int] = set()
         self._lock = threading.Lock()
@@ -144,7 +149,8 @@ class Node:
 
     def start(self) -> None:
         """Register, claim shards (synchronously: a lone node owns all on return)."""
-        self.client.ping()
+        self.client.set(self.keys.secret, secrets.token_hex(32), nx=True)
+        self.router.secret = self.client.get(self.keys.secret).decode()
         self.scheduler.start()
         self.dispatcher.start()
         self.leases.start()
@@ -168,6 +174,9 @@ class Node:
         self.dispatcher.stop()
         self.committer.close()
         self.leases.stop(release=True)
+        with contextlib.suppress(Exception):
+            self.io.submit(self.router.close()).result(timeout=5)
+        self.io.stop()
         for factory in self.plugin_factories.values():
             factory.close()
         self.client.close()
@@ -248,10 +257,13 @@ class Node:
         request_id: str,
         timeout: float,
     ) -> Any:
-        """Deliver a message from the outbox and wait for the receiver's commit."""
-        fut = self.call(ActorName.parse(target), method, args, kwargs, request_id)
+        """Deliver a message from the outbox to its owner, wherever it is, and wait for
+        the receiver's commit."""
+        coro = self.router.call(
+            ActorName.parse(target), method, args, kwargs, request_id, timeout=timeout
+        )
         try:
-            return fut.result(timeout=timeout)
+            return self.io.submit(coro).result(timeout=timeout + 1)
         except FutureTimeout:
             raise UnavailableError(f"{target}.{method}: no reply within {timeout}s") from None
 

@@ -138,6 +138,7 @@ class CommitOps:
     outbox: list[OutboxEntry] = field(default_factory=list)
     timers_set: list[TimerRecord] = field(default_factory=list)
     timers_cancel: list[str] = field(default_factory=list)
+    notifications: list[bytes] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -118,6 +118,7 @@ def base_config(prefix: str, **overrides: Any) -> dict[str, Any]:
             "timers": {},
             "send": {"timeout_seconds": 5},
             "http": {"allow_loopback": True, "timeout_seconds": 2},
+            "session": {},
         },
     }
     for key, value in overrides.items():
@@ -135,18 +136,24 @@ def prefix() -> str:
 
 @pytest.fixture
 def make_node(redis_url: str, prefix: str) -> Iterator[Callable[..., Node]]:
-    """Build and start in-process nodes sharing the test's key prefix."""
-    nodes: list[Node] = []
+    """Build and start in-process nodes sharing the test's key prefix; ``serve=True``
+    also serves the node's HTTP API (``node.url``) from a thread."""
+    nodes: list[tuple[Node, ServerThread | None]] = []
 
-    def make(node_id: str | None = None, **overrides: Any) -> Node:
+    def make(node_id: str | None = None, serve: bool = False, **overrides: Any) -> Node:
         config = parse_config(base_config(prefix, **overrides))
         node = Node(config, redis_url, node_id)
+        server = ServerThread(node) if serve else None
         node.start()
-        nodes.append(node)
+        if server is not None:
+            server.start()
+        nodes.append((node, server))
         return node
 
     yield make
-    for node in reversed(nodes):
+    for node, server in reversed(nodes):
+        if server is not None:
+            server.stop()
         if not node._stop.is_set():
             node.stop()
 

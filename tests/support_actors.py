@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import troth
@@ -80,6 +81,13 @@ class Probe(troth.CA):
 
     def on_result(self, result: dict[str, Any]) -> None:
         self.state["results"].append(result)
+
+    def slow_hook(self, url: str, seconds: float) -> int:
+        """Buffer a webhook and a state change, then block: a window to pause the node in."""
+        self.plugins.http.post(url, json={"slow": True})
+        self.state["value"] += 1
+        time.sleep(seconds)
+        return int(self.state["value"])
 
     def tell(self, target: str, value: Any) -> str:
         return str(self.plugins.send.tell(target, "record", value, on_result="on_result"))

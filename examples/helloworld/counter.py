@@ -17,10 +17,11 @@ class Counter(troth.CA):
         self.state["count"] = 0
 
     def increment(self, by: int = 1) -> int:
-        """Add ``by`` (a positive int); returns the new value."""
+        """Add ``by`` (a positive int); returns the new value and notifies subscribers."""
         if not isinstance(by, int) or isinstance(by, bool) or by < 1:
             raise troth.AppError("by must be a positive integer", {"by": by})
         self.state["count"] += by
+        self.plugins.session.notify({"count": self.state["count"]})
         return int(self.state["count"])
 
     def get(self) -> int:

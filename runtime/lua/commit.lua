@@ -3,6 +3,7 @@
 --
 -- KEYS: 1 lease  2 checkpoint  3 replies  4 reply times  5 shard actors
 --       6 outbox  7 outbox queue  8 timer index  9 timer data  10 autonomous actors
+--       11 notification stream
 -- ARGV: 1 node id  2 epoch  3 expected seq  4 msgpack payload
 -- Returns {1, seq} or {0, reason, detail}.
 local lease = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
@@ -56,5 +57,8 @@ end
 for _, t in ipairs(p.ts) do
   redis.call('HSET', KEYS[9], t[1], t[2])
   redis.call('ZADD', KEYS[8], t[3], t[1])
+end
+for _, n in ipairs(p.nt) do
+  redis.call('XADD', KEYS[11], 'MAXLEN', '~', p.ntmax, '*', 'd', n)
 end
 return {1, p.seq}

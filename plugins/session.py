@@ -1,0 +1,60 @@
+"""``self.plugins.session``: notifications pushed to client sessions.
+
+``notify(data)`` buffers a notification; the commit appends it to the actor's
+notification stream in Redis, atomically with the state that caused it, and the
+clients subscribed to the actor (over the node's WebSocket, from any node) receive
+it. Guarantees: a notification exists only if its transaction committed; a client
+receives an actor's notifications **in commit order**, each **once**, also across
+reconnects to other nodes (it resumes after the last id it saw). The stream keeps
+the last ``runtime.notify_max`` notifications per actor: a client away longer than
+that misses the oldest ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from troth import codec
+from troth.names import ActorName
+from troth.plugin import ActorPlugin, CommitOps, PluginFactory, TxnInfo
+
+MAX_PER_TXN = 100
+MAX_BYTES = 64 * 1024
+
+
+class Session(ActorPlugin):
+    def __init__(self, actor: ActorName, pstate: dict[str, Any]) -> None:
+        super().__init__(actor, pstate)
+        self._buffer: list[bytes] = []
+
+    def notify(self, data: Any) -> None:
+        """Queue ``data`` (JSON-compatible, at most 64 KiB encoded) for subscribers."""
+        self._require_txn()
+        if len(self._buffer) >= MAX_PER_TXN:
+            raise ValueError(f"at most {MAX_PER_TXN} notifications per transaction")
+        packed = codec.pack(data)
+        if len(packed) > MAX_BYTES:
+            raise ValueError(f"a notification may be at most {MAX_BYTES} bytes encoded")
+        self._buffer.append(packed)
+
+    def begin(self, txn: TxnInfo) -> None:
+        super().begin(txn)
+        self._buffer.clear()
+
+    def prepare(self, ops: CommitOps) -> None:
+        ops.notifications.extend(self._buffer)
+
+    def committed(self) -> None:
+        super().committed()
+        self._buffer.clear()
+
+    def abort(self) -> None:
+        super().abort()
+        self._buffer.clear()
+
+
+class SessionFactory(PluginFactory):
+    name: ClassVar[str] = "session"
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        return Session(actor, pstate)

@@ -1,0 +1,383 @@
+"""The troth client library: call actors and receive their notifications.
+
+::
+
+    from troth.client import Client
+
+    with Client(["http://127.0.0.1:8700", "http://127.0.0.1:8701"]) as client:
+        counter = client.actor("counter", "alice-c1")
+        counter.increment(2)                      # -> 2, or raises troth.AppError
+        client.subscribe("counter/alice-c1", print)
+
+:class:`AsyncClient` is the same API with ``await``; :class:`Client` runs one on a
+private event loop thread.
+
+Guarantees:
+
+* every call carries a ``request_id``; when the connection breaks or the call
+  fails retryably (the actor is moving, a node died), the client reconnects (to
+  any node it knows, including those the cluster announced in ``hello``) and
+  resends the call with the **same** ``request_id``: the actor applies it once;
+* a call gives up after its ``timeout`` (default 30 s) with :class:`CallTimeout`,
+  which says how many attempts were made; the call may still have committed, and
+  retrying it with the same ``request_id`` tells its outcome without re-running it;
+* notifications of a subscribed actor arrive in commit order, each once, across
+  reconnects: the client resumes the subscription after the last id it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
+
+from .aio import LoopThread
+from .errors import CallTimeout, RetryableError, TrothError, error_from_dict
+
+log = logging.getLogger(__name__)
+
+RETRY_START = 0.05
+RETRY_MAX = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    actor: str
+    id: str
+    data: Any
+
+
+def _nid(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass
+class _Subscription:
+    actor: str
+    last: str = "0-0"
+    queue: asyncio.Queue[Notification] = field(default_factory=asyncio.Queue)
+
+
+class AsyncClient:
+    """A session with a troth cluster over WebSocket; reconnects on its own."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("at least one node URL is needed")
+        self.token = token
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._known = list(self.urls)
+        self._ws: ClientConnection | None = None
+        self._connected = asyncio.Event()
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._subs: dict[str, _Subscription] = {}
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self.reconnects = -1  # connections made beyond the first
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the session (waits up to ``timeout`` for a node to answer)."""
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run())
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.timeout)
+        except TimeoutError:
+            await self.close()
+            raise CallTimeout(f"no troth node reachable at {self._known}") from None
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+
+    def actor(self, actor_type: str, actor_id: str) -> AsyncActor:
+        return AsyncActor(self, f"{actor_type}/{actor_id}")
+
+    async def call(
+        self,
+        actor: str,
+        method: str,
+        *args: Any,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call ``method`` on ``actor`` (``TYPE/ID``); see the module docstring."""
+        if self._runner is None:
+            await self.connect()
+        request_id = request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.timeout)
+        backoff = RETRY_START
+        attempts = 0
+        last_error: str = "not connected"
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise CallTimeout(
+                    f"{actor}.{method}: no reply within {timeout or self.timeout}s after "
+                    f"{attempts} attempt(s) (last: {last_error}); it may still commit: retry "
+                    f"with request_id={request_id!r} to learn its outcome"
+                )
+            try:
+                await asyncio.wait_for(self._connected.wait(), remaining)
+                attempts += 1
+                reply = await asyncio.wait_for(
+                    self._request(actor, method, list(args), kwargs, request_id), remaining
+                )
+            except TimeoutError:
+                continue
+            except (ConnectionError, WebSocketException) as exc:
+                last_error = f"connection lost: {exc!r}"
+            else:
+                if reply["op"] == "reply":
+                    return reply["result"]
+                err = error_from_dict(reply.get("error", {}))
+                if not isinstance(err, RetryableError):
+                    raise err
+                last_error = str(err)
+            await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
+            backoff = min(RETRY_MAX, backoff * 2)
+
+    async def _request(
+        self, actor: str, method: str, args: list[Any], kwargs: dict[str, Any], request_id: str
+    ) -> dict[str, Any]:
+        ws = self._ws
+        if ws is None:
+            raise ConnectionError("not connected")
+        call_id = f"c{next(self._ids)}"
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[call_id] = fut
+        try:
+            await ws.send(
+                json.dumps(
+                    {
+                        "op": "call",
+                        "id": call_id,
+                        "actor": actor,
+                        "method": method,
+                        "args": args,
+                        "kwargs": kwargs,
+                        "request_id": request_id,
+                    }
+                )
+            )
+            return await fut
+        finally:
+            self._replies.pop(call_id, None)
+
+    async def notifications(self, actor: str, since: str = "0-0") -> AsyncIterator[Notification]:
+        """Committed notifications of ``actor`` after ``since``, forever, in order, once."""
+        sub = self._subs.get(actor)
+        if sub is None:
+            sub = self._subs[actor] = _Subscription(actor, since)
+            if self._ws is not None:
+                await self._send_subscribe(self._ws, sub)
+        while True:
+            yield await sub.queue.get()
+
+    async def _send_subscribe(self, ws: ClientConnection, sub: _Subscription) -> None:
+        await ws.send(json.dumps({"op": "subscribe", "actor": sub.actor, "since": sub.last}))
+
+    # -- the connection loop ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = RETRY_START
+        while not self._closed:
+            ws = await self._open()
+            if ws is None:
+                await asyncio.sleep(backoff)
+                backoff = min(RETRY_MAX, backoff * 2)
+                continue
+            backoff = RETRY_START
+            self._ws = ws
+            self.reconnects += 1
+            try:
+                for sub in self._subs.values():
+                    await self._send_subscribe(ws, sub)
+                self._connected.set()
+                async for raw in ws:
+                    self._dispatch(json.loads(raw))
+            except (ConnectionError, WebSocketException, OSError) as exc:
+                log.info("troth session lost: %r", exc)
+            finally:
+                self._connected.clear()
+                self._ws = None
+                for fut in self._replies.values():
+                    if not fut.done():
+                        fut.set_exception(ConnectionError("session lost"))
+
+    async def _open(self) -> ClientConnection | None:
+        candidates = list(dict.fromkeys(self._known))
+        random.shuffle(candidates)
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else None
+        for url in candidates:
+            ws_url = url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/ws"
+            try:
+                ws = await asyncio.wait_for(
+                    connect(ws_url, additional_headers=headers, max_size=16 * 2**20),
+                    self.connect_timeout,
+                )
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                log.debug("cannot connect to %s: %r", url, exc)
+                continue
+            hello = json.loads(await ws.recv())
+            self._known = list(dict.fromkeys([*self.urls, *hello.get("nodes", [])]))
+            return ws
+        return None
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op in ("reply", "error"):
+            fut = self._replies.get(str(msg.get("id")))
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            elif op == "error":
+                log.warning("troth session error: %s", msg.get("error"))
+        elif op == "notify":
+            sub = self._subs.get(msg["actor"])
+            if sub is not None and _nid(msg["nid"]) > _nid(sub.last):
+                sub.last = msg["nid"]
+                sub.queue.put_nowait(Notification(msg["actor"], msg["nid"], msg["data"]))
+
+
+class AsyncActor:
+    """``await client.actor("counter", "alice-c1").increment(2)``."""
+
+    def __init__(self, client: AsyncClient, name: str) -> None:
+        self._client = client
+        self._name = name
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        async def invoke(*args: Any, **kwargs: Any) -> Any:
+            return await self._client.call(self._name, method, *args, **kwargs)
+
+        return invoke
+
+
+class Client:
+    """The synchronous client: an :class:`AsyncClient` on a private event loop thread."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._io = LoopThread("troth-client")
+        self.timeout = timeout
+
+        async def make() -> AsyncClient:
+            c = AsyncClient(urls, token=token, timeout=timeout, connect_timeout=connect_timeout)
+            await c.connect()
+            return c
+
+        try:
+            self._async = self._io.submit(make()).result(timeout + 5)
+        except BaseException:
+            self._io.stop()
+            raise
+        self._listeners: list[Any] = []
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def reconnects(self) -> int:
+        return self._async.reconnects
+
+    def call(self, actor: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.get("timeout") or self.timeout
+        return self._io.submit(self._async.call(actor, method, *args, **kwargs)).result(timeout + 5)
+
+    def actor(self, actor_type: str, actor_id: str) -> Actor:
+        return Actor(self, f"{actor_type}/{actor_id}")
+
+    def subscribe(
+        self, actor: str, callback: Callable[[Notification], None], since: str = "0-0"
+    ) -> None:
+        """Call ``callback`` (on the client's thread) for each notification, in order."""
+
+        async def listen() -> None:
+            async for note in self._async.notifications(actor, since):
+                try:
+                    callback(note)
+                except Exception:
+                    log.exception("notification callback for %s failed", actor)
+
+        self._listeners.append(self._io.submit(listen()))
+
+    def close(self) -> None:
+        for fut in self._listeners:
+            fut.cancel()
+        with contextlib.suppress(Exception):
+            self._io.submit(self._async.close()).result(10)
+        self._io.stop()
+
+
+class Actor:
+    """``client.actor("counter", "alice-c1").increment(2)``."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._client = client
+        self._name = name
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        def invoke(*args: Any, **kwargs: Any) -> Any:
+            return self._client.call(self._name, method, *args, **kwargs)
+
+        return invoke
+
+
+__all__ = [
+    "Actor",
+    "AsyncActor",
+    "AsyncClient",
+    "CallTimeout",
+    "Client",
+    "Notification",
+    "TrothError",
+]

@@ -1,0 +1,132 @@
+"""Several nodes in one process: routing, handoff, the client library, notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from conftest import wait_until
+from troth import AppError
+from troth.client import AsyncClient, CallTimeout, Client, Notification
+from troth.names import ActorName, shard_of
+from troth.node import Node
+from troth.server import ServerThread
+
+
+def owned_by(node: Node, prefix: str = "alice-c") -> str:
+    """An actor id whose shard ``node`` owns."""
+    for i in range(10_000):
+        name = ActorName("counter", f"{prefix}{i}")
+        if node.leases.epoch_of(shard_of(name, node.keys.shard_count)) is not None:
+            return name.id
+    raise AssertionError("node owns no shard")
+
+
+def balanced(*nodes: Node) -> bool:
+    return all(len(n.leases.owned) == 64 // len(nodes) for n in nodes)
+
+
+def test_any_node_accepts_any_call(make_node: Callable[..., Node]) -> None:
+    a = make_node("a", serve=True)
+    b = make_node("b", serve=True)
+    wait_until(lambda: balanced(a, b), timeout=10)
+    wait_until(lambda: len(a.leases.urls) == 2 and len(b.leases.urls) == 2, timeout=5)
+    on_b = owned_by(b)
+    with httpx.Client(base_url=a.url) as api:
+        url = f"/v1/actors/counter/{on_b}/increment"
+        assert api.post(url, json={"args": [3], "request_id": "x"}).json() == {"result": 3}
+        assert api.post(url, json={"args": [3], "request_id": "x"}).json() == {"result": 3}
+        err = api.post(url, json={"args": [0]})
+        assert err.status_code == 409 and err.json()["error"]["type"] == "AppError"
+    assert f"counter/{on_b}" in b._cells and f"counter/{on_b}" not in a._cells
+
+
+def test_forged_cluster_header_gets_no_special_rights(make_node: Callable[..., Node]) -> None:
+    a = make_node("a", serve=True, auth={"api_keys": {"k": "alice"}})
+    resp = httpx.post(
+        f"{a.url}/v1/actors/counter/bob-c/increment", headers={"x-troth-cluster": "guess"}
+    )
+    assert resp.status_code == 401
+
+
+def test_joining_node_takes_a_fair_share_while_client_runs(make_node: Callable[..., Node]) -> None:
+    a = make_node("a", serve=True)
+    errors: list[BaseException] = []
+    done = {"n": 0}
+    stop = threading.Event()
+
+    def drive() -> None:
+        with Client([a.url], timeout=20) as client:
+            i = 0
+            while not stop.is_set():
+                try:
+                    client.call(f"counter/alice-j{i % 20}", "increment")
+                    done["n"] += 1
+                except BaseException as exc:  # any error visible to the client fails the test
+                    errors.append(exc)
+                i += 1
+
+    t = threading.Thread(target=drive)
+    t.start()
+    wait_until(lambda: done["n"] > 50, timeout=20)
+    b = make_node("b", serve=True)
+    wait_until(lambda: balanced(a, b), timeout=15)
+    before = done["n"]
+    wait_until(lambda: done["n"] > before + 50, timeout=20)
+    stop.set()
+    t.join(30)
+    assert errors == []
+    total = sum(
+        a.call(ActorName("counter", f"alice-j{i}"), "get").result(10)
+        if a.leases.epoch_of(shard_of(ActorName("counter", f"alice-j{i}"), 64)) is not None
+        else b.call(ActorName("counter", f"alice-j{i}"), "get").result(10)
+        for i in range(20)
+    )
+    assert total == done["n"]
+
+
+def test_client_proxy_errors_and_timeout(make_node: Callable[..., Node]) -> None:
+    a = make_node("a")
+    server = ServerThread(a).start()
+    with Client(server.url, timeout=1) as client:
+        counter = client.actor("counter", "alice-p")
+        assert counter.increment(2) == 2
+        with pytest.raises(AppError, match="positive"):
+            counter.increment(0)
+        server.stop()  # the only node goes away: the call must give up, clearly
+        with pytest.raises(CallTimeout, match="request_id"):
+            counter.increment(1)
+    with pytest.raises(CallTimeout, match="no troth node reachable"):
+        Client("http://127.0.0.1:9", timeout=0.5, connect_timeout=0.2)
+
+
+def test_notifications_in_order_once(make_node: Callable[..., Node]) -> None:
+    a = make_node("a", serve=True)
+
+    async def scenario() -> list[Notification]:
+        async with AsyncClient(a.url) as client:
+            counter = client.actor("counter", "alice-n")
+            await counter.increment()
+            got: list[Notification] = []
+
+            async def collect() -> None:
+                async for note in client.notifications("counter/alice-n"):
+                    got.append(note)
+                    if len(got) == 5:
+                        return
+
+            task = asyncio.create_task(collect())
+            for _ in range(4):
+                await counter.increment()
+            with pytest.raises(AppError):
+                await counter.increment(0)  # rolled back: no notification
+            await asyncio.wait_for(task, 10)
+            return got
+
+    got = asyncio.run(scenario())
+    assert [n.data for n in got] == [{"count": i} for i in range(1, 6)]
+    assert len({n.id for n in got}) == 5

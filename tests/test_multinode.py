@@ -1,0 +1,219 @@
+"""Operators rebalance by killing processes: real `troth serve` nodes, SIGKILL, SIGSTOP."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import redis
+
+from conftest import NodeProcess, Receiver, wait_until
+from troth.client import Client, Notification
+from troth.keys import KeySpace
+from troth.names import ActorName, shard_of
+
+SHARDS = 64
+
+
+def owner(rclient: redis.Redis, prefix: str, name: ActorName) -> str:
+    lease = KeySpace(prefix, SHARDS).shard(shard_of(name, SHARDS)).lease
+    return (rclient.hget(lease, "owner") or b"").decode()
+
+
+def actor_owned_by(rclient: redis.Redis, prefix: str, node_id: str, type_: str) -> ActorName:
+    for i in range(10_000):
+        name = ActorName(type_, f"alice-{i}")
+        if owner(rclient, prefix, name) == node_id:
+            return name
+    raise AssertionError(f"{node_id} owns nothing")
+
+
+def seq(rclient: redis.Redis, prefix: str, name: ActorName) -> int:
+    key = KeySpace(prefix, SHARDS).shard(shard_of(name, SHARDS)).checkpoint(str(name))
+    return int(rclient.hget(key, "seq") or 0)
+
+
+def balanced(rclient: redis.Redis, prefix: str, node_ids: list[str]) -> bool:
+    keys = KeySpace(prefix, SHARDS)
+    owners = Counter(
+        (rclient.hget(keys.shard(s).lease, "owner") or b"").decode() for s in range(SHARDS)
+    )
+    share = -(-SHARDS // len(node_ids))  # ceil: no node holds more than its fair share
+    return sum(owners[n] for n in node_ids) == SHARDS and all(
+        share - 3 <= owners[n] <= share for n in node_ids
+    )
+
+
+def test_kill9_churn_over_200_counters_loses_and_doubles_nothing(
+    spawn: Callable[..., NodeProcess],
+) -> None:
+    nodes = [spawn(f"p{i}").start() for i in range(3)]
+    urls = [n.url for n in nodes]
+    acked: Counter[str] = Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def drive(worker: int) -> None:
+        rng = random.Random(worker)
+        with Client(rng.sample(urls, len(urls)), timeout=30) as client:
+            while not stop.is_set():
+                counter = f"counter/alice-k{rng.randrange(200)}"
+                try:
+                    client.call(counter, "increment")
+                except BaseException as exc:
+                    failures.append(exc)
+                    return
+                with lock:
+                    acked[counter] += 1
+
+    workers = [threading.Thread(target=drive, args=(w,)) for w in range(6)]
+    for t in workers:
+        t.start()
+    rng = random.Random(7)
+    for _ in range(4):
+        time.sleep(2.5)
+        victim = rng.choice(nodes)
+        victim.kill()
+        time.sleep(0.5)
+        victim.start(wait_shards=False)
+    time.sleep(2)
+    stop.set()
+    for t in workers:
+        t.join(60)
+    assert failures == []
+    assert sum(acked.values()) > 200
+    with httpx.Client(timeout=30) as http:
+        for i in range(200):
+            name = f"counter/alice-k{i}"
+            got = http.post(f"{nodes[i % 3].url}/v1/actors/{name}/get").json()
+            expected = acked[name]
+            if expected == 0:
+                assert got.get("result", 0) == 0
+            else:
+                assert got == {"result": expected}, name
+
+
+def test_paused_node_commits_nothing_and_sends_nothing(
+    spawn: Callable[..., NodeProcess], rclient: redis.Redis, prefix: str, receiver: Receiver
+) -> None:
+    p1 = spawn("p1").start()
+    p2 = spawn("p2").start()
+    wait_until(lambda: balanced(rclient, prefix, ["p1", "p2"]), timeout=20)
+    name = actor_owned_by(rclient, prefix, "p1", "probe")
+    url = f"{p1.url}/v1/actors/{name}"
+    httpx.post(f"{url}/set", json={"args": [10]})
+
+    replies: list[httpx.Response | Exception] = []
+
+    def slow() -> None:
+        try:
+            replies.append(
+                httpx.post(f"{url}/slow_hook", json={"args": [receiver.url, 3.0]}, timeout=30)
+            )
+        except Exception as exc:
+            replies.append(exc)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.5)  # the method runs: it buffered a webhook and a state change
+    assert p1.proc is not None
+    os.kill(p1.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: owner(rclient, prefix, name) == "p2", timeout=20)
+    finally:
+        os.kill(p1.proc.pid, signal.SIGCONT)
+    t.join(30)
+    time.sleep(1.5)
+    # p1's commit was refused by fencing, so its buffered webhook was dropped...
+    metrics = httpx.get(f"{p1.url}/metrics").text
+    assert 'troth_rollbacks_total{cause="FencedError",type="probe"} 1.0' in metrics
+    # ...and the call, retried by p1's router with the same request_id on the new
+    # owner p2, ran there exactly once: one commit, one webhook, nothing doubled.
+    assert isinstance(replies[0], httpx.Response) and replies[0].json() == {"result": 11}
+    wait_until(lambda: receiver.count() == 1)
+    time.sleep(1.0)
+    assert receiver.count() == 1
+    state = httpx.post(f"{p2.url}/v1/actors/{name}/get").json()["result"]
+    assert state["value"] == 11
+
+
+def test_autonomous_actor_pulses_again_after_kill9_without_traffic(
+    spawn: Callable[..., NodeProcess], rclient: redis.Redis, prefix: str
+) -> None:
+    p1 = spawn("p1").start()
+    spawn("p2").start()
+    wait_until(lambda: balanced(rclient, prefix, ["p1", "p2"]), timeout=20)
+    name = actor_owned_by(rclient, prefix, "p1", "heartbeat")
+    httpx.post(f"{p1.url}/v1/actors/{name}/wake")
+    wait_until(lambda: seq(rclient, prefix, name) >= 4, timeout=10)
+    p1.kill()
+    killed = time.monotonic()
+    at_kill = seq(rclient, prefix, name)
+    wait_until(lambda: seq(rclient, prefix, name) >= at_kill + 3, timeout=15)
+    # lease TTL is 2 s in the tests; pulses every 0.2 s
+    assert time.monotonic() - killed < 2 + 5
+    assert owner(rclient, prefix, name) == "p2"
+
+
+def test_fourth_node_joins_without_client_errors(
+    spawn: Callable[..., NodeProcess], rclient: redis.Redis, prefix: str
+) -> None:
+    nodes = [spawn(f"p{i}").start() for i in range(3)]
+    wait_until(lambda: balanced(rclient, prefix, ["p0", "p1", "p2"]), timeout=20)
+    done = Counter[str]()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def drive() -> None:
+        with Client([n.url for n in nodes], timeout=30) as client:
+            i = 0
+            while not stop.is_set():
+                try:
+                    client.call(f"counter/alice-f{i % 50}", "increment")
+                    done[f"counter/alice-f{i % 50}"] += 1
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+                i += 1
+
+    t = threading.Thread(target=drive)
+    t.start()
+    wait_until(lambda: sum(done.values()) > 100, timeout=20)
+    spawn("p3").start()
+    wait_until(lambda: balanced(rclient, prefix, ["p0", "p1", "p2", "p3"]), timeout=30)
+    n = sum(done.values())
+    wait_until(lambda: sum(done.values()) > n + 100, timeout=20)
+    stop.set()
+    t.join(30)
+    assert errors == []
+    with httpx.Client() as http:
+        for name, count in done.items():
+            assert http.post(f"{nodes[0].url}/v1/actors/{name}/get").json() == {"result": count}
+
+
+def test_notifications_survive_a_node_kill_exactly_once_in_order(
+    spawn: Callable[..., NodeProcess],
+) -> None:
+    p1 = spawn("p1").start()
+    p2 = spawn("p2").start()
+    got: list[Notification] = []
+    with Client([p1.url], timeout=30) as listener, Client([p2.url], timeout=30) as driver:
+        listener.subscribe("counter/alice-n", got.append)
+        acked = 0
+        for i in range(60):
+            driver.call("counter/alice-n", "increment")
+            acked += 1
+            if i == 20:
+                p1.kill()  # the listener's node: it must reconnect to p2 and resume
+        wait_until(lambda: len(got) >= acked, timeout=20)
+        time.sleep(0.5)
+        assert listener.reconnects >= 1
+    assert [n.data["count"] for n in got] == list(range(1, acked + 1))
+    assert len({n.id for n in got}) == acked
