@@ -74,7 +74,9 @@ class UnsubscribeOp(_Op):
     actor: str = Field(max_length=300)
 
 
-ClientOp = TypeAdapter(Annotated[CallOp | SubscribeOp | UnsubscribeOp, Field(discriminator="op")])
+ClientOp: TypeAdapter[CallOp | SubscribeOp | UnsubscribeOp] = TypeAdapter(
+    Annotated[CallOp | SubscribeOp | UnsubscribeOp, Field(discriminator="op")]
+)
 
 
 class SessionServer:
