@@ -6,6 +6,7 @@
 ``send``   messages to other actors, delivered at least once, processed once
 ``http``   outbound HTTP requests (webhooks) with idempotency keys and retries
 ``session`` notifications to client sessions, durable and in order
+``commitments`` deliveries and index updates of the built-in commitment actor
 =========  ===========================================================
 
 The ``plugins`` section of the configuration names the plugins a node loads and
@@ -21,6 +22,7 @@ from troth.catalog import import_class
 from troth.config import ConfigError
 from troth.plugin import NodeServices, PluginFactory
 
+from .commitments import CommitmentsFactory
 from .http import HttpFactory
 from .log import LogFactory
 from .send import SendFactory
@@ -33,6 +35,7 @@ BUILTIN: dict[str, type[PluginFactory]] = {
     "send": SendFactory,
     "http": HttpFactory,
     "session": SessionFactory,
+    "commitments": CommitmentsFactory,
 }
 
 

@@ -35,6 +35,7 @@ def status(client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
     rows = pipe.execute()
     owners: Counter[str] = Counter()
     outbox_pending = outbox_total = timers = actors = 0
+    stuck_shards = []
     for i in range(keys.shard_count):
         owner, queued, total, tm, cas = rows[i * 5 : i * 5 + 5]
         owners[(owner or b"").decode() or "(none)"] += 1
@@ -42,6 +43,8 @@ def status(client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
         outbox_total += total
         timers += tm
         actors += cas
+        if total > queued:
+            stuck_shards.append(i)
     nodes = []
     for (member, expiry), info in zip(nodes_raw, infos, strict=True):
         node_id = member.decode()
@@ -66,7 +69,36 @@ def status(client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
         "actors": actors,
         "outbox": {"pending": outbox_pending, "stuck": outbox_total - outbox_pending},
         "timers": timers,
+        "recent_failures": recent_failures(client, keys, stuck_shards),
     }
+
+
+def recent_failures(
+    client: redis.Redis, keys: KeySpace, shards: list[int], limit: int = 20
+) -> list[dict[str, Any]]:
+    """The latest dead or uncertain side effects (the ledger keeps them for operators)."""
+    pipe = client.pipeline(transaction=False)
+    for s in shards:
+        pipe.hvals(keys.shard(s).outbox)
+    failed = []
+    for values in pipe.execute() if shards else []:
+        for raw in values:
+            e = OutboxEntry.from_dict(codec.unpack(raw))
+            if e.status in ("dead", "uncertain"):
+                last = e.history[-1] if e.history else {}
+                failed.append(
+                    {
+                        "id": e.id,
+                        "kind": e.kind,
+                        "origin": e.origin,
+                        "status": e.status,
+                        "attempts": e.attempts,
+                        "at_ms": last.get("at_ms", e.created_ms),
+                        "error": (e.result or {}).get("error") or last.get("error"),
+                    }
+                )
+    failed.sort(key=lambda f: f["at_ms"], reverse=True)
+    return failed[:limit]
 
 
 def inspect(client: redis.Redis, keys: KeySpace, name: ActorName) -> dict[str, Any] | None:

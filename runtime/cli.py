@@ -61,11 +61,6 @@ def redis_url(args: argparse.Namespace, config: Config, start: bool) -> str:
     return embedded_redis.url_for(data_dir)
 
 
-def builtin_types() -> dict[str, Any]:
-    """Actor types every node hosts (the commitment type, once available)."""
-    return {}
-
-
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from .server import serve_forever
 
@@ -77,7 +72,6 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         args.host or config.node.host,
         config.node.port if args.port is None else args.port,
         args.node_id,
-        builtin_types(),
     )
     return 0
 
@@ -99,6 +93,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             f"{n['id']:40} {'yes' if n['live'] else 'no':5} {n['shards']:>6} "
             f"{n['active_actors']:>7}  {n['url']}"
         )
+    if data["recent_failures"]:
+        print("recent failures (dead or uncertain side effects):")
+        for f in data["recent_failures"]:
+            print(
+                f"  {f['status']:9} {f['kind']:6} {f['id']}  attempts={f['attempts']}  {f['error']}"
+            )
     return 0
 
 
@@ -140,7 +140,7 @@ def cmd_call(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(body["result"]))
         return 0
     # No node is running: host the call in a short-lived node of our own.
-    node = Node(config, url, builtin_types=builtin_types())
+    node = Node(config, url)
     node.start()
     try:
         result = node.call(name, args.method, call_args, kwargs, request_id).result(

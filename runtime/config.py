@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import TrothError
 
-BUILTIN_PLUGINS = ("log", "timers", "send", "http", "session")
+BUILTIN_PLUGINS = ("log", "timers", "send", "http", "session", "commitments")
 
 
 def _default_plugins() -> dict[str, dict[str, Any]]:
@@ -91,6 +92,19 @@ class AuthConfig(_Model):
     api_keys: dict[str, str] = Field(
         default_factory=dict, description="Bearer key -> principal. Empty: no auth (loopback)."
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _principals(cls, keys: dict[str, str]) -> dict[str, str]:
+        for key, principal in keys.items():
+            if len(key) < 16:
+                raise ValueError("API keys must be at least 16 characters")
+            if not re.match(r"^[a-z0-9][a-z0-9_]{0,62}$", principal):
+                raise ValueError(
+                    f"principal {principal!r} must be lowercase letters, digits and _ (no '-': "
+                    "it separates the owner in actor ids)"
+                )
+        return keys
 
 
 class Config(_Model):

@@ -181,6 +181,9 @@ def create_app(node: Node) -> FastAPI:
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return error_response(422, "ValidationError", message, problems)
 
+    from .caas.api import commitments_router
+
+    app.include_router(commitments_router(node))
     sessions = SessionServer(node)
     app.state.sessions = sessions
 

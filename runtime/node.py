@@ -18,6 +18,8 @@ the node decided to stop it.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import secrets
@@ -33,6 +35,7 @@ import redis
 
 from .actor import CA
 from .aio import LoopThread
+from .caas.actor import Commitment, EventBus
 from .catalog import Catalog
 from .cell import Cell, CellHandle, Envelope
 from .checkpoint import CheckpointStore
@@ -51,7 +54,11 @@ from .transaction import Message
 
 log = logging.getLogger(__name__)
 
-HOUSEKEEPING_SECONDS = 0.1
+#: Actor types every node hosts: Commitment-as-a-Service.
+BUILTIN_TYPES: dict[str, type[CA]] = {"commitment": Commitment, "cmbus": EventBus}
+REQUIRED_PLUGINS = ("timers", "send", "commitments")
+
+HOUSEKEEPING_SECONDS = 0.05
 DRAIN_SECONDS = 10.0
 
 
@@ -92,7 +99,9 @@ class Node:
         self.client = redis_client(redis_url)
         self.keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
         self.metrics = NodeMetrics()
-        self.catalog = Catalog.from_config(config, builtin_types)
+        self.catalog = Catalog.from_config(
+            config, BUILTIN_TYPES if builtin_types is None else builtin_types
+        )
         self.store = CheckpointStore(
             self.client,
             self.keys,
@@ -125,13 +134,19 @@ class Node:
             self.metrics,
             config.runtime.outbox_workers,
         )
-        self.plugin_factories: dict[str, PluginFactory] = build_factories(self, config.plugins)
+        # The built-in commitment types need these plugins whatever the config says.
+        required: dict[str, dict[str, Any]] = {name: {} for name in REQUIRED_PLUGINS}
+        self.plugin_factories: dict[str, PluginFactory] = build_factories(
+            self, {**required, **config.plugins}
+        )
         for factory in self.plugin_factories.values():
             for executor in factory.executors():
                 self.dispatcher.register(executor)
         self.io = LoopThread(f"troth-io-{self.node_id}")
         self.router = Router(self, secret="")
         self._cells: dict[str, CellHandle] = {}
+        self._pulses: list[tuple[float, int, CellHandle]] = []
+        self._pulse_tie = itertools.count()
         self._draining: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -236,9 +251,9 @@ class Node:
             raise UnavailableError(f"{name}: shard {shard} is not served by node {self.node_id}")
         atype = self.catalog.get(name.type)
         handle = CellHandle(name, shard, epoch, atype)
-        if atype.pulse_seconds:
-            handle.next_pulse = time.monotonic() + atype.pulse_seconds
         self._cells[key] = Cell.spawn(self, handle)
+        if atype.pulse_seconds:
+            self._schedule_pulse(handle, time.monotonic() + atype.pulse_seconds)
         return handle
 
     def _deliver_sync(
@@ -298,23 +313,32 @@ class Node:
 
     # -- housekeeping: pulses and passivation -------------------------------------------
 
+    def _schedule_pulse(self, cell: CellHandle, at: float) -> None:
+        """Queue ``cell``'s next pulse. Call with the lock held."""
+        cell.next_pulse = at
+        heapq.heappush(self._pulses, (at, next(self._pulse_tie), cell))
+
     def _housekeeping(self) -> None:
+        """Pulses from a heap (cost per due pulse, not per active actor), and once a
+        second a passivation sweep of the idle non-autonomous cells."""
         last_sweep = 0.0
         while not self._stop.wait(HOUSEKEEPING_SECONDS):
             now = time.monotonic()
             to_stop: list[CellHandle] = []
             with self._lock:
-                for key, cell in list(self._cells.items()):
-                    pulse = cell.atype.pulse_seconds
-                    if pulse:
-                        if now >= cell.next_pulse and not cell.pulse_queued:
-                            cell.next_pulse = now + pulse
-                            cell.post(Envelope(Message("pulse", "pulse")))
-                    elif now - last_sweep >= 1.0 and cell.idle_for > cell.atype.idle_seconds:
-                        del self._cells[key]
-                        to_stop.append(cell)
-            if now - last_sweep >= 1.0:
-                last_sweep = now
+                while self._pulses and self._pulses[0][0] <= now:
+                    at, _, cell = heapq.heappop(self._pulses)
+                    if self._cells.get(str(cell.name)) is not cell or cell.next_pulse != at:
+                        continue  # passivated, stopped, or rescheduled
+                    if not cell.pulse_queued:
+                        cell.post(Envelope(Message("pulse", "pulse")))
+                    self._schedule_pulse(cell, now + (cell.atype.pulse_seconds or 1.0))
+                if now - last_sweep >= 1.0:
+                    last_sweep = now
+                    for key, cell in list(self._cells.items()):
+                        if not cell.atype.autonomous and cell.idle_for > cell.atype.idle_seconds:
+                            del self._cells[key]
+                            to_stop.append(cell)
             for cell in to_stop:
                 log.debug("passivating %s", cell.name)
                 cell.stop()
@@ -346,7 +370,8 @@ class Node:
                     continue
                 if atype.autonomous:
                     with self._lock:
-                        self._cell_for(name, shard_of(name, self.keys.shard_count))
+                        cell = self._cell_for(name, shard_of(name, self.keys.shard_count))
+                        self._schedule_pulse(cell, 0.0)  # it may have missed pulses moving
                     woken += 1
         log.info(
             "node %s gained %d shards, woke %d autonomous actors", self.node_id, len(shards), woken

@@ -31,7 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import codec
 
 if TYPE_CHECKING:
+    import redis
+
     from .actor import Checkpoint
+    from .keys import KeySpace
+    from .metrics import NodeMetrics
     from .names import ActorName
 
 
@@ -222,6 +226,9 @@ class NodeServices(Protocol):
     """What plugin factories may use of the node that hosts them."""
 
     node_id: str
+    client: redis.Redis
+    keys: KeySpace
+    metrics: NodeMetrics
 
     def deliver(
         self,
@@ -275,11 +282,13 @@ class OutboxPlugin(ActorPlugin):
         retry: RetryPolicy | dict[str, Any] | None,
         on_result: str | None,
         delay_seconds: float = 0.0,
+        kind: str | None = None,
     ) -> str:
         """Buffer one effect; returns its entry id (stable if the message is re-run)."""
+        kind = kind or self.kind
         txn = self._require_txn()
         if len(self._buffer) >= self.max_per_txn:
-            raise ValueError(f"at most {self.max_per_txn} {self.kind} effects per transaction")
+            raise ValueError(f"at most {self.max_per_txn} {kind} effects per transaction")
         if on_result is not None and (not on_result or on_result.startswith("_")):
             raise ValueError("on_result must name a public method of the actor")
         codec.pack(spec)  # fail inside the method, not at commit, on bad arguments
@@ -290,11 +299,11 @@ class OutboxPlugin(ActorPlugin):
             if retry is not None
             else self.default_retry
         )
-        entry_id = txn.next_id(self.kind)
+        entry_id = txn.next_id(kind)
         self._buffer.append(
             OutboxEntry(
                 id=entry_id,
-                kind=self.kind,
+                kind=kind,
                 origin=str(self.actor),
                 spec=spec,
                 idempotency_key=idempotency_key or entry_id,

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from .actor import CA
 from .config import Config, ConfigError
 from .http_api import create_app
 from .node import Node
@@ -57,7 +56,13 @@ class _Server(uvicorn.Server):
 
 def _uvicorn(node: Node) -> uvicorn.Server:
     return _Server(
-        uvicorn.Config(create_app(node), log_level="warning", lifespan="off", access_log=False)
+        uvicorn.Config(
+            create_app(node),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
     )
 
 
@@ -67,11 +72,10 @@ def serve_forever(
     host: str,
     port: int,
     node_id: str | None = None,
-    builtin_types: dict[str, type[CA]] | None = None,
 ) -> None:
     """Start a node and its API; return after SIGINT/SIGTERM and a graceful stop."""
     sock = bind(host, port, config)
-    node = Node(config, redis_url, node_id, builtin_types)
+    node = Node(config, redis_url, node_id)
     bound = sock.getsockname()[1]
     node.url = config.node.public_url or f"http://{host}:{bound}"
     node.start()

@@ -119,6 +119,7 @@ def base_config(prefix: str, **overrides: Any) -> dict[str, Any]:
             "send": {"timeout_seconds": 5},
             "http": {"allow_loopback": True, "timeout_seconds": 2},
             "session": {},
+            "commitments": {"allow_loopback": True, "timeout_seconds": 2},
         },
     }
     for key, value in overrides.items():
@@ -276,6 +277,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: Any
+    raw: bytes = b""
 
 
 class Receiver:
@@ -298,6 +300,7 @@ class Receiver:
                             self.path,
                             {k.lower(): v for k, v in self.headers.items()},
                             json.loads(raw) if raw else None,
+                            raw,
                         )
                     )
                     action = receiver.script.pop(0) if receiver.script else 200

@@ -79,6 +79,10 @@ class Probe(troth.CA):
             raise troth.AppError("rolled back")
         return str(entry)
 
+    def nohook(self, url: str, payload: Any, retry: dict[str, Any] | None = None) -> str:
+        """A webhook nobody hears back from: a failure ends as a dead letter."""
+        return str(self.plugins.http.post(url, json=payload, retry=retry))
+
     def on_result(self, result: dict[str, Any]) -> None:
         self.state["results"].append(result)
 

@@ -46,7 +46,7 @@ def test_any_node_accepts_any_call(make_node: Callable[..., Node]) -> None:
 
 
 def test_forged_cluster_header_gets_no_special_rights(make_node: Callable[..., Node]) -> None:
-    a = make_node("a", serve=True, auth={"api_keys": {"k": "alice"}})
+    a = make_node("a", serve=True, auth={"api_keys": {"key-alice-0123456789": "alice"}})
     resp = httpx.post(
         f"{a.url}/v1/actors/counter/bob-c/increment", headers={"x-troth-cluster": "guess"}
     )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from conftest import REPO, call, wait_until
 
@@ -39,3 +40,16 @@ def test_versioning_demo(redis_url: str) -> None:
     assert "1.1.0 loaded transparently" in out.stdout
     assert "2.0.0 without upgrade refused" in out.stdout
     assert "'first': 'Ada', 'last': 'Lovelace'" in out.stdout
+
+
+@pytest.mark.parametrize("script", ["saga.py", "escalation.py", "deadmans_switch.py", "fanout.py"])
+def test_commitment_pattern_examples(api: httpx.Client, script: str) -> None:
+    out = subprocess.run(
+        [sys.executable, script],
+        cwd=REPO / "examples" / "commitments",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TROTH_URL": str(api.base_url).rstrip("/")},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

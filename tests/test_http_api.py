@@ -72,15 +72,20 @@ def test_openapi_schema_served(api: httpx.Client) -> None:
 
 
 def test_api_keys_map_to_principals(make_node: Callable[..., Node]) -> None:
-    node = make_node("n1", auth={"api_keys": {"k-alice": "alice", "k-bob": "bob"}})
+    node = make_node(
+        "n1", auth={"api_keys": {"key-alice-0123456789": "alice", "key-bob-0123456789ab": "bob"}}
+    )
     server = ServerThread(node).start()
     try:
         with httpx.Client(base_url=server.url) as api:
             url = "/v1/actors/counter/alice-c/increment"
             assert api.post(url).status_code == 401
             assert api.post(url, headers={"authorization": "Bearer wrong"}).status_code == 401
-            assert api.post(url, headers={"authorization": "Bearer k-bob"}).status_code == 403
-            ok = api.post(url, headers={"authorization": "Bearer k-alice"})
+            assert (
+                api.post(url, headers={"authorization": "Bearer key-bob-0123456789ab"}).status_code
+                == 403
+            )
+            ok = api.post(url, headers={"authorization": "Bearer key-alice-0123456789"})
             assert ok.json() == {"result": 1}
     finally:
         server.stop()

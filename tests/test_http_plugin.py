@@ -39,6 +39,19 @@ def test_client_error_fails_at_once(api: httpx.Client, receiver: Receiver) -> No
     assert not res["ok"] and res["attempts"] == 1 and res["status_code"] == 400
 
 
+def test_dead_letter_shows_in_status(
+    api: httpx.Client, node: Node, rclient: redis.Redis, receiver: Receiver
+) -> None:
+    from troth import admin
+
+    receiver.script = [500, 500]
+    resp = call(api, "probe/alice-p", "nohook", receiver.url, {}, retry={**FAST, "max_attempts": 2})
+    entry = resp.json()["result"]
+    failures = wait_until(lambda: admin.status(rclient, node.keys)["recent_failures"], timeout=10)
+    assert failures[0]["id"] == entry and failures[0]["status"] == "dead"
+    assert failures[0]["attempts"] == 2 and "500" in failures[0]["error"]
+
+
 def test_exhausted_retries_report_failure(api: httpx.Client, receiver: Receiver) -> None:
     receiver.script = [429, 429, 429]
     call(api, "probe/alice-p", "hook", receiver.url, {}, retry=FAST)

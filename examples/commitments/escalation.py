@@ -1,0 +1,54 @@
+"""Escalation: assign at 5 min, escalate at 15, page at 30, unless acknowledged.
+
+One batch creates the three promises; acknowledging cancels what has not fired.
+``--scale`` shrinks minutes for a demo (the default turns 5 min into 0.5 s).
+
+    python examples/commitments/escalation.py [--scale 0.0016] [--ack-after 0.8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from demo_kit import Receiver, api
+
+LADDER = [("assign", 5), ("escalate", 15), ("page", 30)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=float, default=0.1 / 60, help="seconds per minute")
+    ap.add_argument("--ack-after", type=float, default=1.0, help="seconds until the ack")
+    args = ap.parse_args()
+    client, receiver = api(), Receiver()
+    batch = client.post(
+        "/v1/commitments/batch",
+        json={
+            "commitments": [
+                {
+                    "trigger": {"type": "time_after", "delay_seconds": minutes * 60 * args.scale},
+                    "obligation": {
+                        "target": f"{receiver.url}/{step}",
+                        "payload": {"incident": "INC-42", "step": step},
+                    },
+                }
+                for step, minutes in LADDER
+            ]
+        },
+    )
+    batch.raise_for_status()
+    ids = [c["id"] for c in batch.json()["commitments"]]
+    time.sleep(args.ack_after)
+    print("incident acknowledged: cancelling the rest of the ladder")
+    results = client.post("/v1/commitments/batch/cancel", json={"ids": ids}).json()["results"]
+    time.sleep(LADDER[-1][1] * 60 * args.scale + 0.5)
+    fired = [d["payload"]["step"] for d in receiver.deliveries]
+    cancelled = [LADDER[i][0] for i, r in enumerate(results) if r.get("status") == "cancelled"]
+    print("fired:", fired, "cancelled:", cancelled)
+    assert fired == ["assign"] and cancelled == ["escalate", "page"]
+    receiver.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Fan-out / fan-in: report once every parallel tool run has completed.
+
+A ``compound`` ``all`` trigger waits for one ``tool_complete`` event per tool; its
+progress is committed state, so it survives restarts between the completions.
+
+    python examples/commitments/fanout.py
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+from demo_kit import Receiver, api, create, event
+
+TOOLS = ["search", "summarize", "translate", "classify"]
+
+
+def main() -> None:
+    client, receiver = api(), Receiver()
+    c = create(
+        client,
+        {
+            "type": "compound",
+            "operator": "all",
+            "triggers": [
+                {"type": "tool_complete", "tool_id": t, "outcome": "success"} for t in TOOLS
+            ],
+        },
+        receiver.url + "/report",
+        {"job": "job-7"},
+    )
+
+    def run(tool: str) -> None:
+        time.sleep(random.uniform(0.1, 0.8))
+        event(client, "tool_complete", tool_id=tool, outcome="success")
+        print("completed", tool)
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in TOOLS]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    [report] = receiver.wait_for(1)
+    print("fan-in delivered once all tools completed:", report["trigger"]["kind"], c["id"])
+    time_ok = client.get(f"/v1/commitments/{c['id']}").json()
+    assert sorted(time_ok["progress"]) == [f"r.{i}" for i in range(len(TOOLS))]
+    receiver.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Commitment-as-a-Service: promises kept by actors.
+
+A commitment is an actor of the built-in type ``commitment``: a trigger, an
+obligation (an HTTP delivery), a retry policy, an optional expiry and an optional
+``dedup_key``. Every state transition is a committed transaction before anything is
+sent, so a commitment survives the death of every process that heard it.
+
+==============  ==============================================================
+``models``      the JSON contract (pydantic): triggers, filters, commitments
+``filters``     event payload matching (``field``, ``field_gte``, ``field_in``...)
+``actor``       the ``commitment`` actor (state machine) and the per-principal
+                event bus actors that fan events out
+``index``       listing, status counts and dedup keys in Redis
+``delivery``    Standard Webhooks signing of deliveries
+``api``         the ``/v1/commitments`` and ``/v1/events`` HTTP endpoints
+==============  ==============================================================
+"""

@@ -1,0 +1,365 @@
+"""The ``commitment`` actor and the ``cmbus`` event bus actors.
+
+A commitment moves ``pending -> triggered -> fulfilled | failed`` or ``pending ->
+cancelled | expired``; ``failed -> triggered`` again on a re-drive. Every move is one
+transaction, and what it causes (the delivery, index updates, bus subscriptions,
+timers) is committed with it and performed after, through the outbox.
+
+Triggers form a tree. Each leaf has a path (``r``, ``r.0``, ``r.1.2``...):
+
+* ``time_after`` arms a durable timer; ``heartbeat`` arms one that every matching
+  event re-arms, so it fires only after ``interval_seconds`` of silence;
+* ``webhook``, ``tool_complete`` and ``heartbeat`` subscribe the commitment to its
+  principal's event bus for their event type;
+* ``compound`` ``any`` is satisfied by any child; ``all`` by every child, which
+  progress is kept in the committed state; with ``window_seconds`` the children must
+  all be satisfied within that window (older satisfactions lapse).
+
+The event bus ``cmbus/PRINCIPAL-HASH`` of one principal and event type keeps its
+subscribers and the recent ``event_key``\\ s; ``publish`` commits the event and one
+outbox message per subscriber in one transaction, so the fan-out survives any crash,
+and a principal's events never reach another principal's commitments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from ..actor import CA
+from ..errors import AppError
+from . import filters
+from .models import TOOL_EVENT, CommitmentCreate, now_ms
+
+MAX_SUBSCRIBERS = 100_000
+RECENT_EVENT_KEYS = 1000
+MAX_ATTEMPTS_KEPT = 100
+
+
+def bus_name(principal: str, event_type: str) -> str:
+    digest = hashlib.sha256(event_type.encode()).hexdigest()[:24]
+    return f"cmbus/{principal}-{digest}"
+
+
+def leaves(trigger: dict[str, Any], path: str = "r") -> list[tuple[str, dict[str, Any]]]:
+    if trigger["type"] == "compound":
+        out: list[tuple[str, dict[str, Any]]] = []
+        for i, child in enumerate(trigger["triggers"]):
+            out.extend(leaves(child, f"{path}.{i}"))
+        return out
+    return [(path, trigger)]
+
+
+def event_types(trigger: dict[str, Any]) -> set[str]:
+    types = set()
+    for _, leaf in leaves(trigger):
+        if leaf["type"] in ("webhook", "heartbeat"):
+            types.add(leaf["event_type"])
+        elif leaf["type"] == "tool_complete":
+            types.add(TOOL_EVENT)
+    return types
+
+
+class Commitment(CA):
+    state_version = "1.0.0"
+
+    # -- creation and reads ------------------------------------------------------------
+
+    def create(self, cid: str, principal: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Idempotent: a second create of the same commitment returns it unchanged."""
+        if self.state.get("id"):
+            return self.view()
+        model = CommitmentCreate.model_validate(spec)
+        created = now_ms()
+        trigger = model.trigger.model_dump(mode="json")
+        self._resolve_times(trigger, created)
+        self.state.update(
+            id=cid,
+            principal=principal,
+            status="pending",
+            trigger=trigger,
+            obligation=model.obligation.model_dump(mode="json"),
+            retry_policy=model.retry_policy.model_dump(),
+            expires_ms=model.expires_ms(),
+            dedup_key=model.dedup_key,
+            metadata=model.metadata,
+            created_ms=created,
+            updated_ms=created,
+            due_ms=trigger.get("due_ms"),
+            fired_ms=None,
+            fired_by=None,
+            progress={},
+            attempts=[],
+            error=None,
+            rev=1,
+            transitions=[{"status": "pending", "at_ms": created}],
+        )
+        timers = self.plugins.timers
+        for path, leaf in leaves(trigger):
+            if leaf["type"] == "time_after":
+                timers.at(leaf["due_ms"] / 1000, "on_time", path, name=f"t:{path}")
+            elif leaf["type"] == "heartbeat":
+                timers.after(leaf["interval_seconds"], "on_time", path, name=f"t:{path}")
+        if self.state["expires_ms"] is not None:
+            timers.at(self.state["expires_ms"] / 1000, "expire", name="expire")
+        for event_type in event_types(trigger):
+            self.plugins.send.tell(bus_name(principal, event_type), "subscribe", str(self.name))
+        self._index()
+        return self.view()
+
+    @staticmethod
+    def _resolve_times(trigger: dict[str, Any], created: int) -> None:
+        """Fix every relative time at creation: a retry of create must not move it."""
+        from .models import TimeAfter
+
+        for _, leaf in leaves(trigger):
+            if leaf["type"] == "time_after":
+                leaf["due_ms"] = TimeAfter.model_validate(leaf).due_ms(created)
+
+    def get(self) -> dict[str, Any]:
+        if not self.state.get("id"):
+            raise AppError("no such commitment", {"status": 404})
+        return self.view()
+
+    def view(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            k: s.get(k)
+            for k in (
+                "id",
+                "status",
+                "trigger",
+                "obligation",
+                "retry_policy",
+                "expires_ms",
+                "dedup_key",
+                "metadata",
+                "created_ms",
+                "updated_ms",
+                "due_ms",
+                "fired_ms",
+                "fired_by",
+                "progress",
+                "attempts",
+                "error",
+                "transitions",
+                "rev",
+            )
+        }
+
+    # -- transitions -----------------------------------------------------------------------
+
+    def cancel(self) -> dict[str, Any]:
+        self._require("pending", "cancel")
+        self._finish_waiting("cancelled")
+        return self.view()
+
+    def expire(self) -> None:
+        if self.state.get("status") == "pending":
+            self._finish_waiting("expired")
+
+    def retry(self) -> dict[str, Any]:
+        """Re-drive a dead letter: deliver again, with the same idempotency key."""
+        self._require("failed", "retry")
+        self._move("triggered")
+        self.state["error"] = None
+        self._deliver()
+        return self.view()
+
+    def on_time(self, path: str) -> None:
+        if self.state.get("status") != "pending":
+            return
+        firing = self.plugins.timers.firing
+        due_ms = int(firing.due_at * 1000) if firing else now_ms()
+        self._satisfy(path, {"kind": "time", "path": path, "due_ms": due_ms})
+
+    def on_event(self, event: dict[str, Any]) -> bool:
+        """An event from the principal's bus; True if it advanced this commitment."""
+        if self.state.get("status") != "pending":
+            return False
+        hit = False
+        for path, leaf in leaves(self.state["trigger"]):
+            if not self._matches(leaf, event):
+                continue
+            hit = True
+            if leaf["type"] == "heartbeat":  # a sign of life: restart the silence timer
+                self.plugins.timers.after(
+                    leaf["interval_seconds"], "on_time", path, name=f"t:{path}"
+                )
+            else:
+                self._satisfy(
+                    path,
+                    {
+                        "kind": "event",
+                        "path": path,
+                        "event": event,
+                        "due_ms": event.get("received_ms", now_ms()),
+                    },
+                )
+            if self.state["status"] != "pending":
+                break
+        return hit
+
+    def on_delivery(self, result: dict[str, Any]) -> None:
+        """The outbox's final word on the delivery: every attempt, and the outcome."""
+        if self.state.get("status") != "triggered":
+            return
+        offset = len(self.state["attempts"])
+        for h in result.get("history", []):
+            self.state["attempts"].append(
+                {
+                    "attempt": offset + int(h.get("attempt", 0)),
+                    "at_ms": h.get("at_ms"),
+                    "status_code": h.get("status_code"),
+                    "error": h.get("error"),
+                    "duration_ms": h.get("duration_ms"),
+                }
+            )
+        self.state["attempts"] = self.state["attempts"][-MAX_ATTEMPTS_KEPT:]
+        if result.get("ok"):
+            self._move("fulfilled")
+        else:
+            self.state["error"] = result.get("error") or "delivery failed"
+            self._move("failed")
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _require(self, status: str, action: str) -> None:
+        current = self.state.get("status")
+        if current is None:
+            raise AppError("no such commitment", {"status": 404})
+        if current != status:
+            raise AppError(f"cannot {action} a commitment that is {current}", {"status": current})
+
+    @staticmethod
+    def _matches(leaf: dict[str, Any], event: dict[str, Any]) -> bool:
+        etype, payload = event.get("event_type"), event.get("payload") or {}
+        if leaf["type"] in ("webhook", "heartbeat"):
+            return bool(etype == leaf["event_type"] and filters.matches(leaf["filters"], payload))
+        if leaf["type"] == "tool_complete":
+            return bool(
+                etype == TOOL_EVENT
+                and payload.get("tool_id") == leaf["tool_id"]
+                and (leaf.get("outcome") is None or payload.get("outcome") == leaf["outcome"])
+            )
+        return False
+
+    def _satisfy(self, path: str, info: dict[str, Any]) -> None:
+        now = now_ms()
+        self.state["progress"][path] = {"at_ms": now, **_brief(info)}
+        if self._satisfied(self.state["trigger"], "r", now):
+            self._fire(info)
+
+    def _satisfied(self, trigger: dict[str, Any], path: str, now: int) -> bool:
+        if trigger["type"] != "compound":
+            return path in self.state["progress"]
+        kids = [(f"{path}.{i}", t) for i, t in enumerate(trigger["triggers"])]
+        if trigger["operator"] == "any":
+            return any(self._satisfied(t, p, now) for p, t in kids)
+        window = trigger.get("window_seconds")
+        if window:  # satisfactions older than the window lapse
+            cutoff = now - int(window * 1000)
+            for p, leaf in leaves(trigger, path):
+                got = self.state["progress"].get(p)
+                if got and got["at_ms"] < cutoff and leaf["type"] != "time_after":
+                    del self.state["progress"][p]
+        return all(self._satisfied(t, p, now) for p, t in kids)
+
+    def _fire(self, info: dict[str, Any]) -> None:
+        now = now_ms()
+        self.state["fired_ms"] = now
+        self.state["fired_by"] = _brief(info)
+        self.state["due_ms"] = info.get("due_ms", now)
+        self._stop_waiting()
+        self._move("triggered")
+        self._deliver()
+
+    def _deliver(self) -> None:
+        s = self.state
+        self.plugins.commitments.deliver(
+            commitment_id=s["id"],
+            principal=s["principal"],
+            obligation=s["obligation"],
+            trigger=s["fired_by"],
+            due_ms=s["due_ms"],
+            fired_ms=s["fired_ms"],
+            retry=s["retry_policy"],
+            on_result="on_delivery",
+        )
+
+    def _finish_waiting(self, status: str) -> None:
+        self._stop_waiting()
+        self._move(status)
+
+    def _stop_waiting(self) -> None:
+        timers = self.plugins.timers
+        for name in list(timers.pending()):
+            timers.cancel(name)
+        for event_type in event_types(self.state["trigger"]):
+            self.plugins.send.tell(
+                bus_name(self.state["principal"], event_type), "unsubscribe", str(self.name)
+            )
+
+    def _move(self, status: str) -> None:
+        now = now_ms()
+        self.state["status"] = status
+        self.state["updated_ms"] = now
+        self.state["rev"] += 1
+        self.state["transitions"].append({"status": status, "at_ms": now})
+        self._index()
+
+    def _index(self) -> None:
+        s = self.state
+        self.plugins.commitments.index(s["principal"], summary(s))
+
+
+def summary(state: dict[str, Any]) -> dict[str, Any]:
+    """What the listing shows of a commitment (kept in the index)."""
+    return {
+        "id": state["id"],
+        "status": state["status"],
+        "trigger_type": state["trigger"]["type"],
+        "target": state["obligation"]["target"],
+        "dedup_key": state.get("dedup_key"),
+        "created_ms": state["created_ms"],
+        "updated_ms": state["updated_ms"],
+        "due_ms": state.get("due_ms"),
+        "attempts": len(state.get("attempts", [])),
+        "rev": state["rev"],
+    }
+
+
+def _brief(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k in ("kind", "path", "event", "due_ms")}
+
+
+class EventBus(CA):
+    """Subscribers and recent event keys of one (principal, event type)."""
+
+    state_version = "1.0.0"
+
+    def init(self) -> None:
+        self.state.update(subscribers={}, recent_keys=[], published=0)
+
+    def subscribe(self, commitment: str) -> int:
+        subs = self.state["subscribers"]
+        if commitment not in subs and len(subs) >= MAX_SUBSCRIBERS:
+            raise AppError(f"at most {MAX_SUBSCRIBERS} pending commitments per event type")
+        subs[commitment] = 1
+        return len(subs)
+
+    def unsubscribe(self, commitment: str) -> int:
+        self.state["subscribers"].pop(commitment, None)
+        return len(self.state["subscribers"])
+
+    def publish(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Commit the event and its fan-out; a repeated ``event_key`` does nothing."""
+        key = event.get("event_key")
+        if key is not None and key in self.state["recent_keys"]:
+            return {"duplicate": True, "delivered_to": 0}
+        if key is not None:
+            self.state["recent_keys"] = [*self.state["recent_keys"], key][-RECENT_EVENT_KEYS:]
+        self.state["published"] += 1
+        for name in self.state["subscribers"]:
+            self.plugins.send.tell(name, "on_event", event)
+        return {"duplicate": False, "delivered_to": len(self.state["subscribers"])}

@@ -1,0 +1,207 @@
+"""``/v1/commitments`` and ``/v1/events``: the Commitment-as-a-Service HTTP API.
+
+Every endpoint acts for the caller's principal only (``local`` when the node has no
+API keys): a principal never sees, cancels or triggers another's commitments.
+Commitment ids look like ``cm_`` + 32 hex digits; the actor behind one is
+``commitment/PRINCIPAL-ID``.
+
+Creation is idempotent in two ways: a repeated ``dedup_key`` returns the existing
+commitment (200 instead of 201), and a creation interrupted by a crash is finished,
+not duplicated, when it is retried with the same key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..errors import BadRequestError, NotFoundError, TrothError
+from ..http_api import Principal, body_schema, json_body
+from ..names import ActorName
+from ..node import Node
+from .actor import bus_name, event_types, summary
+from .delivery import iso
+from .models import (
+    MAX_BATCH,
+    STATUSES,
+    TRIGGER_TYPES,
+    BatchCancel,
+    BatchCreate,
+    CommitmentCreate,
+    EventIn,
+    now_ms,
+)
+
+#: The principal of every call when the node has no API keys (loopback only).
+LOCAL_PRINCIPAL = "local"
+_ID = re.compile(r"^cm_[0-9a-f]{32}$")
+_CONCURRENCY = 16
+
+
+def public(view: dict[str, Any]) -> dict[str, Any]:
+    """The JSON shape of a commitment: times as ISO 8601 UTC."""
+    out = {k: v for k, v in view.items() if not k.endswith("_ms") and k != "rev"}
+    for k in ("created", "updated", "due", "fired", "expires"):
+        if f"{k}_ms" in view:
+            out[f"{k}_at"] = iso(view[f"{k}_ms"])
+    if "attempts" in view and isinstance(view["attempts"], list):
+        out["attempts"] = [
+            {**{k: v for k, v in a.items() if k != "at_ms"}, "at": iso(a.get("at_ms"))}
+            for a in view["attempts"]
+        ]
+    if "transitions" in view:
+        out["transitions"] = [
+            {"status": t["status"], "at": iso(t["at_ms"])} for t in view["transitions"]
+        ]
+    return out
+
+
+def commitments_router(node: Node) -> APIRouter:
+    index = node.plugin_factories["commitments"].index  # type: ignore[attr-defined]
+    api = APIRouter(prefix="/v1", tags=["commitments"])
+
+    def actor(principal: str, cid: str) -> ActorName:
+        return ActorName("commitment", f"{principal}-{cid}")
+
+    async def call(name: ActorName, method: str, *args: Any, request_id: str | None = None) -> Any:
+        return await node.router.call(name, method, list(args), {}, request_id)
+
+    async def existing(principal: str, cid: str) -> ActorName:
+        if not _ID.match(cid) or await asyncio.to_thread(index.get, principal, cid) is None:
+            raise NotFoundError(f"no commitment {cid!r}")
+        return actor(principal, cid)
+
+    async def create_one(principal: str, spec: CommitmentCreate) -> tuple[dict[str, Any], bool]:
+        cid = f"cm_{uuid.uuid4().hex}"
+        if spec.dedup_key:
+            bound = await asyncio.to_thread(index.claim_dedup, principal, spec.dedup_key, cid)
+            if bound != cid:
+                if await asyncio.to_thread(index.get, principal, bound) is not None:
+                    return await call(actor(principal, bound), "get"), False
+                cid = bound  # an earlier creation was interrupted: finish it
+        name = actor(principal, cid)
+        view = await call(
+            name, "create", cid, principal, spec.model_dump(mode="json"), request_id=f"create:{cid}"
+        )
+        # The commitment subscribed itself through its outbox; subscribing here as well
+        # (idempotent) means every event POSTed after this reply reaches it.
+        for event_type in event_types(view["trigger"]):
+            await call(ActorName.parse(bus_name(principal, event_type)), "subscribe", str(name))
+        await asyncio.to_thread(index.apply, principal, summary(view))
+        return view, True
+
+    @api.post(
+        "/commitments",
+        status_code=201,
+        openapi_extra=body_schema(CommitmentCreate),
+        summary="Create a commitment (200 with the existing one for a known dedup_key)",
+    )
+    async def create(request: Request, response: Response, who: Principal) -> dict[str, Any]:
+        spec = await json_body(request, CommitmentCreate)
+        view, created = await create_one(who or LOCAL_PRINCIPAL, spec)
+        response.status_code = 201 if created else 200
+        return public(view)
+
+    @api.post(
+        "/commitments/batch",
+        status_code=201,
+        openapi_extra=body_schema(BatchCreate),
+        summary=f"Create up to {MAX_BATCH} commitments; all are validated first",
+    )
+    async def create_batch(request: Request, who: Principal) -> dict[str, Any]:
+        batch = await json_body(request, BatchCreate)
+        sem = asyncio.Semaphore(_CONCURRENCY)
+
+        async def one(spec: CommitmentCreate) -> dict[str, Any]:
+            async with sem:
+                return public((await create_one(who or LOCAL_PRINCIPAL, spec))[0])
+
+        return {"commitments": await asyncio.gather(*(one(s) for s in batch.commitments))}
+
+    @api.post(
+        "/commitments/batch/cancel",
+        openapi_extra=body_schema(BatchCancel),
+        summary="Cancel several commitments; each gets its own result",
+    )
+    async def cancel_batch(request: Request, who: Principal) -> dict[str, Any]:
+        ids = (await json_body(request, BatchCancel)).ids
+        principal = who or LOCAL_PRINCIPAL
+
+        async def one(cid: str) -> dict[str, Any]:
+            try:
+                view = await call(await existing(principal, cid), "cancel")
+            except TrothError as exc:
+                return {"id": cid, "error": exc.to_dict()}
+            return {"id": cid, "status": view["status"]}
+
+        return {"results": await asyncio.gather(*(one(c) for c in ids))}
+
+    @api.get("/commitments", summary="List commitments, newest first")
+    async def list_(
+        who: Principal,
+        status: str | None = Query(None, description=f"One of {', '.join(STATUSES)}"),
+        trigger_type: str | None = Query(None, description=f"One of {', '.join(TRIGGER_TYPES)}"),
+        limit: int = Query(50, ge=1, le=500),
+        cursor: str | None = Query(None, max_length=200, pattern=r"^\d+:cm_[0-9a-f]{32}$"),
+    ) -> dict[str, Any]:
+        if status is not None and status not in STATUSES:
+            raise BadRequestError(f"status must be one of {list(STATUSES)}")
+        if trigger_type is not None and trigger_type not in TRIGGER_TYPES:
+            raise BadRequestError(f"trigger_type must be one of {list(TRIGGER_TYPES)}")
+        items, nxt = await asyncio.to_thread(
+            index.page, who or LOCAL_PRINCIPAL, status, trigger_type, limit, cursor
+        )
+        return {"items": [public(i) for i in items], "next_cursor": nxt}
+
+    @api.get("/commitments/{cid}", summary="A commitment with its delivery attempts")
+    async def get(cid: str, who: Principal) -> dict[str, Any]:
+        return public(await call(await existing(who or LOCAL_PRINCIPAL, cid), "get"))
+
+    @api.delete("/commitments/{cid}", summary="Cancel a pending commitment (409 if not)")
+    async def cancel(cid: str, who: Principal) -> dict[str, Any]:
+        return public(await call(await existing(who or LOCAL_PRINCIPAL, cid), "cancel"))
+
+    @api.post("/commitments/{cid}/retry", summary="Re-drive a failed commitment (409 if not)")
+    async def retry(cid: str, who: Principal) -> dict[str, Any]:
+        return public(await call(await existing(who or LOCAL_PRINCIPAL, cid), "retry"))
+
+    @api.post(
+        "/events",
+        status_code=202,
+        openapi_extra=body_schema(EventIn),
+        summary="Record an event and fan it out to the commitments waiting for it",
+    )
+    async def event(request: Request, who: Principal) -> JSONResponse:
+        ev = await json_body(request, EventIn)
+        principal = who or LOCAL_PRINCIPAL
+        event_id = f"ev_{uuid.uuid4().hex}"
+        body = {
+            "event_id": event_id,
+            "event_type": ev.event_type,
+            "event_key": ev.event_key,
+            "payload": ev.payload,
+            "received_ms": now_ms(),
+        }
+        result = await call(
+            ActorName.parse(bus_name(principal, ev.event_type)),
+            "publish",
+            body,
+            request_id=event_id,
+        )
+        return JSONResponse(
+            {"event_id": event_id, "event_type": ev.event_type, **result}, status_code=202
+        )
+
+    @api.get("/commitments-secret", summary="This principal's webhook signing secret")
+    async def secret(who: Principal) -> dict[str, str]:
+        principal = who or LOCAL_PRINCIPAL
+        factory = node.plugin_factories["commitments"]
+        value = await asyncio.to_thread(factory.secret, principal)  # type: ignore[attr-defined]
+        return {"principal": principal, "secret": value}
+
+    return api

@@ -1,0 +1,92 @@
+"""What a commitment's delivery looks like on the wire (Standard Webhooks).
+
+Body (JSON)::
+
+    {"commitment_id", "payload", "trigger", "due_at", "fired_at",
+     "lateness_seconds", "attempt"}
+
+Headers: ``webhook-id`` (the commitment id, the same on every attempt),
+``webhook-timestamp`` (Unix seconds of this attempt), ``webhook-signature``
+(``v1,`` + base64 HMAC-SHA256 of ``"{id}.{timestamp}.{body}"`` keyed by the
+principal's secret), and ``Idempotency-Key`` (the commitment id). A receiver
+verifies with :func:`verify` (or any Standard Webhooks library) and de-duplicates on
+the idempotency key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+SECRET_PREFIX = "whsec_"
+TOLERANCE_SECONDS = 300
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def _key(secret: str) -> bytes:
+    raw = secret.removeprefix(SECRET_PREFIX)
+    try:
+        return base64.b64decode(raw, validate=True)
+    except ValueError:
+        return raw.encode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(_key(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None = None) -> bool:
+    """Check a delivery's signature and timestamp (headers with lowercase names)."""
+    try:
+        ts = int(headers["webhook-timestamp"])
+        msg_id = headers["webhook-id"]
+        given = headers["webhook-signature"].split()
+    except (KeyError, ValueError):
+        return False
+    if abs((now or time.time()) - ts) > TOLERANCE_SECONDS:
+        return False
+    expected = sign(secret, msg_id, ts, body)
+    return any(hmac.compare_digest(expected, g) for g in given)
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def build(spec: dict[str, Any], attempt: int, secret: str) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of one attempt of a delivery."""
+    due, fired = spec.get("due_ms"), spec["fired_ms"]
+    body = json.dumps(
+        {
+            "commitment_id": spec["commitment_id"],
+            "payload": spec.get("payload"),
+            "trigger": spec.get("trigger"),
+            "due_at": iso(due),
+            "fired_at": iso(fired),
+            "lateness_seconds": round(max(0, fired - (due or fired)) / 1000, 3),
+            "attempt": attempt,
+        },
+        separators=(",", ":"),
+    ).encode()
+    ts = int(time.time())
+    headers = {
+        **spec.get("headers", {}),
+        "content-type": "application/json",
+        "webhook-id": spec["commitment_id"],
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(secret, spec["commitment_id"], ts, body),
+        "idempotency-key": spec["commitment_id"],
+    }
+    return body, headers

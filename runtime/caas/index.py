@@ -1,0 +1,118 @@
+"""The commitments index: listing by status, counts, and ``dedup_key`` lookups.
+
+Per principal, under the hash tag ``{cm:PRINCIPAL}`` (one slot on Redis Cluster):
+
+=========================  ======  ================================================
+key                        type    content
+=========================  ======  ================================================
+P:{cm:p}:all               zset    commitment id -> created (ms)
+P:{cm:p}:s:STATUS          zset    commitment id -> created (ms), one per status
+P:{cm:p}:sum               hash    commitment id -> summary JSON (with ``rev``)
+P:{cm:p}:count             hash    status -> number of commitments
+P:{cm:p}:dedup             hash    dedup_key -> commitment id
+P:principals               set     principals that have commitments (for metrics)
+=========================  ======  ================================================
+
+The commitment actor is the source of truth; it sends its summary here through the
+outbox after every transition (at least once). ``lua/cmindex.lua`` applies a summary
+only when its ``rev`` is newer than the stored one, so repeats and reordering are
+harmless and the index converges on the actor's state.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from ..checkpoint import load_lua
+from ..keys import KeySpace
+from .models import STATUSES
+
+
+class CommitmentIndex:
+    def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
+        self.client = client
+        self.prefix = keys.prefix
+        self._apply = client.register_script(load_lua("cmindex.lua"))
+
+    def _k(self, principal: str, what: str) -> str:
+        return f"{self.prefix}:{{cm:{principal}}}:{what}"
+
+    def apply(self, principal: str, summary: dict[str, Any]) -> bool:
+        keys = [self._k(principal, "all"), self._k(principal, "sum"), self._k(principal, "count")]
+        keys += [self._k(principal, f"s:{st}") for st in STATUSES]
+        applied = self._apply(
+            keys=keys,
+            args=[summary["id"], summary["rev"], json.dumps(summary), *STATUSES],
+        )
+        self.client.sadd(f"{self.prefix}:principals", principal)
+        return bool(applied)
+
+    def get(self, principal: str, cid: str) -> dict[str, Any] | None:
+        raw = self.client.hget(self._k(principal, "sum"), cid)
+        return None if raw is None else dict(json.loads(raw))
+
+    def page(
+        self,
+        principal: str,
+        status: str | None,
+        trigger_type: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first. The cursor is ``created_ms:id`` of the last item returned."""
+        key = self._k(principal, f"s:{status}" if status else "all")
+        items: list[dict[str, Any]] = []
+        max_score: str = "+inf"
+        after: tuple[int, str] | None = None
+        if cursor:
+            ms, _, cid = cursor.partition(":")
+            after = (int(ms), cid)
+            max_score = ms
+        offset = 0
+        while len(items) < limit:
+            batch = self.client.zrevrangebyscore(
+                key, max_score, "-inf", start=offset, num=limit * 2 + 10, withscores=True
+            )
+            if not batch:
+                return items, None
+            offset += len(batch)
+            ids = [m.decode() for m, _ in batch]
+            sums = self.client.hmget(self._k(principal, "sum"), ids)
+            for (member, score), raw in zip(batch, sums, strict=True):
+                cid, created = member.decode(), int(score)
+                if after and (created, cid) >= after:
+                    continue
+                if raw is None:
+                    continue
+                s = json.loads(raw)
+                if (status and s["status"] != status) or (
+                    trigger_type and s["trigger_type"] != trigger_type
+                ):
+                    continue
+                items.append(s)
+                if len(items) == limit:
+                    return items, f"{created}:{cid}"
+        return items, None
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """(principal, status) -> count, over every principal."""
+        principals = sorted(p.decode() for p in self.client.smembers(f"{self.prefix}:principals"))
+        pipe = self.client.pipeline(transaction=False)
+        for p in principals:
+            pipe.hgetall(self._k(p, "count"))
+        out = {}
+        for p, counts in zip(principals, pipe.execute(), strict=True):
+            for st, n in counts.items():
+                out[(p, st.decode())] = int(n)
+        return out
+
+    def claim_dedup(self, principal: str, dedup_key: str, cid: str) -> str:
+        """Bind ``dedup_key`` to ``cid`` unless it is bound already; the bound id."""
+        key = self._k(principal, "dedup")
+        if self.client.hsetnx(key, dedup_key, cid):
+            return cid
+        existing = self.client.hget(key, dedup_key)
+        return existing.decode() if existing else cid

@@ -1,0 +1,438 @@
+"""Commitment-as-a-Service: triggers, delivery, retries, isolation, validation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Receiver, wait_until
+from troth.caas import delivery
+from troth.node import Node
+from troth.server import ServerThread
+
+KEY_A, KEY_B = "key-alice-0123456789", "key-bob-0123456789ab"
+FAST = {"max_attempts": 3, "initial_delay_seconds": 0.1, "backoff": "fixed"}
+
+
+@pytest.fixture
+def cs(make_node: Callable[..., Node]) -> Iterator[httpx.Client]:
+    node = make_node("n1")
+    server = ServerThread(node).start()
+    with httpx.Client(base_url=server.url, timeout=15) as client:
+        yield client
+    server.stop()
+
+
+def commit(
+    cs: httpx.Client, receiver: Receiver, trigger: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    body = {
+        "trigger": trigger,
+        "obligation": {"target": receiver.url + "/hook", "payload": {"order": 17}},
+        **extra,
+    }
+    resp = cs.post("/v1/commitments", json=body)
+    assert resp.status_code == 201, resp.text
+    return dict(resp.json())
+
+
+def status(cs: httpx.Client, cid: str) -> str:
+    return str(cs.get(f"/v1/commitments/{cid}").json()["status"])
+
+
+def event(cs: httpx.Client, event_type: str, **payload: Any) -> dict[str, Any]:
+    resp = cs.post("/v1/events", json={"event_type": event_type, "payload": payload})
+    assert resp.status_code == 202, resp.text
+    return dict(resp.json())
+
+
+def settled(cs: httpx.Client, cid: str, want: str = "fulfilled") -> dict[str, Any]:
+    wait_until(lambda: status(cs, cid) == want, timeout=10)
+    return dict(cs.get(f"/v1/commitments/{cid}").json())
+
+
+def test_time_after_delivers_signed_body(cs: httpx.Client, receiver: Receiver) -> None:
+    c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 0.3})
+    assert c["status"] == "pending" and c["due_at"]
+    done = settled(cs, c["id"])
+    [req] = receiver.requests
+    secret = cs.get("/v1/commitments-secret").json()["secret"]
+    assert delivery.verify(secret, req.headers, req.raw)
+    assert req.headers["idempotency-key"] == c["id"] == req.headers["webhook-id"]
+    body = req.body
+    assert body["commitment_id"] == c["id"] and body["payload"] == {"order": 17}
+    assert body["attempt"] == 1 and body["lateness_seconds"] >= 0
+    assert body["due_at"] and body["fired_at"] and body["trigger"]["kind"] == "time"
+    assert [a["status_code"] for a in done["attempts"]] == [200]
+    assert [t["status"] for t in done["transitions"]] == ["pending", "triggered", "fulfilled"]
+
+
+def test_cancel_before_due_never_delivers(cs: httpx.Client, receiver: Receiver) -> None:
+    c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 0.5})
+    assert cs.delete(f"/v1/commitments/{c['id']}").json()["status"] == "cancelled"
+    time.sleep(1.0)
+    assert receiver.count() == 0 and status(cs, c["id"]) == "cancelled"
+    again = cs.delete(f"/v1/commitments/{c['id']}")
+    assert again.status_code == 409 and again.json()["error"]["data"]["status"] == "cancelled"
+
+
+def test_webhook_filters(cs: httpx.Client, receiver: Receiver) -> None:
+    c = commit(
+        cs,
+        receiver,
+        {
+            "type": "webhook",
+            "event_type": "payment.completed",
+            "filters": {
+                "amount_gte": 100,
+                "currency_in": ["EUR", "USD"],
+                "tags_contains": "vip",
+                "customer.tier": "gold",
+                "status_ne": "test",
+            },
+        },
+    )
+    base = {"amount": 150, "currency": "EUR", "tags": ["vip"], "customer": {"tier": "gold"}}
+    for wrong in (
+        {**base, "amount": 99},
+        {**base, "currency": "GBP"},
+        {**base, "tags": []},
+        {**base, "customer": {"tier": "silver"}},
+        {**base, "status": "test"},
+    ):
+        event(cs, "payment.completed", **wrong)
+    event(cs, "payment.failed", **base)
+    time.sleep(0.5)
+    assert status(cs, c["id"]) == "pending" and receiver.count() == 0
+    assert event(cs, "payment.completed", **base)["delivered_to"] == 1
+    done = settled(cs, c["id"])
+    assert done["fired_by"]["event"]["payload"]["amount"] == 150
+    assert receiver.requests[0].body["trigger"]["event"]["event_type"] == "payment.completed"
+
+
+def test_tool_complete(cs: httpx.Client, receiver: Receiver) -> None:
+    c = commit(cs, receiver, {"type": "tool_complete", "tool_id": "t1", "outcome": "success"})
+    event(cs, "tool_complete", tool_id="t1", outcome="error")
+    event(cs, "tool_complete", tool_id="t2", outcome="success")
+    time.sleep(0.4)
+    assert status(cs, c["id"]) == "pending"
+    event(cs, "tool_complete", tool_id="t1", outcome="success")
+    settled(cs, c["id"])
+
+
+def test_compound_any_and_all_with_progress(cs: httpx.Client, receiver: Receiver) -> None:
+    any_ = commit(
+        cs,
+        receiver,
+        {
+            "type": "compound",
+            "operator": "any",
+            "triggers": [
+                {"type": "webhook", "event_type": "a"},
+                {"type": "time_after", "delay_seconds": 60},
+            ],
+        },
+    )
+    all_ = commit(
+        cs,
+        receiver,
+        {
+            "type": "compound",
+            "operator": "all",
+            "triggers": [
+                {"type": "tool_complete", "tool_id": "x"},
+                {"type": "tool_complete", "tool_id": "y"},
+                {
+                    "type": "compound",
+                    "operator": "any",
+                    "triggers": [
+                        {"type": "webhook", "event_type": "b"},
+                        {"type": "webhook", "event_type": "c"},
+                    ],
+                },
+            ],
+        },
+    )
+    event(cs, "a")
+    settled(cs, any_["id"])
+    event(cs, "tool_complete", tool_id="x")
+    event(cs, "c")
+    time.sleep(0.4)
+    pending = cs.get(f"/v1/commitments/{all_['id']}").json()
+    assert pending["status"] == "pending" and set(pending["progress"]) == {"r.0", "r.2.1"}
+    event(cs, "tool_complete", tool_id="y")
+    settled(cs, all_["id"])
+
+
+def test_compound_all_window_lapses(cs: httpx.Client, receiver: Receiver) -> None:
+    c = commit(
+        cs,
+        receiver,
+        {
+            "type": "compound",
+            "operator": "all",
+            "window_seconds": 0.5,
+            "triggers": [
+                {"type": "webhook", "event_type": "p"},
+                {"type": "webhook", "event_type": "q"},
+            ],
+        },
+    )
+    event(cs, "p")
+    time.sleep(0.9)
+    event(cs, "q")  # p is older than the window: not yet
+    time.sleep(0.3)
+    assert status(cs, c["id"]) == "pending"
+    event(cs, "p")  # now both within 0.5 s
+    settled(cs, c["id"])
+
+
+def test_heartbeat_resets_then_fires_on_silence(cs: httpx.Client, receiver: Receiver) -> None:
+    c = commit(
+        cs,
+        receiver,
+        {
+            "type": "heartbeat",
+            "event_type": "alive",
+            "filters": {"host": "db1"},
+            "interval_seconds": 0.6,
+        },
+    )
+    for _ in range(4):
+        time.sleep(0.3)
+        event(cs, "alive", host="db1")
+    assert status(cs, c["id"]) == "pending"
+    event(cs, "alive", host="other")  # does not match: no reset
+    done = settled(cs, c["id"])
+    assert done["fired_by"]["kind"] == "time"
+
+
+def test_expiry(cs: httpx.Client, receiver: Receiver) -> None:
+    c = commit(
+        cs, receiver, {"type": "webhook", "event_type": "never"}, expires_at=time.time() + 0.4
+    )
+    settled(cs, c["id"], "expired")
+    event(cs, "never")
+    time.sleep(0.3)
+    assert receiver.count() == 0
+
+
+def test_retries_then_fulfilled_with_same_key_and_valid_signatures(
+    cs: httpx.Client, receiver: Receiver
+) -> None:
+    receiver.script = [500, 503]
+    c = commit(
+        cs,
+        receiver,
+        {"type": "time_after", "delay_seconds": 0},
+        retry_policy={"max_attempts": 5, "backoff": "fixed", "initial_delay_seconds": 0.2},
+    )
+    done = settled(cs, c["id"])
+    secret = cs.get("/v1/commitments-secret").json()["secret"]
+    assert [r.headers["idempotency-key"] for r in receiver.requests] == [c["id"]] * 3
+    assert all(delivery.verify(secret, r.headers, r.raw) for r in receiver.requests)
+    assert [r.body["attempt"] for r in receiver.requests] == [1, 2, 3]
+    assert [a["status_code"] for a in done["attempts"]] == [500, 503, 200]
+
+
+def test_client_error_fails_at_once_and_retry_redrives(
+    cs: httpx.Client, receiver: Receiver
+) -> None:
+    receiver.script = [404]
+    c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 0}, retry_policy=FAST)
+    failed = settled(cs, c["id"], "failed")
+    assert len(failed["attempts"]) == 1 and "404" in failed["error"]
+    dead = wait_until(lambda: cs.get("/v1/commitments?status=failed").json()["items"])
+    assert [d["id"] for d in dead] == [c["id"]]
+    assert cs.post(f"/v1/commitments/{c['id']}/retry").json()["status"] == "triggered"
+    done = settled(cs, c["id"])
+    assert [a["status_code"] for a in done["attempts"]] == [404, 200]
+    assert cs.post(f"/v1/commitments/{c['id']}/retry").status_code == 409
+
+
+def test_dedup_key_returns_existing(cs: httpx.Client, receiver: Receiver) -> None:
+    c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 60}, dedup_key="order-17")
+    again = cs.post(
+        "/v1/commitments",
+        json={
+            "trigger": {"type": "time_after", "delay_seconds": 60},
+            "obligation": {"target": receiver.url},
+            "dedup_key": "order-17",
+        },
+    )
+    assert again.status_code == 200 and again.json()["id"] == c["id"]
+    assert len(cs.get("/v1/commitments").json()["items"]) == 1
+
+
+def test_batch_is_all_or_nothing(cs: httpx.Client, receiver: Receiver) -> None:
+    good = {
+        "trigger": {"type": "time_after", "delay_seconds": 60},
+        "obligation": {"target": receiver.url},
+    }
+    bad = {"trigger": {"type": "time_after"}, "obligation": {"target": receiver.url}}
+    resp = cs.post("/v1/commitments/batch", json={"commitments": [good, good, bad]})
+    assert resp.status_code == 422 and "commitments.2" in resp.json()["error"]["message"]
+    assert cs.get("/v1/commitments").json()["items"] == []
+    created = cs.post("/v1/commitments/batch", json={"commitments": [good] * 5})
+    assert created.status_code == 201
+    ids = [c["id"] for c in created.json()["commitments"]]
+    cancel = cs.post("/v1/commitments/batch/cancel", json={"ids": [*ids[:2], "cm_" + "0" * 32]})
+    results = cancel.json()["results"]
+    assert [r.get("status") for r in results[:2]] == ["cancelled", "cancelled"]
+    assert results[2]["error"]["type"] == "NotFoundError"
+    too_many = cs.post("/v1/commitments/batch", json={"commitments": [good] * 101})
+    assert too_many.status_code == 422
+
+
+def test_listing_filters_and_pages(cs: httpx.Client, receiver: Receiver) -> None:
+    ids = [
+        commit(cs, receiver, {"type": "time_after", "delay_seconds": 60})["id"] for _ in range(5)
+    ]
+    hook = commit(cs, receiver, {"type": "webhook", "event_type": "e"})["id"]
+    cs.delete(f"/v1/commitments/{ids[0]}")
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = cs.get(
+            "/v1/commitments", params={"limit": 2, **({"cursor": cursor} if cursor else {})}
+        ).json()
+        seen += [i["id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert sorted(seen) == sorted([*ids, hook]) and len(seen) == 6
+    pend = cs.get("/v1/commitments", params={"status": "pending", "trigger_type": "time_after"})
+    assert sorted(i["id"] for i in pend.json()["items"]) == sorted(ids[1:])
+    assert cs.get("/v1/commitments?status=nope").status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"trigger": {"type": "sometimes"}, "obligation": {"target": "http://x"}}, "trigger"),
+        (
+            {
+                "trigger": {"type": "webhook", "event_type": "e", "filters": {"amount_gte": "x"}},
+                "obligation": {"target": "http://x"},
+            },
+            "filters",
+        ),
+        (
+            {
+                "trigger": {"type": "webhook", "event_type": "e", "filters": {"s_in": "x"}},
+                "obligation": {"target": "http://x"},
+            },
+            "filters",
+        ),
+        (
+            {
+                "trigger": {"type": "time_after", "delay_seconds": 1},
+                "obligation": {"target": "ftp://x"},
+            },
+            "obligation.target",
+        ),
+        ({"trigger": {"type": "time_after", "delay_seconds": 1}}, "obligation"),
+        (
+            {
+                "trigger": {"type": "time_after", "delay_seconds": 1},
+                "obligation": {"target": "http://x"},
+                "colour": "red",
+            },
+            "colour",
+        ),
+        (
+            {
+                "trigger": {"type": "time_after", "timestamp": "2030-01-01T00:00:00"},
+                "obligation": {"target": "http://x"},
+            },
+            "timezone",
+        ),
+    ],
+)
+def test_invalid_commitments_are_422_naming_the_field(
+    cs: httpx.Client, body: dict[str, Any], field: str
+) -> None:
+    resp = cs.post("/v1/commitments", json=body)
+    assert resp.status_code == 422, resp.text
+    assert field in resp.json()["error"]["message"]
+
+
+def test_malformed_and_oversized(cs: httpx.Client) -> None:
+    assert cs.post("/v1/commitments", content=b"{nope").status_code == 422
+    assert cs.post("/v1/events", json={"payload": {}}).status_code == 422
+    big = {"event_type": "e", "payload": {"x": "y" * 70_000}}
+    assert cs.post("/v1/events", json=big).status_code == 422
+    huge = b'{"event_type": "e", "payload": {"x": "' + b"y" * 2_000_000 + b'"}}'
+    assert cs.post("/v1/events", content=huge).status_code == 413
+    assert cs.get("/v1/commitments/cm_nothing").status_code == 404
+
+
+def test_loopback_target_refused_unless_allowed(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    node = make_node("n1", plugins={"commitments": {"allow_loopback": False}})
+    server = ServerThread(node).start()
+    try:
+        with httpx.Client(base_url=server.url) as cs:
+            c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 0})
+            failed = settled(cs, c["id"], "failed")
+    finally:
+        server.stop()
+    assert "loopback" in failed["error"] and receiver.count() == 0
+
+
+def test_tenant_isolation(make_node: Callable[..., Node], receiver: Receiver) -> None:
+    node = make_node("n1", auth={"api_keys": {KEY_A: "alice", KEY_B: "bob"}})
+    server = ServerThread(node).start()
+    try:
+        a = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {KEY_A}"})
+        b = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {KEY_B}"})
+        assert httpx.get(f"{server.url}/v1/commitments").status_code == 401
+        c = commit(a, receiver, {"type": "webhook", "event_type": "go"})
+        assert b.get(f"/v1/commitments/{c['id']}").status_code == 404
+        assert b.delete(f"/v1/commitments/{c['id']}").status_code == 404
+        assert b.get("/v1/commitments").json()["items"] == []
+        assert event(b, "go")["delivered_to"] == 0  # bob's event: alice's stays pending
+        time.sleep(0.3)
+        assert status(a, c["id"]) == "pending"
+        assert (
+            a.get("/v1/commitments-secret").json()["secret"]
+            != b.get("/v1/commitments-secret").json()["secret"]
+        )
+        event(a, "go")
+        settled(a, c["id"])
+        a.close()
+        b.close()
+    finally:
+        server.stop()
+
+
+def test_event_key_deduplicates(cs: httpx.Client, receiver: Receiver) -> None:
+    commit(cs, receiver, {"type": "webhook", "event_type": "k"})
+    body = {"event_type": "k", "event_key": "evt-1", "payload": {}}
+    first = cs.post("/v1/events", json=body).json()
+    second = cs.post("/v1/events", json=body).json()
+    assert first["duplicate"] is False and first["delivered_to"] == 1
+    assert second["duplicate"] is True and second["delivered_to"] == 0
+
+
+def test_metrics(cs: httpx.Client, receiver: Receiver) -> None:
+    c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 0})
+    settled(cs, c["id"])
+    text = wait_until(
+        lambda: (
+            (t := cs.get("/metrics").text)
+            and 'troth_commitments{principal="local",status="fulfilled"} 1.0' in t
+            and t
+        )
+    )
+    for name in (
+        'troth_commitment_deliveries_total{outcome="ok"}',
+        "troth_commitment_delivery_latency_seconds_bucket",
+        "troth_commitment_firing_lateness_seconds_bucket",
+    ):
+        assert name in text, name
