@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from troth.errors import AppError, NotFoundError, RetryableError
+from troth.errors import AppError, CallTimeout, NotFoundError, RetryableError
 from troth.names import ActorName
 from troth.plugin import (
     ActorPlugin,
@@ -32,6 +32,7 @@ from troth.plugin import (
 
 class Send(OutboxPlugin):
     kind: ClassVar[str] = "send"
+    max_per_txn: ClassVar[int] = 10_000  # an event bus fans out to this many at most
     default_retry: ClassVar[RetryPolicy] = RetryPolicy(
         max_attempts=50, backoff="exponential", initial_delay_seconds=1, max_delay_seconds=60
     )
@@ -79,7 +80,7 @@ class SendExecutor:
             return ExecutionOutcome(ok=False, error=str(exc), value=exc.to_dict())
         except NotFoundError as exc:
             return ExecutionOutcome(ok=False, error=str(exc))
-        except RetryableError as exc:
+        except (RetryableError, CallTimeout) as exc:  # redelivered with the same message id
             return ExecutionOutcome(ok=False, retryable=True, error=str(exc))
         return ExecutionOutcome(ok=True, value=value)
 

@@ -16,17 +16,13 @@ from typing import Any, ClassVar
 
 from troth import codec
 from troth.names import ActorName
-from troth.plugin import ActorPlugin, CommitOps, PluginFactory, TxnInfo
+from troth.plugin import ActorPlugin, BufferingPlugin, CommitOps, PluginFactory
 
 MAX_PER_TXN = 100
 MAX_BYTES = 64 * 1024
 
 
-class Session(ActorPlugin):
-    def __init__(self, actor: ActorName, pstate: dict[str, Any]) -> None:
-        super().__init__(actor, pstate)
-        self._buffer: list[bytes] = []
-
+class Session(BufferingPlugin[bytes]):
     def notify(self, data: Any) -> None:
         """Queue ``data`` (JSON-compatible, at most 64 KiB encoded) for subscribers."""
         self._require_txn()
@@ -37,20 +33,8 @@ class Session(ActorPlugin):
             raise ValueError(f"a notification may be at most {MAX_BYTES} bytes encoded")
         self._buffer.append(packed)
 
-    def begin(self, txn: TxnInfo) -> None:
-        super().begin(txn)
-        self._buffer.clear()
-
-    def prepare(self, ops: CommitOps) -> None:
-        ops.notifications.extend(self._buffer)
-
-    def committed(self) -> None:
-        super().committed()
-        self._buffer.clear()
-
-    def abort(self) -> None:
-        super().abort()
-        self._buffer.clear()
+    def _flush(self, ops: CommitOps, buffer: list[bytes]) -> None:
+        ops.notifications.extend(buffer)
 
 
 class SessionFactory(PluginFactory):

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from troth import codec
 from troth.names import ActorName
-from troth.plugin import ActorPlugin, CommitOps, PluginFactory, TimerRecord, timer_key
+from troth.plugin import ActorPlugin, CommitOps, PluginFactory, TimerRecord, TxnInfo, timer_key
 
 MAX_TIMERS_PER_ACTOR = 1000
 
@@ -138,12 +138,12 @@ class Timers(ActorPlugin):
 
     # -- transaction protocol ----------------------------------------------------------
 
-    def begin(self, txn: Any) -> None:
+    def begin(self, txn: TxnInfo) -> None:
         super().begin(txn)
         self._set.clear()
         self._cancel.clear()
         self.firing = None
-        timer: TimerRecord | None = txn.timer
+        timer = txn.timer
         if timer is None:
             return
         now = txn.now_ms

@@ -12,7 +12,9 @@ memory:
 
 Hooks, each run in a transaction of its own like a method:
 
-* ``init()`` once, on first activation (``self.state`` is empty);
+* ``init()`` once, on first activation (``self.state`` is empty), in the same
+  transaction as the actor's first message: if that message fails, ``init`` rolls
+  back with it and runs again next time;
 * ``resume(checkpoint)`` after every load from a checkpoint;
 * ``pulse()`` every ``pulse_seconds`` when that is set (autonomous actors);
 * ``upgrade(old, new)`` when the stored ``state_version`` is not compatible with

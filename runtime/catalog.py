@@ -65,7 +65,8 @@ class Catalog:
                 sys.path.insert(0, path)
         types: dict[str, ActorType] = {}
         for name, ca_cls in (builtins or {}).items():
-            types[name] = build_type(name, ca_cls, ActorTypeConfig.model_validate({"class": "-"}))
+            path = f"{ca_cls.__module__}:{ca_cls.__qualname__}"
+            types[name] = build_type(name, ca_cls, ActorTypeConfig.model_validate({"class": path}))
         for name, tc in config.types.items():
             ca_cls = import_class(tc.class_path)
             if not issubclass(ca_cls, CA):

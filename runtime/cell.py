@@ -200,8 +200,9 @@ class Cell(pykka.ThreadingActor):
                 return self._fire(rt, msg)
             raise BadRequestError(f"unknown message kind {msg.kind!r}")
         except StaleActivation as exc:
-            self._fail(UnavailableError(str(exc)))
-            raise self.failure from exc  # type: ignore[misc]
+            error = UnavailableError(str(exc))
+            self._fail(error)
+            raise error from exc
         except RetryableError as exc:
             self._fail(exc)
             raise
@@ -275,7 +276,7 @@ class Cell(pykka.ThreadingActor):
 
         if stored is None:
             rt = runtime(0)
-            self._run_hook(rt, "init", ca.init)
+            rt.needs_init = True  # init runs inside the first message's transaction
             return rt
         decision = decide(name, stored.version, version, self.atype.has_upgrade)
         ca.state = stored.state

@@ -18,14 +18,14 @@ from .checkpoint import CheckpointStore, CommitRequest, CommitResult
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
+_Item = tuple[CommitRequest, "Future[CommitResult]"]
 
 
 class GroupCommitter:
     def __init__(self, store: CheckpointStore, batch_max: int = 256) -> None:
         self.store = store
         self.batch_max = batch_max
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()  # None: stop
         self._thread = threading.Thread(target=self._run, name="troth-committer", daemon=True)
         self._thread.start()
 
@@ -35,29 +35,27 @@ class GroupCommitter:
         return fut
 
     def close(self) -> None:
-        self._queue.put(_STOP)
+        self._queue.put(None)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            stop = item is _STOP
-            batch: list[tuple[CommitRequest, Future[CommitResult]]] = [] if stop else [item]  # type: ignore[list-item]
-            while not stop and len(batch) < self.batch_max:
+            batch: list[_Item] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self.batch_max:
+                    break
                 try:
-                    nxt = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is _STOP:
-                    stop = True
-                else:
-                    batch.append(nxt)  # type: ignore[arg-type]
             if batch:
                 self._flush(batch)
-            if stop:
+            if item is None:
                 return
 
-    def _flush(self, batch: list[tuple[CommitRequest, Future[CommitResult]]]) -> None:
+    def _flush(self, batch: list[_Item]) -> None:
         try:
             results = self.store.commit_many([req for req, _ in batch])
         except Exception as exc:

@@ -124,15 +124,21 @@ class Node:
             on_surplus=self._shards_surplus,
             node_info=self._node_info,
         )
-        self.scheduler = TimerScheduler(self.client, self.keys, self._fire_timer)
+        self.scheduler = TimerScheduler(
+            self.client,
+            self.keys,
+            self._fire_timer,
+            owns=lambda shard: self.leases.epoch_of(shard) is not None,
+        )
         self.dispatcher = OutboxDispatcher(
             self.client,
             self.keys,
             self.node_id,
             self.leases.epoch_of,
-            self._deliver_sync,
+            self.deliver,
             self.metrics,
             config.runtime.outbox_workers,
+            config.node.call_timeout_seconds,
         )
         # The built-in commitment types need these plugins whatever the config says.
         required: dict[str, dict[str, Any]] = {name: {} for name in REQUIRED_PLUGINS}
@@ -255,13 +261,6 @@ class Node:
         if atype.pulse_seconds:
             self._schedule_pulse(handle, time.monotonic() + atype.pulse_seconds)
         return handle
-
-    def _deliver_sync(
-        self, target: str, method: str, args: list[Any], kwargs: dict[str, Any], request_id: str
-    ) -> Any:
-        return self.deliver(
-            target, method, args, kwargs, request_id, self.config.node.call_timeout_seconds
-        )
 
     def deliver(
         self,

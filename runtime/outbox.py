@@ -34,7 +34,7 @@ import redis
 from . import codec
 from .checkpoint import load_lua, now_ms
 from .duequeue import DueQueue
-from .errors import RetryableError, TrothError
+from .errors import CallTimeout, RetryableError, TrothError
 from .keys import KeySpace
 from .metrics import NodeMetrics
 from .plugin import ExecutionOutcome, Executor, OutboxEntry, RetryPolicy
@@ -69,15 +69,17 @@ class OutboxDispatcher:
         keys: KeySpace,
         node_id: str,
         epoch_of: Callable[[int], str | None],
-        deliver: Callable[[str, str, list[Any], dict[str, Any], str], Any],
+        deliver: Callable[[str, str, list[Any], dict[str, Any], str, float], Any],
         metrics: NodeMetrics,
         workers: int = 16,
+        deliver_timeout: float = 30.0,
     ) -> None:
         self.client = client
         self.keys = keys
         self.node_id = node_id
         self.epoch_of = epoch_of
         self.deliver = deliver
+        self.deliver_timeout = deliver_timeout
         self.metrics = metrics
         self.executors: dict[str, Executor] = {}
         self._write = client.register_script(load_lua("outbox.lua"))
@@ -229,8 +231,15 @@ class OutboxDispatcher:
     def _callback(self, shard: int, epoch: str, entry: OutboxEntry) -> None:
         assert entry.on_result is not None and entry.result is not None
         try:
-            self.deliver(entry.origin, entry.on_result, [entry.result], {}, f"{entry.id}:result")
-        except RetryableError as exc:
+            self.deliver(
+                entry.origin,
+                entry.on_result,
+                [entry.result],
+                {},
+                f"{entry.id}:result",
+                self.deliver_timeout,
+            )
+        except (RetryableError, CallTimeout) as exc:  # same request id next time: applied once
             log.info("outbox %s: result delivery deferred: %s", entry.id, exc)
             self.queue.push(now_ms() + CALLBACK_RETRY_MS, shard, entry.id)
             return

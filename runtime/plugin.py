@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -128,6 +128,7 @@ class TimerRecord:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+T = TypeVar("T")
 TIMER_ID_LEN = 32
 
 
@@ -263,16 +264,39 @@ class PluginFactory:
         """Release shared resources when the node stops."""
 
 
-class OutboxPlugin(ActorPlugin):
+class BufferingPlugin(ActorPlugin, Generic[T]):
+    """A plugin whose effects are a list, buffered per transaction: emptied when a
+    transaction begins, commits or aborts, and handed to the commit by ``_flush``."""
+
+    def __init__(self, actor: ActorName, pstate: dict[str, Any]) -> None:
+        super().__init__(actor, pstate)
+        self._buffer: list[T] = []
+
+    def _flush(self, ops: CommitOps, buffer: list[T]) -> None:
+        raise NotImplementedError
+
+    def begin(self, txn: TxnInfo) -> None:
+        super().begin(txn)
+        self._buffer.clear()
+
+    def prepare(self, ops: CommitOps) -> None:
+        self._flush(ops, self._buffer)
+
+    def committed(self) -> None:
+        super().committed()
+        self._buffer.clear()
+
+    def abort(self) -> None:
+        super().abort()
+        self._buffer.clear()
+
+
+class OutboxPlugin(BufferingPlugin[OutboxEntry]):
     """Base of plugins whose effects go through the outbox (``send``, ``http``)."""
 
     kind: ClassVar[str] = ""
     default_retry: ClassVar[RetryPolicy] = RetryPolicy()
     max_per_txn: ClassVar[int] = 1000
-
-    def __init__(self, actor: ActorName, pstate: dict[str, Any]) -> None:
-        super().__init__(actor, pstate)
-        self._buffer: list[OutboxEntry] = []
 
     def _enqueue(
         self,
@@ -315,17 +339,5 @@ class OutboxPlugin(ActorPlugin):
         )
         return entry_id
 
-    def begin(self, txn: TxnInfo) -> None:
-        super().begin(txn)
-        self._buffer.clear()
-
-    def prepare(self, ops: CommitOps) -> None:
-        ops.outbox.extend(self._buffer)
-
-    def committed(self) -> None:
-        super().committed()
-        self._buffer.clear()
-
-    def abort(self) -> None:
-        super().abort()
-        self._buffer.clear()
+    def _flush(self, ops: CommitOps, buffer: list[OutboxEntry]) -> None:
+        ops.outbox.extend(buffer)

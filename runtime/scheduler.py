@@ -5,7 +5,8 @@ of the timers plugin. This scheduler only decides *when* to send the firing
 message; *exactly once* comes from the commit, which deletes the timer in the
 same atomic step as its handler's state and refuses a firing whose timer no
 longer exists with the same id. A firing refused for a transient reason
-(the actor moving, Redis down) is retried a second later.
+(the actor moving, Redis down) is retried a second later while this node still
+owns the shard; otherwise the shard's new owner fires it.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ class TimerScheduler:
         client: redis.Redis,
         keys: KeySpace,
         fire: Callable[[int, TimerRecord], Future[Any]],
+        owns: Callable[[int], bool],
     ) -> None:
         self.client = client
         self.keys = keys
         self.fire = fire
+        self.owns = owns
         self.queue = DueQueue("timers", self._due)
 
     def start(self) -> None:
@@ -69,7 +72,7 @@ class TimerScheduler:
     def _due(self, shard: int, key: str, timer: TimerRecord) -> None:
         def done(f: Future[Any]) -> None:
             exc = f.exception()
-            if isinstance(exc, RetryableError):
+            if isinstance(exc, RetryableError) and self.owns(shard):
                 log.info("timer %r of %s deferred: %s", timer.name, timer.actor, exc)
                 retry_at = int(time.time() * 1000) + RETRY_MS
                 self.queue.push(retry_at, shard, key, timer)

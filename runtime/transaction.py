@@ -92,6 +92,10 @@ class ActorRuntime:
         self.seq = seq
         self.after_commit = after_commit
         self.autonomous = autonomous
+        #: A brand-new actor: ``init`` runs first, in the first message's transaction,
+        #: so creating an actor costs one commit, and a failed first message leaves
+        #: no half-initialised checkpoint behind.
+        self.needs_init = False
         self._state = codec.pack(ca.state)
         self._pstate = codec.pack({n: p.pstate for n, p in plugins.items()})
 
@@ -112,6 +116,8 @@ class ActorRuntime:
             for p in self.plugins.values():
                 p.begin(txn)
             try:
+                if self.needs_init:
+                    self.ca.init()
                 reply = fn()
             except TrothError:
                 raise
@@ -139,6 +145,7 @@ class ActorRuntime:
             self.metrics.rollbacks.labels(self.name.type, type(exc).__name__).inc()
             raise
         self.seq += 1
+        self.needs_init = False
         self._state = request.state
         self._pstate = request.pstate
         self.ca.state = codec.unpack(request.state)

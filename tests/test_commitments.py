@@ -436,3 +436,21 @@ def test_metrics(cs: httpx.Client, receiver: Receiver) -> None:
         "troth_commitment_firing_lateness_seconds_bucket",
     ):
         assert name in text, name
+
+
+def test_openapi_lists_the_commitments_api(cs: httpx.Client) -> None:
+    spec = cs.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path, method in [
+        ("/v1/commitments", "post"),
+        ("/v1/commitments", "get"),
+        ("/v1/commitments/{cid}", "get"),
+        ("/v1/commitments/{cid}", "delete"),
+        ("/v1/commitments/{cid}/retry", "post"),
+        ("/v1/commitments/batch", "post"),
+        ("/v1/commitments/batch/cancel", "post"),
+        ("/v1/events", "post"),
+    ]:
+        assert method in paths[path], (path, method)
+    body = paths["/v1/commitments"]["post"]["requestBody"]["content"]["application/json"]
+    assert "trigger" in body["schema"]["properties"]

@@ -31,7 +31,7 @@ from ..errors import AppError
 from . import filters
 from .models import TOOL_EVENT, CommitmentCreate, now_ms
 
-MAX_SUBSCRIBERS = 100_000
+MAX_SUBSCRIBERS = 10_000
 RECENT_EVENT_KEYS = 1000
 MAX_ATTEMPTS_KEPT = 100
 

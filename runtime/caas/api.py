@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..errors import BadRequestError, NotFoundError, TrothError
+from ..errors import AppError, BadRequestError, NotFoundError, TrothError
 from ..http_api import Principal, body_schema, json_body
 from ..names import ActorName
 from ..node import Node
@@ -62,7 +62,11 @@ def public(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def commitments_router(node: Node) -> APIRouter:
-    index = node.plugin_factories["commitments"].index  # type: ignore[attr-defined]
+    from troth.plugins.commitments import CommitmentsFactory
+
+    factory = node.plugin_factories["commitments"]
+    assert isinstance(factory, CommitmentsFactory)
+    index = factory.index
     api = APIRouter(prefix="/v1", tags=["commitments"])
 
     def actor(principal: str, cid: str) -> ActorName:
@@ -90,8 +94,12 @@ def commitments_router(node: Node) -> APIRouter:
         )
         # The commitment subscribed itself through its outbox; subscribing here as well
         # (idempotent) means every event POSTed after this reply reaches it.
-        for event_type in event_types(view["trigger"]):
-            await call(ActorName.parse(bus_name(principal, event_type)), "subscribe", str(name))
+        try:
+            for event_type in event_types(view["trigger"]):
+                await call(ActorName.parse(bus_name(principal, event_type)), "subscribe", str(name))
+        except AppError:
+            await call(name, "cancel")  # it could never hear its events: do not keep it
+            raise
         await asyncio.to_thread(index.apply, principal, summary(view))
         return view, True
 
@@ -200,8 +208,7 @@ def commitments_router(node: Node) -> APIRouter:
     @api.get("/commitments-secret", summary="This principal's webhook signing secret")
     async def secret(who: Principal) -> dict[str, str]:
         principal = who or LOCAL_PRINCIPAL
-        factory = node.plugin_factories["commitments"]
-        value = await asyncio.to_thread(factory.secret, principal)  # type: ignore[attr-defined]
+        value = await asyncio.to_thread(factory.secret, principal)
         return {"principal": principal, "secret": value}
 
     return api

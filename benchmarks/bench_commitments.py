@@ -1,0 +1,174 @@
+"""Commitment throughput and firing lateness on one `troth serve` node.
+
+* ``create``: commitments created per second, one per request (8 concurrent
+  clients) and in batches of 100;
+* ``due_together``: N commitments due in the same second (default 10,000): firing
+  lateness p50/p99/max measured at a local receiver (arrival - due time), and the
+  drain time until the last one arrived. The node's outbox runs 64 workers.
+
+Run:  python benchmarks/bench_commitments.py [--due 10000]
+Prints JSON. The receiver and the node share this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+from common import emit, machine, redis_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.arrivals: dict[str, float] = {}
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                with receiver.lock:
+                    receiver.arrivals.setdefault(self.headers["idempotency-key"], time.time())
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def start_node(redis_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = workdir / "node.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "redis": {"key_prefix": "cbench"},
+                "runtime": {"outbox_workers": 64, "max_mailbox": 100000},
+                "plugins": {"commitments": {"allow_loopback": True}, "timers": {}, "send": {}},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "troth.cli",
+            "serve",
+            "--config",
+            str(cfg),
+            "--redis",
+            redis_url,
+            "--port",
+            str(port),
+            "--node-id",
+            "c1",
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).json()["shards"] > 0:
+                return proc, url
+        except (httpx.HTTPError, ValueError, KeyError):
+            time.sleep(0.1)
+    raise RuntimeError("node did not start")
+
+
+def spec(target: str, **trigger: Any) -> dict[str, Any]:
+    return {"trigger": {"type": "time_after", **trigger}, "obligation": {"target": target}}
+
+
+def bench_create(url: str, target: str, single: int, batches: int) -> dict[str, Any]:
+    body = spec(target, delay_seconds=3600)
+    with httpx.Client(base_url=url, timeout=60) as api:
+
+        def one(_: int) -> None:
+            api.post("/v1/commitments", json=body).raise_for_status()
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(single)))
+        single_rate = single / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(batches):
+            api.post("/v1/commitments/batch", json={"commitments": [body] * 100}).raise_for_status()
+        batch_rate = batches * 100 / (time.perf_counter() - t)
+    return {"single_per_s": round(single_rate), "batch_per_s": round(batch_rate)}
+
+
+def bench_due(url: str, receiver: Receiver, n: int, batch_rate: float) -> dict[str, Any]:
+    # Creation slows as active actors (threads) accumulate: leave a wide margin.
+    due = time.time() + n / max(batch_rate, 1) * 3 + 10
+    body = spec(receiver.url, timestamp=due)
+    with httpx.Client(base_url=url, timeout=120) as api:
+
+        def one(_: int) -> None:
+            api.post("/v1/commitments/batch", json={"commitments": [body] * 100}).raise_for_status()
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(n // 100)))
+    created_by = time.time()
+    while len(receiver.arrivals) < n and time.time() < due + 600:
+        time.sleep(0.2)
+    late = sorted(a - due for a in receiver.arrivals.values())
+    q = statistics.quantiles(late, n=100) if len(late) > 1 else [0.0] * 99
+    return {
+        "commitments": n,
+        "delivered": len(late),
+        "created_before_due_s": round(due - created_by, 1),
+        "lateness_p50_s": round(q[49], 2),
+        "lateness_p99_s": round(q[98], 2),
+        "lateness_max_s": round(late[-1], 2) if late else None,
+        "drain_s": round(late[-1] - max(0.0, late[0]), 2) if late else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--single", type=int, default=500)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--due", type=int, default=10000)
+    args = ap.parse_args()
+    receiver = Receiver()
+    with redis_server() as redis_url, tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_node(redis_url, Path(tmp))
+        try:
+            create = bench_create(url, receiver.url, args.single, args.batches)
+            due = bench_due(url, receiver, args.due, create["batch_per_s"])
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    emit({"benchmark": "commitments", "machine": machine(), "create": create, "due_together": due})
+
+
+if __name__ == "__main__":
+    main()
