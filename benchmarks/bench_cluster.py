@@ -130,7 +130,10 @@ class Cluster:
         for proc, _ in self.procs.values():
             proc.terminate()
         for proc, _ in self.procs.values():
-            proc.wait(30)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         self.procs.clear()
 
     @property

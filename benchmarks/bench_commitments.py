@@ -166,7 +166,10 @@ def main() -> None:
             due = bench_due(url, receiver, args.due, create["batch_per_s"])
         finally:
             proc.terminate()
-            proc.wait(60)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     emit({"benchmark": "commitments", "machine": machine(), "create": create, "due_together": due})
 
 

@@ -70,7 +70,18 @@ def status(client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
         "outbox": {"pending": outbox_pending, "stuck": outbox_total - outbox_pending},
         "timers": timers,
         "recent_failures": recent_failures(client, keys, stuck_shards),
+        "commitments": commitment_counts(client, keys),
     }
+
+
+def commitment_counts(client: redis.Redis, keys: KeySpace) -> dict[str, int]:
+    """Commitments by status, over every principal."""
+    from .caas.index import CommitmentIndex
+
+    totals: Counter[str] = Counter()
+    for (_, status), n in CommitmentIndex(client, keys).counts().items():
+        totals[status] += n
+    return {k: v for k, v in sorted(totals.items()) if v}
 
 
 def recent_failures(

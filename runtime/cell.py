@@ -126,6 +126,10 @@ class CellHandle:
 
 
 class Cell(pykka.ThreadingActor):
+    #: Everything a cell has committed is in Redis; a cell still winding down when the
+    #: node exits (after the drain deadline) must not keep the process alive.
+    use_daemon_thread = True
+
     def __init__(self, host: CellHost, handle: CellHandle) -> None:
         super().__init__()
         self.host = host

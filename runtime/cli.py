@@ -93,6 +93,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             f"{n['id']:40} {'yes' if n['live'] else 'no':5} {n['shards']:>6} "
             f"{n['active_actors']:>7}  {n['url']}"
         )
+    if data["commitments"]:
+        print("commitments: " + ", ".join(f"{n} {st}" for st, n in data["commitments"].items()))
     if data["recent_failures"]:
         print("recent failures (dead or uncertain side effects):")
         for f in data["recent_failures"]:

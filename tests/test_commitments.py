@@ -420,6 +420,23 @@ def test_event_key_deduplicates(cs: httpx.Client, receiver: Receiver) -> None:
     assert second["duplicate"] is True and second["delivered_to"] == 0
 
 
+def test_status_counts_commitments(
+    cs: httpx.Client, receiver: Receiver, rclient: Any, prefix: str
+) -> None:
+    from troth import admin
+    from troth.keys import KeySpace
+
+    c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 60})
+    cs.delete(f"/v1/commitments/{c['id']}")
+    commit(cs, receiver, {"type": "time_after", "delay_seconds": 60})
+    counts = wait_until(
+        lambda: (
+            (d := admin.status(rclient, KeySpace(prefix, 64))["commitments"]).get("cancelled") and d
+        )
+    )
+    assert counts == {"cancelled": 1, "pending": 1}
+
+
 def test_metrics(cs: httpx.Client, receiver: Receiver) -> None:
     c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 0})
     settled(cs, c["id"])
