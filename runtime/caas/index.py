@@ -36,6 +36,7 @@ class CommitmentIndex:
         self.client = client
         self.prefix = keys.prefix
         self._apply = client.register_script(load_lua("cmindex.lua"))
+        self._known: set[str] = set()  # principals already in P:principals
 
     def _k(self, principal: str, what: str) -> str:
         return f"{self.prefix}:{{cm:{principal}}}:{what}"
@@ -47,7 +48,9 @@ class CommitmentIndex:
             keys=keys,
             args=[summary["id"], summary["rev"], json.dumps(summary), *STATUSES],
         )
-        self.client.sadd(f"{self.prefix}:principals", principal)
+        if principal not in self._known:
+            self.client.sadd(f"{self.prefix}:principals", principal)
+            self._known.add(principal)
         return bool(applied)
 
     def get(self, principal: str, cid: str) -> dict[str, Any] | None:
