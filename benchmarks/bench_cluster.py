@@ -19,10 +19,8 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -31,7 +29,7 @@ from typing import Any
 
 import httpx
 import redis
-from common import emit, machine, redis_server
+from common import emit, machine, redis_server, start_node, stop_node
 
 from troth.client import AsyncClient
 from troth.keys import KeySpace
@@ -39,12 +37,6 @@ from troth.names import ActorName, shard_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Cluster:
@@ -73,39 +65,9 @@ class Cluster:
         self.procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
 
     def start(self, node_id: str) -> str:
-        port = free_port()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "troth.cli",
-                "serve",
-                "--config",
-                str(self.config),
-                "--redis",
-                self.redis_url,
-                "--port",
-                str(port),
-                "--node-id",
-                node_id,
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
+        proc, url = start_node(str(self.config), self.redis_url, node_id)
         self.procs[node_id] = (proc, url)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).json().get("shards", 0) > 0:
-                    return url
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"node {node_id} did not start")
+        return url
 
     def balanced(self, n: int) -> None:
         client = redis.Redis.from_url(self.redis_url)
@@ -128,12 +90,7 @@ class Cluster:
 
     def stop(self) -> None:
         for proc, _ in self.procs.values():
-            proc.terminate()
-        for proc, _ in self.procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_node(proc)
         self.procs.clear()
 
     @property

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import emit, machine, redis_server
+from common import emit, machine, redis_server, start_node, stop_node
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,12 +55,7 @@ class Receiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def start_node(redis_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def node_config(workdir: Path) -> str:
     cfg = workdir / "node.json"
     cfg.write_text(
         json.dumps(
@@ -73,34 +66,7 @@ def start_node(redis_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], 
             }
         )
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "troth.cli",
-            "serve",
-            "--config",
-            str(cfg),
-            "--redis",
-            redis_url,
-            "--port",
-            str(port),
-            "--node-id",
-            "c1",
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).json()["shards"] > 0:
-                return proc, url
-        except (httpx.HTTPError, ValueError, KeyError):
-            time.sleep(0.1)
-    raise RuntimeError("node did not start")
+    return str(cfg)
 
 
 def spec(target: str, **trigger: Any) -> dict[str, Any]:
@@ -160,16 +126,12 @@ def main() -> None:
     args = ap.parse_args()
     receiver = Receiver()
     with redis_server() as redis_url, tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_node(redis_url, Path(tmp))
+        proc, url = start_node(node_config(Path(tmp)), redis_url, "c1")
         try:
             create = bench_create(url, receiver.url, args.single, args.batches)
             due = bench_due(url, receiver, args.due, create["batch_per_s"])
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_node(proc)
     emit({"benchmark": "commitments", "machine": machine(), "create": create, "due_together": due})
 
 

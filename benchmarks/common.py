@@ -8,6 +8,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -70,3 +71,57 @@ def machine() -> dict[str, Any]:
 
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result, indent=2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_node(config: str, redis_url: str, node_id: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A `troth serve` subprocess on a free loopback port; returns once it owns shards."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "troth.cli",
+            "serve",
+            "--config",
+            config,
+            "--redis",
+            redis_url,
+            "--port",
+            str(port),
+            "--node-id",
+            node_id,
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).json().get("shards", 0) > 0:
+                return proc, url
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"node {node_id} did not start")
+
+
+def stop_node(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if the graceful stop takes over a minute."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
