@@ -39,7 +39,7 @@ from troth.plugin import (
     PluginFactory,
     RetryPolicy,
 )
-from troth.plugins.http import RETRYABLE_STATUS, UnsafeTargetError, check_address
+from troth.plugins.http import UnsafeTargetError, check_address, outcome_of
 
 
 class CommitmentSettings(BaseModel):
@@ -128,15 +128,10 @@ class WebhookExecutor:
             return ExecutionOutcome(ok=False, retryable=True, error=f"{kind}: {exc}")
         finally:
             m.latency.observe(time.perf_counter() - started)
-        code = resp.status_code
-        if 200 <= code < 300:
-            m.deliveries.labels("ok").inc()
-            return ExecutionOutcome(ok=True, status_code=code)
-        retryable = code in RETRYABLE_STATUS or code >= 500
-        m.deliveries.labels("retryable" if retryable else "rejected").inc()
-        return ExecutionOutcome(
-            ok=False, retryable=retryable, status_code=code, error=f"HTTP {code}"
-        )
+        outcome = outcome_of(resp.status_code)
+        label = "ok" if outcome.ok else "retryable" if outcome.retryable else "rejected"
+        m.deliveries.labels(label).inc()
+        return outcome
 
     def close(self) -> None:
         self.client.close()

@@ -39,6 +39,19 @@ from troth.plugin import (
 )
 
 RETRYABLE_STATUS = frozenset({408, 429})
+
+
+def outcome_of(code: int, value: Any = None) -> ExecutionOutcome:
+    """The delivery rule shared by every HTTP effect: 2xx succeeds; 408, 429 and 5xx
+    are worth retrying; any other status is final."""
+    if 200 <= code < 300:
+        return ExecutionOutcome(ok=True, status_code=code, value=value)
+    retryable = code in RETRYABLE_STATUS or code >= 500
+    return ExecutionOutcome(
+        ok=False, retryable=retryable, status_code=code, error=f"HTTP {code}", value=value
+    )
+
+
 MAX_HEADERS = 50
 
 
@@ -161,14 +174,7 @@ class HttpExecutor:
             return ExecutionOutcome(ok=False, retryable=True, error=f"timeout: {exc!r}")
         except httpx.HTTPError as exc:
             return ExecutionOutcome(ok=False, retryable=True, error=f"{type(exc).__name__}: {exc}")
-        body = resp.text[: s.max_response_bytes]
-        code = resp.status_code
-        if 200 <= code < 300:
-            return ExecutionOutcome(ok=True, status_code=code, value=body)
-        retryable = code in RETRYABLE_STATUS or code >= 500
-        return ExecutionOutcome(
-            ok=False, retryable=retryable, status_code=code, error=f"HTTP {code}", value=body
-        )
+        return outcome_of(resp.status_code, resp.text[: s.max_response_bytes])
 
     def close(self) -> None:
         self.client.close()
