@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-import httpx
 import redis
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from troth.caas import delivery
 from troth.caas.index import CommitmentIndex
 from troth.names import ActorName
+from troth.outbound import AddressPolicy, attempt, guarded_client, outcome_of
 from troth.plugin import (
     ActorPlugin,
     ExecutionOutcome,
@@ -39,7 +39,6 @@ from troth.plugin import (
     PluginFactory,
     RetryPolicy,
 )
-from troth.plugins.http import UnsafeTargetError, check_address, outcome_of
 
 
 class CommitmentSettings(BaseModel):
@@ -100,34 +99,20 @@ class WebhookExecutor:
     def __init__(self, factory: CommitmentsFactory) -> None:
         self.factory = factory
         s = factory.settings
-        self.client = httpx.Client(
-            timeout=s.timeout_seconds,
-            follow_redirects=False,
-            headers={"user-agent": "troth-commitments"},
-        )
+        policy = AddressPolicy(s.allow_loopback, s.allow_private)
+        self.client = guarded_client(policy, s.timeout_seconds, "troth-commitments")
 
     def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
-        spec, s, m = entry.spec, self.factory.settings, self.factory
+        spec, m = entry.spec, self.factory
         if entry.attempts == 1 and spec.get("due_ms") is not None:
             m.lateness.observe(max(0, spec["fired_ms"] - spec["due_ms"]) / 1000)
-        try:
-            check_address(spec["target"], s.allow_loopback, s.allow_private)
-        except UnsafeTargetError as exc:
-            m.deliveries.labels("refused").inc()
-            return ExecutionOutcome(ok=False, error=str(exc))
-        except ConnectionError as exc:
-            m.deliveries.labels("error").inc()
-            return ExecutionOutcome(ok=False, retryable=True, error=str(exc))
         body, headers = delivery.build(spec, entry.attempts, self.factory.secret(spec["principal"]))
         started = time.perf_counter()
-        try:
-            resp = self.client.post(spec["target"], content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            m.deliveries.labels("error").inc()
-            kind = "timeout" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
-            return ExecutionOutcome(ok=False, retryable=True, error=f"{kind}: {exc}")
-        finally:
-            m.latency.observe(time.perf_counter() - started)
+        resp = attempt(self.client, "POST", spec["target"], content=body, headers=headers)
+        m.latency.observe(time.perf_counter() - started)
+        if isinstance(resp, ExecutionOutcome):
+            m.deliveries.labels("error" if resp.retryable else "refused").inc()
+            return resp
         outcome = outcome_of(resp.status_code)
         label = "ok" if outcome.ok else "retryable" if outcome.retryable else "rejected"
         m.deliveries.labels(label).inc()

@@ -13,21 +13,27 @@ repeated: it is reported ``uncertain`` instead. ``on_result="method"`` hands the
 final outcome back to the actor.
 
 Targets must be http or https. Loopback, private, link-local and other
-non-public addresses are refused unless the settings allow them, and redirects
-are not followed, so an actor cannot be steered into the node's own network.
+non-public addresses are refused unless the settings allow them, the connection
+goes to the very address that was checked, redirects are not followed, and
+framing and hop-by-hop headers cannot be set (:mod:`troth.outbound`), so an actor
+cannot be steered into the node's own network.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from troth.names import ActorName
+from troth.outbound import (
+    AddressPolicy,
+    attempt,
+    check_headers,
+    check_url,
+    guarded_client,
+    outcome_of,
+)
 from troth.plugin import (
     ActorPlugin,
     ExecutionOutcome,
@@ -38,22 +44,6 @@ from troth.plugin import (
     RetryPolicy,
 )
 
-RETRYABLE_STATUS = frozenset({408, 429})
-
-
-def outcome_of(code: int, value: Any = None) -> ExecutionOutcome:
-    """The delivery rule shared by every HTTP effect: 2xx succeeds; 408, 429 and 5xx
-    are worth retrying; any other status is final."""
-    if 200 <= code < 300:
-        return ExecutionOutcome(ok=True, status_code=code, value=value)
-    retryable = code in RETRYABLE_STATUS or code >= 500
-    return ExecutionOutcome(
-        ok=False, retryable=retryable, status_code=code, error=f"HTTP {code}", value=value
-    )
-
-
-MAX_HEADERS = 50
-
 
 class HttpSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -62,40 +52,6 @@ class HttpSettings(BaseModel):
     allow_private: bool = Field(False, description="Allow private and link-local targets.")
     max_response_bytes: int = Field(65_536, ge=0, description="Response body kept in results.")
     user_agent: str = "troth"
-
-
-class UnsafeTargetError(ValueError):
-    pass
-
-
-def check_url(url: str) -> str:
-    """Validate scheme and shape; the address check happens at send time."""
-    if not isinstance(url, str) or len(url) > 2048:
-        raise UnsafeTargetError("url must be a string of at most 2048 characters")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise UnsafeTargetError(f"url scheme must be http or https, not {parts.scheme!r}")
-    if not parts.hostname:
-        raise UnsafeTargetError(f"url {url!r} has no host")
-    return url
-
-
-def check_address(url: str, allow_loopback: bool, allow_private: bool) -> None:
-    """Refuse targets that resolve to addresses the settings do not allow."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise ConnectionError(f"cannot resolve {host!r}: {exc}") from exc
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if addr.is_loopback:
-            if not allow_loopback:
-                raise UnsafeTargetError(f"{host} resolves to loopback {addr}; not allowed")
-        elif not addr.is_global and not allow_private:
-            raise UnsafeTargetError(f"{host} resolves to non-public {addr}; not allowed")
 
 
 class Http(OutboxPlugin):
@@ -123,9 +79,7 @@ class Http(OutboxPlugin):
         if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise ValueError(f"unsupported HTTP method {method!r}")
         check_url(url)
-        hdrs = {str(k): str(v) for k, v in (headers or {}).items()}
-        if len(hdrs) > MAX_HEADERS:
-            raise ValueError(f"at most {MAX_HEADERS} headers")
+        hdrs = check_headers(dict(headers or {}))
         return self._enqueue(
             {
                 "method": method,
@@ -150,31 +104,18 @@ class HttpExecutor:
 
     def __init__(self, settings: HttpSettings) -> None:
         self.settings = settings
-        self.client = httpx.Client(
-            timeout=settings.timeout_seconds,
-            follow_redirects=False,
-            headers={"user-agent": settings.user_agent},
-        )
+        policy = AddressPolicy(settings.allow_loopback, settings.allow_private)
+        self.client = guarded_client(policy, settings.timeout_seconds, settings.user_agent)
 
     def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
         spec = entry.spec
-        s = self.settings
-        try:
-            check_address(spec["url"], s.allow_loopback, s.allow_private)
-        except UnsafeTargetError as exc:
-            return ExecutionOutcome(ok=False, error=str(exc))
-        except ConnectionError as exc:
-            return ExecutionOutcome(ok=False, retryable=True, error=str(exc))
         headers = {**spec.get("headers", {}), "idempotency-key": entry.idempotency_key}
-        try:
-            resp = self.client.request(
-                spec["method"], spec["url"], json=spec.get("json"), headers=headers
-            )
-        except httpx.TimeoutException as exc:
-            return ExecutionOutcome(ok=False, retryable=True, error=f"timeout: {exc!r}")
-        except httpx.HTTPError as exc:
-            return ExecutionOutcome(ok=False, retryable=True, error=f"{type(exc).__name__}: {exc}")
-        return outcome_of(resp.status_code, resp.text[: s.max_response_bytes])
+        resp = attempt(
+            self.client, spec["method"], spec["url"], json=spec.get("json"), headers=headers
+        )
+        if isinstance(resp, ExecutionOutcome):
+            return resp
+        return outcome_of(resp.status_code, resp.text[: self.settings.max_response_bytes])
 
     def close(self) -> None:
         self.client.close()

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from troth.errors import AppError, CallTimeout, NotFoundError, RetryableError
+from troth.access import Caller
+from troth.errors import AppError, CallTimeout, ForbiddenError, NotFoundError, RetryableError
 from troth.names import ActorName
 from troth.plugin import (
     ActorPlugin,
@@ -75,10 +76,11 @@ class SendExecutor:
                 spec["kwargs"],
                 entry.idempotency_key,
                 self.timeout,
+                Caller.of_actor(entry.origin),
             )
         except AppError as exc:
             return ExecutionOutcome(ok=False, error=str(exc), value=exc.to_dict())
-        except NotFoundError as exc:
+        except (NotFoundError, ForbiddenError) as exc:
             return ExecutionOutcome(ok=False, error=str(exc))
         except (RetryableError, CallTimeout) as exc:  # redelivered with the same message id
             return ExecutionOutcome(ok=False, retryable=True, error=str(exc))

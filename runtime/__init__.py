@@ -4,12 +4,14 @@ Subclass :class:`CA`, register the class in the configuration, and run
 ``troth serve``. See ``README.md`` for the model and its guarantees.
 """
 
-from .actor import CA, Checkpoint
+from .access import Caller
+from .actor import CA, Checkpoint, internal
 from .errors import (
     ActivationError,
     AppError,
     FencedError,
     NotFoundError,
+    QuotaExceeded,
     RetryableError,
     TrothError,
 )
@@ -23,11 +25,14 @@ __all__ = [
     "ActivationError",
     "ActorName",
     "AppError",
+    "Caller",
     "Checkpoint",
     "FencedError",
     "NotFoundError",
+    "QuotaExceeded",
     "RetryPolicy",
     "RetryableError",
     "TrothError",
     "__version__",
+    "internal",
 ]

@@ -24,13 +24,29 @@ Hooks, each run in a transaction of its own like a method:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+from .access import Caller
 from .names import ActorName
 from .plugin import ActorPlugin
 
 HOOKS = frozenset({"init", "resume", "pulse", "upgrade"})
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def internal(method: F) -> F:
+    """Mark a CA method as internal: callable by other actors (``plugins.send``), by
+    timers and ``on_result`` callbacks, and by the runtime's own extensions, but never
+    by a client (HTTP, WebSocket, the client library, ``troth call``).
+
+    A client naming an internal method gets 404, exactly as for a method that does not
+    exist, so internal surfaces cannot even be probed.
+    """
+    method._troth_internal = True  # type: ignore[attr-defined]
+    return method
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +95,9 @@ class CA:
         self.plugins = plugins
         self.state: dict[str, Any] = {}
         self.scratch: dict[str, Any] = {}
+        #: Who sent the message being handled (set for each transaction): a client's
+        #: authenticated principal, or the sending actor for actor-to-actor messages.
+        self.caller: Caller = Caller(None)
         self.log = logging.getLogger(f"troth.actor.{name.type}")
 
     def init(self) -> None:
@@ -92,18 +111,30 @@ class CA:
 
     @classmethod
     def public_methods(cls) -> frozenset[str]:
-        """Names a client may call: public, callable, defined below ``CA``."""
+        """Names a client may call: public, callable, defined below ``CA``, and not
+        marked :func:`internal`."""
+        return cls._methods()[0]
+
+    @classmethod
+    def internal_methods(cls) -> frozenset[str]:
+        """Names marked :func:`internal`: reachable by actors and the runtime only."""
+        return cls._methods()[1]
+
+    @classmethod
+    def _methods(cls) -> tuple[frozenset[str], frozenset[str]]:
         cached = cls.__dict__.get("_troth_methods")
-        if isinstance(cached, frozenset):
+        if isinstance(cached, tuple):
             return cached
         base = set(dir(CA))
-        names = frozenset(
+        names = [
             n
             for n in dir(cls)
             if not n.startswith("_")
             and n not in base
             and n not in HOOKS
             and callable(getattr(cls, n, None))
-        )
-        cls._troth_methods = names  # type: ignore[attr-defined]
-        return names
+        ]
+        hidden = frozenset(n for n in names if getattr(getattr(cls, n), "_troth_internal", False))
+        result = (frozenset(names) - hidden, hidden)
+        cls._troth_methods = result  # type: ignore[attr-defined]
+        return result

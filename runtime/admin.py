@@ -33,12 +33,20 @@ def status(client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
         pipe.zcard(sk.timers)
         pipe.scard(sk.actors)
     rows = pipe.execute()
+    served_by = {
+        member.decode(): _Bitmap(info.get(b"served", b""))
+        for (member, expiry), info in zip(nodes_raw, infos, strict=True)
+        if expiry > now
+    }
     owners: Counter[str] = Counter()
-    outbox_pending = outbox_total = timers = actors = 0
+    outbox_pending = outbox_total = timers = actors = served = 0
     stuck_shards = []
     for i in range(keys.shard_count):
         owner, queued, total, tm, cas = rows[i * 5 : i * 5 + 5]
-        owners[(owner or b"").decode() or "(none)"] += 1
+        owner_id = (owner or b"").decode()
+        owners[owner_id or "(none)"] += 1
+        if owner_id in served_by and served_by[owner_id].get(i):
+            served += 1
         outbox_pending += queued
         outbox_total += total
         timers += tm
@@ -60,7 +68,6 @@ def status(client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
                 "lease_expires_in_seconds": round((expiry - now) / 1000, 1),
             }
         )
-    served = sum(n["shards"] for n in nodes if n["live"])
     return {
         "prefix": keys.prefix,
         "shards": keys.shard_count,
@@ -72,6 +79,20 @@ def status(client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
         "recent_failures": recent_failures(client, keys, stuck_shards),
         "commitments": commitment_counts(client, keys),
     }
+
+
+class _Bitmap:
+    """A node's published ``served`` bitmap (hex), read bit by bit."""
+
+    def __init__(self, raw: bytes) -> None:
+        try:
+            self.bits = bytes.fromhex(raw.decode())
+        except ValueError:
+            self.bits = b""
+
+    def get(self, shard: int) -> bool:
+        byte = shard // 8
+        return byte < len(self.bits) and bool(self.bits[byte] >> (shard % 8) & 1)
 
 
 def commitment_counts(client: redis.Redis, keys: KeySpace) -> dict[str, int]:

@@ -20,6 +20,8 @@ class ActorType:
     state_version: str
     pulse_seconds: float | None
     idle_seconds: float
+    #: Counted against the owner's ``quotas.actors`` (built-in types keep their own).
+    counted: bool = True
 
     @property
     def autonomous(self) -> bool:
@@ -27,7 +29,13 @@ class ActorType:
 
     @property
     def methods(self) -> frozenset[str]:
+        """What clients may call."""
         return self.cls.public_methods()
+
+    @property
+    def internal_methods(self) -> frozenset[str]:
+        """What only actors and the runtime may call (:func:`troth.internal`)."""
+        return self.cls.internal_methods()
 
     @property
     def has_upgrade(self) -> bool:
@@ -66,7 +74,8 @@ class Catalog:
         types: dict[str, ActorType] = {}
         for name, ca_cls in (builtins or {}).items():
             path = f"{ca_cls.__module__}:{ca_cls.__qualname__}"
-            types[name] = build_type(name, ca_cls, ActorTypeConfig.model_validate({"class": path}))
+            tc = ActorTypeConfig.model_validate({"class": path})
+            types[name] = build_type(name, ca_cls, tc, counted=False)
         for name, tc in config.types.items():
             ca_cls = import_class(tc.class_path)
             if not issubclass(ca_cls, CA):
@@ -84,7 +93,7 @@ class Catalog:
         return iter(self._types.values())
 
 
-def build_type(name: str, ca_cls: type[CA], tc: ActorTypeConfig) -> ActorType:
+def build_type(name: str, ca_cls: type[CA], tc: ActorTypeConfig, counted: bool = True) -> ActorType:
     version = tc.state_version or ca_cls.state_version
     try:
         parse(version)
@@ -96,4 +105,5 @@ def build_type(name: str, ca_cls: type[CA], tc: ActorTypeConfig) -> ActorType:
         state_version=version,
         pulse_seconds=tc.pulse_seconds or ca_cls.pulse_seconds,
         idle_seconds=tc.idle_seconds,
+        counted=counted,
     )

@@ -35,6 +35,8 @@ from .errors import (
     AppError,
     BadRequestError,
     NotFoundError,
+    QuotaExceeded,
+    RedisUnavailable,
     RetryableError,
     TrothError,
     UnavailableError,
@@ -42,6 +44,7 @@ from .errors import (
 from .metrics import NodeMetrics
 from .names import ActorName
 from .plugin import CommitOps, PluginFactory
+from .quotas import Quotas
 from .transaction import ActorRuntime, Message, StaleActivation, TimerAlreadyHandled
 from .versioning import Decision, decide
 
@@ -76,6 +79,7 @@ class CellHost(Protocol):
     committer: GroupCommitter
     metrics: NodeMetrics
     plugin_factories: dict[str, PluginFactory]
+    quotas: Quotas
 
     def after_commit(self, shard: int, ops: CommitOps) -> None: ...
 
@@ -158,7 +162,7 @@ class Cell(pykka.ThreadingActor):
             self._settle(envelope, error=exc)
         except redis.RedisError as exc:
             # Loading or a de-duplication lookup failed: nothing ran. Start afresh next time.
-            self._fail(UnavailableError(f"{self.name}: Redis unavailable: {exc}"))
+            self._fail(RedisUnavailable(f"{self.name}: Redis unavailable: {exc}"))
             self._settle(envelope, error=self.failure)
         except Exception as exc:  # a bug in troth itself: never kill the cell silently
             log.exception("%s: internal error handling %s", self.name, msg.kind)
@@ -192,17 +196,24 @@ class Cell(pykka.ThreadingActor):
             try:
                 self.runtime = self._activate()
             except TrothError as exc:
-                self._fail(exc if isinstance(exc, RetryableError) else ActivationError(str(exc)))
+                keep = isinstance(exc, RetryableError | QuotaExceeded)
+                self._fail(exc if keep else ActivationError(str(exc)))
                 raise
         rt = self.runtime
+        new = rt.needs_init
         try:
             if msg.kind == "call":
-                return self._call(rt, msg)
-            if msg.kind == "pulse":
-                return rt.execute(msg, rt.ca.pulse)
-            if msg.kind == "timer":
-                return self._fire(rt, msg)
-            raise BadRequestError(f"unknown message kind {msg.kind!r}")
+                reply = self._call(rt, msg)
+            elif msg.kind == "pulse":
+                reply = rt.execute(msg, rt.ca.pulse)
+            elif msg.kind == "timer":
+                reply = self._fire(rt, msg)
+            else:
+                raise BadRequestError(f"unknown message kind {msg.kind!r}")
+            if new and not rt.needs_init and self.atype.counted and self.name.owner:
+                with contextlib.suppress(redis.RedisError):  # a count, after the commit
+                    self.host.quotas.actor_created(self.name.owner)
+            return reply
         except StaleActivation as exc:
             error = UnavailableError(str(exc))
             self._fail(error)
@@ -218,7 +229,7 @@ class Cell(pykka.ThreadingActor):
                 self.host.metrics.dedup_hits.inc()
                 return prior[0]
         fn = getattr(rt.ca, msg.method, None)
-        if fn is None or msg.method not in self.atype.methods:
+        if fn is None:
             raise NotFoundError(f"{self.name.type} has no public method {msg.method!r}")
         try:
             signature_of(type(rt.ca), msg.method).bind(*msg.args, **msg.kwargs)
@@ -279,6 +290,8 @@ class Cell(pykka.ThreadingActor):
             )
 
         if stored is None:
+            if self.atype.counted and self.name.owner:
+                self.host.quotas.check_new_actor(self.name.owner)
             rt = runtime(0)
             rt.needs_init = True  # init runs inside the first message's transaction
             return rt

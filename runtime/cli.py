@@ -16,7 +16,7 @@ from . import admin, embedded_redis
 from .config import Config, load_config
 from .errors import TrothError, error_from_dict
 from .keys import KeySpace
-from .names import ActorName, shard_of
+from .names import ActorName, check_method, shard_of
 from .node import Node, redis_client
 
 
@@ -117,6 +117,7 @@ def cmd_inspect(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_call(args: argparse.Namespace, config: Config) -> int:
     name = ActorName.parse(args.actor)
+    check_method(args.method)
     try:
         call_args = json.loads(args.args) if args.args else []
         kwargs = json.loads(args.kwargs) if args.kwargs else {}

@@ -43,6 +43,7 @@ from websockets.exceptions import WebSocketException
 
 from .aio import LoopThread
 from .errors import CallTimeout, RetryableError, TrothError, error_from_dict
+from .names import ActorName, check_method
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class AsyncClient:
         **kwargs: Any,
     ) -> Any:
         """Call ``method`` on ``actor`` (``TYPE/ID``); see the module docstring."""
+        ActorName.parse(actor)  # refused here, before anything is sent
+        check_method(method)
         if self._runner is None:
             await self.connect()
         request_id = request_id or uuid.uuid4().hex

@@ -41,11 +41,26 @@ class NodeConfig(_Model):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     call_timeout_seconds: float = Field(30.0, gt=0, description="Longest wait for a reply.")
     public_url: str | None = Field(None, description="URL other nodes use to reach this one.")
+    max_connections: int = Field(
+        4096, ge=1, description="Open HTTP and WebSocket connections; beyond it new ones get 503."
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="A connection must send its request head within this."
+    )
+    keep_alive_seconds: float = Field(
+        5.0, gt=0, le=300, description="An idle kept-alive HTTP connection is closed after this."
+    )
 
 
 class RedisConfig(_Model):
     url: str | None = Field(None, description="redis:// or unix:// URL; none: embedded Redis.")
     key_prefix: str = Field("troth", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Longest wait for one Redis reply; past it calls answer 503.",
+    )
     appendfsync: str = Field(
         "everysec",
         pattern=r"^(always|everysec|no)$",
@@ -79,6 +94,9 @@ class RuntimeConfig(_Model):
         1000, ge=1, description="Notifications kept per actor for sessions that reconnect."
     )
     max_sessions: int = Field(1000, ge=1, description="WebSocket sessions per node.")
+    max_subscriptions: int = Field(
+        10_000, ge=1, description="Notification subscriptions per node, over all sessions."
+    )
 
 
 class ActorTypeConfig(_Model):
@@ -107,12 +125,39 @@ class AuthConfig(_Model):
         return keys
 
 
+class Quota(_Model):
+    actors: int = Field(100_000, ge=0, description="Actors a principal may create.")
+    pending_commitments: int = Field(
+        100_000, ge=0, description="Commitments a principal may have pending at once."
+    )
+    events_per_second: int = Field(
+        1_000, ge=0, description="Events a principal may POST per second (cluster-wide)."
+    )
+
+
+class QuotaConfig(Quota):
+    per_principal: dict[str, Quota] = Field(
+        default_factory=dict,
+        description="Principal -> the quotas it has other than the defaults above.",
+    )
+
+    def of(self, principal: str) -> Quota:
+        """The quotas of ``principal``: its own where given, the defaults elsewhere."""
+        own = self.per_principal.get(principal)
+        if own is None:
+            return self
+        return Quota(
+            **{**self.model_dump(exclude={"per_principal"}), **own.model_dump(exclude_unset=True)}
+        )
+
+
 class Config(_Model):
     node: NodeConfig = Field(default_factory=NodeConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    quotas: QuotaConfig = Field(default_factory=QuotaConfig)
     python_path: list[str] = Field(
         default_factory=list, description="Directories (relative to the config) to import from."
     )

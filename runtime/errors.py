@@ -121,6 +121,24 @@ class UnavailableError(RetryableError):
     """The actor or its store is temporarily unavailable (moving, overloaded, down)."""
 
 
+class RedisUnavailable(UnavailableError):
+    """Redis did not answer within the configured bound. Nothing new was committed by
+    this call (or its outcome is unknown): retry it with the same ``request_id``."""
+
+
+class QuotaExceeded(TrothError):
+    """The principal is over one of its quotas (actors, pending commitments, events/s).
+
+    Answered 429 with ``Retry-After``; nothing was created or changed.
+    """
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RemoteError(TrothError):
     """An error of a kind this process has no class for, as another node reported it."""
 
@@ -145,6 +163,10 @@ _BY_NAME: dict[str, type[TrothError]] = {
         RetryableError,
         FencedError,
         UnavailableError,
+        RedisUnavailable,
+        AuthError,
+        ForbiddenError,
+        QuotaExceeded,
     )
 }
 

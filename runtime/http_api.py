@@ -1,36 +1,45 @@
-"""The HTTP API of a node (design section 7), on FastAPI.
+"""The HTTP API of a node, on FastAPI.
 
-This layer only translates: it validates bodies with pydantic, maps the caller's
-bearer key to a principal, hands the call to the node and maps troth errors to
-status codes. Every error body has the same shape::
+This layer only translates: it parses bodies as strict JSON and validates them with
+pydantic, maps the caller's bearer key to a principal, hands the call to the router
+and maps troth errors to status codes. Every error body has the same shape::
 
     {"error": {"type": "AppError", "message": "...", "data": ...}}
 
 Status codes: 404 unknown type or method; 409 application error; 422 malformed
-body or arguments; 413 body too large; 401/403 authentication and ownership;
-503 retry (the node does not own the actor now, or Redis is unreachable);
-504 no reply in time; 500 a bug in the actor (logged with its traceback).
+body, name or arguments; 413 body too large; 415 a write without API keys that is
+not JSON; 401/403 authentication and ownership; 429 over a quota; 503 retry (the
+actor is moving, or Redis did not answer in time); 504 no reply in time; 500 a bug
+in an actor (logged with its traceback). Both 429 and 503 carry ``Retry-After``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import ipaddress
+import logging
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
+import redis
 from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import AuthError, BadRequestError, ForbiddenError, TrothError
-from .names import ActorName
+from . import __version__, jsonsafe
+from .access import Caller
+from .errors import AuthError, ForbiddenError, QuotaExceeded, TrothError
+from .names import ActorName, check_method
 from .node import Node
-from .routing import CLUSTER_HEADER
+from .routing import CLUSTER_HEADER, CLUSTER_PATH
 from .sessions import SessionServer
+
+log = logging.getLogger(__name__)
 
 MAX_ARGS = 100
 
@@ -49,6 +58,14 @@ class CallReply(BaseModel):
     result: Any
 
 
+class Health(BaseModel):
+    status: str
+    node: str | None = None
+    shards: int | None = None
+    active_actors: int | None = None
+    error: str | None = None
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
@@ -59,11 +76,17 @@ class ErrorReply(BaseModel):
     error: ErrorDetail
 
 
-def error_response(status: int, kind: str, message: str, data: Any = None) -> JSONResponse:
+def error_response(
+    status: int, kind: str, message: str, data: Any = None, retry_after: int | None = None
+) -> JSONResponse:
+    """The one error shape: ``{"error": {"type", "message", "data"?}}``; 503 and 429
+    say when to retry."""
     err: dict[str, Any] = {"type": kind, "message": message}
     if data is not None:
         err["data"] = data
-    headers = {"retry-after": "1"} if status == 503 else None
+    if retry_after is None and status in (429, 503):
+        retry_after = 1
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"error": err}, status_code=status, headers=headers)
 
 
@@ -110,11 +133,11 @@ class _TooLarge(Exception):
 
 
 def resolve_principal(conn: HTTPConnection) -> str | None:
-    """The caller's principal; ``None`` when no API keys are configured (loopback only)
-    or when another node of the cluster forwards a call it already authenticated.
-    WebSocket clients that cannot set headers may pass ``?token=KEY``."""
+    """The caller's principal; ``None`` when no API keys are configured (the node then
+    serves loopback clients only, see :class:`LocalOnly`). WebSocket clients that
+    cannot set headers may pass ``?token=KEY``."""
     keys: dict[str, str] = conn.app.state.api_keys
-    if not keys or conn.app.state.node.router.is_cluster_call(conn.headers.get(CLUSTER_HEADER)):
+    if not keys:
         return None
     scheme, _, token = conn.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer":
@@ -131,16 +154,19 @@ async def principal(request: Request) -> str | None:
 Principal = Annotated[str | None, Depends(principal)]
 
 
+def caller_of(who: str | None) -> Caller:
+    """The :class:`Caller` of a client request: its authenticated principal, or the
+    operator when the node has no API keys."""
+    return Caller(who)
+
+
 async def json_body(request: Request, model: type[BodyT]) -> BodyT:
-    """Parse the body as JSON whatever its content type (curl -d sends form type).
+    """Parse the body as strict JSON (:mod:`troth.jsonsafe`) and validate it.
 
     An empty body counts as ``{}``; errors become 422 naming the field.
     """
     raw = await request.body()
-    try:
-        data = json.loads(raw) if raw.strip() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"body is not valid JSON: {exc}") from None
+    data = jsonsafe.loads(raw) if raw.strip() else {}
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -149,25 +175,153 @@ async def json_body(request: Request, model: type[BodyT]) -> BodyT:
         ) from None
 
 
+#: Request bodies parsed by :func:`json_body`, by model, for the OpenAPI document.
+_BODY_MODELS: dict[str, type[BaseModel]] = {}
+
+
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI ``requestBody`` for endpoints that parse their body with :func:`json_body`."""
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}}}
+    _BODY_MODELS[model.__name__] = model
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": ref}}}}
+
+
+#: Error answers every endpoint may give; each is an :class:`ErrorReply`.
+ERROR_STATUSES = {
+    401: "Missing or unknown API key",
+    403: "Not this principal's actor or commitment, or not a loopback request",
+    404: "Unknown actor type, method or commitment",
+    409: "The application refused (AppError) or the commitment is not in that state",
+    413: "Request body too large",
+    415: "Writes without API keys must be application/json",
+    422: "Malformed body, name or arguments",
+    429: "Over a quota; retry after Retry-After seconds",
+    500: "A bug in an actor (logged with its traceback on the node)",
+    503: "Retry after Retry-After seconds (actor moving, Redis unavailable)",
+    504: "No reply in time; retry with the same request_id to learn the outcome",
+}
+
+
+def _openapi(app: FastAPI, secured: bool) -> dict[str, Any]:
+    """FastAPI's document, completed: the body models that :func:`json_body` parses by
+    hand, the error answers of every operation and, with API keys, the bearer scheme."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name, model in _BODY_MODELS.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas[name] = body
+    schemas["ErrorReply"] = ErrorReply.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(schemas["ErrorReply"].pop("$defs", {}))
+    error = {
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorReply"}}}
+    }
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            responses = operation.setdefault("responses", {})
+            for status, text in ERROR_STATUSES.items():
+                responses.setdefault(str(status), {"description": text, **error})
+            if "422" in responses:
+                responses["422"] = {"description": ERROR_STATUSES[422], **error}
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    if secured:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+    app.openapi_schema = schema
+    return schema
+
+
+def _host_of(value: str) -> str:
+    """``"[::1]:8700"`` -> ``"::1"``; ``"localhost:8700"`` -> ``"localhost"``."""
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+def is_loopback_host(value: str) -> bool:
+    """Whether a ``Host`` (or origin's host) names this machine: ``localhost`` or a
+    loopback address literal, never a DNS name that merely starts like one."""
+    host = _host_of(value.strip().lower())
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LocalOnly:
+    """Without API keys the node trusts whoever reaches it, so it makes sure only local
+    programs do: the ``Host`` must be a loopback name (no DNS rebinding), an
+    ``Origin`` header, if sent, must be a loopback origin (no cross-site requests
+    from a browser), and a write with a body must say ``application/json`` (no HTML
+    form posts). Node-to-node calls are exempt: they are authenticated by signature.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] == CLUSTER_PATH:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        problem, status = None, 403
+        origin = headers.get("origin")
+        if not is_loopback_host(headers.get("host", "")):
+            problem = "without API keys this node answers only requests addressed to loopback"
+        elif origin is not None and not is_loopback_host(urlsplit(origin).netloc or "null"):
+            problem = f"without API keys this node refuses cross-origin requests ({origin})"
+        elif (
+            scope["type"] == "http"
+            and scope["method"] in ("POST", "PUT", "PATCH")
+            and (headers.get("content-length", "0") != "0" or "transfer-encoding" in headers)
+            and not _is_json(headers.get("content-type", ""))
+        ):
+            problem, status = "without API keys, request bodies must be application/json", 415
+        if problem is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": problem[:120]})
+        else:
+            await error_response(
+                status, "Forbidden" if status == 403 else "UnsupportedMediaType", problem
+            )(scope, receive, send)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 def create_app(node: Node) -> FastAPI:
     """The FastAPI application of ``node``."""
     app = FastAPI(
         title="troth",
-        version="0.1.0",
+        version=__version__,
         description="Actor calls and Commitment-as-a-Service on a troth node.",
     )
     app.state.api_keys = node.config.auth.api_keys
     app.state.node = node
+    app.openapi = lambda: _openapi(app, bool(node.config.auth.api_keys))  # type: ignore[method-assign]
 
     @app.exception_handler(TrothError)
     async def _troth_error(_request: Request, exc: TrothError) -> JSONResponse:
         d = exc.to_dict()
-        return error_response(exc.http_status, d["type"], d["message"], d.get("data"))
+        retry_after = exc.retry_after if isinstance(exc, QuotaExceeded) else None
+        return error_response(exc.http_status, d["type"], d["message"], d.get("data"), retry_after)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(_request: Request, exc: redis.RedisError) -> JSONResponse:
+        return error_response(503, "RedisUnavailable", f"Redis unavailable: {exc}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -180,6 +334,11 @@ def create_app(node: Node) -> FastAPI:
         ]
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return error_response(422, "ValidationError", message, problems)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error answering a request", exc_info=exc)
+        return error_response(500, "InternalError", f"{type(exc).__name__}: {exc}")
 
     from .caas.api import commitments_router
 
@@ -196,12 +355,16 @@ def create_app(node: Node) -> FastAPI:
             return
         await sessions.serve(websocket, who)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health() -> Response:
-        try:
-            await asyncio.to_thread(node.client.ping)
-        except Exception as exc:
-            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        """200 while this node reaches Redis; 503 within ``redis.timeout_seconds``
+        otherwise (also when Redis is paused rather than down)."""
+        if not await node.redis_ok():
+            return JSONResponse(
+                {"status": "unavailable", "error": "Redis did not answer"},
+                status_code=503,
+                headers={"retry-after": "1"},
+            )
         return JSONResponse(
             {
                 "status": "ok",
@@ -211,33 +374,54 @@ def create_app(node: Node) -> FastAPI:
             }
         )
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def metrics() -> Response:
         return Response(node.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post(
         "/v1/actors/{actor_type}/{actor_id}/{method}",
         response_model=CallReply,
-        responses={
-            404: {"model": ErrorReply},
-            409: {"model": ErrorReply},
-            422: {"model": ErrorReply},
-            503: {"model": ErrorReply},
-        },
         openapi_extra=body_schema(CallBody),
     )
     async def call_actor(
         actor_type: str, actor_id: str, method: str, request: Request, who: Principal
     ) -> CallReply:
-        body = await json_body(request, CallBody)
         name = ActorName.of(actor_type, actor_id)
-        if who is not None and name.owner != who:
-            raise ForbiddenError(f"principal {who!r} does not own {name}")
-        forwarded = node.router.is_cluster_call(request.headers.get(CLUSTER_HEADER))
+        check_method(method)
+        body = await json_body(request, CallBody)
         result = await node.router.call(
-            name, method, body.args, body.kwargs, body.request_id, forwarded=forwarded
+            name, method, body.args, body.kwargs, body.request_id, caller_of(who)
+        )
+        return CallReply(result=result)
+
+    @app.post(CLUSTER_PATH, include_in_schema=False)
+    async def cluster_call(request: Request) -> CallReply:
+        """A call another node forwarded (see :mod:`troth.routing`): runs here or not
+        at all, for the caller the signed body names."""
+        raw = await request.body()
+        try:
+            call = node.router.verify(raw, request.headers.get(CLUSTER_HEADER))
+        except ValidationError:
+            call = None
+        if call is None:
+            raise ForbiddenError("not a correctly signed call from a node of this cluster")
+        result = await node.router.call(
+            ActorName.parse(call.actor),
+            call.method,
+            call.args,
+            call.kwargs,
+            call.request_id,
+            call.caller,
+            forwarded=True,
+            timeout=call.timeout,
         )
         return CallReply(result=result)
 
     app.add_middleware(BodyLimit, max_bytes=node.config.node.max_body_bytes)
+    if not node.config.auth.api_keys:
+        app.add_middleware(LocalOnly)
     return app

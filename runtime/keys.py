@@ -12,6 +12,8 @@ P:nodes                   zset     node id -> heartbeat expiry (ms)
 P:node:ID                 hash     node info: url, pid, started, active actors
 P:urls                    hash     node id -> URL other nodes forward calls to
 P:secret                  string   cluster secret authenticating node-to-node calls
+P:quota:PRINCIPAL         hash     actors created by the principal (quotas)
+P:rate:PRINCIPAL:SECOND   string   events posted in that second (expires after 2 s)
 P:{sN}:lease              hash     owner (node id), epoch (fencing token)
 P:{sN}:ca:NAME            hash     state, version, seq, created, updated
 P:{sN}:rp:NAME            hash     request id -> committed reply (msgpack)
@@ -104,6 +106,12 @@ class KeySpace:
     @property
     def secret(self) -> str:
         return f"{self.prefix}:secret"
+
+    def quota(self, principal: str) -> str:
+        return f"{self.prefix}:quota:{principal}"
+
+    def rate(self, principal: str, second: int) -> str:
+        return f"{self.prefix}:rate:{principal}:{second}"
 
     def shard(self, shard: int) -> ShardKeys:
         return ShardKeys(self.prefix, shard)

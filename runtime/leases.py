@@ -12,10 +12,19 @@ Each heartbeat a node:
 1. renews its own entry;
 2. reads every lease (one pipelined round trip) to learn which shards it still
    owns, which belong to dead nodes, and which are free;
-3. claims free or orphaned shards up to its fair share, ``ceil(shards / live)``;
-4. gives back shards above that share, a few per beat, through the node (which
+3. adopts every shard whose lease still names its own id but that it does not
+   serve (a previous incarnation's, after a kill -9 and a quick restart under the
+   same ``--node-id``; or one whose release failed), whatever its fair share:
+   no other node may claim a lease held by a live node, so a lease left unadopted
+   would be served by no one;
+4. claims free or orphaned shards up to its fair share, ``ceil(shards / live)``;
+5. gives back shards above that share, a few per beat, through the node (which
    first drains and passivates their actors), so that a joining node is not
    flooded.
+
+Each beat also publishes the set of shards the node serves (``served``, a hex
+bitmap in its node entry), so that ``troth status`` counts a shard as served only
+when its owner says it serves it.
 
 The lease manager knows nothing of actors: it reports gains and losses to the
 node's callbacks.
@@ -94,6 +103,13 @@ class LeaseManager:
     def owned(self) -> dict[int, str]:
         with self._lock:
             return dict(self._owned)
+
+    def served_bitmap(self) -> str:
+        """The shards this node serves, as the hex bitmap published in its node entry."""
+        bits = bytearray((self.keys.shard_count + 7) // 8)
+        for shard in self.owned:
+            bits[shard // 8] |= 1 << (shard % 8)
+        return bits.hex()
 
     def owner_of(self, shard: int) -> str:
         """The owner of ``shard`` as last seen ("" when none)."""
@@ -185,17 +201,19 @@ class LeaseManager:
             log.warning("node %s lost %d shards to other nodes", self.node_id, len(lost))
             self.on_lost(lost)
         share = math.ceil(self.keys.shard_count / max(1, len(live | {self.node_id})))
-        candidates = [
+        adopt = [
+            s for s, lv in enumerate(leases) if lv.owner == self.node_id and s not in still_mine
+        ]
+        free = [
             s
             for s, lv in enumerate(leases)
-            if s not in still_mine
-            and (lv.owner == "" or lv.owner == self.node_id or lv.owner not in live)
+            if s not in still_mine and lv.owner != self.node_id and (lv.owner not in live)
         ]
-        # Shards a previous incarnation of this node id held come back first.
-        candidates.sort(key=lambda s: (leases[s].owner != self.node_id, random.random()))
-        room = share - len(still_mine)
-        if room > 0 and candidates:
-            gained = self._claim_many(candidates[:room], leases)
+        random.shuffle(free)
+        room = share - len(still_mine) - len(adopt)
+        claim = adopt + free[: max(0, room)]
+        if claim:
+            gained = self._claim_many(claim, leases)
             if gained:
                 with self._lock:
                     self._owned.update(gained)

@@ -10,6 +10,17 @@ from .errors import BadRequestError
 
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$")
+_METHOD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
+
+
+def check_method(method: str) -> str:
+    """A method name as every entry accepts it: an ASCII identifier of at most 100
+    characters. Anything else (``../x``, ``a/b``, spaces) is refused (422) before it
+    reaches routing, forwarding or the actor; a name that is well formed but not
+    public (``_private``) is then a 404 by the access rule."""
+    if not isinstance(method, str) or not _METHOD_RE.match(method):
+        raise BadRequestError(f"method name {method!r} must match {_METHOD_RE.pattern}")
+    return method
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ the node decided to stop it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import itertools
@@ -32,7 +33,10 @@ from typing import Any
 
 import pykka
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from .access import OPERATOR, Caller, check_access
 from .actor import CA
 from .aio import LoopThread
 from .caas.actor import Commitment, EventBus
@@ -48,6 +52,7 @@ from .metrics import NodeMetrics
 from .names import ActorName, shard_of
 from .outbox import OutboxDispatcher
 from .plugin import CommitOps, PluginFactory, TimerRecord
+from .quotas import Quotas
 from .routing import Router
 from .scheduler import TimerScheduler
 from .transaction import Message
@@ -70,17 +75,24 @@ def default_node_id() -> str:
 REDIS_MAX_CONNECTIONS = 64
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A client whose pool is bounded: a thousand activating actors share 64 connections."""
+def redis_client(
+    url: str, timeout: float = 5.0, max_connections: int = REDIS_MAX_CONNECTIONS
+) -> redis.Redis:
+    """A client whose pool is bounded (a thousand activating actors share 64
+    connections) and whose every wait, for a connection or for a reply, ends after
+    ``timeout`` seconds: a Redis that is down or paused becomes a 503, not a hang."""
     pool = redis.BlockingConnectionPool.from_url(
         url,
-        max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=20,
-        socket_timeout=10,
-        socket_connect_timeout=5,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
         health_check_interval=30,
     )
-    return redis.Redis(connection_pool=pool)
+    # One immediate retry of a dropped connection; none of a timeout, which would only
+    # double the wait (redis-py's default retries three times with backoff).
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    return redis.Redis(connection_pool=pool, retry=retry)
 
 
 class Node:
@@ -96,7 +108,9 @@ class Node:
         self.config = config
         self.node_id = node_id or config.node.node_id or default_node_id()
         self.redis_url = redis_url
-        self.client = redis_client(redis_url)
+        self.client = redis_client(redis_url, config.redis.timeout_seconds)
+        #: A separate, small client for /health, so a busy pool never delays the answer.
+        self._probe = redis_client(redis_url, min(2.0, config.redis.timeout_seconds), 2)
         self.keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
         self.metrics = NodeMetrics()
         self.catalog = Catalog.from_config(
@@ -111,6 +125,7 @@ class Node:
             config.runtime.notify_max,
         )
         self.committer = GroupCommitter(self.store, config.runtime.commit_batch_max)
+        self.quotas = Quotas(self.client, self.keys, config.quotas)
         self.url = config.node.public_url or ""
         self.started_at = time.time()
         self.leases = LeaseManager(
@@ -201,6 +216,7 @@ class Node:
         for factory in self.plugin_factories.values():
             factory.close()
         self.client.close()
+        self._probe.close()
         log.info("node %s stopped", self.node_id)
 
     def _node_info(self) -> dict[str, str]:
@@ -211,6 +227,7 @@ class Node:
             "started": str(int(self.started_at)),
             "active": str(len(self._cells)),
             "shards": str(len(self.leases.owned)),
+            "served": self.leases.served_bitmap(),
         }
 
     # -- calls -------------------------------------------------------------------------
@@ -222,18 +239,22 @@ class Node:
         args: list[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         request_id: str | None = None,
+        caller: Caller = OPERATOR,
     ) -> Future[Any]:
-        """Queue a client call; the future resolves after the call's commit.
+        """Queue a call on this node; the future resolves after the call's commit.
 
-        Raises :class:`NotFoundError` for an unknown type or method and
-        :class:`RetryableError` when this node does not own the actor's shard.
+        Raises :class:`NotFoundError` for an unknown type or a method ``caller`` may
+        not call, :class:`ForbiddenError` for an actor it does not own (see
+        :mod:`troth.access`), and :class:`RetryableError` when this node does not own
+        the actor's shard.
         """
         atype = self.catalog.get(name.type)
-        if method not in atype.methods:
-            raise NotFoundError(f"actor type {name.type!r} has no public method {method!r}")
+        check_access(caller, name, method, atype.methods, atype.internal_methods)
         if request_id is not None and not (0 < len(request_id) <= 200):
             raise BadRequestError("request_id must be 1 to 200 characters")
-        msg = Message("call", method, list(args or []), dict(kwargs or {}), request_id)
+        msg = Message(
+            "call", method, list(args or []), dict(kwargs or {}), request_id, None, caller
+        )
         return self.post(name, msg)
 
     def post(self, name: ActorName, msg: Message) -> Future[Any]:
@@ -270,11 +291,12 @@ class Node:
         kwargs: dict[str, Any],
         request_id: str,
         timeout: float,
+        caller: Caller,
     ) -> Any:
         """Deliver a message from the outbox to its owner, wherever it is, and wait for
         the receiver's commit."""
         coro = self.router.call(
-            ActorName.parse(target), method, args, kwargs, request_id, timeout=timeout
+            ActorName.parse(target), method, args, kwargs, request_id, caller, timeout=timeout
         )
         try:
             return self.io.submit(coro).result(timeout=timeout + 1)
@@ -305,6 +327,14 @@ class Node:
             fut: Future[Any] = Future()
             fut.set_exception(exc)
             return fut
+
+    async def redis_ok(self) -> bool:
+        """Whether Redis answers a PING within the probe's bound (at most 2 s)."""
+        bound = min(2.0, self.config.redis.timeout_seconds)
+        try:
+            return bool(await asyncio.wait_for(asyncio.to_thread(self._probe.ping), bound + 0.5))
+        except (redis.RedisError, TimeoutError):
+            return False
 
     @property
     def active_actors(self) -> int:

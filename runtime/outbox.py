@@ -32,6 +32,7 @@ from typing import Any
 import redis
 
 from . import codec
+from .access import SYSTEM, Caller
 from .checkpoint import load_lua, now_ms
 from .duequeue import DueQueue
 from .errors import CallTimeout, RetryableError, TrothError
@@ -69,7 +70,7 @@ class OutboxDispatcher:
         keys: KeySpace,
         node_id: str,
         epoch_of: Callable[[int], str | None],
-        deliver: Callable[[str, str, list[Any], dict[str, Any], str, float], Any],
+        deliver: Callable[[str, str, list[Any], dict[str, Any], str, float, Caller], Any],
         metrics: NodeMetrics,
         workers: int = 16,
         deliver_timeout: float = 30.0,
@@ -238,6 +239,7 @@ class OutboxDispatcher:
                 {},
                 f"{entry.id}:result",
                 self.deliver_timeout,
+                SYSTEM,
             )
         except (RetryableError, CallTimeout) as exc:  # same request id next time: applied once
             log.info("outbox %s: result delivery deferred: %s", entry.id, exc)

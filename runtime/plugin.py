@@ -33,6 +33,7 @@ from . import codec
 if TYPE_CHECKING:
     import redis
 
+    from .access import Caller
     from .actor import Checkpoint
     from .keys import KeySpace
     from .metrics import NodeMetrics
@@ -245,6 +246,7 @@ class NodeServices(Protocol):
         kwargs: dict[str, Any],
         request_id: str,
         timeout: float,
+        caller: Caller,
     ) -> Any: ...
 
 

@@ -2,8 +2,14 @@
 
 The routing table is the lease manager's snapshot of shard owners and node URLs,
 at most one heartbeat old. A call for a shard this node owns runs here; any other
-call is forwarded once, over HTTP, to the owner, marked with the cluster secret so
-that the owner trusts the entry node's authentication and never forwards again.
+call is forwarded once, over HTTP, to the owner's ``/v1/cluster/call`` endpoint.
+
+**Forwarding is signed.** The forwarded body names the actor, the method, the
+arguments, the request id and the :class:`~troth.access.Caller` (principal, sending
+actor, internal flag) exactly as the entry node authenticated them, and the header
+``x-troth-cluster`` carries an HMAC-SHA256 of that body under the cluster secret.
+No URL is built from names, and the owner re-applies the access rule to the
+original caller, so a node never takes another's word for more than the body says.
 
 **Retries.** Whatever makes a call fail without running (the owner is dead or
 unreachable, the shard is moving, the stale owner was fenced) surfaces as a
@@ -12,29 +18,71 @@ again, with backoff, until the call's deadline. Every call carries a
 ``request_id`` (one is assigned at the entry node when the client gave none), and
 the owner's committed-reply cache answers a repeated id without running it again:
 a call that races with a handoff or a crash is **never lost and never applied
-twice**.
+twice**. When Redis itself does not answer, the router does not wait for it: the
+caller gets :class:`RedisUnavailable` (503) at once and retries under the same id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import json
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import redis
+from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import CallTimeout, RetryableError, UnavailableError, error_from_dict
-from .names import ActorName, shard_of
+from .access import Caller, check_access
+from .errors import (
+    CallTimeout,
+    RedisUnavailable,
+    RetryableError,
+    UnavailableError,
+    error_from_dict,
+)
+from .names import ActorName, check_method, shard_of
 
 if TYPE_CHECKING:
     from .node import Node
 
-#: The header that carries the cluster secret on node-to-node calls.
+#: The header that carries the HMAC of a forwarded call's body.
 CLUSTER_HEADER = "x-troth-cluster"
+#: The endpoint of the owner that takes forwarded calls.
+CLUSTER_PATH = "/v1/cluster/call"
+#: A forwarded body older than this (or this far in the future) is refused: a
+#: captured request cannot be replayed later.
+MAX_FORWARD_AGE_MS = 300_000
 BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
+
+
+class ForwardedCall(BaseModel):
+    """The body of a node-to-node call; signed as a whole (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    actor: str = Field(max_length=300)
+    method: str = Field(max_length=100)
+    args: list[Any]
+    kwargs: dict[str, Any]
+    request_id: str = Field(min_length=1, max_length=200)
+    principal: str | None = Field(None, max_length=64)
+    sender: str | None = Field(None, max_length=300)
+    internal: bool = False
+    sent_ms: int
+    timeout: float = Field(gt=0, le=3600)
+
+    @property
+    def caller(self) -> Caller:
+        return Caller(self.principal, actor=self.sender, internal=self.internal)
+
+
+def sign(secret: str, body: bytes) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 class Router:
@@ -43,8 +91,16 @@ class Router:
         self.secret = secret
         self._http: httpx.AsyncClient | None = None
 
-    def is_cluster_call(self, header: str | None) -> bool:
-        return header is not None and hmac.compare_digest(header, self.secret)
+    def verify(self, body: bytes, signature: str | None) -> ForwardedCall | None:
+        """The forwarded call in ``body`` if ``signature`` is its HMAC and it is fresh."""
+        if not signature or not self.secret:
+            return None
+        if not hmac.compare_digest(signature, sign(self.secret, body)):
+            return None
+        call = ForwardedCall.model_validate_json(body)
+        if abs(int(time.time() * 1000) - call.sent_ms) > MAX_FORWARD_AGE_MS:
+            return None
+        return call
 
     async def call(
         self,
@@ -52,15 +108,24 @@ class Router:
         method: str,
         args: list[Any],
         kwargs: dict[str, Any],
-        request_id: str | None = None,
+        request_id: str | None,
+        caller: Caller,
         *,
         forwarded: bool = False,
         timeout: float | None = None,
     ) -> Any:
-        """Run the call on the owner of the actor's shard; see the module docstring."""
+        """Run the call on the owner of the actor's shard; see the module docstring.
+
+        The access rule is applied here, at the entry, before anything is forwarded,
+        and again by the owner's :meth:`Node.call`.
+        """
         node = self.node
+        check_method(method)
+        atype = node.catalog.get(name.type)
+        check_access(caller, name, method, atype.methods, atype.internal_methods)
         request_id = request_id or f"rt-{uuid.uuid4().hex}"
-        deadline = time.monotonic() + (timeout or node.config.node.call_timeout_seconds)
+        total = timeout or node.config.node.call_timeout_seconds
+        deadline = time.monotonic() + total
         shard = shard_of(name, node.keys.shard_count)
         backoff = BACKOFF_START
         while True:
@@ -68,16 +133,28 @@ class Router:
             try:
                 owner = node.leases.owner_of(shard)
                 if owner == node.node_id:
-                    fut = node.call(name, method, args, kwargs, request_id)
+                    fut = node.call(name, method, args, kwargs, request_id, caller)
                     return await asyncio.wait_for(asyncio.wrap_future(fut), remaining)
                 if forwarded:
                     raise UnavailableError(f"{name}: shard {shard} is not on {node.node_id}")
                 url = node.leases.urls.get(owner)
                 if not url:
                     raise UnavailableError(f"{name}: shard {shard} has no live owner yet")
-                return await node.io.run(
-                    self._forward(url, name, method, args, kwargs, request_id, remaining)
+                call = ForwardedCall(
+                    actor=str(name),
+                    method=method,
+                    args=args,
+                    kwargs=kwargs,
+                    request_id=request_id,
+                    principal=caller.principal,
+                    sender=caller.actor,
+                    internal=caller.internal,
+                    sent_ms=int(time.time() * 1000),
+                    timeout=max(0.1, remaining),
                 )
+                return await node.io.run(self._forward(url, call))
+            except RedisUnavailable:
+                raise
             except RetryableError:
                 if forwarded or time.monotonic() + backoff >= deadline:
                     raise
@@ -85,38 +162,36 @@ class Router:
                 raise CallTimeout(f"{name}.{method}: no reply in time") from None
             await asyncio.sleep(backoff)
             backoff = min(BACKOFF_MAX, backoff * 2)
-            await asyncio.to_thread(node.leases.refresh_owner, shard)
+            try:
+                await asyncio.to_thread(node.leases.refresh_owner, shard)
+            except redis.RedisError as exc:
+                raise RedisUnavailable(f"{name}: Redis unavailable: {exc}") from None
 
-    async def _forward(
-        self,
-        url: str,
-        name: ActorName,
-        method: str,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        request_id: str,
-        timeout: float,
-    ) -> Any:
+    async def _forward(self, url: str, call: ForwardedCall) -> Any:
         if self._http is None:
             self._http = httpx.AsyncClient(
                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)
             )
+        body = json.dumps(call.model_dump(mode="json"), separators=(",", ":")).encode()
         try:
             resp = await self._http.post(
-                f"{url}/v1/actors/{name.type}/{name.id}/{method}",
-                json={"args": args, "kwargs": kwargs, "request_id": request_id},
-                headers={CLUSTER_HEADER: self.secret},
-                timeout=max(0.1, timeout),
+                f"{url}{CLUSTER_PATH}",
+                content=body,
+                headers={
+                    CLUSTER_HEADER: sign(self.secret, body),
+                    "content-type": "application/json",
+                },
+                timeout=call.timeout,
             )
         except httpx.HTTPError as exc:
             raise UnavailableError(f"owner at {url} unreachable: {exc!r}") from exc
         try:
-            body = resp.json()
+            data = resp.json()
         except ValueError:
             raise UnavailableError(f"owner at {url} answered {resp.status_code}") from None
         if resp.status_code == 200:
-            return body["result"]
-        raise error_from_dict(body.get("error", {}), resp.status_code)
+            return data["result"]
+        raise error_from_dict(data.get("error", {}), resp.status_code)
 
     async def close(self) -> None:
         if self._http is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -11,6 +12,7 @@ import threading
 from collections.abc import Iterator
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .config import Config, ConfigError
 from .http_api import create_app
@@ -36,7 +38,10 @@ def bind(host: str, port: int, config: Config) -> socket.socket:
             "bind 127.0.0.1 or configure keys"
         )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY on accepted sockets only when the
+    # listening socket says TCP, and without it every kept-alive response waits for
+    # the client's delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
@@ -54,14 +59,51 @@ class _Server(uvicorn.Server):
         yield
 
 
+class _HeadTimeoutH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request head: a client
+    that opens a connection (or starts a new request on a kept-alive one) and does
+    not finish sending its headers in time is disconnected (no slowloris)."""
+
+    head_timeout = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        waiting_for = self.cycle
+        self.loop.call_later(self.head_timeout, self._head_deadline, waiting_for)
+
+    def _head_deadline(self, waiting_for: object) -> None:
+        transport = self.transport
+        if (
+            self.cycle is waiting_for
+            and not transport.is_closing()
+            and transport.get_protocol() is self  # not upgraded to a WebSocket
+        ):
+            transport.close()
+
+
 def _uvicorn(node: Node) -> uvicorn.Server:
+    cfg = node.config.node
+    protocol = type(
+        "HeadTimeoutH11", (_HeadTimeoutH11,), {"head_timeout": cfg.header_timeout_seconds}
+    )
     return _Server(
         uvicorn.Config(
             create_app(node),
             log_level="warning",
             lifespan="off",
             access_log=False,
+            http=protocol,
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=int(max(1, cfg.keep_alive_seconds)),
+            limit_concurrency=cfg.max_connections,
+            ws_max_size=cfg.max_body_bytes,
         )
     )
 

@@ -32,21 +32,22 @@ import contextlib
 import logging
 from typing import Annotated, Any, Literal
 
-import redis.asyncio as aredis
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from . import codec
+from . import jsonsafe
+from .access import Caller
 from .errors import BadRequestError, ForbiddenError, TrothError
-from .names import ActorName, shard_of
+from .names import ActorName, check_method, shard_of
 from .node import Node
+from .notify_hub import NotificationHub, Subscription
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 1000
 MAX_SUBSCRIPTIONS = 100
-READ_BLOCK_MS = 2000
-READ_COUNT = 100
+#: Largest stream id part (Redis stream ids are two unsigned 64-bit integers).
+_U64 = 2**64 - 1
 
 
 class _Op(BaseModel):
@@ -63,10 +64,19 @@ class CallOp(_Op):
     request_id: str | None = Field(None, min_length=1, max_length=200)
 
 
+def _stream_id(value: str) -> str:
+    ms, _, seq = value.partition("-")
+    if int(ms) > _U64 or int(seq) > _U64:
+        raise ValueError("stream id parts must be at most 2**64-1")
+    return value
+
+
 class SubscribeOp(_Op):
     op: Literal["subscribe"]
     actor: str = Field(max_length=300)
-    since: str = Field("0-0", pattern=r"^\d+-\d+$")
+    since: str = Field("0-0", pattern=r"^\d{1,20}-\d{1,20}$")
+
+    _since = field_validator("since")(_stream_id)
 
 
 class UnsubscribeOp(_Op):
@@ -85,17 +95,11 @@ class SessionServer:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.active = 0
-        self._redis: aredis.Redis | None = None
-
-    def _aredis(self) -> aredis.Redis:
-        # Created on first use, inside the serving event loop it belongs to.
-        if self._redis is None:
-            self._redis = aredis.Redis.from_url(
-                self.node.redis_url,
-                max_connections=MAX_SUBSCRIPTIONS * 10,
-                socket_timeout=READ_BLOCK_MS / 1000 + 10,
-            )
-        return self._redis
+        self.hub = NotificationHub(
+            node.redis_url, node.config.runtime.max_subscriptions, node.config.redis.timeout_seconds
+        )
+        node.metrics.sessions.set_function(lambda: self.active)
+        node.metrics.subscriptions.set_function(lambda: len(self.hub))
 
     async def serve(self, ws: WebSocket, principal: str | None) -> None:
         if self.active >= self.node.config.runtime.max_sessions:
@@ -109,8 +113,7 @@ class SessionServer:
             self.active -= 1
 
     async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
+        await self.hub.close()
 
 
 class _Session:
@@ -121,7 +124,7 @@ class _Session:
         self.principal = principal
         self.send_lock = asyncio.Lock()
         self.calls: set[asyncio.Task[None]] = set()
-        self.subs: dict[str, asyncio.Task[None]] = {}
+        self.subs: dict[str, Subscription] = {}
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self.send_lock:
@@ -132,11 +135,21 @@ class _Session:
         leases = self.node.leases
         nodes = [leases.urls[n] for n in leases.live_nodes if n in leases.urls]
         await self.send({"op": "hello", "node": self.node.node_id, "nodes": nodes})
+        raw: Any = None
         try:
             while True:
-                raw = await self.ws.receive_json()
+                frame = await self.ws.receive()
+                if frame["type"] == "websocket.disconnect":
+                    break
+                if frame.get("text") is None:
+                    await self.ws.close(code=1003, reason="frames must be JSON text")
+                    break
                 try:
+                    raw = jsonsafe.loads(frame["text"], "frame")
                     op = ClientOp.validate_python(raw)
+                except BadRequestError as exc:
+                    await self._error(None, exc)
+                    continue
                 except ValidationError as exc:
                     await self.send(
                         {
@@ -156,14 +169,14 @@ class _Session:
                 elif isinstance(op, SubscribeOp):
                     await self._subscribe(op)
                 else:
-                    task_ = self.subs.pop(op.actor, None)
-                    if task_ is not None:
-                        task_.cancel()
+                    self._unsubscribe(op.actor)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
-            for task in [*self.calls, *self.subs.values()]:
+            for task in self.calls:
                 task.cancel()
+            for actor in list(self.subs):
+                self._unsubscribe(actor)
 
     def _actor(self, text: str) -> ActorName:
         name = ActorName.parse(text)
@@ -171,13 +184,16 @@ class _Session:
             raise ForbiddenError(f"principal {self.principal!r} does not own {name}")
         return name
 
-    async def _error(self, call_id: str, exc: TrothError) -> None:
+    async def _error(self, call_id: str | None, exc: TrothError) -> None:
         await self.send({"op": "error", "id": call_id, "error": exc.to_dict()})
 
     async def _call(self, op: CallOp) -> None:
         try:
-            name = self._actor(op.actor)
-            result = await self.node.router.call(name, op.method, op.args, op.kwargs, op.request_id)
+            name = ActorName.parse(op.actor)
+            check_method(op.method)
+            result = await self.node.router.call(
+                name, op.method, op.args, op.kwargs, op.request_id, Caller(self.principal)
+            )
         except TrothError as exc:
             await self._error(op.id, exc)
             return
@@ -197,42 +213,23 @@ class _Session:
     async def _subscribe(self, op: SubscribeOp) -> None:
         try:
             name = self._actor(op.actor)
+            if op.actor not in self.subs and len(self.subs) >= MAX_SUBSCRIPTIONS:
+                raise BadRequestError(f"at most {MAX_SUBSCRIPTIONS} subscriptions per session")
+            self._unsubscribe(op.actor)
+            keys = self.node.keys
+            key = keys.shard(shard_of(name, keys.shard_count)).notifications(str(name))
+
+            async def forward(nid: str, data: Any) -> None:
+                await self.send({"op": "notify", "actor": str(name), "nid": nid, "data": data})
+
+            self.subs[op.actor] = self.server.hub.subscribe(key, op.since, forward)
         except TrothError as exc:
             await self._error(f"subscribe:{op.actor}", exc)
-            return
-        if op.actor not in self.subs and len(self.subs) >= MAX_SUBSCRIPTIONS:
-            await self._error(f"subscribe:{op.actor}", BadRequestError("too many subscriptions"))
-            return
-        old = self.subs.pop(op.actor, None)
-        if old is not None:
-            old.cancel()
-        self.subs[op.actor] = asyncio.create_task(self._stream(name, op.since))
 
-    async def _stream(self, name: ActorName, since: str) -> None:
-        """Forward committed notifications after ``since``, in order, until cancelled."""
-        client = self.server._aredis()
-        key = self.node.keys.shard(shard_of(name, self.node.keys.shard_count)).notifications(
-            str(name)
-        )
-        last = since
-        while True:
-            try:
-                batches = await client.xread({key: last}, count=READ_COUNT, block=READ_BLOCK_MS)
-            except aredis.RedisError as exc:
-                log.warning("notification stream %s: %s", key, exc)
-                await asyncio.sleep(1)
-                continue
-            for _, entries in batches or []:
-                for nid, fields in entries:
-                    last = nid.decode()
-                    await self.send(
-                        {
-                            "op": "notify",
-                            "actor": str(name),
-                            "nid": last,
-                            "data": codec.unpack(fields[b"d"]),
-                        }
-                    )
+    def _unsubscribe(self, actor: str) -> None:
+        sub = self.subs.pop(actor, None)
+        if sub is not None:
+            self.server.hub.unsubscribe(sub)
 
 
 def _id_of(raw: Any) -> Any:

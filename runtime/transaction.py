@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import codec
+from .access import OPERATOR, Caller
 from .actor import CA
 from .checkpoint import CommitRequest, now_ms
 from .committer import GroupCommitter
@@ -35,6 +36,7 @@ from .errors import (
     TrothError,
     UnavailableError,
 )
+from .jsonsafe import check_encodable
 from .metrics import NodeMetrics
 from .names import ActorName
 from .plugin import ActorPlugin, CommitOps, TimerRecord, TxnInfo
@@ -62,6 +64,7 @@ class Message:
     kwargs: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
     timer: TimerRecord | None = None
+    caller: Caller = OPERATOR
 
 
 class ActorRuntime:
@@ -115,6 +118,7 @@ class ActorRuntime:
         try:
             for p in self.plugins.values():
                 p.begin(txn)
+            self.ca.caller = msg.caller
             try:
                 if self.needs_init:
                     self.ca.init()
@@ -168,6 +172,8 @@ class ActorRuntime:
             state = codec.pack(self.ca.state)
         except SerializationError as exc:
             raise SerializationError(f"{self.name}: state {exc}") from exc
+        if msg.kind == "call":  # a reply the caller could not decode must not commit
+            check_encodable(reply, f"{self.name}.{msg.method}: reply")
         try:
             packed_reply = codec.pack([reply])  # boxed: a None reply is still a reply
         except SerializationError as exc:

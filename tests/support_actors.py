@@ -27,6 +27,16 @@ class Probe(troth.CA):
     def get(self) -> dict[str, Any]:
         return dict(self.state)
 
+    def set_and_return(self, value: Any, bad: str) -> Any:
+        """Change the state, then return a reply no JSON client could decode."""
+        self.state["value"] = value
+        return {
+            "nan": float("nan"),
+            "bytes": b"raw",
+            "surrogate": "\ud800",
+            "object": {1, 2},
+        }[bad]
+
     def bump(self) -> None:
         self.state["value"] += 1
 
@@ -45,6 +55,7 @@ class Probe(troth.CA):
     def timers(self) -> dict[str, Any]:
         return dict(self.plugins.timers.pending())
 
+    @troth.internal
     def on_timer(self, name: str, fail: bool) -> None:
         firing = self.plugins.timers.firing
         self.state["fired"].append(
@@ -79,10 +90,14 @@ class Probe(troth.CA):
             raise troth.AppError("rolled back")
         return str(entry)
 
+    def headed(self, url: str, headers: dict[str, str]) -> str:
+        return str(self.plugins.http.post(url, json={}, headers=headers))
+
     def nohook(self, url: str, payload: Any, retry: dict[str, Any] | None = None) -> str:
         """A webhook nobody hears back from: a failure ends as a dead letter."""
         return str(self.plugins.http.post(url, json=payload, retry=retry))
 
+    @troth.internal
     def on_result(self, result: dict[str, Any]) -> None:
         self.state["results"].append(result)
 

@@ -55,10 +55,13 @@ def test_errors_name_the_problem(
 
 
 def test_malformed_json_and_oversized_body(api: httpx.Client) -> None:
-    resp = api.post("/v1/actors/counter/alice-1/increment", content=b'{"args": [')
+    json_type = {"content-type": "application/json"}
+    resp = api.post(
+        "/v1/actors/counter/alice-1/increment", content=b'{"args": [', headers=json_type
+    )
     assert resp.status_code == 422 and "JSON" in resp.json()["error"]["message"]
     big = b'{"args": ["' + b"x" * 2_000_000 + b'"]}'
-    resp = api.post("/v1/actors/counter/alice-1/increment", content=big)
+    resp = api.post("/v1/actors/counter/alice-1/increment", content=big, headers=json_type)
     assert resp.status_code == 413
 
 

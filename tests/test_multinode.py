@@ -14,6 +14,7 @@ import httpx
 import redis
 
 from conftest import NodeProcess, Receiver, wait_until
+from troth import admin
 from troth.client import Client, Notification
 from troth.keys import KeySpace
 from troth.names import ActorName, shard_of
@@ -51,7 +52,7 @@ def balanced(rclient: redis.Redis, prefix: str, node_ids: list[str]) -> bool:
 
 
 def test_kill9_churn_over_200_counters_loses_and_doubles_nothing(
-    spawn: Callable[..., NodeProcess],
+    spawn: Callable[..., NodeProcess], rclient: redis.Redis, prefix: str
 ) -> None:
     nodes = [spawn(f"p{i}").start() for i in range(3)]
     urls = [n.url for n in nodes]
@@ -81,9 +82,11 @@ def test_kill9_churn_over_200_counters_loses_and_doubles_nothing(
         time.sleep(2.5)
         victim = rng.choice(nodes)
         victim.kill()
-        time.sleep(0.5)
+        time.sleep(0.2)  # back before its lease expires, under the same id
         victim.start(wait_shards=False)
-    time.sleep(2)
+    keys = KeySpace(prefix, SHARDS)
+    wait_until(lambda: admin.status(rclient, keys)["unserved_shards"] == 0, timeout=15)
+    time.sleep(1)
     stop.set()
     for t in workers:
         t.join(60)
@@ -217,3 +220,30 @@ def test_notifications_survive_a_node_kill_exactly_once_in_order(
         assert listener.reconnects >= 1
     assert [n.data["count"] for n in got] == list(range(1, acked + 1))
     assert len({n.id for n in got}) == acked
+
+
+def test_a_quick_restart_under_the_same_id_adopts_every_lease_it_held(
+    spawn: Callable[..., NodeProcess], rclient: redis.Redis, prefix: str
+) -> None:
+    """Node a was killed while it held every shard (more than its fair share) and is
+    restarted with the same id before its lease expires. It must serve all of them
+    again, not only its share: no other node may claim a lease held by a live node.
+    The lease TTL is 30 s, so that no expiry can hide the bug."""
+    slow = {"cluster": {"lease_ttl_seconds": 30, "heartbeat_seconds": 0.5}}
+    keys = KeySpace(prefix, SHARDS)
+    rclient.zadd(keys.nodes, {"a": int(time.time() * 1000) + 30_000})
+    for s in range(SHARDS):
+        rclient.hset(keys.shard(s).lease, mapping={"owner": "a", "epoch": "1"})
+    b = spawn("b", **slow).start(wait_shards=False)
+    wait_until(lambda: admin.status(rclient, keys)["nodes"][1:], timeout=10)
+    # a counts as live in Redis but serves nothing: status must not call it served
+    assert admin.status(rclient, keys)["unserved_shards"] == SHARDS
+    spawn("a", **slow).start()
+    wait_until(lambda: admin.status(rclient, keys)["unserved_shards"] == 0, timeout=15)
+    with httpx.Client(timeout=10) as http:
+        for i in range(16):
+            resp = http.post(f"{b.url}/v1/actors/counter/alice-q{i}/increment", json={})
+            assert resp.json() == {"result": 1}, resp.text
+    # and the fair share comes back by graceful handoff, still with every shard served
+    wait_until(lambda: balanced(rclient, prefix, ["a", "b"]), timeout=20)
+    assert admin.status(rclient, keys)["unserved_shards"] == 0

@@ -12,6 +12,7 @@ import redis
 
 from conftest import Receiver, call, wait_until
 from troth import admin
+from troth.access import Caller
 from troth.node import Node
 
 
@@ -106,7 +107,9 @@ def test_send_is_processed_once_even_if_delivered_twice(api: httpx.Client, node:
     msg_id = call(api, "probe/alice-p", "tell", "journal/alice-j", "x").json()["result"]
     wait_until(lambda: call(api, "probe/alice-p", "get").json()["result"]["results"])
     # Redeliver the very same message (as the outbox would after a crash).
-    node.deliver("journal/alice-j", "record", ["x"], {}, msg_id, timeout=5)
+    node.deliver(
+        "journal/alice-j", "record", ["x"], {}, msg_id, 5, Caller.of_actor("probe/alice-p")
+    )
     assert call(api, "journal/alice-j", "records").json()["result"] == ["x"]
     result = call(api, "probe/alice-p", "get").json()["result"]["results"][0]
     assert result["ok"] is True and result["value"] == 1

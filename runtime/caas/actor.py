@@ -26,8 +26,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ..actor import CA
+from ..actor import CA, internal
 from ..errors import AppError
+from ..names import ActorName
 from . import filters
 from .models import TOOL_EVENT, CommitmentCreate, now_ms
 
@@ -60,15 +61,29 @@ def event_types(trigger: dict[str, Any]) -> set[str]:
     return types
 
 
+def split_commitment(name: ActorName) -> tuple[str, str]:
+    """``commitment/PRINCIPAL-cm_...`` -> (principal, commitment id)."""
+    principal, _, cid = name.id.partition("-")
+    return principal, cid
+
+
 class Commitment(CA):
+    """One commitment. Every method is internal: clients reach commitments only
+    through ``/v1/commitments``, which acts for the authenticated principal, and the
+    principal a commitment belongs to is read from its own name, never from input."""
+
     state_version = "1.0.0"
 
     # -- creation and reads ------------------------------------------------------------
 
-    def create(self, cid: str, principal: str, spec: dict[str, Any]) -> dict[str, Any]:
+    @internal
+    def create(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Idempotent: a second create of the same commitment returns it unchanged."""
         if self.state.get("id"):
             return self.view()
+        principal, cid = split_commitment(self.name)
+        if self.name.owner is None or not cid:
+            raise AppError(f"{self.name} is not a commitment name (commitment/PRINCIPAL-ID)")
         model = CommitmentCreate.model_validate(spec)
         created = now_ms()
         trigger = model.trigger.model_dump(mode="json")
@@ -116,11 +131,13 @@ class Commitment(CA):
             if leaf["type"] == "time_after":
                 leaf["due_ms"] = TimeAfter.model_validate(leaf).due_ms(created)
 
+    @internal
     def get(self) -> dict[str, Any]:
         if not self.state.get("id"):
             raise AppError("no such commitment", {"status": 404})
         return self.view()
 
+    @internal
     def view(self) -> dict[str, Any]:
         s = self.state
         return {
@@ -149,15 +166,18 @@ class Commitment(CA):
 
     # -- transitions -----------------------------------------------------------------------
 
+    @internal
     def cancel(self) -> dict[str, Any]:
         self._require("pending", "cancel")
         self._finish_waiting("cancelled")
         return self.view()
 
+    @internal
     def expire(self) -> None:
         if self.state.get("status") == "pending":
             self._finish_waiting("expired")
 
+    @internal
     def retry(self) -> dict[str, Any]:
         """Re-drive a dead letter: deliver again, with the same idempotency key."""
         self._require("failed", "retry")
@@ -166,6 +186,7 @@ class Commitment(CA):
         self._deliver()
         return self.view()
 
+    @internal
     def on_time(self, path: str) -> None:
         if self.state.get("status") != "pending":
             return
@@ -173,6 +194,7 @@ class Commitment(CA):
         due_ms = int(firing.due_at * 1000) if firing else now_ms()
         self._satisfy(path, {"kind": "time", "path": path, "due_ms": due_ms})
 
+    @internal
     def on_event(self, event: dict[str, Any]) -> bool:
         """An event from the principal's bus; True if it advanced this commitment."""
         if self.state.get("status") != "pending":
@@ -200,6 +222,7 @@ class Commitment(CA):
                 break
         return hit
 
+    @internal
     def on_delivery(self, result: dict[str, Any]) -> None:
         """The outbox's final word on the delivery: every attempt, and the outcome."""
         if self.state.get("status") != "triggered":
@@ -341,17 +364,28 @@ class EventBus(CA):
     def init(self) -> None:
         self.state.update(subscribers={}, recent_keys=[], published=0)
 
+    def _own(self, commitment: str) -> str:
+        """Only a commitment of this bus's own principal may be (un)subscribed."""
+        name = ActorName.parse(commitment)
+        if name.type != "commitment" or name.owner != self.name.owner:
+            raise AppError(f"{commitment} is not a commitment of {self.name.owner!r}")
+        return commitment
+
+    @internal
     def subscribe(self, commitment: str) -> int:
+        self._own(commitment)
         subs = self.state["subscribers"]
         if commitment not in subs and len(subs) >= MAX_SUBSCRIBERS:
             raise AppError(f"at most {MAX_SUBSCRIBERS} pending commitments per event type")
         subs[commitment] = 1
         return len(subs)
 
+    @internal
     def unsubscribe(self, commitment: str) -> int:
-        self.state["subscribers"].pop(commitment, None)
+        self.state["subscribers"].pop(self._own(commitment), None)
         return len(self.state["subscribers"])
 
+    @internal
     def publish(self, event: dict[str, Any]) -> dict[str, Any]:
         """Commit the event and its fan-out; a repeated ``event_key`` does nothing."""
         key = event.get("event_key")

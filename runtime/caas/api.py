@@ -20,7 +20,8 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..errors import AppError, BadRequestError, NotFoundError, TrothError
+from ..access import Caller
+from ..errors import AppError, BadRequestError, NotFoundError, QuotaExceeded, TrothError
 from ..http_api import Principal, body_schema, json_body
 from ..names import ActorName
 from ..node import Node
@@ -72,13 +73,26 @@ def commitments_router(node: Node) -> APIRouter:
     def actor(principal: str, cid: str) -> ActorName:
         return ActorName("commitment", f"{principal}-{cid}")
 
-    async def call(name: ActorName, method: str, *args: Any, request_id: str | None = None) -> Any:
-        return await node.router.call(name, method, list(args), {}, request_id)
+    async def call(
+        principal: str, name: ActorName, method: str, *args: Any, request_id: str | None = None
+    ) -> Any:
+        """Call a built-in actor's internal method for ``principal`` (who asked)."""
+        caller = Caller(principal, internal=True)
+        return await node.router.call(name, method, list(args), {}, request_id, caller)
 
     async def existing(principal: str, cid: str) -> ActorName:
         if not _ID.match(cid) or await asyncio.to_thread(index.get, principal, cid) is None:
             raise NotFoundError(f"no commitment {cid!r}")
         return actor(principal, cid)
+
+    def check_pending_quota(principal: str, adding: int) -> None:
+        limit = node.config.quotas.of(principal).pending_commitments
+        pending = index.count(principal, "pending")
+        if pending + adding > limit:
+            raise QuotaExceeded(
+                f"principal {principal!r} has {pending} pending commitments; its quota is {limit}",
+                60,
+            )
 
     async def create_one(principal: str, spec: CommitmentCreate) -> tuple[dict[str, Any], bool]:
         cid = f"cm_{uuid.uuid4().hex}"
@@ -86,19 +100,20 @@ def commitments_router(node: Node) -> APIRouter:
             bound = await asyncio.to_thread(index.claim_dedup, principal, spec.dedup_key, cid)
             if bound != cid:
                 if await asyncio.to_thread(index.get, principal, bound) is not None:
-                    return await call(actor(principal, bound), "get"), False
+                    return await call(principal, actor(principal, bound), "get"), False
                 cid = bound  # an earlier creation was interrupted: finish it
         name = actor(principal, cid)
         view = await call(
-            name, "create", cid, principal, spec.model_dump(mode="json"), request_id=f"create:{cid}"
+            principal, name, "create", spec.model_dump(mode="json"), request_id=f"create:{cid}"
         )
         # The commitment subscribed itself through its outbox; subscribing here as well
         # (idempotent) means every event POSTed after this reply reaches it.
         try:
             for event_type in event_types(view["trigger"]):
-                await call(ActorName.parse(bus_name(principal, event_type)), "subscribe", str(name))
+                bus = ActorName.parse(bus_name(principal, event_type))
+                await call(principal, bus, "subscribe", str(name))
         except AppError:
-            await call(name, "cancel")  # it could never hear its events: do not keep it
+            await call(principal, name, "cancel")  # it could never hear its events: do not keep it
             raise
         await asyncio.to_thread(index.apply, principal, summary(view))
         return view, True
@@ -111,7 +126,9 @@ def commitments_router(node: Node) -> APIRouter:
     )
     async def create(request: Request, response: Response, who: Principal) -> dict[str, Any]:
         spec = await json_body(request, CommitmentCreate)
-        view, created = await create_one(who or LOCAL_PRINCIPAL, spec)
+        principal = who or LOCAL_PRINCIPAL
+        await asyncio.to_thread(check_pending_quota, principal, 1)
+        view, created = await create_one(principal, spec)
         response.status_code = 201 if created else 200
         return public(view)
 
@@ -123,6 +140,7 @@ def commitments_router(node: Node) -> APIRouter:
     )
     async def create_batch(request: Request, who: Principal) -> dict[str, Any]:
         batch = await json_body(request, BatchCreate)
+        await asyncio.to_thread(check_pending_quota, who or LOCAL_PRINCIPAL, len(batch.commitments))
         sem = asyncio.Semaphore(_CONCURRENCY)
 
         async def one(spec: CommitmentCreate) -> dict[str, Any]:
@@ -142,7 +160,7 @@ def commitments_router(node: Node) -> APIRouter:
 
         async def one(cid: str) -> dict[str, Any]:
             try:
-                view = await call(await existing(principal, cid), "cancel")
+                view = await call(principal, await existing(principal, cid), "cancel")
             except TrothError as exc:
                 return {"id": cid, "error": exc.to_dict()}
             return {"id": cid, "status": view["status"]}
@@ -168,15 +186,18 @@ def commitments_router(node: Node) -> APIRouter:
 
     @api.get("/commitments/{cid}", summary="A commitment with its delivery attempts")
     async def get(cid: str, who: Principal) -> dict[str, Any]:
-        return public(await call(await existing(who or LOCAL_PRINCIPAL, cid), "get"))
+        principal = who or LOCAL_PRINCIPAL
+        return public(await call(principal, await existing(principal, cid), "get"))
 
     @api.delete("/commitments/{cid}", summary="Cancel a pending commitment (409 if not)")
     async def cancel(cid: str, who: Principal) -> dict[str, Any]:
-        return public(await call(await existing(who or LOCAL_PRINCIPAL, cid), "cancel"))
+        principal = who or LOCAL_PRINCIPAL
+        return public(await call(principal, await existing(principal, cid), "cancel"))
 
     @api.post("/commitments/{cid}/retry", summary="Re-drive a failed commitment (409 if not)")
     async def retry(cid: str, who: Principal) -> dict[str, Any]:
-        return public(await call(await existing(who or LOCAL_PRINCIPAL, cid), "retry"))
+        principal = who or LOCAL_PRINCIPAL
+        return public(await call(principal, await existing(principal, cid), "retry"))
 
     @api.post(
         "/events",
@@ -187,6 +208,7 @@ def commitments_router(node: Node) -> APIRouter:
     async def event(request: Request, who: Principal) -> JSONResponse:
         ev = await json_body(request, EventIn)
         principal = who or LOCAL_PRINCIPAL
+        await asyncio.to_thread(node.quotas.check_rate, principal)
         event_id = f"ev_{uuid.uuid4().hex}"
         body = {
             "event_id": event_id,
@@ -196,6 +218,7 @@ def commitments_router(node: Node) -> APIRouter:
             "received_ms": now_ms(),
         }
         result = await call(
+            principal,
             ActorName.parse(bus_name(principal, ev.event_type)),
             "publish",
             body,

@@ -60,9 +60,14 @@ def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None 
 
 
 def iso(ms: int | None) -> str | None:
+    """``ms`` as ISO 8601 UTC; None for None or a time no calendar can show (the API
+    refuses such times at creation, so this only guards stored data)."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def build(spec: dict[str, Any], attempt: int, secret: str) -> tuple[bytes, dict[str, str]]:

@@ -19,7 +19,9 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "_lt": lambda a, b: _num(a) and a < b,
     "_ne": lambda a, b: a != b,
     "_in": lambda a, b: a in b,
-    "_contains": lambda a, b: isinstance(a, list | str) and (b in a),
+    "_contains": lambda a, b: (
+        (isinstance(a, str) and isinstance(b, str) and b in a) or (isinstance(a, list) and b in a)
+    ),
 }
 _MISSING = object()
 
@@ -36,18 +38,29 @@ def split_key(key: str) -> tuple[str, str]:
     return key, ""
 
 
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, str | int | float | bool)
+
+
 def validate(filters: dict[str, Any]) -> dict[str, Any]:
-    """Raise ValueError naming the bad filter; return the filters unchanged."""
+    """Raise ValueError naming the bad filter; return the filters unchanged.
+
+    A filter that could never match as written (a comparison with a non-number, a
+    ``contains`` of an object, a path with an empty step) is refused here rather
+    than accepted and silently never fired.
+    """
     if len(filters) > MAX_FILTERS:
         raise ValueError(f"at most {MAX_FILTERS} filters")
     for key, value in filters.items():
         field, op = split_key(key)
-        if not field or len(field) > 200:
-            raise ValueError(f"filter {key!r}: empty or too long field name")
+        if not field or len(field) > 200 or "" in field.split("."):
+            raise ValueError(f"filter {key!r}: field must be a dotted path of non-empty names")
+        if op == "_contains" and not _scalar(value):
+            raise ValueError(f"filter {key!r}: contains needs a string, number or boolean")
         if op in ("_gte", "_gt", "_lte", "_lt") and not _num(value):
             raise ValueError(f"filter {key!r}: {op[1:]} needs a number, got {value!r}")
-        if op == "_in" and not isinstance(value, list):
-            raise ValueError(f"filter {key!r}: in needs a list, got {value!r}")
+        if op == "_in" and not (isinstance(value, list) and len(value) <= 1000):
+            raise ValueError(f"filter {key!r}: in needs a list of at most 1000 values")
     return filters
 
 

@@ -53,6 +53,9 @@ class CommitmentIndex:
             self._known.add(principal)
         return bool(applied)
 
+    def count(self, principal: str, status: str) -> int:
+        return int(self.client.hget(self._k(principal, "count"), status) or 0)
+
     def get(self, principal: str, cid: str) -> dict[str, Any] | None:
         raw = self.client.hget(self._k(principal, "sum"), cid)
         return None if raw is None else dict(json.loads(raw))

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..outbound import MAX_HEADERS, check_headers, check_url
 from ..plugin import RetryPolicy
 from . import filters as _filters
 
@@ -31,26 +32,51 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: Latest time accepted anywhere (9999-12-31T23:59:59Z): every time troth stores
+#: must also print as ISO 8601.
+MAX_UNIX_SECONDS = 253_402_300_799
+
+
+def unix_ms(value: datetime | float, what: str) -> int:
+    """A point in time as Unix milliseconds, within 1970..9999 (ValueError otherwise)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"{what} needs a timezone (e.g. 2026-01-01T10:30:00Z)")
+        try:
+            seconds = value.timestamp()
+        except (OverflowError, OSError, ValueError):
+            seconds = -1.0
+    else:
+        seconds = float(value)
+    if not 0 <= seconds <= MAX_UNIX_SECONDS:
+        raise ValueError(f"{what} must lie between 1970-01-01 and 9999-12-31 (UTC)")
+    return int(seconds * 1000)
+
+
+Moment = Annotated[
+    datetime | float,
+    Field(description="ISO 8601 with timezone, or Unix seconds; 1970 to 9999."),
+]
+
+
 class TimeAfter(_Model):
     type: Literal["time_after"]
-    timestamp: datetime | float | None = Field(
-        None, description="When to fire: ISO 8601 with timezone, or Unix seconds."
-    )
+    timestamp: Moment | None = Field(None, description="When to fire.")
     delay_seconds: float | None = Field(None, ge=0, le=10 * 365 * 86_400)
 
     @model_validator(mode="after")
     def _one_of(self) -> TimeAfter:
         if (self.timestamp is None) == (self.delay_seconds is None):
             raise ValueError("give exactly one of timestamp or delay_seconds")
-        if isinstance(self.timestamp, datetime) and self.timestamp.tzinfo is None:
-            raise ValueError("timestamp needs a timezone (e.g. 2026-01-01T10:30:00Z)")
+        if self.timestamp is not None:
+            unix_ms(self.timestamp, "timestamp")
         return self
 
     def due_ms(self, created_ms: int) -> int:
         if self.delay_seconds is not None:
             return created_ms + int(self.delay_seconds * 1000)
-        ts = self.timestamp
-        return int((ts.timestamp() if isinstance(ts, datetime) else float(ts or 0)) * 1000)
+        assert self.timestamp is not None
+        return unix_ms(self.timestamp, "timestamp")
 
 
 class EventFilterMixin(_Model):
@@ -76,7 +102,7 @@ class ToolComplete(_Model):
 class Heartbeat(EventFilterMixin):
     type: Literal["heartbeat"]
     event_type: str = Field(min_length=1, max_length=200)
-    interval_seconds: float = Field(gt=0, le=365 * 86_400)
+    interval_seconds: float = Field(ge=0.1, le=365 * 86_400)
 
 
 class Compound(_Model):
@@ -84,7 +110,7 @@ class Compound(_Model):
     operator: Literal["all", "any"]
     triggers: list[Trigger] = Field(min_length=1, max_length=MAX_CHILDREN)
     window_seconds: float | None = Field(
-        None, gt=0, description="For all: every sub-trigger within this window."
+        None, ge=0.01, le=365 * 86_400, description="For all: every sub-trigger within this window."
     )
 
 
@@ -109,7 +135,12 @@ def _bounded(value: Any, what: str) -> Any:
 class Obligation(_Model):
     target: str = Field(max_length=2048, description="http(s) URL the delivery is POSTed to.")
     payload: Any = None
-    headers: dict[str, str] = Field(default_factory=dict, max_length=20)
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_HEADERS,
+        description="Extra request headers; framing, hop-by-hop and signature headers are "
+        "reserved.",
+    )
 
     @field_validator("payload")
     @classmethod
@@ -119,12 +150,12 @@ class Obligation(_Model):
     @field_validator("target")
     @classmethod
     def _http_only(cls, v: str) -> str:
-        from troth.plugins.http import UnsafeTargetError, check_url
+        return check_url(v)
 
-        try:
-            return check_url(v)
-        except UnsafeTargetError as exc:
-            raise ValueError(str(exc)) from None
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_headers(v)
 
 
 class CommitmentRetry(RetryPolicy):
@@ -135,7 +166,7 @@ class CommitmentCreate(_Model):
     trigger: Trigger
     obligation: Obligation
     retry_policy: CommitmentRetry = Field(default_factory=CommitmentRetry)
-    expires_at: datetime | float | None = None
+    expires_at: Moment | None = None
     dedup_key: str | None = Field(None, min_length=1, max_length=200)
     metadata: dict[str, Any] = Field(default_factory=dict, max_length=50)
 
@@ -143,15 +174,12 @@ class CommitmentCreate(_Model):
     def _check(self) -> CommitmentCreate:
         if depth(self.trigger) > MAX_DEPTH:
             raise ValueError(f"compound triggers nest at most {MAX_DEPTH} deep")
-        if isinstance(self.expires_at, datetime) and self.expires_at.tzinfo is None:
-            raise ValueError("expires_at needs a timezone")
+        if self.expires_at is not None:
+            unix_ms(self.expires_at, "expires_at")
         return self
 
     def expires_ms(self) -> int | None:
-        e = self.expires_at
-        if e is None:
-            return None
-        return int((e.timestamp() if isinstance(e, datetime) else float(e)) * 1000)
+        return None if self.expires_at is None else unix_ms(self.expires_at, "expires_at")
 
 
 class BatchCreate(_Model):

@@ -1,0 +1,56 @@
+"""Per-principal quotas: how much one tenant may take of a shared deployment.
+
+Counts live in Redis, so every node enforces the same numbers. Two kinds:
+
+* **totals** (actors created): checked before an actor's first commit and counted
+  after it. The check and the count are not one atomic step, so concurrent
+  creations may pass a quota by at most the number of creations in flight; a crash
+  between a first commit and its count under-counts by one. Both are documented
+  trade-offs that keep the quota off the commit path.
+* **rates** (events per second): one counter per principal and second, shared by
+  the nodes, expiring after two seconds.
+
+Going over answers :class:`~troth.errors.QuotaExceeded` (429 with Retry-After) and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from .config import QuotaConfig
+from .errors import QuotaExceeded
+from .keys import KeySpace
+
+
+class Quotas:
+    def __init__(self, client: redis.Redis, keys: KeySpace, config: QuotaConfig) -> None:
+        self.client = client
+        self.keys = keys
+        self.config = config
+
+    def check_new_actor(self, owner: str) -> None:
+        """Refuse a new actor of ``owner`` once it created its quota of actors."""
+        limit = self.config.of(owner).actors
+        created = int(self.client.hget(self.keys.quota(owner), "actors") or 0)
+        if created >= limit:
+            raise QuotaExceeded(f"principal {owner!r} has created its quota of {limit} actors", 60)
+
+    def actor_created(self, owner: str) -> None:
+        self.client.hincrby(self.keys.quota(owner), "actors", 1)
+
+    def actors_created(self, owner: str) -> int:
+        return int(self.client.hget(self.keys.quota(owner), "actors") or 0)
+
+    def check_rate(self, principal: str, what: str = "events") -> None:
+        """Count one event of ``principal`` in this second; refuse it over the rate."""
+        limit = self.config.of(principal).events_per_second
+        key = self.keys.rate(principal, int(time.time()))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 2)
+        count = int(pipe.execute()[0])
+        if count > limit:
+            raise QuotaExceeded(f"principal {principal!r} is over {limit} {what} per second")

@@ -1,0 +1,206 @@
+"""What comes from outside is bounded, and a node without API keys stays local."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+import redis
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+from websockets.typing import Origin
+
+from conftest import call, wait_until
+from troth.node import Node
+
+KEY = "k" * 16
+
+
+def ws_url(node: Node, token: str | None = None) -> str:
+    return node.url.replace("http", "ws") + "/v1/ws" + (f"?token={token}" if token else "")
+
+
+# -- no API keys: loopback clients only ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"host": "evil.example"}, 403),  # DNS rebinding: the browser sends the attacker's name
+        ({"host": "127.0.0.1.evil.example:8700"}, 403),
+        ({"origin": "http://evil.example"}, 403),  # a cross-site request
+        ({"origin": "null"}, 403),
+        ({"content-type": "text/plain"}, 415),  # a form or no-cors fetch
+        ({"content-type": "application/x-www-form-urlencoded"}, 415),
+    ],
+)
+def test_without_keys_only_local_json_requests_are_served(
+    api: httpx.Client, headers: dict[str, str], status: int
+) -> None:
+    resp = api.post(
+        "/v1/commitments",
+        content=json.dumps(
+            {
+                "trigger": {"type": "time_after", "delay_seconds": 60},
+                "obligation": {"target": "http://127.0.0.1:9/"},
+            }
+        ),
+        headers={"content-type": "application/json", **headers},
+    )
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["message"]
+    assert api.get("/v1/commitments").json()["items"] == []
+    assert api.get("/v1/commitments-secret", headers=headers).status_code in (200, 403)
+    if "host" in headers or "origin" in headers:
+        assert api.get("/v1/commitments-secret", headers=headers).status_code == 403
+
+
+def test_without_keys_local_names_and_json_work(api: httpx.Client) -> None:
+    for host in ("localhost:1", "127.0.0.1", "[::1]:8700", "127.0.0.2:80"):
+        resp = api.post(
+            "/v1/actors/counter/x/increment",
+            json={},
+            headers={"host": host, "origin": "http://localhost:3000"},
+        )
+        assert resp.status_code == 200, (host, resp.text)
+
+
+def test_without_keys_a_cross_site_websocket_is_refused(make_node: Callable[..., Node]) -> None:
+    node = make_node("n1", serve=True)
+    with (
+        pytest.raises(InvalidStatus) as refused,
+        connect(ws_url(node), origin=Origin("http://evil.example")) as ws,
+    ):
+        ws.recv()
+    assert refused.value.response.status_code == 403
+    with connect(ws_url(node), origin=Origin("http://localhost:3000")) as ws:
+        assert json.loads(ws.recv())["op"] == "hello"
+
+
+# -- WebSocket bounds -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(make_node: Callable[..., Node]) -> Node:
+    return make_node("n1", serve=True, node={"max_body_bytes": 4096})
+
+
+def test_websocket_frames_are_bounded_and_checked(served: Node) -> None:
+    with connect(ws_url(served)) as ws:
+        json.loads(ws.recv())
+        ws.send("{not json")
+        err = json.loads(ws.recv())
+        assert err["op"] == "error" and err["error"]["type"] == "BadRequestError"
+        ws.send('{"op": "call", "id": "n", "actor": "counter/x", "method": "add", "args": [NaN]}')
+        assert json.loads(ws.recv())["error"]["type"] == "BadRequestError"
+        ws.send(json.dumps({"op": "subscribe", "actor": "counter/x", "since": f"{2**64}-0"}))
+        assert json.loads(ws.recv())["error"]["type"] == "ValidationError"
+        # the session is still usable after each refusal
+        ws.send(json.dumps({"op": "call", "id": "ok", "actor": "counter/x", "method": "get"}))
+        assert json.loads(ws.recv()) == {"op": "reply", "id": "ok", "result": 0}
+        ws.send(b"\x00binary")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1003
+    with connect(ws_url(served)) as ws:
+        json.loads(ws.recv())
+        ws.send(
+            json.dumps(
+                {
+                    "op": "call",
+                    "id": "big",
+                    "actor": "counter/x",
+                    "method": "get",
+                    "args": ["x" * 5000],
+                }
+            )
+        )
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_subscriptions_are_bounded_per_node(make_node: Callable[..., Node]) -> None:
+    node = make_node("n1", serve=True, runtime={"max_subscriptions": 3})
+    with connect(ws_url(node)) as one, connect(ws_url(node)) as two:
+        for ws in (one, two):
+            json.loads(ws.recv())
+        for i in range(3):
+            one.send(json.dumps({"op": "subscribe", "actor": f"counter/s{i}"}))
+        two.send(json.dumps({"op": "subscribe", "actor": "counter/s9"}))
+        err = json.loads(two.recv())
+        assert err["op"] == "error" and "3 subscriptions" in err["error"]["message"]
+        # and a subscription still works
+        httpx.post(f"{node.url}/v1/actors/counter/s0/increment", json={})
+
+
+def test_a_slow_request_head_is_cut_off(make_node: Callable[..., Node]) -> None:
+    node = make_node("n1", serve=True, node={"header_timeout_seconds": 0.5})
+    host, port = node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        sock.settimeout(5)
+        started = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the node
+        assert time.monotonic() - started < 3
+    assert httpx.get(f"{node.url}/health").status_code == 200
+
+
+# -- quotas ------------------------------------------------------------------------------
+
+
+def test_actor_quota_answers_429_and_creates_nothing(make_node: Callable[..., Node]) -> None:
+    node = make_node("n1", serve=True, auth={"api_keys": {KEY: "a"}}, quotas={"actors": 2})
+    with httpx.Client(base_url=node.url, headers={"authorization": f"Bearer {KEY}"}) as api:
+        for i in range(2):
+            assert call(api, f"counter/a-{i}", "increment").status_code == 200
+        assert call(api, "counter/a-0", "increment").json() == {"result": 2}  # existing: fine
+        resp = call(api, "counter/a-new", "get")
+        assert resp.status_code == 429 and resp.headers["retry-after"]
+        assert resp.json()["error"]["type"] == "QuotaExceeded"
+    assert node.quotas.actors_created("a") == 2
+
+
+def test_event_rate_and_pending_quotas(make_node: Callable[..., Node]) -> None:
+    node = make_node(
+        "n1",
+        serve=True,
+        quotas={"events_per_second": 3, "per_principal": {"local": {"pending_commitments": 1}}},
+    )
+    with httpx.Client(base_url=node.url) as api:
+        body = {
+            "trigger": {"type": "time_after", "delay_seconds": 600},
+            "obligation": {"target": "http://127.0.0.1:9/"},
+        }
+        assert api.post("/v1/commitments", json=body).status_code == 201
+        over = api.post("/v1/commitments", json=body)
+        assert over.status_code == 429 and "quota" in over.json()["error"]["message"]
+        assert len(api.get("/v1/commitments").json()["items"]) == 1
+        statuses = [api.post("/v1/events", json={"event_type": "e"}).status_code for _ in range(8)]
+        assert 429 in statuses and statuses[0] == 202
+
+
+def test_many_subscriptions_share_one_redis_connection(
+    make_node: Callable[..., Node], rclient: redis.Redis
+) -> None:
+    """20 sessions x 100 subscriptions once exhausted the node's Redis pool; they are
+    now served by one reader, and notifications still flow."""
+    node = make_node("n1", serve=True)
+    before = int(rclient.info("clients")["connected_clients"])
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(connect(ws_url(node))) for _ in range(20)]
+        for ws in sessions:
+            json.loads(ws.recv())
+            for i in range(100):
+                ws.send(json.dumps({"op": "subscribe", "actor": f"probe/alice-n{i}"}))
+        gauge = "troth_subscriptions 2000.0"
+        wait_until(lambda: gauge in httpx.get(f"{node.url}/metrics").text, timeout=20)
+        time.sleep(1)
+        grown = int(rclient.info("clients")["connected_clients"]) - before
+        assert grown <= 4, grown
+        assert httpx.get(f"{node.url}/health", timeout=2).status_code == 200
