@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 import socket
@@ -15,24 +14,15 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .config import Config, ConfigError
-from .http_api import create_app
+from .http_api import create_app, is_loopback_host
 from .node import Node
 
 log = logging.getLogger(__name__)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def bind(host: str, port: int, config: Config) -> socket.socket:
     """Bind the API socket; a non-loopback address requires API keys."""
-    if not is_loopback(host) and not config.auth.api_keys:
+    if not is_loopback_host(host) and not config.auth.api_keys:
         raise ConfigError(
             f"refusing to bind {host}: no API keys are configured (auth.api_keys); "
             "bind 127.0.0.1 or configure keys"

@@ -76,7 +76,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     try:
-        wait_until(lambda: _pings(client), timeout=10)
+        wait_until(lambda: pings(client), timeout=10)
         yield url
     finally:
         client.close()
@@ -84,7 +84,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def _pings(client: redis.Redis) -> bool:
+def pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
     except redis.RedisError:

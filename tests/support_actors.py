@@ -27,6 +27,15 @@ class Probe(troth.CA):
     def get(self) -> dict[str, Any]:
         return dict(self.state)
 
+    def whoami(self) -> dict[str, Any]:
+        return self.caller.to_dict()
+
+    @troth.internal
+    def record(self, value: Any) -> dict[str, Any]:
+        """An internal method other actors may call: keeps who asked."""
+        self.state.setdefault("callers", []).append(self.caller.to_dict())
+        return self.caller.to_dict()
+
     def set_and_return(self, value: Any, bad: str) -> Any:
         """Change the state, then return a reply no JSON client could decode."""
         self.state["value"] = value

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import NodeProcess, free_port, wait_until
+from conftest import NodeProcess, free_port, pings, wait_until
 from troth.client import Client
 from troth.embedded_redis import redis_binary
 
@@ -60,7 +60,7 @@ class DurableRedis:
             stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
-        wait_until(lambda: _pings(client), timeout=10)
+        wait_until(lambda: pings(client), timeout=10)
         client.close()
 
     def signal(self, sig: int) -> None:
@@ -74,13 +74,6 @@ class DurableRedis:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.kill()
             self.proc.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture

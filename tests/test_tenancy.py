@@ -227,3 +227,14 @@ def test_actor_messages_carry_the_senders_principal(
 
     wait_until(dead, timeout=10)
     assert "does not own journal/b-j" in (dead()[0]["result"] or {}).get("error", "")
+
+
+def test_a_callee_sees_who_asked(http: httpx.Client, keyed: Node) -> None:
+    resp = http.post("/v1/actors/probe/a-p/whoami", headers=bearer(KEY_A))
+    assert resp.json() == {"result": {"principal": "a", "actor": None, "internal": False}}
+    # internal methods: not for clients, but for the actor's own messages
+    assert http.post("/v1/actors/probe/a-q/record", headers=bearer(KEY_A)).status_code == 404
+    http.post("/v1/actors/probe/a-p/tell", json={"args": ["probe/a-q", 1]}, headers=bearer(KEY_A))
+    wait_until(lambda: keyed.call(ActorName("probe", "a-q"), "get").result(5).get("callers"))
+    callers = keyed.call(ActorName("probe", "a-q"), "get").result(5)["callers"]
+    assert callers == [{"principal": "a", "actor": "probe/a-p", "internal": True}]
