@@ -175,6 +175,11 @@ class Timers(ActorPlugin):
         ops.timers_cancel.extend(timer_key(actor, n) for n in self._cancel)
         ops.timers_set.extend(self._set.values())
 
+    def prepare_delete(self, ops: CommitOps) -> None:
+        actor = str(self.actor)
+        ops.timers_cancel.extend(timer_key(actor, n) for n in self.pstate)
+        ops.timers_set.clear()
+
     def committed(self) -> None:
         super().committed()
         self._set.clear()

@@ -99,6 +99,17 @@ class CA:
         #: authenticated principal, or the sending actor for actor-to-actor messages.
         self.caller: Caller = Caller(None)
         self.log = logging.getLogger(f"troth.actor.{name.type}")
+        self._troth_runtime: Any = None
+
+    def delete_self(self) -> None:
+        """Delete this actor when the current transaction commits: its checkpoint,
+        timers, cached replies and notifications go in that same commit (outbox
+        effects it committed before stay and are still performed). If the
+        transaction rolls back, nothing is deleted. The next message to its name
+        creates a new actor (``init`` again)."""
+        if self._troth_runtime is None:
+            raise RuntimeError("delete_self() is only possible inside a transaction")
+        self._troth_runtime.deleting = True
 
     def init(self) -> None:
         """First activation: fill ``self.state``."""

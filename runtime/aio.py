@@ -45,3 +45,17 @@ class LoopThread:
         self._thread.join(timeout=5)
         if not self.loop.is_running():
             self.loop.close()
+
+
+class Background:
+    """Fire-and-forget tasks, referenced until they finish (asyncio keeps only weak
+    references to tasks, so an unreferenced one may vanish mid-flight)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

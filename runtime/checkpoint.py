@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import redis
-
 from . import codec
+from .batcher import Batcher, Script
 from .keys import KeySpace, ShardKeys
 from .plugin import CommitOps
 
@@ -64,6 +63,8 @@ class CommitRequest:
     ops: CommitOps = field(default_factory=CommitOps)
     fired_timer: tuple[str, str] | None = None
     autonomous: bool = False
+    #: The actor deletes itself in this commit (every key of its own goes).
+    delete: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,33 +75,39 @@ class CommitResult:
 
 
 class CheckpointStore:
-    """Reads and writes actor checkpoints; safe to share between threads."""
+    """Reads and writes actor checkpoints through the node's :class:`Batcher`, so that
+    every load, look-up and commit of one loop turn shares one round trip.
+
+    All methods are coroutines of the engine's event loop.
+    """
 
     def __init__(
         self,
-        client: redis.Redis,
+        batcher: Batcher,
         keys: KeySpace,
         node_id: str,
         reply_cache_max: int = 1000,
         reply_cache_seconds: float = 86_400.0,
         notify_max: int = 1000,
     ) -> None:
-        self.client = client
+        self.batcher = batcher
         self.keys = keys
         self.node_id = node_id
         self.reply_cache_max = reply_cache_max
         self.reply_cache_ms = int(reply_cache_seconds * 1000)
         self.notify_max = notify_max
-        self._commit = client.register_script(load_lua("commit.lua"))
+        self._commit = Script(load_lua("commit.lua"))
+        self._delete = Script(load_lua("delete.lua"))
 
-    def load(self, shard: int, name: str) -> StoredCheckpoint | None:
-        fields = self.client.hmget(
-            self.keys.shard(shard).checkpoint(name),
-            ["state", "pstate", "version", "seq", "created", "updated"],
-        )
-        if fields[0] is None:
+    async def load(self, shard: int, name: str) -> StoredCheckpoint | None:
+        key = self.keys.shard(shard).checkpoint(name)
+        fields = ["state", "pstate", "version", "seq", "created", "updated"]
+        (reply,) = await self.batcher.run(lambda p: p.hmget(key, fields))
+        if isinstance(reply, Exception):
+            raise reply
+        if reply[0] is None:
             return None
-        state, pstate, version, seq, created, updated = fields
+        state, pstate, version, seq, created, updated = reply
         return StoredCheckpoint(
             state=codec.unpack(state),
             pstate=codec.unpack(pstate) if pstate else {},
@@ -110,39 +117,41 @@ class CheckpointStore:
             updated_ms=int(updated or 0),
         )
 
-    def committed_reply(self, shard: int, name: str, request_id: str) -> tuple[Any] | None:
+    async def committed_reply(self, shard: int, name: str, request_id: str) -> tuple[Any] | None:
         """``(reply,)`` as committed for ``request_id``, or ``None`` if there is none."""
-        data = self.client.hget(self.keys.shard(shard).replies(name), request_id)
+        key = self.keys.shard(shard).replies(name)
+        (data,) = await self.batcher.run(lambda p: p.hget(key, request_id))
+        if isinstance(data, Exception):
+            raise data
         return None if data is None else (codec.unpack(data)[0],)
 
-    def commit_many(self, requests: list[CommitRequest]) -> list[CommitResult]:
-        """Commit several transactions in one pipeline (group commit).
+    async def holds(self, shard: int, epoch: str) -> str | None:
+        """None while this node holds ``shard`` at ``epoch``; else who does (a read that
+        writes nothing: how a read-only message is fenced)."""
+        lease = self.keys.shard(shard).lease
+        (reply,) = await self.batcher.run(lambda p: p.hmget(lease, ["owner", "epoch"]))
+        if isinstance(reply, Exception):
+            raise reply
+        owner, held = (_text(v) if v is not None else "" for v in reply)
+        return None if (owner, held) == (self.node_id, epoch) else f"{owner}@{held}"
 
-        Each request is still its own atomic script: one refused commit does not
-        affect the others. Redis errors propagate; the caller treats them as a
-        failed commit of every request in the batch (nothing is known committed,
-        and the ``seq`` guard makes a blind retry of the same request safe).
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        """One transaction's atomic, fenced commit (``lua/commit.lua``, or
+        ``lua/delete.lua`` when the actor deletes itself).
+
+        Redis errors propagate: the outcome is then unknown, and the ``seq`` guard
+        makes a retry of the same request safe.
         """
-        pipe = self.client.pipeline(transaction=False)
-        for req in requests:
-            sk = self.keys.shard(req.shard)
-            self._commit(
-                keys=self._commit_keys(sk, req.name),
-                args=[self.node_id, req.epoch, str(req.expected_seq), self._payload(req)],
-                client=pipe,
-            )
-        results = pipe.execute(raise_on_error=False)
-        out = []
-        for res in results:
-            if isinstance(res, Exception):
-                raise res
-            ok = int(res[0]) == 1
-            out.append(
-                CommitResult(ok=True)
-                if ok
-                else CommitResult(False, _text(res[1]), _text(res[2]) if len(res) > 2 else "")
-            )
-        return out
+        sk = self.keys.shard(req.shard)
+        script = self._delete if req.delete else self._commit
+        keys = self._commit_keys(sk, req.name)
+        args = [self.node_id, req.epoch, str(req.expected_seq), self._payload(req)]
+        (res,) = await self.batcher.run(lambda p: script.queue(p, keys, args), 1, script)
+        if isinstance(res, Exception):
+            raise res
+        if int(res[0]) == 1:
+            return CommitResult(ok=True)
+        return CommitResult(False, _text(res[1]), _text(res[2]) if len(res) > 2 else "")
 
     @staticmethod
     def _commit_keys(sk: ShardKeys, name: str) -> list[str]:

@@ -88,6 +88,13 @@ class RuntimeConfig(_Model):
         86_400.0, gt=0, description="How long a committed reply is kept for request_id dedup."
     )
     commit_batch_max: int = Field(256, ge=1, description="Commits sent in one Redis pipeline.")
+    sync_workers: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Threads that run plain (non-async) actor methods; async ones run on "
+        "the node's event loop.",
+    )
     max_mailbox: int = Field(10_000, ge=1, description="Queued messages per actor before 503.")
     outbox_workers: int = Field(16, ge=1, le=512, description="Concurrent outbox deliveries.")
     notify_max: int = Field(

@@ -57,6 +57,9 @@ class NodeMetrics:
         self.timer_backlog = Gauge(
             "troth_timer_backlog", "Durable timers scheduled on this node's shards.", registry=r
         )
+        self.reads = Counter(
+            "troth_reads", "Messages that changed nothing and so committed nothing.", registry=r
+        )
         self.sessions = Gauge("troth_sessions", "Client WebSocket sessions open.", registry=r)
         self.subscriptions = Gauge(
             "troth_subscriptions", "Notification subscriptions of the open sessions.", registry=r

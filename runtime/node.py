@@ -1,55 +1,51 @@
-"""A troth node: hosts cells for the shards it owns, and runs their services.
+"""A troth node: the engine of the shards it owns, and the services around it.
 
-The node is the only place that knows which actors are active. It
+A node runs one asyncio event loop on a thread of its own (:class:`LoopThread`):
+the engine (every active actor), the HTTP and WebSocket server, node-to-node
+forwarding and the Redis round trips of commits all run there. Around it, a few
+threads whose number does not depend on the number of actors: the lease heartbeat,
+the timer scheduler, the outbox dispatcher's workers and the pool that runs plain
+(non-async) actor methods.
 
-* activates a cell on the first message for an actor of a shard it owns, and
-  passivates it after ``idle_seconds`` without messages (autonomous actors stay
-  active while the node owns their shard, and are re-activated when it claims one);
-* hands every commit's side effects to the outbox dispatcher and timer scheduler;
-* follows the lease manager: on gaining shards it loads their outbox and timers
-  and wakes their autonomous actors; on losing shards it stops their cells at once;
-  on surplus it drains the shards (queued messages finish) before releasing them.
-
-Thread safety: the cell map is guarded by one lock, held only to look up, create
-or remove cells and to post to them, so no message is ever posted to a cell after
-the node decided to stop it.
+The node wires them together: it follows the lease manager (on gaining shards it
+loads their outbox and timers and wakes their autonomous actors; on losing shards
+the engine forgets their cells at once; on surplus it drains them before
+releasing), and hands every commit's side effects to the dispatcher and scheduler.
+Its :meth:`call` and :meth:`post` may be used from any thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-import pykka
 import redis
+import redis.asyncio as aredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .access import OPERATOR, Caller, check_access
+from .access import OPERATOR, Caller
 from .actor import CA
 from .aio import LoopThread
+from .batcher import Batcher
 from .caas.actor import Commitment, EventBus
 from .catalog import Catalog
-from .cell import Cell, CellHandle, Envelope
 from .checkpoint import CheckpointStore
-from .committer import GroupCommitter
 from .config import Config
-from .errors import BadRequestError, NotFoundError, RetryableError, UnavailableError
+from .engine import Engine
+from .errors import UnavailableError
 from .keys import KeySpace
 from .leases import LeaseManager
 from .metrics import NodeMetrics
-from .names import ActorName, shard_of
+from .names import ActorName
 from .outbox import OutboxDispatcher
 from .plugin import CommitOps, PluginFactory, TimerRecord
 from .quotas import Quotas
@@ -62,9 +58,6 @@ log = logging.getLogger(__name__)
 #: Actor types every node hosts: Commitment-as-a-Service.
 BUILTIN_TYPES: dict[str, type[CA]] = {"commitment": Commitment, "cmbus": EventBus}
 REQUIRED_PLUGINS = ("timers", "send", "commitments")
-
-HOUSEKEEPING_SECONDS = 0.05
-DRAIN_SECONDS = 10.0
 
 
 def default_node_id() -> str:
@@ -95,6 +88,20 @@ def redis_client(
     return redis.Redis(connection_pool=pool, retry=retry)
 
 
+def async_redis_client(url: str, timeout: float, max_connections: int = 32) -> aredis.Redis:
+    """The engine's client (same bounds as :func:`redis_client`)."""
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    pool = aredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
+    )
+    return aredis.Redis(connection_pool=pool, retry=retry)
+
+
 class Node:
     def __init__(
         self,
@@ -116,16 +123,19 @@ class Node:
         self.catalog = Catalog.from_config(
             config, BUILTIN_TYPES if builtin_types is None else builtin_types
         )
+        self.loop_thread = LoopThread(f"troth-engine-{self.node_id}")
+        self.loop = self.loop_thread.loop
+        self.aclient = async_redis_client(redis_url, config.redis.timeout_seconds)
+        self.batcher = Batcher(self.aclient, config.runtime.commit_batch_max)
         self.store = CheckpointStore(
-            self.client,
+            self.batcher,
             self.keys,
             self.node_id,
             config.runtime.reply_cache_max,
             config.runtime.reply_cache_seconds,
             config.runtime.notify_max,
         )
-        self.committer = GroupCommitter(self.store, config.runtime.commit_batch_max)
-        self.quotas = Quotas(self.client, self.keys, config.quotas)
+        self.quotas = Quotas(self.client, self.batcher, self.keys, config.quotas)
         self.url = config.node.public_url or ""
         self.started_at = time.time()
         self.leases = LeaseManager(
@@ -163,19 +173,21 @@ class Node:
         for factory in self.plugin_factories.values():
             for executor in factory.executors():
                 self.dispatcher.register(executor)
-        self.io = LoopThread(f"troth-io-{self.node_id}")
-        self.router = Router(self, secret="")
-        self._cells: dict[str, CellHandle] = {}
-        self._pulses: list[tuple[float, int, CellHandle]] = []
-        self._pulse_tie = itertools.count()
-        self._draining: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._housekeeper = threading.Thread(
-            target=self._housekeeping, name="troth-housekeeper", daemon=True
+        self.engine = Engine(
+            catalog=self.catalog,
+            store=self.store,
+            plugin_factories=self.plugin_factories,
+            metrics=self.metrics,
+            quotas=self.quotas,
+            settings=config.runtime,
+            shard_count=self.keys.shard_count,
+            epoch_of=self.leases.epoch_of,
+            after_commit=self.after_commit,
         )
+        self.router = Router(self, secret="")
+        self.stopped = False
         self.metrics.bind_gauges(
-            active=lambda: len(self._cells),
+            active=lambda: len(self.engine.cells),
             shards=lambda: len(self.leases.owned),
             outbox=lambda: len(self.dispatcher),
             timers=lambda: len(self.scheduler),
@@ -187,10 +199,10 @@ class Node:
         """Register, claim shards (synchronously: a lone node owns all on return)."""
         self.client.set(self.keys.secret, secrets.token_hex(32), nx=True)
         self.router.secret = self.client.get(self.keys.secret).decode()
+        self._on_loop(self._start_engine()).result(timeout=10)
         self.scheduler.start()
         self.dispatcher.start()
         self.leases.start()
-        self._housekeeper.start()
         log.info(
             "node %s started: %d shards, types %s",
             self.node_id,
@@ -198,26 +210,34 @@ class Node:
             sorted(t.name for t in self.catalog),
         )
 
+    async def _start_engine(self) -> None:
+        self.engine.start()
+
     def stop(self) -> None:
         """Graceful stop: finish queued messages, then give the shards back."""
-        self._stop.set()
-        self._housekeeper.join(timeout=5)
-        with self._lock:
-            cells = list(self._cells.values())
-            self._cells.clear()
-        self._stop_cells(cells)
+        if self.stopped:
+            return
+        self.stopped = True
+        with contextlib.suppress(Exception):
+            self._on_loop(self.engine.stop()).result(timeout=15)
         self.scheduler.stop()
         self.dispatcher.stop()
-        self.committer.close()
         self.leases.stop(release=True)
         with contextlib.suppress(Exception):
-            self.io.submit(self.router.close()).result(timeout=5)
-        self.io.stop()
+            self._on_loop(self._close_loop_resources()).result(timeout=5)
+        self.loop_thread.stop()
         for factory in self.plugin_factories.values():
             factory.close()
         self.client.close()
         self._probe.close()
         log.info("node %s stopped", self.node_id)
+
+    async def _close_loop_resources(self) -> None:
+        await self.router.close()
+        await self.aclient.aclose()
+
+    def _on_loop(self, coro: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def _node_info(self) -> dict[str, str]:
         return {
@@ -225,7 +245,7 @@ class Node:
             "pid": str(os.getpid()),
             "host": socket.gethostname(),
             "started": str(int(self.started_at)),
-            "active": str(len(self._cells)),
+            "active": str(len(self.engine.cells)),
             "shards": str(len(self.leases.owned)),
             "served": self.leases.served_bitmap(),
         }
@@ -241,47 +261,19 @@ class Node:
         request_id: str | None = None,
         caller: Caller = OPERATOR,
     ) -> Future[Any]:
-        """Queue a call on this node; the future resolves after the call's commit.
-
-        Raises :class:`NotFoundError` for an unknown type or a method ``caller`` may
-        not call, :class:`ForbiddenError` for an actor it does not own (see
-        :mod:`troth.access`), and :class:`RetryableError` when this node does not own
-        the actor's shard.
-        """
-        atype = self.catalog.get(name.type)
-        check_access(caller, name, method, atype.methods, atype.internal_methods)
-        if request_id is not None and not (0 < len(request_id) <= 200):
-            raise BadRequestError("request_id must be 1 to 200 characters")
-        msg = Message(
-            "call", method, list(args or []), dict(kwargs or {}), request_id, None, caller
+        """Queue a call on this node from any thread; the future resolves after the
+        call's commit (see :meth:`Engine.call` for the errors)."""
+        return self._on_loop(
+            self.engine.call(name, method, list(args or []), dict(kwargs or {}), request_id, caller)
         )
-        return self.post(name, msg)
 
     def post(self, name: ActorName, msg: Message) -> Future[Any]:
-        fut: Future[Any] = Future()
-        shard = shard_of(name, self.keys.shard_count)
-        with self._lock:
-            cell = self._cell_for(name, shard)
-            if cell.queued >= self.config.runtime.max_mailbox:
-                raise UnavailableError(f"{name}: mailbox full ({cell.queued} queued)")
-            cell.post(Envelope(msg, fut))
-        return fut
+        """Queue ``msg`` from any thread; resolves after the message's commit."""
 
-    def _cell_for(self, name: ActorName, shard: int) -> CellHandle:
-        """The active cell of ``name``, activating it. Call with the lock held."""
-        key = str(name)
-        cell = self._cells.get(key)
-        if cell is not None:
-            return cell
-        epoch = self.leases.epoch_of(shard)
-        if epoch is None or shard in self._draining:
-            raise UnavailableError(f"{name}: shard {shard} is not served by node {self.node_id}")
-        atype = self.catalog.get(name.type)
-        handle = CellHandle(name, shard, epoch, atype)
-        self._cells[key] = Cell.spawn(self, handle)
-        if atype.pulse_seconds:
-            self._schedule_pulse(handle, time.monotonic() + atype.pulse_seconds)
-        return handle
+        async def post() -> Any:
+            return await self.engine.post(name, msg)
+
+        return self._on_loop(post())
 
     def deliver(
         self,
@@ -294,39 +286,14 @@ class Node:
         caller: Caller,
     ) -> Any:
         """Deliver a message from the outbox to its owner, wherever it is, and wait for
-        the receiver's commit."""
+        the receiver's commit (from an outbox worker thread)."""
         coro = self.router.call(
             ActorName.parse(target), method, args, kwargs, request_id, caller, timeout=timeout
         )
         try:
-            return self.io.submit(coro).result(timeout=timeout + 1)
+            return self._on_loop(coro).result(timeout=timeout + 1)
         except FutureTimeout:
             raise UnavailableError(f"{target}.{method}: no reply within {timeout}s") from None
-
-    # -- commits, cells ----------------------------------------------------------------
-
-    def after_commit(self, shard: int, ops: CommitOps) -> None:
-        if ops.outbox:
-            self.dispatcher.submit(shard, ops.outbox)
-        for key in ops.timers_cancel:
-            self.scheduler.cancel(key)
-        for timer in ops.timers_set:
-            self.scheduler.add(shard, timer)
-
-    def cell_stopped(self, handle: CellHandle) -> None:
-        with self._lock:
-            if self._cells.get(str(handle.name)) is handle:
-                del self._cells[str(handle.name)]
-
-    def _fire_timer(self, shard: int, timer: TimerRecord) -> Future[Any]:
-        try:
-            return self.post(
-                ActorName.parse(timer.actor), Message("timer", timer.method, timer=timer)
-            )
-        except RetryableError as exc:
-            fut: Future[Any] = Future()
-            fut.set_exception(exc)
-            return fut
 
     async def redis_ok(self) -> bool:
         """Whether Redis answers a PING within the probe's bound (at most 2 s)."""
@@ -338,49 +305,22 @@ class Node:
 
     @property
     def active_actors(self) -> int:
-        return len(self._cells)
+        return len(self.engine.cells)
 
-    # -- housekeeping: pulses and passivation -------------------------------------------
+    # -- commits ----------------------------------------------------------------------------
 
-    def _schedule_pulse(self, cell: CellHandle, at: float) -> None:
-        """Queue ``cell``'s next pulse. Call with the lock held."""
-        cell.next_pulse = at
-        heapq.heappush(self._pulses, (at, next(self._pulse_tie), cell))
+    def after_commit(self, shard: int, ops: CommitOps) -> None:
+        if ops.outbox:
+            self.dispatcher.submit(shard, ops.outbox)
+        for key in ops.timers_cancel:
+            self.scheduler.cancel(key)
+        for timer in ops.timers_set:
+            self.scheduler.add(shard, timer)
 
-    def _housekeeping(self) -> None:
-        """Pulses from a heap (cost per due pulse, not per active actor), and once a
-        second a passivation sweep of the idle non-autonomous cells."""
-        last_sweep = 0.0
-        while not self._stop.wait(HOUSEKEEPING_SECONDS):
-            now = time.monotonic()
-            to_stop: list[CellHandle] = []
-            with self._lock:
-                while self._pulses and self._pulses[0][0] <= now:
-                    at, _, cell = heapq.heappop(self._pulses)
-                    if self._cells.get(str(cell.name)) is not cell or cell.next_pulse != at:
-                        continue  # passivated, stopped, or rescheduled
-                    if not cell.pulse_queued:
-                        cell.post(Envelope(Message("pulse", "pulse")))
-                    self._schedule_pulse(cell, now + (cell.atype.pulse_seconds or 1.0))
-                if now - last_sweep >= 1.0:
-                    last_sweep = now
-                    for key, cell in list(self._cells.items()):
-                        if not cell.atype.autonomous and cell.idle_for > cell.atype.idle_seconds:
-                            del self._cells[key]
-                            to_stop.append(cell)
-            for cell in to_stop:
-                log.debug("passivating %s", cell.name)
-                cell.stop()
+    def _fire_timer(self, shard: int, timer: TimerRecord) -> Future[Any]:
+        return self.post(ActorName.parse(timer.actor), Message("timer", timer.method, timer=timer))
 
-    @staticmethod
-    def _stop_cells(cells: list[CellHandle], timeout: float = DRAIN_SECONDS) -> None:
-        futures = [f for f in (cell.stop() for cell in cells) if f is not None]
-        deadline = time.monotonic() + timeout
-        for fut in futures:
-            with contextlib.suppress(pykka.Timeout, pykka.ActorDeadError):
-                fut.get(timeout=max(0.01, deadline - time.monotonic()))
-
-    # -- shard ownership changes ---------------------------------------------------------
+    # -- shard ownership changes (from the lease thread) ---------------------------------------
 
     def _shards_gained(self, gained: dict[int, str]) -> None:
         shards = sorted(gained)
@@ -389,44 +329,26 @@ class Node:
         pipe = self.client.pipeline(transaction=False)
         for s in shards:
             pipe.smembers(self.keys.shard(s).autonomous)
-        woken = 0
-        for members in pipe.execute():
-            for raw in members:
-                name = ActorName.parse(raw.decode())
-                try:
-                    atype = self.catalog.get(name.type)
-                except NotFoundError:
-                    continue
-                if atype.autonomous:
-                    with self._lock:
-                        cell = self._cell_for(name, shard_of(name, self.keys.shard_count))
-                        self._schedule_pulse(cell, 0.0)  # it may have missed pulses moving
-                    woken += 1
+        names = [ActorName.parse(raw.decode()) for members in pipe.execute() for raw in members]
+
+        async def wake() -> int:
+            return self.engine.wake(names)
+
+        woken = self._on_loop(wake()).result(timeout=30) if names else 0
         log.info(
             "node %s gained %d shards, woke %d autonomous actors", self.node_id, len(shards), woken
         )
 
     def _shards_lost(self, lost: set[int]) -> None:
-        with self._lock:
-            cells = [c for c in self._cells.values() if c.shard in lost]
-            for c in cells:
-                del self._cells[str(c.name)]
-        for c in cells:
-            c.stop()
+        self._on_loop(self.engine.drop_shards(lost, drain=False)).result(timeout=10)
         self.scheduler.drop_shards(lost)
         self.dispatcher.drop_shards(lost)
 
     def _shards_surplus(self, shards: list[int]) -> None:
         surplus = set(shards)
-        with self._lock:
-            self._draining |= surplus
-            cells = [c for c in self._cells.values() if c.shard in surplus]
-            for c in cells:
-                del self._cells[str(c.name)]
-        self._stop_cells(cells)
+        with contextlib.suppress(FutureTimeout):
+            self._on_loop(self.engine.drop_shards(surplus, drain=True)).result(timeout=15)
         self.scheduler.drop_shards(surplus)
         self.dispatcher.drop_shards(surplus)
         self.leases.release(shards)
-        with self._lock:
-            self._draining -= surplus
         log.info("node %s handed off %d shards", self.node_id, len(shards))

@@ -186,6 +186,10 @@ class ActorPlugin:
     def prepare(self, ops: CommitOps) -> None:
         """Add buffered effects to ``ops``; may raise to veto the commit."""
 
+    def prepare_delete(self, ops: CommitOps) -> None:
+        """The actor deletes itself in this commit: add what must go with it (timers,
+        say). Runs after :meth:`prepare`."""
+
     def committed(self) -> None:
         """Called after the commit returned; hand effects to the node."""
         self.txn = None

@@ -16,30 +16,47 @@ changes nothing.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from typing import Any
 
 import redis
 
+from .aio import Background
+from .batcher import Batcher
 from .config import QuotaConfig
 from .errors import QuotaExceeded
 from .keys import KeySpace
 
+log = logging.getLogger(__name__)
+
 
 class Quotas:
-    def __init__(self, client: redis.Redis, keys: KeySpace, config: QuotaConfig) -> None:
+    def __init__(
+        self, client: redis.Redis, batcher: Batcher, keys: KeySpace, config: QuotaConfig
+    ) -> None:
         self.client = client
+        self.batcher = batcher
         self.keys = keys
         self.config = config
+        self._background = Background()
 
-    def check_new_actor(self, owner: str) -> None:
+    async def check_new_actor(self, owner: str) -> None:
         """Refuse a new actor of ``owner`` once it created its quota of actors."""
         limit = self.config.of(owner).actors
-        created = int(self.client.hget(self.keys.quota(owner), "actors") or 0)
-        if created >= limit:
+        key = self.keys.quota(owner)
+        (created,) = await self.batcher.run(lambda p: p.hget(key, "actors"))
+        if isinstance(created, Exception):
+            raise created
+        if int(created or 0) >= limit:
             raise QuotaExceeded(f"principal {owner!r} has created its quota of {limit} actors", 60)
 
-    def actor_created(self, owner: str) -> None:
-        self.client.hincrby(self.keys.quota(owner), "actors", 1)
+    def count_created(self, owner: str) -> None:
+        """Count a new actor of ``owner`` (after its first commit; best effort)."""
+        key = self.keys.quota(owner)
+        task = self._background.spawn(self.batcher.run(lambda p: p.hincrby(key, "actors", 1)))
+        task.add_done_callback(_log_failure)
 
     def actors_created(self, owner: str) -> int:
         return int(self.client.hget(self.keys.quota(owner), "actors") or 0)
@@ -54,3 +71,8 @@ class Quotas:
         count = int(pipe.execute()[0])
         if count > limit:
             raise QuotaExceeded(f"principal {principal!r} is over {limit} {what} per second")
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("counting a new actor failed: %s", task.exception())

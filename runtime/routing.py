@@ -133,8 +133,10 @@ class Router:
             try:
                 owner = node.leases.owner_of(shard)
                 if owner == node.node_id:
-                    fut = node.call(name, method, args, kwargs, request_id, caller)
-                    return await asyncio.wait_for(asyncio.wrap_future(fut), remaining)
+                    return await asyncio.wait_for(
+                        node.engine.call(name, method, args, kwargs, request_id, caller),
+                        remaining,
+                    )
                 if forwarded:
                     raise UnavailableError(f"{name}: shard {shard} is not on {node.node_id}")
                 url = node.leases.urls.get(owner)
@@ -152,7 +154,7 @@ class Router:
                     sent_ms=int(time.time() * 1000),
                     timeout=max(0.1, remaining),
                 )
-                return await node.io.run(self._forward(url, call))
+                return await self._forward(url, call)
             except RedisUnavailable:
                 raise
             except RetryableError:

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -111,41 +112,60 @@ def serve_forever(
     bound = sock.getsockname()[1]
     node.url = config.node.public_url or f"http://{host}:{bound}"
     node.start()
+    server = ServerThread(node, sock=sock).start()
     print(f"troth node {node.node_id} listening on {node.url} (redis {redis_url})", flush=True)
-    server = _uvicorn(node)
+    stop = threading.Event()
 
     def shutdown(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping node %s", signum, node.node_id)
-        server.should_exit = True
+        stop.set()
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     try:
-        server.run(sockets=[sock])
+        while not stop.wait(0.5) and server.running:
+            pass
     finally:
+        server.stop()
         node.stop()
 
 
 class ServerThread:
-    """A node's API served from a background thread (embedding, tests, benchmarks)."""
+    """A node's HTTP API, served by uvicorn on the node's own event loop (so a call
+    goes from the socket to the actor and back without changing threads)."""
 
-    def __init__(self, node: Node, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        node: Node,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        sock: socket.socket | None = None,
+    ) -> None:
         self.node = node
-        self.sock = bind(host, port, node.config)
-        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.sock = sock or bind(host, port, node.config)
+        bound_host, bound_port = self.sock.getsockname()[:2]
+        self.url = f"http://{host if sock is None else bound_host}:{bound_port}"
         node.url = node.url or self.url
         self.server = _uvicorn(node)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
+        self._serving: Future[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._serving is not None and not self._serving.done()
 
     def start(self) -> ServerThread:
-        self.thread.start()
-        while not self.server.started and self.thread.is_alive():
+        self._serving = asyncio.run_coroutine_threadsafe(
+            self.server.serve(sockets=[self.sock]), self.node.loop
+        )
+        while not self.server.started and not self._serving.done():
             threading.Event().wait(0.01)
+        if self._serving.done():
+            self._serving.result()  # raises what stopped it
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        if self._serving is not None:
+            with contextlib.suppress(Exception):
+                self._serving.result(timeout=10)
         self.sock.close()

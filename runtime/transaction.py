@@ -1,13 +1,18 @@
 """One message = one transaction.
 
-:meth:`ActorRuntime.execute` is the whole protocol of design section 3:
+:meth:`ActorRuntime.execute` is the whole protocol:
 
 1. every plugin ``begin``\\ s a buffer; the last committed state is the snapshot;
-2. the method or hook runs;
+2. the method or hook runs: an ``async def`` on the engine's event loop, a plain
+   function on the engine's pool of worker threads (:class:`Invoker`); effects
+   buffered before and after an ``await`` belong to the same transaction;
 3. plugins ``prepare`` their buffered effects; state, plugin state and reply are
-   encoded with msgpack (which also proves them serializable);
-4. one atomic, fenced commit (through the group committer);
-5. only after it returned: the in-memory state becomes the decoded committed
+   encoded (msgpack for the checkpoint, strict JSON for a caller's reply);
+4. one atomic, fenced commit, sent together with the other actors' commits of the
+   same loop turn (:class:`~troth.batcher.Batcher`). A message that changed no
+   state, no plugin state and buffered no effect commits nothing: it only checks,
+   by a read, that this node still holds the shard;
+5. only after the commit returned: the in-memory state becomes the decoded committed
    state (so memory never differs from what a reload would see), plugins release
    their effects, and the reply is returned.
 
@@ -18,17 +23,19 @@ snapshot, every plugin ``abort``\\ s, and the error propagates.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import codec
 from .access import OPERATOR, Caller
 from .actor import CA
-from .checkpoint import CommitRequest, now_ms
-from .committer import GroupCommitter
+from .checkpoint import CheckpointStore, CommitRequest, now_ms
 from .errors import (
     ActorError,
     FencedError,
@@ -42,8 +49,6 @@ from .names import ActorName
 from .plugin import ActorPlugin, CommitOps, TimerRecord, TxnInfo
 
 log = logging.getLogger(__name__)
-
-COMMIT_WAIT_SECONDS = 60.0
 
 
 class TimerAlreadyHandled(TrothError):
@@ -67,6 +72,29 @@ class Message:
     caller: Caller = OPERATOR
 
 
+class Invoker:
+    """Runs actor code the way FastAPI runs endpoints: ``async def`` functions on the
+    event loop (they must not block), plain functions on a bounded pool of threads,
+    so that a sync method that blocks (``time.sleep``, a slow library) holds one
+    worker and never the loop. Other actors are delayed by blocking sync methods only
+    once all ``workers`` threads are blocked at the same time."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="troth-sync")
+
+    async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+        if inspect.isawaitable(result):  # a plain function that returned a coroutine
+            return await result
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class ActorRuntime:
     """An activated actor: its instance, its plugins and its durable position."""
 
@@ -77,7 +105,8 @@ class ActorRuntime:
         epoch: str,
         ca: CA,
         plugins: dict[str, ActorPlugin],
-        committer: GroupCommitter,
+        store: CheckpointStore,
+        invoke: Invoker,
         metrics: NodeMetrics,
         version: str,
         seq: int,
@@ -89,7 +118,8 @@ class ActorRuntime:
         self.epoch = epoch
         self.ca = ca
         self.plugins = plugins
-        self.committer = committer
+        self.store = store
+        self.invoke = invoke
         self.metrics = metrics
         self.version = version
         self.seq = seq
@@ -99,11 +129,24 @@ class ActorRuntime:
         #: so creating an actor costs one commit, and a failed first message leaves
         #: no half-initialised checkpoint behind.
         self.needs_init = False
+        #: The checkpoint must be written even if nothing changed (its state version
+        #: moved on at load).
+        self.needs_write = False
+        #: Set by :meth:`CA.delete_self`; the actor is gone once this commit returns.
+        self.deleting = False
+        self.deleted = False
         self._state = codec.pack(ca.state)
         self._pstate = codec.pack({n: p.pstate for n, p in plugins.items()})
+        ca._troth_runtime = self
 
-    def execute(self, msg: Message, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` as one transaction; see the module docstring for guarantees."""
+    async def execute(
+        self,
+        msg: Message,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` as one transaction; see the module docstring."""
         started = time.perf_counter()
         txn = TxnInfo(
             actor=self.name,
@@ -119,19 +162,29 @@ class ActorRuntime:
             for p in self.plugins.values():
                 p.begin(txn)
             self.ca.caller = msg.caller
+            self.deleting = False
             try:
                 if self.needs_init:
-                    self.ca.init()
-                reply = fn()
+                    await self.invoke(self.ca.init)
+                reply = await self.invoke(fn, *args, **(kwargs or {}))
             except TrothError:
                 raise
             except Exception as exc:
                 self.ca.log.exception("%s.%s raised", self.name, msg.method)
                 raise ActorError(type(exc).__name__, str(exc)) from exc
             request = self._prepare(msg, reply)
+            if request is None:
+                holder = await self.store.holds(self.shard, self.epoch)
+                if holder is not None:
+                    raise FencedError(
+                        f"{self.name}: this node no longer owns shard {self.shard} "
+                        f"(lease is {holder}); retry the call"
+                    )
+                self.metrics.reads.inc()
+                return reply
             commit_started = time.perf_counter()
             try:
-                result = self.committer.commit(request).result(timeout=COMMIT_WAIT_SECONDS)
+                result = await self.store.commit(request)
             except Exception as exc:
                 raise StaleActivation(f"commit of {self.name} failed: {exc}") from exc
             self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
@@ -149,7 +202,8 @@ class ActorRuntime:
             self.metrics.rollbacks.labels(self.name.type, type(exc).__name__).inc()
             raise
         self.seq += 1
-        self.needs_init = False
+        self.needs_init = self.needs_write = False
+        self.deleted = request.delete
         self._state = request.state
         self._pstate = request.pstate
         self.ca.state = codec.unpack(request.state)
@@ -160,20 +214,33 @@ class ActorRuntime:
         self.metrics.message_latency.observe(time.perf_counter() - started)
         return reply
 
-    def _prepare(self, msg: Message, reply: Any) -> CommitRequest:
+    def _prepare(self, msg: Message, reply: Any) -> CommitRequest | None:
+        """The commit this transaction needs, or None when it changed nothing."""
         if not isinstance(self.ca.state, dict):
             raise SerializationError(
                 f"{self.name}: self.state must stay a dict, not {type(self.ca.state).__name__}"
             )
+        if msg.kind == "call":  # a reply the caller could not decode must not commit
+            check_encodable(reply, f"{self.name}.{msg.method}: reply")
         ops = CommitOps()
         for p in self.plugins.values():
             p.prepare(ops)
+            if self.deleting:
+                p.prepare_delete(ops)
         try:
             state = codec.pack(self.ca.state)
         except SerializationError as exc:
             raise SerializationError(f"{self.name}: state {exc}") from exc
-        if msg.kind == "call":  # a reply the caller could not decode must not commit
-            check_encodable(reply, f"{self.name}.{msg.method}: reply")
+        pstate = codec.pack({n: p.pstate for n, p in self.plugins.items()})
+        unchanged = (
+            state == self._state
+            and pstate == self._pstate
+            and not (ops.outbox or ops.timers_set or ops.timers_cancel or ops.notifications)
+            and msg.timer is None
+            and not (self.needs_init or self.needs_write or self.deleting)
+        )
+        if unchanged:
+            return None
         try:
             packed_reply = codec.pack([reply])  # boxed: a None reply is still a reply
         except SerializationError as exc:
@@ -184,16 +251,18 @@ class ActorRuntime:
             epoch=self.epoch,
             expected_seq=self.seq,
             state=state,
-            pstate=codec.pack({n: p.pstate for n, p in self.plugins.items()}),
+            pstate=pstate,
             version=self.version,
             request_id=msg.request_id,
             reply=packed_reply,
             ops=ops,
             fired_timer=(msg.timer.key, msg.timer.id) if msg.timer else None,
             autonomous=self.autonomous,
+            delete=self.deleting,
         )
 
     def _rollback(self) -> None:
+        self.deleting = False
         self.ca.state = codec.unpack(self._state)
         pstates = codec.unpack(self._pstate)
         for name, p in self.plugins.items():

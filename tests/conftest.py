@@ -155,8 +155,7 @@ def make_node(redis_url: str, prefix: str) -> Iterator[Callable[..., Node]]:
     for node, server in reversed(nodes):
         if server is not None:
             server.stop()
-        if not node._stop.is_set():
-            node.stop()
+        node.stop()
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def test_any_node_accepts_any_call(make_node: Callable[..., Node]) -> None:
         assert api.post(url, json={"args": [3], "request_id": "x"}).json() == {"result": 3}
         err = api.post(url, json={"args": [0]})
         assert err.status_code == 409 and err.json()["error"]["type"] == "AppError"
-    assert f"counter/{on_b}" in b._cells and f"counter/{on_b}" not in a._cells
+    assert f"counter/{on_b}" in b.engine.cells and f"counter/{on_b}" not in a.engine.cells
 
 
 def test_forged_cluster_header_gets_no_special_rights(make_node: Callable[..., Node]) -> None:

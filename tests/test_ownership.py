@@ -29,7 +29,7 @@ def test_stale_epoch_commit_is_refused_and_actor_stops(node: Node, rclient: redi
         node.call(COUNTER, "increment", [1]).result(5)
     data = admin.inspect(rclient, node.keys, COUNTER)
     assert data is not None and data["state"] == {"count": 1}
-    assert str(COUNTER) not in node._cells  # the stale cell stopped
+    assert str(COUNTER) not in node.engine.cells  # the stale cell stopped
     # The intruder is not a live node: the node reclaims the shard and serves again.
     wait_until(lambda: node.leases.epoch_of(shard) is not None, timeout=5)
     assert wait_until(lambda: _try(node), timeout=5) == 2
@@ -45,8 +45,8 @@ def _try(node: Node) -> int | None:
 def test_passivation_and_reactivation_from_checkpoint(node: Node) -> None:
     probe = ActorName.parse("probe/alice-p")
     node.call(probe, "set", [42]).result(5)
-    assert str(probe) in node._cells
-    wait_until(lambda: str(probe) not in node._cells, timeout=5)  # idle_seconds = 0.5
+    assert str(probe) in node.engine.cells
+    wait_until(lambda: str(probe) not in node.engine.cells, timeout=5)  # idle_seconds = 0.5
     state = node.call(probe, "get").result(5)
     assert state["value"] == 42 and state["resumes"] == 1 and state["inits"] == 1
     assert node.call(probe, "scratch_seq").result(5) is not None

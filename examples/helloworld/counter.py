@@ -1,8 +1,14 @@
 """helloworld: the smallest useful actor, a durable counter.
 
 troth serve --config ca.json.example &
-curl -s -XPOST localhost:8700/v1/actors/counter/alice-c1/increment -d '{"args": [2]}'
+curl -s localhost:8700/v1/actors/counter/alice-c1/increment \
+     -H 'content-type: application/json' -d '{"args": [2]}'
 troth call counter/alice-c1 get
+
+``Counter`` writes its methods as plain functions: they run on the node's worker
+threads, so one that blocks cannot stall other actors. ``AsyncCounter`` writes them
+as caf.js does, ``async def``: they run on the node's event loop with no thread
+hand-off (faster), and must not block.
 """
 
 from __future__ import annotations
@@ -26,3 +32,11 @@ class Counter(troth.CA):
 
     def get(self) -> int:
         return int(self.state["count"])
+
+
+class AsyncCounter(Counter):
+    async def increment(self, by: int = 1) -> int:  # type: ignore[override]
+        return Counter.increment(self, by)
+
+    async def get(self) -> int:  # type: ignore[override]
+        return Counter.get(self)
