@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .actor import CA
+from .actor import CA, HOOKS
 from .config import ActorTypeConfig, Config, ConfigError
 from .errors import NotFoundError
 from .versioning import parse
@@ -93,7 +94,20 @@ class Catalog:
         return iter(self._types.values())
 
 
+def check_methods(name: str, ca_cls: type[CA]) -> None:
+    """Refuse, at registration, what could never run as a transaction: generator
+    methods or hooks (sync or async) have no single reply to commit."""
+    for method in sorted(ca_cls.public_methods() | ca_cls.internal_methods() | HOOKS):
+        fn = getattr(ca_cls, method, None)
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise ConfigError(
+                f"types.{name}: {ca_cls.__qualname__}.{method} is a generator; a method runs "
+                "as one transaction with one reply: return a list instead"
+            )
+
+
 def build_type(name: str, ca_cls: type[CA], tc: ActorTypeConfig, counted: bool = True) -> ActorType:
+    check_methods(name, ca_cls)
     version = tc.state_version or ca_cls.state_version
     try:
         parse(version)

@@ -1,4 +1,10 @@
-"""The ``troth`` command line (design section 6)."""
+"""troth: a Python actor runtime with transactional Redis checkpoints, and
+Commitment-as-a-Service built on it.
+
+``troth serve`` runs a node (``--nodes N`` runs N of them, one process each, to use
+N cores); ``status``, ``inspect`` and ``call`` read or reach a running deployment;
+``redis`` manages the embedded Redis. Each command's ``--help`` says more.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +72,11 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
     setup_logging(args.log_level, args.log_format)
     url = redis_url(args, config, start=True)
+    if args.nodes > 1:
+        from .supervisor import supervise
+
+        port = config.node.port if args.port is None else args.port
+        return supervise(args, url, port)
     serve_forever(
         config,
         url,
@@ -196,6 +207,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to bind (default 8700; 0: any)")
     s.add_argument("--node-id", help="stable node id (default: host-pid-random)")
+    s.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="run this many nodes, one process each, on consecutive ports against the "
+        "same Redis (a node uses one core; default 1)",
+    )
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--log-format", choices=["text", "json"], default="text")
     s.set_defaults(func=cmd_serve)

@@ -34,9 +34,9 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
@@ -49,6 +49,34 @@ log = logging.getLogger(__name__)
 
 RETRY_START = 0.05
 RETRY_MAX = 1.0
+#: Calls one session keeps in flight (a node refuses more from one session).
+MAX_INFLIGHT = 1000
+
+T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """How to call, apart from what to call: never passed to the actor."""
+
+    #: Seconds to wait for the reply across retries (default: the client's timeout).
+    timeout: float | None = None
+    #: Sent with every attempt; a repeated id returns the committed reply and runs
+    #: nothing (default: a fresh id per call).
+    request_id: str | None = None
+
+
+def actor_address(actor: str | type[Any], actor_id: str | None, type_name: str | None) -> str:
+    """``TYPE/ID`` from any of the ways :meth:`AsyncClient.actor` accepts."""
+    if isinstance(actor, str):
+        address = actor if actor_id is None else f"{actor}/{actor_id}"
+    else:
+        if actor_id is None:
+            raise ValueError("a typed proxy needs the actor's id: actor(Counter, 'alice-c1')")
+        address = f"{type_name or actor.__name__.lower()}/{actor_id}"
+    return str(ActorName.parse(address))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +123,8 @@ class AsyncClient:
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
         self._ids = itertools.count()
+        #: At most as many calls in flight as a node takes from one session.
+        self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
         self.reconnects = -1  # connections made beyond the first
 
     async def __aenter__(self) -> AsyncClient:
@@ -123,24 +153,42 @@ class AsyncClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
 
-    def actor(self, actor_type: str, actor_id: str) -> AsyncActor:
-        return AsyncActor(self, f"{actor_type}/{actor_id}")
+    @overload
+    def actor(self, actor: str, actor_id: str | None = None) -> AsyncActor[Any]: ...
 
-    async def call(
+    @overload
+    def actor(
+        self, actor: type[T], actor_id: str, *, type_name: str | None = None
+    ) -> AsyncActor[T]: ...
+
+    def actor(
+        self, actor: str | type[Any], actor_id: str | None = None, *, type_name: str | None = None
+    ) -> AsyncActor[Any]:
+        """A proxy of one actor: ``actor("counter/alice-c1")``, ``actor("counter",
+        "alice-c1")``, or typed, ``actor(Counter, "alice-c1")`` (see :class:`AsyncActor`)."""
+        return AsyncActor(self, actor_address(actor, actor_id, type_name), CallOptions())
+
+    async def call(self, actor: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method(*args, **kwargs)`` on ``actor`` (``TYPE/ID``): every keyword
+        goes to the method. Options (timeout, request id) go through
+        :meth:`call_with` or ``actor(...).with_options(...)``."""
+        return await self.call_with(CallOptions(), actor, method, list(args), kwargs)
+
+    async def call_with(
         self,
+        options: CallOptions,
         actor: str,
         method: str,
-        *args: Any,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        **kwargs: Any,
+        args: list[Any],
+        kwargs: dict[str, Any],
     ) -> Any:
-        """Call ``method`` on ``actor`` (``TYPE/ID``); see the module docstring."""
+        """Call with explicit options; see the module docstring for the guarantees."""
         ActorName.parse(actor)  # refused here, before anything is sent
         check_method(method)
         if self._runner is None:
             await self.connect()
-        request_id = request_id or uuid.uuid4().hex
+        request_id = options.request_id or uuid.uuid4().hex
+        timeout = options.timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self.timeout)
         backoff = RETRY_START
@@ -157,9 +205,10 @@ class AsyncClient:
             try:
                 await asyncio.wait_for(self._connected.wait(), remaining)
                 attempts += 1
-                reply = await asyncio.wait_for(
-                    self._request(actor, method, list(args), kwargs, request_id), remaining
-                )
+                async with self._inflight:
+                    reply = await asyncio.wait_for(
+                        self._request(actor, method, args, kwargs, request_id), remaining
+                    )
             except TimeoutError:
                 continue
             except (ConnectionError, WebSocketException) as exc:
@@ -168,7 +217,9 @@ class AsyncClient:
                 if reply["op"] == "reply":
                     return reply["result"]
                 err = error_from_dict(reply.get("error", {}))
-                if not isinstance(err, RetryableError):
+                # A node's own timeout leaves the outcome open: asking again under the
+                # same request id learns it (or runs the call, once).
+                if not isinstance(err, RetryableError | CallTimeout):
                     raise err
                 last_error = str(err)
             await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
@@ -241,6 +292,7 @@ class AsyncClient:
                 for fut in self._replies.values():
                     if not fut.done():
                         fut.set_exception(ConnectionError("session lost"))
+                        fut.exception()  # its caller may have stopped waiting: no warning
 
     async def _open(self) -> ClientConnection | None:
         candidates = list(dict.fromkeys(self._known))
@@ -276,19 +328,57 @@ class AsyncClient:
                 sub.queue.put_nowait(Notification(msg["actor"], msg["nid"], msg["data"]))
 
 
-class AsyncActor:
-    """``await client.actor("counter", "alice-c1").increment(2)``."""
+class AsyncActor(Generic[T]):
+    """A proxy of one actor for :class:`AsyncClient`.
 
-    def __init__(self, client: AsyncClient, name: str) -> None:
+    ``await proxy.increment(2)`` calls by name (any method, unchecked). ``await
+    proxy.call(Counter.increment, by=2)`` calls through the class: with a proxy made
+    as ``client.actor(Counter, "alice-c1")``, mypy and editors check the method's
+    arguments and result type (ParamSpec). ``proxy.with_options(timeout=5,
+    request_id="...")`` returns a proxy whose calls use those options; the options
+    never reach the actor.
+    """
+
+    def __init__(self, client: AsyncClient, name: str, options: CallOptions) -> None:
         self._client = client
         self._name = name
+        self._options = options
+
+    @property
+    def address(self) -> str:
+        return self._name
+
+    def with_options(
+        self, *, timeout: float | None = None, request_id: str | None = None
+    ) -> AsyncActor[T]:
+        return AsyncActor(self._client, self._name, CallOptions(timeout, request_id))
+
+    @overload
+    async def call(
+        self,
+        method: Callable[Concatenate[T, P], Coroutine[Any, Any, R]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R: ...
+
+    @overload
+    async def call(
+        self, method: Callable[Concatenate[T, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> R: ...
+
+    async def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await self._client.call_with(
+            self._options, self._name, method.__name__, list(args), kwargs
+        )
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("_"):
             raise AttributeError(method)
 
         async def invoke(*args: Any, **kwargs: Any) -> Any:
-            return await self._client.call(self._name, method, *args, **kwargs)
+            return await self._client.call_with(
+                self._options, self._name, method, list(args), kwargs
+            )
 
         return invoke
 
@@ -330,11 +420,34 @@ class Client:
         return self._async.reconnects
 
     def call(self, actor: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        timeout = kwargs.get("timeout") or self.timeout
-        return self._io.submit(self._async.call(actor, method, *args, **kwargs)).result(timeout + 5)
+        """Call ``method(*args, **kwargs)`` on ``actor``; every keyword goes to it."""
+        return self.call_with(CallOptions(), actor, method, list(args), kwargs)
 
-    def actor(self, actor_type: str, actor_id: str) -> Actor:
-        return Actor(self, f"{actor_type}/{actor_id}")
+    def call_with(
+        self,
+        options: CallOptions,
+        actor: str,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        coro = self._async.call_with(options, actor, method, args, kwargs)
+        return self._io.submit(coro).result((options.timeout or self.timeout) + 5)
+
+    @overload
+    def actor(self, actor: str, actor_id: str | None = None) -> Actor[Any]: ...
+
+    @overload
+    def actor(self, actor: type[T], actor_id: str, *, type_name: str | None = None) -> T: ...
+
+    def actor(
+        self, actor: str | type[Any], actor_id: str | None = None, *, type_name: str | None = None
+    ) -> Any:
+        """A proxy of one actor. Typed, ``client.actor(Counter, "alice-c1")`` is seen by
+        mypy and editors as a ``Counter``: ``.increment(by=2)`` is checked against the
+        class (the call still goes over the network). The type name defaults to the
+        class name in lower case; give ``type_name`` when it is registered otherwise."""
+        return Actor(self, actor_address(actor, actor_id, type_name), CallOptions())
 
     def subscribe(
         self, actor: str, callback: Callable[[Notification], None], since: str = "0-0"
@@ -358,19 +471,28 @@ class Client:
         self._io.stop()
 
 
-class Actor:
-    """``client.actor("counter", "alice-c1").increment(2)``."""
+class Actor(Generic[T]):
+    """``client.actor("counter/alice-c1").increment(2)``; see :meth:`Client.actor`."""
 
-    def __init__(self, client: Client, name: str) -> None:
+    def __init__(self, client: Client, name: str, options: CallOptions) -> None:
         self._client = client
         self._name = name
+        self._options = options
+
+    @property
+    def address(self) -> str:
+        return self._name
+
+    def with_options(self, *, timeout: float | None = None, request_id: str | None = None) -> Any:
+        """This proxy with call options (never passed to the actor)."""
+        return Actor(self._client, self._name, CallOptions(timeout, request_id))
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("_"):
             raise AttributeError(method)
 
         def invoke(*args: Any, **kwargs: Any) -> Any:
-            return self._client.call(self._name, method, *args, **kwargs)
+            return self._client.call_with(self._options, self._name, method, list(args), kwargs)
 
         return invoke
 
@@ -379,6 +501,7 @@ __all__ = [
     "Actor",
     "AsyncActor",
     "AsyncClient",
+    "CallOptions",
     "CallTimeout",
     "Client",
     "Notification",

@@ -37,7 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import jsonsafe
 from .access import Caller
-from .errors import BadRequestError, ForbiddenError, TrothError
+from .errors import BadRequestError, ForbiddenError, TrothError, UnavailableError
 from .names import ActorName, check_method, shard_of
 from .node import Node
 from .notify_hub import NotificationHub, Subscription
@@ -161,7 +161,8 @@ class _Session:
                     continue
                 if isinstance(op, CallOp):
                     if len(self.calls) >= MAX_INFLIGHT:
-                        await self._error(op.id, BadRequestError("too many calls in flight"))
+                        busy = UnavailableError(f"at most {MAX_INFLIGHT} calls in flight a session")
+                        await self._error(op.id, busy)
                         continue
                     task = asyncio.create_task(self._call(op))
                     self.calls.add(task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -26,6 +27,31 @@ class Probe(troth.CA):
 
     def get(self) -> dict[str, Any]:
         return dict(self.state)
+
+    def leave(self, then_fail: bool = False) -> None:
+        """Delete this actor in this transaction (or not, if it then fails)."""
+        self.plugins.session.notify({"bye": True})
+        self.delete_self()
+        if then_fail:
+            raise troth.AppError("changed my mind")
+
+    def block(self, seconds: float) -> float:
+        """A plain method that blocks its thread (a slow library, time.sleep)."""
+        time.sleep(seconds)
+        return seconds
+
+    async def nap(self, seconds: float, tag: str) -> list[str]:
+        """Read, await, write: the actor takes no other message meanwhile."""
+        seen = list(self.state.get("naps", []))
+        await asyncio.sleep(seconds)
+        self.state["naps"] = [*seen, tag]
+        self.plugins.session.notify({"nap": tag})
+        return self.state["naps"]
+
+    def wait(self, timeout: float = 1.0, request_id: str | None = None) -> dict[str, Any]:
+        """Arguments named like call options: they must arrive as given."""
+        self.state["waits"] = self.state.get("waits", 0) + 1
+        return {"timeout": timeout, "request_id": request_id, "waits": self.state["waits"]}
 
     def whoami(self) -> dict[str, Any]:
         return self.caller.to_dict()
@@ -119,3 +145,10 @@ class Probe(troth.CA):
 
     def tell(self, target: str, value: Any) -> str:
         return str(self.plugins.send.tell(target, "record", value, on_result="on_result"))
+
+
+class Streamer(troth.CA):
+    """Not a valid actor: a generator has no single reply to commit."""
+
+    async def events(self) -> Any:
+        yield 1

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -160,3 +161,63 @@ def test_bad_config_is_reported(tmp_path: Path) -> None:
     out = troth("status", "--config", str(cfg), check=False)
     assert out.returncode == 2
     assert "node.port" in out.stderr and "typo" in out.stderr
+
+
+def test_serve_nodes_runs_and_restarts_several_node_processes(
+    tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    import redis as redis_lib
+
+    from conftest import base_config
+    from troth.keys import KeySpace
+
+    config = tmp_path / "ca.json"
+    config.write_text(json.dumps(base_config(prefix)))
+    port = free_port()
+    sup = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "troth.cli",
+            "serve",
+            "--nodes",
+            "2",
+            "--config",
+            str(config),
+            "--redis",
+            redis_url,
+            "--port",
+            str(port),
+            "--node-id",
+            "sup",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    client = redis_lib.Redis.from_url(redis_url)
+    keys = KeySpace(prefix, 64)
+    try:
+        for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"):
+            wait_until(partial(_healthy, url), timeout=30)
+        pid = int(client.hget(keys.node("sup-1"), "pid") or 0)
+        os.kill(pid, signal.SIGKILL)  # an operator kills one node: it comes back
+        wait_until(
+            lambda: int(client.hget(keys.node("sup-1"), "pid") or 0) not in (0, pid), timeout=30
+        )
+        wait_until(lambda: _healthy(f"http://127.0.0.1:{port + 1}"), timeout=30)
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/actors/counter/alice-s/increment", json={})
+        assert resp.json() == {"result": 1}
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=60) == 0
+        client.close()
+    assert not _healthy(f"http://127.0.0.1:{port}")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -8,10 +8,18 @@ exactly as they were, while the caller gets a clear error and the actor stays up
 
 Every increment also sends a message to a log actor and sets a timer; when the
 increment fails, neither happens.
+
+``slow_increment`` is caf.js crashy's "Assertion 1": it reads the count, awaits a
+one-second timer inside the message, then writes the count back. Because an actor
+takes no other message while one awaits, concurrent callers never lose an update:
+
+    for i in 1 2 3; do troth call crashy/alice-x slow_increment 1 & done; wait
+    troth call crashy/alice-x get                         # count went up by exactly 3
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import troth
@@ -35,6 +43,16 @@ class Crashy(troth.CA):
             raise RuntimeError("a bug in the actor")
         if fail == "state":
             self.state["socket"] = object()  # not msgpack-serializable
+        return int(self.state["count"])
+
+    async def slow_increment(self, by: int = 1, seconds: float = 1.0) -> int:
+        """Read, await, write: serialized per actor, so no update is ever lost."""
+        before = self.state["count"]
+        self.plugins.log.info("slow increment: read %d, waiting %.1fs", before, seconds)
+        await asyncio.sleep(seconds)  # other actors run meanwhile; this one waits
+        assert self.state["count"] == before, "another message ran during the await"
+        self.state["count"] = before + by
+        self.state["seen"].append(by)
         return int(self.state["count"])
 
     def get(self) -> dict[str, Any]:

@@ -1,0 +1,70 @@
+"""The client library: call options apart from method arguments, typed proxies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from mypy import api as mypy_api
+
+from examples.helloworld.counter import AsyncCounter, Counter
+from troth.client import AsyncClient, Client
+from troth.node import Node
+
+
+def test_call_options_never_reach_the_actor(make_node: Callable[..., Node]) -> None:
+    node = make_node("n1", serve=True)
+    with Client(node.url) as client:
+        probe = client.actor("probe/alice-o")
+        first = probe.with_options(timeout=7, request_id="rid-1").wait(
+            timeout=2.5, request_id="the actor's own"
+        )
+        assert first == {"timeout": 2.5, "request_id": "the actor's own", "waits": 1}
+        # the option was the call's request id: a repeat returns the committed reply
+        again = probe.with_options(request_id="rid-1").wait(timeout=9)
+        assert again == first
+        assert client.call("probe/alice-o", "wait", timeout=3)["waits"] == 2
+        assert client.actor(Counter, "alice-t").increment(by=2) == 2
+
+
+def test_async_typed_proxy_calls_through_the_class(make_node: Callable[..., Node]) -> None:
+    node = make_node(
+        "n1",
+        serve=True,
+        types={"asynccounter": {"class": "examples.helloworld.counter:AsyncCounter"}},
+    )
+
+    async def run() -> tuple[int, int]:
+        async with AsyncClient(node.url) as client:
+            counter = client.actor(AsyncCounter, "alice-a")
+            one: int = await counter.call(AsyncCounter.increment, by=3)
+            two: int = await counter.with_options(timeout=5).call(AsyncCounter.get)
+            return one, two
+
+    assert asyncio.run(run()) == (3, 3)
+
+
+def test_typed_proxies_are_checked_by_mypy(tmp_path: Path) -> None:
+    source = tmp_path / "typed_use.py"
+    source.write_text(
+        "from examples.helloworld.counter import AsyncCounter, Counter\n"
+        "from troth.client import AsyncClient, Client\n"
+        "\n"
+        "def sync(c: Client) -> int:\n"
+        "    return c.actor(Counter, 'alice-c1').increment(by=2)\n"
+        "\n"
+        "async def asynchronous(c: AsyncClient) -> int:\n"
+        "    return await c.actor(AsyncCounter, 'alice-c1').call(AsyncCounter.increment, by=2)\n"
+        "\n"
+        "def wrong(c: Client, a: AsyncClient) -> None:\n"
+        "    c.actor(Counter, 'alice-c1').increment(by='two')\n"
+        "    a.actor(Counter, 'x').call(Counter.increment, bye=2)\n"
+    )
+    out, _, status = mypy_api.run(
+        [str(source), "--no-incremental", "--ignore-missing-imports", "--follow-imports=silent"]
+    )
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert status == 1, out
+    assert len(errors) == 2, out
+    assert all("typed_use.py:11" in e or "typed_use.py:12" in e for e in errors), out

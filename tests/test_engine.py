@@ -1,0 +1,131 @@
+"""The engine: actors cost no thread, async methods keep their actor serialized,
+blocking methods stall no one else, reads commit nothing, actors can delete
+themselves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import wait
+
+import pytest
+import redis
+
+from conftest import TESTS, wait_until
+from troth.catalog import Catalog
+from troth.config import ConfigError, parse_config
+from troth.errors import AppError, FencedError, RetryableError
+from troth.keys import KeySpace
+from troth.names import ActorName, shard_of
+from troth.node import Node
+
+SHARDS = 64
+
+
+def shard_keys(rclient: redis.Redis, prefix: str, name: ActorName) -> list[str]:
+    sk = KeySpace(prefix, SHARDS).shard(shard_of(name, SHARDS))
+    return sorted(
+        k.decode()
+        for k in rclient.scan_iter(match=f"{sk.tag}:*", count=1000)
+        if str(name) in k.decode()
+    )
+
+
+def test_ten_thousand_active_actors_take_no_thread_each(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node("n1", types={"counter": {"class": "examples.helloworld.counter:AsyncCounter"}})
+    names = [ActorName("counter", f"t-{i}") for i in range(10_000)]
+    for chunk in range(0, len(names), 2000):
+        wait([node.call(n, "increment") for n in names[chunk : chunk + 2000]], timeout=120)
+    assert node.active_actors == 10_000
+    assert threading.active_count() < 64, threading.active_count()
+    assert node.call(names[-1], "get").result(5) == 1
+
+
+def test_an_awaiting_actor_stays_serialized_while_others_run(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node("n1")
+    napper, other = ActorName("probe", "alice-nap"), ActorName("probe", "alice-other")
+    node.call(other, "get").result(5)
+    first = node.call(napper, "nap", [0.5, "a"])
+    second = node.call(napper, "nap", [0.5, "b"])
+    time.sleep(0.1)  # the first nap is awaiting
+    started = time.monotonic()
+    node.call(other, "set", [1]).result(5)
+    assert time.monotonic() - started < 0.1
+    assert first.result(5) == ["a"]
+    assert second.result(5) == ["a", "b"]  # the second read after the first wrote
+
+
+def test_a_blocking_sync_method_does_not_stall_other_actors(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node("n1")
+    blocker, other = ActorName("probe", "alice-block"), ActorName("probe", "alice-free")
+    node.call(other, "get").result(5)
+    blocked = node.call(blocker, "block", [1.5])
+    time.sleep(0.2)
+    for _ in range(5):
+        started = time.monotonic()
+        node.call(other, "set", [2]).result(5)
+        assert time.monotonic() - started < 0.1
+    assert blocked.result(5) == 1.5
+
+
+def test_a_read_commits_nothing_and_is_still_fenced(
+    make_node: Callable[..., Node], rclient: redis.Redis, prefix: str
+) -> None:
+    node = make_node("n1")
+    name = ActorName("counter", "alice-r")
+    node.call(name, "increment", request_id="w1").result(5)
+    sk = KeySpace(prefix, SHARDS).shard(shard_of(name, SHARDS))
+    seq = rclient.hget(sk.checkpoint(str(name)), "seq")
+    for i in range(3):
+        assert node.call(name, "get", request_id=f"r{i}").result(5) == 1
+    assert rclient.hget(sk.checkpoint(str(name)), "seq") == seq
+    assert rclient.hkeys(sk.replies(str(name))) == [b"w1"]
+    rclient.hincrby(sk.lease, "epoch", 1)  # another node claimed the shard
+    with pytest.raises(FencedError):
+        node.call(name, "get").result(5)
+
+
+def test_an_actor_can_delete_itself(
+    make_node: Callable[..., Node], rclient: redis.Redis, prefix: str
+) -> None:
+    node = make_node("n1")
+    name = ActorName("probe", "alice-gone")
+    node.call(name, "set", [5], request_id="x").result(5)
+    node.call(name, "after", [3600, "reminder"]).result(5)
+    node.call(name, "tell", ["journal/alice-j", 1]).result(5)
+    assert shard_keys(rclient, prefix, name)
+    with pytest.raises(AppError):
+        node.call(name, "leave", [True]).result(5)  # rolled back: nothing deleted
+    assert node.call(name, "get").result(5)["value"] == 5
+    node.call(name, "leave").result(5)
+    sk = KeySpace(prefix, SHARDS).shard(shard_of(name, SHARDS))
+    assert not rclient.exists(sk.checkpoint(str(name)), sk.replies(str(name)))
+    assert not rclient.exists(sk.notifications(str(name)), sk.reply_times(str(name)))
+    assert not rclient.sismember(sk.actors, str(name))
+    assert not [k for k in rclient.hkeys(sk.timer_data) if str(name).encode() in k]
+    assert len(node.scheduler) == 0
+    # the next call makes a new actor
+    assert node.call(name, "get").result(5)["value"] == 0
+
+
+def test_generators_are_refused_at_registration() -> None:
+    config = parse_config(
+        {"python_path": [str(TESTS)], "types": {"bad": {"class": "support_actors:Streamer"}}}
+    )
+    with pytest.raises(ConfigError, match=r"Streamer\.events is a generator"):
+        Catalog.from_config(config)
+
+
+def test_retryable_when_shard_not_owned(make_node: Callable[..., Node]) -> None:
+    node = make_node("n1")
+    node.leases.release(list(node.leases.owned))
+    with pytest.raises(RetryableError):
+        node.call(ActorName("counter", "alice-z"), "get").result(5)
+    wait_until(lambda: node.leases.owned, timeout=5)
