@@ -112,7 +112,7 @@ def bench_raw(url: str, messages: int, sequential: bool) -> float:
 
     async def drive() -> float:
         client = async_redis_client(url, 5.0)
-        store = CheckpointStore(Batcher(client), keys, "bench")
+        store = CheckpointStore(Batcher(client, timeout=30), keys, "bench")
 
         async def commit(a: int, seq: int, i: int) -> None:
             name = f"counter/bench-{a}"

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .access import Caller
 from .names import ActorName
-from .plugin import ActorPlugin
+from .plugin import ActorPlugin, PluginFactory
 
 HOOKS = frozenset({"init", "resume", "pulse", "upgrade"})
 
@@ -61,21 +61,37 @@ class Checkpoint:
 
 
 class Plugins:
-    """``self.plugins``: attribute access to the actor's plugin instances."""
+    """``self.plugins``: attribute access to the actor's plugin instances.
 
-    def __init__(self, plugins: dict[str, ActorPlugin]) -> None:
-        self._plugins = plugins
+    A plugin instance is made on first use (or at activation when it keeps state in
+    the checkpoint), so an actor pays only for the plugins it uses; one made during a
+    transaction joins it at once (``on_create``).
+    """
+
+    def __init__(
+        self,
+        actor: ActorName,
+        factories: dict[str, PluginFactory],
+        active: dict[str, ActorPlugin],
+        on_create: Callable[[ActorPlugin], None],
+    ) -> None:
+        self._actor = actor
+        self._factories = factories
+        self._active = active
+        self._on_create = on_create
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self._plugins[name]
-        except KeyError:
+        plugin = self._active.get(name)
+        if plugin is not None:
+            return plugin
+        factory = self._factories.get(name)
+        if factory is None:
             raise AttributeError(
-                f"no plugin {name!r} is configured (have: {sorted(self._plugins)})"
-            ) from None
-
-    def __iter__(self) -> Any:
-        return iter(self._plugins.items())
+                f"no plugin {name!r} is configured (have: {sorted(self._factories)})"
+            )
+        plugin = self._active[name] = factory.for_actor(self._actor, {})
+        self._on_create(plugin)
+        return plugin
 
 
 class CA:

@@ -1,19 +1,25 @@
 """Group round trips: the Redis work of every actor that asked during one turn of the
-event loop travels in one pipeline.
+event loop travels in one round trip.
 
 Commits, checkpoint loads, reply look-ups and lease checks all go through one
-:class:`Batcher`. A request is a small function that queues its commands on a
-pipeline and a count; the batcher flushes on the next loop turn, so a lone actor
-pays one round trip and ten thousand busy actors share a few. At most
-``concurrency`` pipelines are in flight; requests that arrive meanwhile wait for
-the next one. Each request's commands stay together and in order, and every
-request learns only its own results (an error result is handed back as a value,
-so one refused script never fails its neighbours).
+:class:`Batcher`. A request appends its commands (tuples of arguments) to a list;
+the batcher flushes on the next loop turn, so a lone actor pays one round trip and
+ten thousand busy actors share a few. At most ``concurrency`` round trips are in
+flight; requests that arrive meanwhile wait for the next one. Each request's
+commands stay together and in order, and every request learns only its own
+replies (an error reply is handed back as a value, so one refused script never
+fails its neighbours).
 
-Lua scripts are sent as ``EVALSHA`` (:class:`Script`): a pipeline never pays a
-``SCRIPT EXISTS`` round trip. After a ``NOSCRIPT`` (a restarted or flushed Redis)
-the script is loaded again and only the requests that hit it are re-sent; a
-``NOSCRIPT`` reply means the script did not run, so re-sending is safe.
+This is the engine's hot path, so it speaks to Redis through redis-py's connection
+API directly: the commands are packed by hiredis in one buffer, written at once and
+their replies read in order, with one deadline (``timeout``) for the whole round
+trip. A round trip that misses it, or fails, closes its connection, so no late reply
+can ever be read as another request's.
+
+Lua scripts are sent as ``EVALSHA`` (:class:`Script`). After a ``NOSCRIPT`` (a
+restarted or flushed Redis) the script is loaded again and only the requests that
+hit it are re-sent; a ``NOSCRIPT`` reply means the script did not run, so re-sending
+is safe.
 """
 
 from __future__ import annotations
@@ -26,14 +32,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis.asyncio as aredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from .aio import Background
 
 log = logging.getLogger(__name__)
 
-Queue = Callable[[Any], None]  # adds commands to a pipeline
+Command = tuple[Any, ...]
+Queue = Callable[[list[Command]], None]  # appends a request's commands
 
 
 class Script:
@@ -43,8 +52,8 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    def queue(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+    def queue(self, commands: list[Command], keys: list[str], args: list[Any]) -> None:
+        commands.append(("EVALSHA", self.sha, len(keys), *keys, *args))
 
 
 @dataclass(eq=False)
@@ -56,8 +65,15 @@ class _Request:
 
 
 class Batcher:
-    def __init__(self, client: aredis.Redis, batch_max: int = 256, concurrency: int = 4) -> None:
+    def __init__(
+        self,
+        client: aredis.Redis,
+        batch_max: int = 256,
+        concurrency: int = 4,
+        timeout: float = 5.0,
+    ) -> None:
         self.client = client
+        self.timeout = timeout
         self.batch_max = batch_max
         self.concurrency = concurrency
         self._pending: deque[_Request] = deque()
@@ -104,12 +120,12 @@ class Batcher:
         live = [r for r in batch if not r.future.done()]
         if not live:
             return
-        pipe = self.client.pipeline(transaction=False)
+        commands: list[Command] = []
         for request in live:
-            request.add(pipe)
+            request.add(commands)
         try:
-            results = await pipe.execute(raise_on_error=False)
-        except Exception as exc:  # the round trip failed: nothing is known of any of them
+            results = await self._round_trip(commands)
+        except Exception as exc:  # nothing is known of any of them
             for request in live:
                 if not request.future.done():
                     request.future.set_exception(exc)
@@ -131,6 +147,29 @@ class Batcher:
                     request.future.set_exception(exc)
                 return
             await self._execute(retry, reloaded=True)
+
+    async def _round_trip(self, commands: list[Command]) -> list[Any]:
+        pool = self.client.connection_pool
+        packed = b"".join(hiredis.pack_command(c) for c in commands)
+        conn = await pool.get_connection()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await conn.send_packed_command(packed, check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:  # a reply, not a broken connection
+                        replies.append(exc)
+            return replies
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise RedisTimeout(f"Redis did not answer within {self.timeout}s") from None
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     async def _reload(self, scripts: set[Script]) -> None:
         for script in scripts:

@@ -23,20 +23,11 @@ class ActorType:
     idle_seconds: float
     #: Counted against the owner's ``quotas.actors`` (built-in types keep their own).
     counted: bool = True
-
-    @property
-    def autonomous(self) -> bool:
-        return self.pulse_seconds is not None
-
-    @property
-    def methods(self) -> frozenset[str]:
-        """What clients may call."""
-        return self.cls.public_methods()
-
-    @property
-    def internal_methods(self) -> frozenset[str]:
-        """What only actors and the runtime may call (:func:`troth.internal`)."""
-        return self.cls.internal_methods()
+    #: What clients may call.
+    methods: frozenset[str] = frozenset()
+    #: What only actors and the runtime may call (:func:`troth.internal`).
+    internal_methods: frozenset[str] = frozenset()
+    autonomous: bool = False
 
     @property
     def has_upgrade(self) -> bool:
@@ -120,4 +111,7 @@ def build_type(name: str, ca_cls: type[CA], tc: ActorTypeConfig, counted: bool =
         pulse_seconds=tc.pulse_seconds or ca_cls.pulse_seconds,
         idle_seconds=tc.idle_seconds,
         counted=counted,
+        methods=ca_cls.public_methods(),
+        internal_methods=ca_cls.internal_methods(),
+        autonomous=(tc.pulse_seconds or ca_cls.pulse_seconds) is not None,
     )

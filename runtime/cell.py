@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import redis
 
-from .actor import Checkpoint, Plugins
+from .actor import CA, Checkpoint, Plugins
 from .catalog import ActorType
 from .checkpoint import CheckpointStore, now_ms
 from .errors import (
@@ -84,6 +84,8 @@ class CellHost(Protocol):
     def after_commit(self, shard: int, ops: CommitOps) -> None: ...
 
     def cell_stopped(self, cell: Cell) -> None: ...
+
+    def touched(self, cell: Cell) -> None: ...
 
 
 class Cell:
@@ -183,6 +185,7 @@ class Cell:
         if envelope.message.kind == "pulse":
             self.pulse_queued = False
         self.last_active = time.monotonic()
+        self.host.touched(self)
         fut = envelope.future
         if fut is not None and not fut.done():
             if error is None:
@@ -209,7 +212,6 @@ class Cell:
                 self._fail(exc if keep else ActivationError(str(exc)))
                 raise
         rt = self.runtime
-        new = rt.needs_init
         try:
             if msg.kind == "call":
                 reply = await self._call(rt, msg)
@@ -219,8 +221,6 @@ class Cell:
                 reply = await self._fire(rt, msg)
             else:
                 raise BadRequestError(f"unknown message kind {msg.kind!r}")
-            if new and not rt.needs_init and self.atype.counted and self.name.owner:
-                self.host.quotas.count_created(self.name.owner)
             return reply
         except StaleActivation as exc:
             error = UnavailableError(str(exc))
@@ -275,13 +275,19 @@ class Cell:
 
     async def _activate(self) -> ActorRuntime:
         host, name = self.host, str(self.name)
-        stored = await host.store.load(self.shard, name)
+        owner = self.name.owner if self.atype.counted else None
+        stored, created = await host.store.load(self.shard, name, owner)
         pstates = stored.pstate if stored else {}
-        plugins = {
-            pname: factory.for_actor(self.name, pstates.get(pname, {}))
-            for pname, factory in host.plugin_factories.items()
+        plugins = {  # the others are made on first use
+            pname: host.plugin_factories[pname].for_actor(self.name, pstate)
+            for pname, pstate in pstates.items()
+            if pstate and pname in host.plugin_factories
         }
-        ca = self.atype.cls(self.name, Plugins(plugins))
+        rt_ref: list[ActorRuntime] = []
+        ca = self.atype.cls(
+            self.name,
+            Plugins(self.name, host.plugin_factories, plugins, lambda p: rt_ref[0].joined(p)),
+        )
         version = self.atype.state_version
 
         def runtime(seq: int) -> ActorRuntime:
@@ -301,14 +307,17 @@ class Cell:
             )
 
         if stored is None:
-            if self.atype.counted and self.name.owner:
-                await self.host.quotas.check_new_actor(self.name.owner)
+            if owner:
+                self.host.quotas.check_new_actor(owner, created)
             rt = runtime(0)
+            rt_ref.append(rt)
             rt.needs_init = True  # init runs inside the first message's transaction
+            rt.count_for = owner
             return rt
         decision = decide(name, stored.version, version, self.atype.has_upgrade)
         ca.state = stored.state
         rt = runtime(stored.seq)
+        rt_ref.append(rt)
         rt.needs_write = stored.version != version
         checkpoint = Checkpoint(
             version=stored.version,
@@ -323,7 +332,8 @@ class Cell:
                 await host.invoke(ca.upgrade, stored.version, version)  # type: ignore[attr-defined]
             for plugin in plugins.values():
                 plugin.resume(checkpoint)
-            await host.invoke(ca.resume, checkpoint)
+            if type(ca).resume is not CA.resume:  # the no-op default costs no hand-off
+                await host.invoke(ca.resume, checkpoint)
 
         try:
             await rt.execute(Message("resume", "resume"), resume)

@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Any
 
 from . import codec
-from .batcher import Batcher, Script
+from .batcher import Batcher, Command, Script
 from .keys import KeySpace, ShardKeys
 from .plugin import CommitOps
 
@@ -65,6 +65,8 @@ class CommitRequest:
     autonomous: bool = False
     #: The actor deletes itself in this commit (every key of its own goes).
     delete: bool = False
+    #: A new actor's owner, counted against its quota in the same round trip.
+    count_for: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,16 +101,31 @@ class CheckpointStore:
         self._commit = Script(load_lua("commit.lua"))
         self._delete = Script(load_lua("delete.lua"))
 
-    async def load(self, shard: int, name: str) -> StoredCheckpoint | None:
+    async def load(
+        self, shard: int, name: str, count_of: str | None = None
+    ) -> tuple[StoredCheckpoint | None, int]:
+        """The checkpoint of ``name`` (None if it has none) and, in the same round trip,
+        how many actors the principal ``count_of`` created (its quota count; 0 if
+        not asked)."""
         key = self.keys.shard(shard).checkpoint(name)
         fields = ["state", "pstate", "version", "seq", "created", "updated"]
-        (reply,) = await self.batcher.run(lambda p: p.hmget(key, fields))
-        if isinstance(reply, Exception):
-            raise reply
+        quota = self.keys.quota(count_of) if count_of else None
+
+        def add(commands: list[Command]) -> None:
+            commands.append(("HMGET", key, *fields))
+            if quota:
+                commands.append(("HGET", quota, "actors"))
+
+        replies = await self.batcher.run(add, 2 if quota else 1)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        reply = replies[0]
+        created_count = int(replies[1] or 0) if quota else 0
         if reply[0] is None:
-            return None
+            return None, created_count
         state, pstate, version, seq, created, updated = reply
-        return StoredCheckpoint(
+        stored = StoredCheckpoint(
             state=codec.unpack(state),
             pstate=codec.unpack(pstate) if pstate else {},
             version=version.decode(),
@@ -116,11 +133,12 @@ class CheckpointStore:
             created_ms=int(created or 0),
             updated_ms=int(updated or 0),
         )
+        return stored, created_count
 
     async def committed_reply(self, shard: int, name: str, request_id: str) -> tuple[Any] | None:
         """``(reply,)`` as committed for ``request_id``, or ``None`` if there is none."""
         key = self.keys.shard(shard).replies(name)
-        (data,) = await self.batcher.run(lambda p: p.hget(key, request_id))
+        (data,) = await self.batcher.run(lambda c: c.append(("HGET", key, request_id)))
         if isinstance(data, Exception):
             raise data
         return None if data is None else (codec.unpack(data)[0],)
@@ -129,7 +147,7 @@ class CheckpointStore:
         """None while this node holds ``shard`` at ``epoch``; else who does (a read that
         writes nothing: how a read-only message is fenced)."""
         lease = self.keys.shard(shard).lease
-        (reply,) = await self.batcher.run(lambda p: p.hmget(lease, ["owner", "epoch"]))
+        (reply,) = await self.batcher.run(lambda c: c.append(("HMGET", lease, "owner", "epoch")))
         if isinstance(reply, Exception):
             raise reply
         owner, held = (_text(v) if v is not None else "" for v in reply)
@@ -146,7 +164,14 @@ class CheckpointStore:
         script = self._delete if req.delete else self._commit
         keys = self._commit_keys(sk, req.name)
         args = [self.node_id, req.epoch, str(req.expected_seq), self._payload(req)]
-        (res,) = await self.batcher.run(lambda p: script.queue(p, keys, args), 1, script)
+        quota = self.keys.quota(req.count_for) if req.count_for else None
+
+        def add(commands: list[Command]) -> None:
+            script.queue(commands, keys, args)
+            if quota:  # may over-count a first commit that is then refused (rare)
+                commands.append(("HINCRBY", quota, "actors", 1))
+
+        res, *_ = await self.batcher.run(add, 2 if quota else 1, script)
         if isinstance(res, Exception):
             raise res
         if int(res[0]) == 1:

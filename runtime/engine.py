@@ -74,6 +74,7 @@ class Engine:
         self._draining: set[int] = set()
         self._housekeeper: asyncio.Task[None] | None = None
         self._background = Background()
+        self._min_idle = min((t.idle_seconds for t in catalog), default=1.0)
 
     # -- what cells need ----------------------------------------------------------------
 
@@ -83,6 +84,14 @@ class Engine:
     def cell_stopped(self, cell: Cell) -> None:
         if self.cells.get(str(cell.name)) is cell:
             del self.cells[str(cell.name)]
+
+    def touched(self, cell: Cell) -> None:
+        """Keep ``cells`` in order of last activity (oldest first), so the passivation
+        sweep reads only the cells that may be idle, not every active one."""
+        key = str(cell.name)
+        if self.cells.get(key) is cell:
+            del self.cells[key]
+            self.cells[key] = cell
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -171,11 +180,13 @@ class Engine:
             self._schedule_pulse(cell, now + (cell.atype.pulse_seconds or 1.0))
         if now - last_sweep < 1.0:
             return last_sweep
-        idle = [
-            (key, cell)
-            for key, cell in self.cells.items()
-            if not cell.atype.autonomous and cell.idle_for > cell.atype.idle_seconds
-        ]
+        idle: list[tuple[str, Cell]] = []
+        for key, cell in self.cells.items():  # oldest activity first (see touched)
+            quiet = cell.idle_for
+            if quiet < self._min_idle:
+                break  # every later cell was active more recently
+            if not cell.atype.autonomous and quiet > cell.atype.idle_seconds:
+                idle.append((key, cell))
         for key, cell in idle:
             del self.cells[key]
             self._background.spawn(cell.stop())

@@ -30,6 +30,7 @@ P:{sN}:td                 hash     timer key -> timer (msgpack)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -114,4 +115,9 @@ class KeySpace:
         return f"{self.prefix}:rate:{principal}:{second}"
 
     def shard(self, shard: int) -> ShardKeys:
-        return ShardKeys(self.prefix, shard)
+        return _shard_keys(self.prefix, shard)
+
+
+@functools.lru_cache(maxsize=65536)
+def _shard_keys(prefix: str, shard: int) -> ShardKeys:
+    return ShardKeys(prefix, shard)

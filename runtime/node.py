@@ -89,13 +89,14 @@ def redis_client(
 
 
 def async_redis_client(url: str, timeout: float, max_connections: int = 32) -> aredis.Redis:
-    """The engine's client (same bounds as :func:`redis_client`)."""
+    """The engine's client. Replies have no per-read timeout here: the
+    :class:`Batcher` bounds each round trip as a whole (``timeout``)."""
     retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     pool = aredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=timeout,
-        socket_timeout=timeout,
+        socket_timeout=None,
         socket_connect_timeout=timeout,
         health_check_interval=30,
     )
@@ -126,7 +127,9 @@ class Node:
         self.loop_thread = LoopThread(f"troth-engine-{self.node_id}")
         self.loop = self.loop_thread.loop
         self.aclient = async_redis_client(redis_url, config.redis.timeout_seconds)
-        self.batcher = Batcher(self.aclient, config.runtime.commit_batch_max)
+        self.batcher = Batcher(
+            self.aclient, config.runtime.commit_batch_max, timeout=config.redis.timeout_seconds
+        )
         self.store = CheckpointStore(
             self.batcher,
             self.keys,
@@ -135,7 +138,7 @@ class Node:
             config.runtime.reply_cache_seconds,
             config.runtime.notify_max,
         )
-        self.quotas = Quotas(self.client, self.batcher, self.keys, config.quotas)
+        self.quotas = Quotas(self.client, self.keys, config.quotas)
         self.url = config.node.public_url or ""
         self.started_at = time.time()
         self.leases = LeaseManager(

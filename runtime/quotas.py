@@ -2,11 +2,12 @@
 
 Counts live in Redis, so every node enforces the same numbers. Two kinds:
 
-* **totals** (actors created): checked before an actor's first commit and counted
-  after it. The check and the count are not one atomic step, so concurrent
-  creations may pass a quota by at most the number of creations in flight; a crash
-  between a first commit and its count under-counts by one. Both are documented
-  trade-offs that keep the quota off the commit path.
+* **totals** (actors created): read with the checkpoint when an actor is activated
+  with none, and counted in the round trip of its first commit. The check and the
+  count are not one atomic step (the count lives outside the actor's shard, so no
+  script may touch both), so concurrent creations may pass a quota by at most the
+  number of creations in flight, and a first commit refused by fencing still
+  counts. Both err on the tenant's side of nothing and keep the commit path short.
 * **rates** (events per second): one counter per principal and second, shared by
   the nodes, expiring after two seconds.
 
@@ -16,47 +17,27 @@ changes nothing.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from typing import Any
 
 import redis
 
-from .aio import Background
-from .batcher import Batcher
 from .config import QuotaConfig
 from .errors import QuotaExceeded
 from .keys import KeySpace
 
-log = logging.getLogger(__name__)
-
 
 class Quotas:
-    def __init__(
-        self, client: redis.Redis, batcher: Batcher, keys: KeySpace, config: QuotaConfig
-    ) -> None:
+    def __init__(self, client: redis.Redis, keys: KeySpace, config: QuotaConfig) -> None:
         self.client = client
-        self.batcher = batcher
         self.keys = keys
         self.config = config
-        self._background = Background()
 
-    async def check_new_actor(self, owner: str) -> None:
-        """Refuse a new actor of ``owner`` once it created its quota of actors."""
+    def check_new_actor(self, owner: str, created: int) -> None:
+        """Refuse a new actor of ``owner`` once it created its quota of actors
+        (``created``, read with the actor's checkpoint in one round trip)."""
         limit = self.config.of(owner).actors
-        key = self.keys.quota(owner)
-        (created,) = await self.batcher.run(lambda p: p.hget(key, "actors"))
-        if isinstance(created, Exception):
-            raise created
-        if int(created or 0) >= limit:
+        if created >= limit:
             raise QuotaExceeded(f"principal {owner!r} has created its quota of {limit} actors", 60)
-
-    def count_created(self, owner: str) -> None:
-        """Count a new actor of ``owner`` (after its first commit; best effort)."""
-        key = self.keys.quota(owner)
-        task = self._background.spawn(self.batcher.run(lambda p: p.hincrby(key, "actors", 1)))
-        task.add_done_callback(_log_failure)
 
     def actors_created(self, owner: str) -> int:
         return int(self.client.hget(self.keys.quota(owner), "actors") or 0)
@@ -71,8 +52,3 @@ class Quotas:
         count = int(pipe.execute()[0])
         if count > limit:
             raise QuotaExceeded(f"principal {principal!r} is over {limit} {what} per second")
-
-
-def _log_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("counting a new actor failed: %s", task.exception())

@@ -72,6 +72,20 @@ class Message:
     caller: Caller = OPERATOR
 
 
+_ASYNC: dict[Any, bool] = {}
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is an ``async def`` (cached per code object, so closures made
+    per call do not grow the cache)."""
+    func = getattr(fn, "__func__", fn)
+    key = getattr(func, "__code__", func)
+    found = _ASYNC.get(key)
+    if found is None:
+        found = _ASYNC[key] = inspect.iscoroutinefunction(fn)
+    return found
+
+
 class Invoker:
     """Runs actor code the way FastAPI runs endpoints: ``async def`` functions on the
     event loop (they must not block), plain functions on a bounded pool of threads,
@@ -83,7 +97,7 @@ class Invoker:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="troth-sync")
 
     async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if inspect.iscoroutinefunction(fn):
+        if is_async(fn):
             return await fn(*args, **kwargs)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
@@ -132,12 +146,23 @@ class ActorRuntime:
         #: The checkpoint must be written even if nothing changed (its state version
         #: moved on at load).
         self.needs_write = False
+        #: The owner whose actor quota this actor's first commit counts against.
+        self.count_for: str | None = None
         #: Set by :meth:`CA.delete_self`; the actor is gone once this commit returns.
         self.deleting = False
         self.deleted = False
         self._state = codec.pack(ca.state)
-        self._pstate = codec.pack({n: p.pstate for n, p in plugins.items()})
+        self._pstate = self._pack_pstates()
+        self._txn: TxnInfo | None = None
         ca._troth_runtime = self
+
+    def joined(self, plugin: ActorPlugin) -> None:
+        """A plugin made during a transaction takes part in it from now on."""
+        if self._txn is not None:
+            plugin.begin(self._txn)
+
+    def _pack_pstates(self) -> bytes:
+        return codec.pack({n: p.pstate for n, p in self.plugins.items() if p.pstate})
 
     async def execute(
         self,
@@ -159,12 +184,13 @@ class ActorRuntime:
         )
         self.metrics.message_counter(self.name.type, msg.kind).inc()
         try:
-            for p in self.plugins.values():
+            self._txn = txn
+            for p in list(self.plugins.values()):
                 p.begin(txn)
             self.ca.caller = msg.caller
             self.deleting = False
             try:
-                if self.needs_init:
+                if self.needs_init and type(self.ca).init is not CA.init:
                     await self.invoke(self.ca.init)
                 reply = await self.invoke(fn, *args, **(kwargs or {}))
             except TrothError:
@@ -174,7 +200,12 @@ class ActorRuntime:
                 raise ActorError(type(exc).__name__, str(exc)) from exc
             request = self._prepare(msg, reply)
             if request is None:
-                holder = await self.store.holds(self.shard, self.epoch)
+                # Nothing to write. A caller is answered only while this node still
+                # holds the shard (a paused node must not serve stale reads); a hook
+                # or pulse that changed nothing needs no check.
+                holder = None
+                if msg.kind == "call":
+                    holder = await self.store.holds(self.shard, self.epoch)
                 if holder is not None:
                     raise FencedError(
                         f"{self.name}: this node no longer owns shard {self.shard} "
@@ -201,6 +232,8 @@ class ActorRuntime:
             self._rollback()
             self.metrics.rollbacks.labels(self.name.type, type(exc).__name__).inc()
             raise
+        finally:
+            self._txn = None
         self.seq += 1
         self.needs_init = self.needs_write = False
         self.deleted = request.delete
@@ -231,7 +264,7 @@ class ActorRuntime:
             state = codec.pack(self.ca.state)
         except SerializationError as exc:
             raise SerializationError(f"{self.name}: state {exc}") from exc
-        pstate = codec.pack({n: p.pstate for n, p in self.plugins.items()})
+        pstate = self._pack_pstates()
         unchanged = (
             state == self._state
             and pstate == self._pstate
@@ -259,12 +292,13 @@ class ActorRuntime:
             fired_timer=(msg.timer.key, msg.timer.id) if msg.timer else None,
             autonomous=self.autonomous,
             delete=self.deleting,
+            count_for=self.count_for if self.needs_init else None,
         )
 
     def _rollback(self) -> None:
         self.deleting = False
         self.ca.state = codec.unpack(self._state)
         pstates = codec.unpack(self._pstate)
-        for name, p in self.plugins.items():
+        for name, p in list(self.plugins.items()):
             p.pstate = pstates.get(name, {})
             p.abort()

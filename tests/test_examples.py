@@ -53,3 +53,22 @@ def test_commitment_pattern_examples(api: httpx.Client, script: str) -> None:
         env={**os.environ, "TROTH_URL": str(api.base_url).rstrip("/")},
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_crashy_slow_increment_keeps_assertion_1_under_concurrent_callers(
+    api: httpx.Client,
+) -> None:
+    """caf.js crashy's Assertion 1: a method that awaits inside the message is never
+    interleaved with another message of the same actor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    call(api, "crashy/alice-slow", "increment", 1)
+
+    def slow() -> httpx.Response:
+        with httpx.Client(base_url=api.base_url, timeout=30) as http:
+            return call(http, "crashy/alice-slow", "slow_increment", 1, 0.3)
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = [f.result() for f in [pool.submit(slow) for _ in range(4)]]
+    assert sorted(r.json()["result"] for r in replies) == [2, 3, 4, 5]
+    assert call(api, "crashy/alice-slow", "get").json()["result"]["count"] == 5

@@ -35,6 +35,9 @@ class Counter(troth.CA):
 
 
 class AsyncCounter(Counter):
+    async def init(self) -> None:  # type: ignore[override]
+        Counter.init(self)
+
     async def increment(self, by: int = 1) -> int:  # type: ignore[override]
         return Counter.increment(self, by)
 
