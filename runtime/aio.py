@@ -1,8 +1,7 @@
-"""An asyncio event loop on a thread of its own.
+"""An asyncio event loop on a thread of its own, and small asyncio helpers.
 
-A node's outbound async work (forwarding calls to other nodes with one shared
-httpx connection pool) runs on this loop, whichever thread or loop asks for it:
-uvicorn's loop, an outbox worker thread, or a test.
+A node runs everything asynchronous on one such loop (see :mod:`troth.node`); the
+synchronous client library runs its :class:`~troth.client.AsyncClient` on another.
 """
 
 from __future__ import annotations
@@ -16,9 +15,19 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed (several times faster at what a node does
+    most: socket I/O, callbacks, futures), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class LoopThread:
     def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
