@@ -28,6 +28,7 @@ from troth.access import OPERATOR
 from troth.config import parse_config
 from troth.names import ActorName
 from troth.node import Node
+from troth.server import tune_gc
 
 WINDOW = 2000
 
@@ -48,6 +49,7 @@ def make_node(url: str, prefix: str) -> Node:
     )
     node = Node(config, url, f"bench-{uuid.uuid4().hex[:4]}")
     node.start()
+    tune_gc()  # as troth serve does
     return node
 
 

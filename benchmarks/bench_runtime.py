@@ -35,6 +35,7 @@ from troth.config import parse_config
 from troth.keys import KeySpace
 from troth.names import ActorName, shard_of
 from troth.node import Node, async_redis_client
+from troth.server import tune_gc
 
 WINDOW = 2000  # outstanding calls at most, like many concurrent clients
 
@@ -76,6 +77,7 @@ def bench_troth(url: str, actors: int, messages: int, type_: str, sequential: bo
     )
     node = Node(config, url, "bench")
     node.start()
+    tune_gc()  # as troth serve does
     engine = node.engine
     names = [ActorName(type_, f"bench-{i}") for i in range(actors)]
 
@@ -142,6 +144,7 @@ def bench_raw(url: str, messages: int, sequential: bool) -> float:
         finally:
             await client.aclose()
 
+    tune_gc()
     return messages / asyncio.run(drive())
 
 

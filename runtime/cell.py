@@ -231,7 +231,7 @@ class Cell:
             raise
 
     async def _call(self, rt: ActorRuntime, msg: Message) -> Any:
-        if msg.request_id is not None:
+        if msg.request_id is not None and not msg.new_id:
             prior = await self.host.store.committed_reply(
                 self.shard, str(self.name), msg.request_id
             )

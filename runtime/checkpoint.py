@@ -99,7 +99,6 @@ class CheckpointStore:
         self.reply_cache_ms = int(reply_cache_seconds * 1000)
         self.notify_max = notify_max
         self._commit = Script(load_lua("commit.lua"))
-        self._delete = Script(load_lua("delete.lua"))
 
     async def load(
         self, shard: int, name: str, count_of: str | None = None
@@ -154,14 +153,14 @@ class CheckpointStore:
         return None if (owner, held) == (self.node_id, epoch) else f"{owner}@{held}"
 
     async def commit(self, req: CommitRequest) -> CommitResult:
-        """One transaction's atomic, fenced commit (``lua/commit.lua``, or
-        ``lua/delete.lua`` when the actor deletes itself).
+        """One transaction's atomic, fenced commit (``lua/commit.lua``; also when the
+        actor deletes itself).
 
         Redis errors propagate: the outcome is then unknown, and the ``seq`` guard
         makes a retry of the same request safe.
         """
         sk = self.keys.shard(req.shard)
-        script = self._delete if req.delete else self._commit
+        script = self._commit
         keys = self._commit_keys(sk, req.name)
         args = [self.node_id, req.epoch, str(req.expected_seq), self._payload(req)]
         quota = self.keys.quota(req.count_for) if req.count_for else None
@@ -220,6 +219,8 @@ class CheckpointStore:
             payload["au"] = 1
         if req.fired_timer is not None:
             payload["tf"] = list(req.fired_timer)
+        if req.delete:
+            payload["del"] = 1
         return codec.pack_for_lua(payload)
 
 

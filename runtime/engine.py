@@ -117,8 +117,11 @@ class Engine:
         kwargs: dict[str, Any],
         request_id: str | None,
         caller: Caller,
+        *,
+        new_id: bool = False,
     ) -> Any:
-        """Run a call on this node and return its reply after its commit.
+        """Run a call on this node and return its reply after its commit. ``new_id``
+        says no earlier attempt used ``request_id`` (the replay look-up is skipped).
 
         Raises NotFoundError or ForbiddenError (the access rule), and RetryableError
         when this node does not serve the actor's shard.
@@ -127,7 +130,7 @@ class Engine:
         check_access(caller, name, method, atype.methods, atype.internal_methods)
         if request_id is not None and not (0 < len(request_id) <= 200):
             raise BadRequestError("request_id must be 1 to 200 characters")
-        msg = Message("call", method, args, kwargs, request_id, None, caller)
+        msg = Message("call", method, args, kwargs, request_id, None, caller, new_id)
         return await self.post(name, msg)
 
     def post(self, name: ActorName, msg: Message) -> asyncio.Future[Any]:

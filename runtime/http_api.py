@@ -154,12 +154,6 @@ async def principal(request: Request) -> str | None:
 Principal = Annotated[str | None, Depends(principal)]
 
 
-def caller_of(who: str | None) -> Caller:
-    """The :class:`Caller` of a client request: its authenticated principal, or the
-    operator when the node has no API keys."""
-    return Caller(who)
-
-
 async def json_body(request: Request, model: type[BodyT]) -> BodyT:
     """Parse the body as strict JSON (:mod:`troth.jsonsafe`) and validate it.
 
@@ -394,7 +388,7 @@ def create_app(node: Node) -> FastAPI:
         check_method(method)
         body = await json_body(request, CallBody)
         result = await node.router.call(
-            name, method, body.args, body.kwargs, body.request_id, caller_of(who)
+            name, method, body.args, body.kwargs, body.request_id, Caller(who)
         )
         # The transaction checked that the reply encodes as JSON: no second validation.
         return JSONResponse({"result": result})
@@ -419,6 +413,7 @@ def create_app(node: Node) -> FastAPI:
             call.caller,
             forwarded=True,
             timeout=call.timeout,
+            new_id=call.new_id,
         )
         return CallReply(result=result)
 

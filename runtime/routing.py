@@ -75,6 +75,8 @@ class ForwardedCall(BaseModel):
     internal: bool = False
     sent_ms: int
     timeout: float = Field(gt=0, le=3600)
+    #: The entry node made ``request_id`` for this very attempt (no replay look-up).
+    new_id: bool = False
 
     @property
     def caller(self) -> Caller:
@@ -113,6 +115,7 @@ class Router:
         *,
         forwarded: bool = False,
         timeout: float | None = None,
+        new_id: bool = False,
     ) -> Any:
         """Run the call on the owner of the actor's shard; see the module docstring.
 
@@ -123,6 +126,9 @@ class Router:
         check_method(method)
         atype = node.catalog.get(name.type)
         check_access(caller, name, method, atype.methods, atype.internal_methods)
+        # An id made here is new on the first attempt: no committed reply can exist for
+        # it, so the owner skips the replay look-up (one Redis read less per call).
+        new_id = new_id or request_id is None
         request_id = request_id or f"rt-{uuid.uuid4().hex}"
         total = timeout or node.config.node.call_timeout_seconds
         deadline = time.monotonic() + total
@@ -134,7 +140,9 @@ class Router:
                 owner = node.leases.owner_of(shard)
                 if owner == node.node_id:
                     return await asyncio.wait_for(
-                        node.engine.call(name, method, args, kwargs, request_id, caller),
+                        node.engine.call(
+                            name, method, args, kwargs, request_id, caller, new_id=new_id
+                        ),
                         remaining,
                     )
                 if forwarded:
@@ -153,6 +161,7 @@ class Router:
                     internal=caller.internal,
                     sent_ms=int(time.time() * 1000),
                     timeout=max(0.1, remaining),
+                    new_id=new_id,
                 )
                 return await self._forward(url, call)
             except RedisUnavailable:
@@ -162,6 +171,7 @@ class Router:
                     raise
             except TimeoutError:
                 raise CallTimeout(f"{name}.{method}: no reply in time") from None
+            new_id = False  # a retry may follow an attempt whose commit went through
             await asyncio.sleep(backoff)
             backoff = min(BACKOFF_MAX, backoff * 2)
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -127,6 +128,7 @@ def serve_forever(
     node.url = config.node.public_url or f"http://{host}:{bound}"
     node.start()
     server = ServerThread(node, sock=sock).start()
+    tune_gc()
     print(f"troth node {node.node_id} listening on {node.url} (redis {redis_url})", flush=True)
     stop = threading.Event()
 
@@ -142,6 +144,27 @@ def serve_forever(
     finally:
         server.stop()
         node.stop()
+
+
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a serving node (``troth serve``).
+
+    Every request allocates objects, and with CPython's defaults a full collection,
+    which walks every object of the process (the web framework's, the schemas', the
+    actors'), runs every ~70,000 allocations: measured here, that halved a node's
+    throughput and held about 1 request in 20 for 200-300 ms. So the objects made at
+    start-up are frozen (never scanned again), and the young generation collects
+    after 50,000 allocations instead of 700. Cyclic garbage is still collected, just
+    less often; an embedding program keeps its own settings (this is called by
+    ``troth serve`` only).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
 
 
 class ServerThread:

@@ -70,6 +70,8 @@ class Message:
     request_id: str | None = None
     timer: TimerRecord | None = None
     caller: Caller = OPERATOR
+    #: No earlier attempt used ``request_id``: there is no committed reply to replay.
+    new_id: bool = False
 
 
 _ASYNC: dict[Any, bool] = {}

@@ -1,5 +1,8 @@
 -- One transaction's commit: state, reply, outbox entries and timer changes of one
 -- actor, all or nothing, and only while this node holds the shard at this epoch.
+-- With p.del the actor deletes itself instead: its outbox entries are still written
+-- (effects it promised), and its checkpoint, reply cache, notification stream, set
+-- memberships and the timers named in p.tc go.
 --
 -- KEYS: 1 lease  2 checkpoint  3 replies  4 reply times  5 shard actors
 --       6 outbox  7 outbox queue  8 timer index  9 timer data  10 autonomous actors
@@ -22,6 +25,20 @@ if p.tf then
   end
   redis.call('HDEL', KEYS[9], p.tf[1])
   redis.call('ZREM', KEYS[8], p.tf[1])
+end
+if p.del then
+  for _, e in ipairs(p.ob) do
+    redis.call('HSET', KEYS[6], e[1], e[2])
+    redis.call('ZADD', KEYS[7], e[3], e[1])
+  end
+  for _, k in ipairs(p.tc) do
+    redis.call('HDEL', KEYS[9], k)
+    redis.call('ZREM', KEYS[8], k)
+  end
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[11])
+  redis.call('SREM', KEYS[5], p.n)
+  redis.call('SREM', KEYS[10], p.n)
+  return {1, 0}
 end
 redis.call('HSET', KEYS[2], 'state', p.st, 'pstate', p.ps, 'version', p.v,
            'seq', p.seq, 'updated', p.now)
