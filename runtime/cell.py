@@ -101,7 +101,6 @@ class Cell:
         "pulse_queued",
         "runtime",
         "shard",
-        "stopping",
         "task",
     )
 
@@ -117,7 +116,6 @@ class Cell:
         self.runtime: ActorRuntime | None = None
         self.failure: TrothError | None = None
         self.task: asyncio.Task[None] | None = None
-        self.stopping = False
         self.pulse_queued = False
         self.next_pulse = 0.0
         self.last_active = time.monotonic()
@@ -141,8 +139,8 @@ class Cell:
             self.task = asyncio.get_running_loop().create_task(self._drain())
 
     async def stop(self) -> None:
-        """Stop after the messages already queued have run."""
-        self.stopping = True
+        """Stop after the messages already queued have run (the engine has already
+        forgotten this cell, so no new message reaches it)."""
         if self.task is not None and not self.task.done():
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.task)

@@ -1,4 +1,4 @@
-"""The commitments JSON contract (design section 8), as pydantic models.
+"""The commitments JSON contract, as pydantic models.
 
 Every model forbids unknown fields, so a typo is a 422 naming the field rather
 than a silently ignored option.
