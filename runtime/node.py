@@ -68,6 +68,12 @@ def default_node_id() -> str:
 REDIS_MAX_CONNECTIONS = 64
 
 
+def _retry() -> Retry:
+    """One immediate retry of a dropped connection; none of a timeout, which would only
+    double the wait (redis-py's default retries three times with backoff)."""
+    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
 def redis_client(
     url: str, timeout: float = 5.0, max_connections: int = REDIS_MAX_CONNECTIONS
 ) -> redis.Redis:
@@ -82,16 +88,12 @@ def redis_client(
         socket_connect_timeout=timeout,
         health_check_interval=30,
     )
-    # One immediate retry of a dropped connection; none of a timeout, which would only
-    # double the wait (redis-py's default retries three times with backoff).
-    retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
-    return redis.Redis(connection_pool=pool, retry=retry)
+    return redis.Redis(connection_pool=pool, retry=_retry())
 
 
 def async_redis_client(url: str, timeout: float, max_connections: int = 32) -> aredis.Redis:
     """The engine's client. Replies have no per-read timeout here: the
     :class:`Batcher` bounds each round trip as a whole (``timeout``)."""
-    retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     pool = aredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -100,7 +102,7 @@ def async_redis_client(url: str, timeout: float, max_connections: int = 32) -> a
         socket_connect_timeout=timeout,
         health_check_interval=30,
     )
-    return aredis.Redis(connection_pool=pool, retry=retry)
+    return aredis.Redis(connection_pool=pool, retry=_retry())
 
 
 class Node:

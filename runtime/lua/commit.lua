@@ -26,15 +26,15 @@ if p.tf then
   redis.call('HDEL', KEYS[9], p.tf[1])
   redis.call('ZREM', KEYS[8], p.tf[1])
 end
+for _, e in ipairs(p.ob) do
+  redis.call('HSET', KEYS[6], e[1], e[2])
+  redis.call('ZADD', KEYS[7], e[3], e[1])
+end
+for _, k in ipairs(p.tc) do
+  redis.call('HDEL', KEYS[9], k)
+  redis.call('ZREM', KEYS[8], k)
+end
 if p.del then
-  for _, e in ipairs(p.ob) do
-    redis.call('HSET', KEYS[6], e[1], e[2])
-    redis.call('ZADD', KEYS[7], e[3], e[1])
-  end
-  for _, k in ipairs(p.tc) do
-    redis.call('HDEL', KEYS[9], k)
-    redis.call('ZREM', KEYS[8], k)
-  end
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[11])
   redis.call('SREM', KEYS[5], p.n)
   redis.call('SREM', KEYS[10], p.n)
@@ -62,14 +62,6 @@ if p.rid then
     redis.call('HDEL', KEYS[3], r)
     redis.call('ZREM', KEYS[4], r)
   end
-end
-for _, e in ipairs(p.ob) do
-  redis.call('HSET', KEYS[6], e[1], e[2])
-  redis.call('ZADD', KEYS[7], e[3], e[1])
-end
-for _, k in ipairs(p.tc) do
-  redis.call('HDEL', KEYS[9], k)
-  redis.call('ZREM', KEYS[8], k)
 end
 for _, t in ipairs(p.ts) do
   redis.call('HSET', KEYS[9], t[1], t[2])
