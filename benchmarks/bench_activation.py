@@ -24,11 +24,11 @@ from typing import Any
 
 from common import emit, machine, redis_server
 
-from troth.access import OPERATOR
-from troth.config import parse_config
-from troth.names import ActorName
+from troth.core.access import OPERATOR
+from troth.core.config import parse_config
+from troth.core.names import ActorName
+from troth.edge.server import tune_gc
 from troth.node import Node
-from troth.server import tune_gc
 
 WINDOW = 2000
 

@@ -32,8 +32,8 @@ import redis
 from common import emit, machine, redis_server, start_node, stop_node
 
 from troth.client import AsyncClient
-from troth.keys import KeySpace
-from troth.names import ActorName, shard_of
+from troth.core.keys import KeySpace
+from troth.core.names import ActorName, shard_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = 1024

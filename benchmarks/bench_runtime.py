@@ -27,15 +27,16 @@ from typing import Any
 import redis
 from common import emit, machine, redis_server
 
-from troth import codec
-from troth.access import OPERATOR
-from troth.batcher import Batcher
-from troth.checkpoint import CheckpointStore, CommitRequest
-from troth.config import parse_config
-from troth.keys import KeySpace
-from troth.names import ActorName, shard_of
-from troth.node import Node, async_redis_client
-from troth.server import tune_gc
+from troth.core import codec
+from troth.core.access import OPERATOR
+from troth.core.batcher import Batcher
+from troth.core.checkpoint import CheckpointStore, CommitRequest
+from troth.core.config import parse_config
+from troth.core.keys import KeySpace
+from troth.core.names import ActorName, shard_of
+from troth.core.redis_clients import async_redis_client
+from troth.edge.server import tune_gc
+from troth.node import Node
 
 WINDOW = 2000  # outstanding calls at most, like many concurrent clients
 
@@ -99,7 +100,7 @@ def bench_troth(url: str, actors: int, messages: int, type_: str, sequential: bo
         assert total == actors + messages, total
     finally:
         node.stop()
-    return messages / elapsed
+    return messages / float(elapsed)
 
 
 def bench_raw(url: str, messages: int, sequential: bool) -> float:

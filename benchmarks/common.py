@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from troth.embedded_redis import redis_binary
+from troth.edge.embedded_redis import redis_binary
 
 
 @contextlib.contextmanager
@@ -88,7 +88,7 @@ def start_node(config: str, redis_url: str, node_id: str) -> tuple[subprocess.Po
         [
             sys.executable,
             "-m",
-            "troth.cli",
+            "troth.edge.cli",
             "serve",
             "--config",
             config,

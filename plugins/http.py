@@ -15,7 +15,7 @@ final outcome back to the actor.
 Targets must be http or https. Loopback, private, link-local and other
 non-public addresses are refused unless the settings allow them, the connection
 goes to the very address that was checked, redirects are not followed, and
-framing and hop-by-hop headers cannot be set (:mod:`troth.outbound`), so an actor
+framing and hop-by-hop headers cannot be set (:mod:`troth.plugins.outbound`), so an actor
 cannot be steered into the node's own network.
 """
 
@@ -25,23 +25,23 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from troth.names import ActorName
-from troth.outbound import (
+from troth.core.names import ActorName
+from troth.core.plugin import (
+    ActorPlugin,
+    ExecutionOutcome,
+    OutboxPlugin,
+    PluginContext,
+    PluginFactory,
+)
+from troth.core.records import OutboxEntry
+from troth.core.retry import RetryPolicy
+from troth.plugins.outbound import (
     AddressPolicy,
     attempt,
     check_headers,
     check_url,
     guarded_client,
     outcome_of,
-)
-from troth.plugin import (
-    ActorPlugin,
-    ExecutionOutcome,
-    NodeServices,
-    OutboxEntry,
-    OutboxPlugin,
-    PluginFactory,
-    RetryPolicy,
 )
 
 
@@ -125,8 +125,8 @@ class HttpFactory(PluginFactory):
     name: ClassVar[str] = "http"
     settings_model = HttpSettings
 
-    def __init__(self, node: NodeServices, settings: dict[str, Any]) -> None:
-        super().__init__(node, settings)
+    def __init__(self, context: PluginContext, settings: dict[str, Any]) -> None:
+        super().__init__(context, settings)
         self._executor = HttpExecutor(self.settings)
 
     def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:

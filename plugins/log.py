@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from troth.names import ActorName
-from troth.plugin import ActorPlugin, NodeServices, PluginFactory
+from troth.core.names import ActorName
+from troth.core.plugin import ActorPlugin, PluginContext, PluginFactory
 
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
@@ -57,13 +57,13 @@ class LogFactory(PluginFactory):
     name: ClassVar[str] = "log"
     settings_model = LogSettings
 
-    def __init__(self, node: NodeServices, settings: dict[str, Any]) -> None:
-        super().__init__(node, settings)
+    def __init__(self, context: PluginContext, settings: dict[str, Any]) -> None:
+        super().__init__(context, settings)
         self._loggers: dict[str, logging.Logger] = {}
 
     def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
         logger = self._loggers.get(actor.type)
         if logger is None:  # once per type: setLevel clears the logging module's caches
-            logger = self._loggers[actor.type] = logging.getLogger(f"troth.actor.{actor.type}")
+            logger = self._loggers[actor.type] = logging.getLogger(f"troth.core.actor.{actor.type}")
             logger.setLevel(self.settings.level.upper())
         return ActorLog(actor, pstate, logger)

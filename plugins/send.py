@@ -17,18 +17,18 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from troth.access import Caller
-from troth.errors import AppError, CallTimeout, ForbiddenError, NotFoundError, RetryableError
-from troth.names import ActorName
-from troth.plugin import (
+from troth.core.access import Caller
+from troth.core.errors import AppError, CallTimeout, ForbiddenError, NotFoundError, RetryableError
+from troth.core.names import ActorName
+from troth.core.plugin import (
     ActorPlugin,
     ExecutionOutcome,
-    NodeServices,
-    OutboxEntry,
     OutboxPlugin,
+    PluginContext,
     PluginFactory,
-    RetryPolicy,
 )
+from troth.core.records import OutboxEntry
+from troth.core.retry import RetryPolicy
 
 
 class Send(OutboxPlugin):
@@ -62,14 +62,14 @@ class SendExecutor:
     kind = "send"
     idempotent = True  # the receiver de-duplicates on the message id
 
-    def __init__(self, node: NodeServices, timeout: float) -> None:
-        self.node = node
+    def __init__(self, context: PluginContext, timeout: float) -> None:
+        self.context = context
         self.timeout = timeout
 
     def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
         spec = entry.spec
         try:
-            value = self.node.deliver(
+            value = self.context.deliver(
                 spec["target"],
                 spec["method"],
                 spec["args"],
@@ -96,9 +96,9 @@ class SendFactory(PluginFactory):
     name: ClassVar[str] = "send"
     settings_model = SendSettings
 
-    def __init__(self, node: NodeServices, settings: dict[str, Any]) -> None:
-        super().__init__(node, settings)
-        self._executor = SendExecutor(node, self.settings.timeout_seconds)
+    def __init__(self, context: PluginContext, settings: dict[str, Any]) -> None:
+        super().__init__(context, settings)
+        self._executor = SendExecutor(context, self.settings.timeout_seconds)
 
     def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
         return Send(actor, pstate)

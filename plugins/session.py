@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from troth import codec
-from troth.names import ActorName
-from troth.plugin import ActorPlugin, BufferingPlugin, CommitOps, PluginFactory
+from troth.core import codec
+from troth.core.names import ActorName
+from troth.core.plugin import ActorPlugin, BufferingPlugin, PluginFactory
+from troth.core.records import CommitOps
 
 MAX_PER_TXN = 100
 MAX_BYTES = 64 * 1024

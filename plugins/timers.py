@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 
-from troth import codec
-from troth.names import ActorName
-from troth.plugin import ActorPlugin, CommitOps, PluginFactory, TimerRecord, TxnInfo, timer_key
+from troth.core import codec
+from troth.core.names import ActorName
+from troth.core.plugin import ActorPlugin, PluginFactory
+from troth.core.records import CommitOps, TimerRecord, TxnInfo, timer_key
 
 MAX_TIMERS_PER_ACTOR = 1000
 

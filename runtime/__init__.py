@@ -4,9 +4,9 @@ Subclass :class:`CA`, register the class in the configuration, and run
 ``troth serve``. See ``README.md`` for the model and its guarantees.
 """
 
-from .access import Caller
-from .actor import CA, Checkpoint, internal
-from .errors import (
+from troth.core.access import Caller
+from troth.core.actor import CA, Checkpoint, internal
+from troth.core.errors import (
     ActivationError,
     AppError,
     FencedError,
@@ -15,8 +15,8 @@ from .errors import (
     RetryableError,
     TrothError,
 )
-from .names import ActorName
-from .plugin import RetryPolicy
+from troth.core.names import ActorName
+from troth.core.retry import RetryPolicy
 
 __version__ = "0.1.0"
 

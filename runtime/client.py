@@ -41,9 +41,9 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
-from .aio import LoopThread
-from .errors import CallTimeout, RetryableError, TrothError, error_from_dict
-from .names import ActorName, check_method
+from troth.core.aio import LoopThread
+from troth.core.errors import CallTimeout, RetryableError, TrothError, error_from_dict
+from troth.core.names import ActorName, check_method
 
 log = logging.getLogger(__name__)
 

@@ -28,94 +28,75 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import redis
-import redis.asyncio as aredis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from .access import OPERATOR, Caller
-from .actor import CA
-from .aio import LoopThread
-from .batcher import Batcher
-from .caas.actor import Commitment, EventBus
-from .catalog import Catalog
-from .checkpoint import CheckpointStore
-from .config import Config
-from .engine import Engine
-from .errors import UnavailableError
-from .keys import KeySpace
-from .leases import LeaseManager
-from .metrics import NodeMetrics
-from .names import ActorName
-from .outbox import OutboxDispatcher
-from .plugin import CommitOps, PluginFactory, TimerRecord
-from .quotas import Quotas
-from .routing import Router
-from .scheduler import TimerScheduler
-from .transaction import Message
+from troth.cluster.leases import LeaseManager
+from troth.cluster.routing import Router
+from troth.core.access import OPERATOR, Caller
+from troth.core.actor import CA
+from troth.core.aio import LoopThread
+from troth.core.batcher import Batcher
+from troth.core.catalog import Catalog
+from troth.core.checkpoint import CheckpointStore
+from troth.core.clock import SYSTEM_CLOCK, Clock
+from troth.core.config import Config, ConfigError
+from troth.core.errors import UnavailableError
+from troth.core.keys import KeySpace
+from troth.core.metrics import NodeMetrics
+from troth.core.names import ActorName
+from troth.core.plugin import PluginContext, PluginFactory
+from troth.core.records import CommitOps, TimerRecord
+from troth.core.redis_clients import async_redis_client, redis_client
+from troth.core.transaction import Message
+from troth.engine.engine import Engine
+from troth.engine.outbox import OutboxDispatcher
+from troth.engine.quotas import Quotas
+from troth.engine.scheduler import TimerScheduler
+from troth.extension import Extension, NodeContext, load_extensions
+from troth.plugins import BUILTIN, build_factories
 
 log = logging.getLogger(__name__)
 
-#: Actor types every node hosts: Commitment-as-a-Service.
-BUILTIN_TYPES: dict[str, type[CA]] = {"commitment": Commitment, "cmbus": EventBus}
-REQUIRED_PLUGINS = ("timers", "send", "commitments")
+
+def _extension_types(extensions: list[Extension]) -> dict[str, type[CA]]:
+    types: dict[str, type[CA]] = {}
+    for ext in extensions:
+        for name, cls in ext.actor_types().items():
+            if name in types:
+                raise ConfigError(f"extensions: actor type {name!r} is defined twice")
+            types[name] = cls
+    return types
+
+
+def _extension_plugins(extensions: list[Extension]) -> dict[str, type[PluginFactory]]:
+    plugins: dict[str, type[PluginFactory]] = {}
+    for ext in extensions:
+        for name, cls in ext.plugins().items():
+            if plugins.get(name, cls) is not cls or BUILTIN.get(name, cls) is not cls:
+                raise ConfigError(f"extensions: plugin {name!r} is defined twice")
+            plugins[name] = cls
+    return plugins
 
 
 def default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
-#: Connections one node opens to Redis at most; busy threads wait for a free one.
-REDIS_MAX_CONNECTIONS = 64
-
-
-def _retry() -> Retry:
-    """One immediate retry of a dropped connection; none of a timeout, which would only
-    double the wait (redis-py's default retries three times with backoff)."""
-    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
-
-
-def redis_client(
-    url: str, timeout: float = 5.0, max_connections: int = REDIS_MAX_CONNECTIONS
-) -> redis.Redis:
-    """A client whose pool is bounded (a thousand activating actors share 64
-    connections) and whose every wait, for a connection or for a reply, ends after
-    ``timeout`` seconds: a Redis that is down or paused becomes a 503, not a hang."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=30,
-    )
-    return redis.Redis(connection_pool=pool, retry=_retry())
-
-
-def async_redis_client(url: str, timeout: float, max_connections: int = 32) -> aredis.Redis:
-    """The engine's client. Replies have no per-read timeout here: the
-    :class:`Batcher` bounds each round trip as a whole (``timeout``)."""
-    pool = aredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        socket_timeout=None,
-        socket_connect_timeout=timeout,
-        health_check_interval=30,
-    )
-    return aredis.Redis(connection_pool=pool, retry=_retry())
-
-
 class Node:
+    """Builds every part of a node from its configuration and hands each part only
+    the collaborators it uses (the composition root: nothing else holds the node)."""
+
     def __init__(
         self,
         config: Config,
         redis_url: str,
         node_id: str | None = None,
-        builtin_types: dict[str, type[CA]] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        from troth.plugins import build_factories  # plugins import runtime modules
-
         self.config = config
+        self.clock = clock
+        self.extensions = load_extensions(config)
+        self.catalog = Catalog.from_config(config, _extension_types(self.extensions))
+        required_plugins = _extension_plugins(self.extensions)
         self.node_id = node_id or config.node.node_id or default_node_id()
         self.redis_url = redis_url
         self.client = redis_client(redis_url, config.redis.timeout_seconds)
@@ -123,9 +104,6 @@ class Node:
         self._probe = redis_client(redis_url, min(2.0, config.redis.timeout_seconds), 2)
         self.keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
         self.metrics = NodeMetrics()
-        self.catalog = Catalog.from_config(
-            config, BUILTIN_TYPES if builtin_types is None else builtin_types
-        )
         self.loop_thread = LoopThread(f"troth-engine-{self.node_id}")
         self.loop = self.loop_thread.loop
         self.aclient = async_redis_client(redis_url, config.redis.timeout_seconds)
@@ -139,6 +117,7 @@ class Node:
             config.runtime.reply_cache_max,
             config.runtime.reply_cache_seconds,
             config.runtime.notify_max,
+            clock,
         )
         self.quotas = Quotas(self.client, self.keys, config.quotas)
         self.url = config.node.public_url or ""
@@ -159,6 +138,7 @@ class Node:
             self.keys,
             self._fire_timer,
             owns=lambda shard: self.leases.epoch_of(shard) is not None,
+            clock=clock,
         )
         self.dispatcher = OutboxDispatcher(
             self.client,
@@ -169,11 +149,12 @@ class Node:
             self.metrics,
             config.runtime.outbox_workers,
             config.node.call_timeout_seconds,
+            clock,
         )
-        # The built-in commitment types need these plugins whatever the config says.
-        required: dict[str, dict[str, Any]] = {name: {} for name in REQUIRED_PLUGINS}
         self.plugin_factories: dict[str, PluginFactory] = build_factories(
-            self, {**required, **config.plugins}
+            PluginContext(self.node_id, self.client, self.keys, self.metrics, self.deliver),
+            config.plugins,
+            required_plugins,
         )
         for factory in self.plugin_factories.values():
             for executor in factory.executors():
@@ -189,7 +170,20 @@ class Node:
             epoch_of=self.leases.epoch_of,
             after_commit=self.after_commit,
         )
-        self.router = Router(self, secret="")
+        self.router = Router(
+            self.catalog, self.engine, self.leases, config.node.call_timeout_seconds
+        )
+        #: What the extensions' routes may use of this node.
+        self.context = NodeContext(
+            node_id=self.node_id,
+            config=config,
+            client=self.client,
+            keys=self.keys,
+            quotas=self.quotas,
+            plugins=self.plugin_factories,
+            call=self.router.call,
+            clock=clock,
+        )
         self.stopped = False
         self.metrics.bind_gauges(
             active=lambda: len(self.engine.cells),
@@ -300,13 +294,19 @@ class Node:
         except FutureTimeout:
             raise UnavailableError(f"{target}.{method}: no reply within {timeout}s") from None
 
-    async def redis_ok(self) -> bool:
-        """Whether Redis answers a PING within the probe's bound (at most 2 s)."""
+    async def health(self) -> dict[str, Any] | None:
+        """This node's figures if Redis answers a PING within the probe's bound (at
+        most 2 s), else None."""
         bound = min(2.0, self.config.redis.timeout_seconds)
         try:
-            return bool(await asyncio.wait_for(asyncio.to_thread(self._probe.ping), bound + 0.5))
+            await asyncio.wait_for(asyncio.to_thread(self._probe.ping), bound + 0.5)
         except (redis.RedisError, TimeoutError):
-            return False
+            return None
+        return {
+            "node": self.node_id,
+            "shards": len(self.leases.owned),
+            "active_actors": self.active_actors,
+        }
 
     @property
     def active_actors(self) -> int:

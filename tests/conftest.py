@@ -22,10 +22,10 @@ import httpx
 import pytest
 import redis
 
-from troth.config import parse_config
-from troth.embedded_redis import redis_binary
+from troth.core.config import parse_config
+from troth.edge.embedded_redis import redis_binary
+from troth.edge.server import ServerThread
 from troth.node import Node
-from troth.server import ServerThread
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -35,6 +35,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports on 127.0.0.1 that are all free (for
+    ``troth serve --nodes N``, whose node i listens on port + i)."""
+    while True:
+        base = free_port()
+        socks = []
+        try:
+            for offset in range(count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
@@ -203,7 +222,7 @@ class NodeProcess:
                 [
                     sys.executable,
                     "-m",
-                    "troth.cli",
+                    "troth.edge.cli",
                     "serve",
                     "--config",
                     str(self.config_path),
@@ -317,7 +336,10 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits for the loop's next poll.
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self.thread.start()
 
     def count(self) -> int:

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import troth
+from examples.polls.extension import Polls
 
 
 class Probe(troth.CA):
@@ -44,9 +45,9 @@ class Probe(troth.CA):
         """Read, await, write: the actor takes no other message meanwhile."""
         seen = list(self.state.get("naps", []))
         await asyncio.sleep(seconds)
-        self.state["naps"] = [*seen, tag]
+        naps = self.state["naps"] = [*seen, tag]
         self.plugins.session.notify({"nap": tag})
-        return self.state["naps"]
+        return naps
 
     def wait(self, timeout: float = 1.0, request_id: str | None = None) -> dict[str, Any]:
         """Arguments named like call options: they must arrive as given."""
@@ -80,6 +81,10 @@ class Probe(troth.CA):
 
     def after(self, seconds: float, name: str, fail: bool = False) -> str:
         return str(self.plugins.timers.after(seconds, "on_timer", name, fail, name=name))
+
+    def after_then_fail(self, seconds: float, name: str) -> None:
+        self.plugins.timers.after(seconds, "on_timer", name, False, name=name)
+        raise troth.AppError("rolled back with its timer")
 
     def every(self, seconds: float, name: str) -> str:
         return str(self.plugins.timers.every(seconds, "on_timer", name, False, name=name))
@@ -152,3 +157,9 @@ class Streamer(troth.CA):
 
     async def events(self) -> Any:
         yield 1
+
+
+class PollsAgain(Polls):
+    """An extension that defines the ``poll`` type a second time (a configuration error)."""
+
+    name = "polls-again"

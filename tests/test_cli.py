@@ -14,13 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, NodeProcess, free_port, wait_until
-from troth import embedded_redis
+from conftest import REPO, NodeProcess, free_port, free_port_run, wait_until
+from troth.edge import embedded_redis
 
 
 def troth(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "troth.cli", *args],
+        [sys.executable, "-m", "troth.edge.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -44,7 +44,7 @@ def serve_example(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "troth.cli",
+            "troth.edge.cli",
             "serve",
             "--config",
             "ca.json.example",
@@ -169,16 +169,16 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
     import redis as redis_lib
 
     from conftest import base_config
-    from troth.keys import KeySpace
+    from troth.core.keys import KeySpace
 
     config = tmp_path / "ca.json"
     config.write_text(json.dumps(base_config(prefix)))
-    port = free_port()
+    port = free_port_run(2)
     sup = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "troth.cli",
+            "troth.edge.cli",
             "serve",
             "--nodes",
             "2",

@@ -12,9 +12,9 @@ import pytest
 from conftest import wait_until
 from troth import AppError
 from troth.client import AsyncClient, CallTimeout, Client, Notification
-from troth.names import ActorName, shard_of
+from troth.core.names import ActorName, shard_of
+from troth.edge.server import ServerThread
 from troth.node import Node
-from troth.server import ServerThread
 
 
 def owned_by(node: Node, prefix: str = "alice-c") -> str:

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import Receiver, wait_until
 from troth.caas import delivery
+from troth.edge.server import ServerThread
 from troth.node import Node
-from troth.server import ServerThread
 
 KEY_A, KEY_B = "key-alice-0123456789", "key-bob-0123456789ab"
 FAST = {"max_attempts": 3, "initial_delay_seconds": 0.1, "backoff": "fixed"}
@@ -424,15 +424,19 @@ def test_event_key_deduplicates(cs: httpx.Client, receiver: Receiver) -> None:
 def test_status_counts_commitments(
     cs: httpx.Client, receiver: Receiver, rclient: Any, prefix: str
 ) -> None:
-    from troth import admin
-    from troth.keys import KeySpace
+    from troth.caas import CaaS
+    from troth.core.keys import KeySpace
+    from troth.edge import admin
 
     c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 60})
     cs.delete(f"/v1/commitments/{c['id']}")
     commit(cs, receiver, {"type": "time_after", "delay_seconds": 60})
     counts = wait_until(
         lambda: (
-            (d := admin.status(rclient, KeySpace(prefix, 64))["commitments"]).get("cancelled") and d
+            (d := admin.status(rclient, KeySpace(prefix, 64), [CaaS()])["commitments"]).get(
+                "cancelled"
+            )
+            and d
         )
     )
     assert counts == {"cancelled": 1, "pending": 1}

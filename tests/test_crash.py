@@ -11,9 +11,9 @@ import httpx
 import redis
 
 from conftest import NodeProcess, Receiver, wait_until
-from troth import admin
-from troth.keys import KeySpace
-from troth.names import ActorName
+from troth.core.keys import KeySpace
+from troth.core.names import ActorName
+from troth.edge import admin
 
 COUNTERS = [f"alice-k{i}" for i in range(4)]
 
@@ -120,7 +120,7 @@ def test_committed_webhook_is_sent_after_kill9_before_dispatch(
     assert data is not None and [e["id"] for e in data["outbox"]] == [entry_id]
     # Point the entry at the live receiver, as an operator fixing a DNS record would.
     sk = keys.shard(data["shard"])
-    from troth import codec
+    from troth.core import codec
 
     raw = codec.unpack(rclient.hget(sk.outbox, entry_id))
     raw["spec"]["url"] = receiver.url + "/pay"

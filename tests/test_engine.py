@@ -13,11 +13,11 @@ import pytest
 import redis
 
 from conftest import TESTS, wait_until
-from troth.catalog import Catalog
-from troth.config import ConfigError, parse_config
-from troth.errors import AppError, FencedError, RetryableError
-from troth.keys import KeySpace
-from troth.names import ActorName, shard_of
+from troth.core.catalog import Catalog
+from troth.core.config import ConfigError, parse_config
+from troth.core.errors import AppError, FencedError, RetryableError
+from troth.core.keys import KeySpace
+from troth.core.names import ActorName, shard_of
 from troth.node import Node
 
 SHARDS = 64

@@ -61,7 +61,7 @@ def test_no_request_gets_a_5xx_or_an_undocumented_answer(
             suppress_health_check=list(HealthCheck),
         )
         @given(case=cases, auth=auth)
-        def fuzz(case: schemathesis.Case, auth: dict[str, str]) -> None:
+        def fuzz(case: schemathesis.Case[Any], auth: dict[str, str]) -> None:
             response = case.call(base_url=node.url, headers=auth, timeout=10)
             case.validate_response(response, checks=CHECKS, headers=auth)
 

@@ -8,9 +8,9 @@ import httpx
 import pytest
 
 from conftest import call
-from troth.config import ConfigError, parse_config
+from troth.core.config import ConfigError, parse_config
+from troth.edge.server import ServerThread, bind
 from troth.node import Node
-from troth.server import ServerThread, bind
 
 
 def test_health_and_metrics(api: httpx.Client) -> None:

@@ -9,11 +9,12 @@ import httpx
 import redis
 
 from conftest import Receiver, call, wait_until
-from troth import codec
-from troth.names import ActorName, shard_of
+from troth.core import codec
+from troth.core.names import ActorName, shard_of
+from troth.core.records import OutboxEntry
+from troth.core.retry import RetryPolicy
+from troth.edge.server import ServerThread
 from troth.node import Node
-from troth.plugin import OutboxEntry, RetryPolicy
-from troth.server import ServerThread
 
 FAST = {"max_attempts": 3, "initial_delay_seconds": 0.1, "backoff": "fixed"}
 
@@ -42,7 +43,7 @@ def test_client_error_fails_at_once(api: httpx.Client, receiver: Receiver) -> No
 def test_dead_letter_shows_in_status(
     api: httpx.Client, node: Node, rclient: redis.Redis, receiver: Receiver
 ) -> None:
-    from troth import admin
+    from troth.edge import admin
 
     receiver.script = [500, 500]
     resp = call(api, "probe/alice-p", "nohook", receiver.url, {}, retry={**FAST, "max_attempts": 2})

@@ -15,10 +15,11 @@ import httpx
 import redis
 
 from conftest import NodeProcess, Receiver, wait_until
-from troth import admin, codec
 from troth.client import AsyncClient, Client, Notification
-from troth.keys import KeySpace
-from troth.names import ActorName, shard_of
+from troth.core import codec
+from troth.core.keys import KeySpace
+from troth.core.names import ActorName, shard_of
+from troth.edge import admin
 
 SHARDS = 64
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from conftest import Receiver, wait_until
-from troth.names import ActorName
+from troth.core.names import ActorName
 from troth.node import Node
-from troth.outbound import AddressPolicy, UnsafeTargetError, classify, guarded_client
+from troth.plugins.outbound import AddressPolicy, UnsafeTargetError, classify, guarded_client
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_commitment_to_disguised_loopback_fails_without_reaching_it(
 def test_http_plugin_refuses_reserved_headers_in_the_transaction(
     make_node: Callable[..., Node],
 ) -> None:
-    from troth.errors import ActorError
+    from troth.core.errors import ActorError
 
     node = make_node("n1")
     probe = ActorName("probe", "alice-h")

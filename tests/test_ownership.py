@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from conftest import wait_until
-from troth import admin
-from troth.errors import FencedError, RetryableError
-from troth.names import ActorName, shard_of
+from troth.core.errors import FencedError, RetryableError
+from troth.core.names import ActorName, shard_of
+from troth.edge import admin
 from troth.node import Node
 
 COUNTER = ActorName.parse("counter/alice-c")

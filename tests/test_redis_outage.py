@@ -20,7 +20,7 @@ import redis
 
 from conftest import NodeProcess, free_port, pings, wait_until
 from troth.client import Client
-from troth.embedded_redis import redis_binary
+from troth.edge.embedded_redis import redis_binary
 
 #: Redis's own reply bound in this test, and what a caller may wait at most for any answer.
 REDIS_TIMEOUT = 1.0
@@ -143,20 +143,31 @@ def test_redis_killed_and_paused_under_load(
     workers.append(threading.Thread(target=drive_library, daemon=True))
     for t in workers:
         t.start()
-    time.sleep(1.5)
+
+    def served() -> int:
+        with lock:
+            return sum(acked.values())
+
+    def refused() -> int:
+        with lock:
+            return statuses[503]
+
+    wait_until(lambda: served() >= 20, timeout=30)
     durable.signal(signal.SIGKILL)
-    time.sleep(3)
+    wait_until(lambda: refused() > 0, timeout=30)
     health = httpx.get(f"{node.url}/health", timeout=ANSWER_BOUND)
     assert health.status_code == 503
     durable.start()
-    time.sleep(2)
+    before = served()
+    wait_until(lambda: served() >= before + 20, timeout=30)
     durable.signal(signal.SIGSTOP)
     started = time.monotonic()
     health = httpx.get(f"{node.url}/health", timeout=ANSWER_BOUND)
     assert health.status_code == 503 and time.monotonic() - started < 3.5
-    time.sleep(3)
+    time.sleep(3)  # paused longer than redis.timeout_seconds
     durable.signal(signal.SIGCONT)
-    time.sleep(2)
+    before = served()
+    wait_until(lambda: served() >= before + 20, timeout=30)
     stop.set()
     for t in workers:
         t.join(60)

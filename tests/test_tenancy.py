@@ -15,10 +15,10 @@ import redis
 from websockets.sync.client import connect
 
 from conftest import Receiver, wait_until
-from troth.keys import KeySpace
-from troth.names import ActorName, shard_of
+from troth.cluster.routing import CLUSTER_HEADER, CLUSTER_PATH, sign
+from troth.core.keys import KeySpace
+from troth.core.names import ActorName, shard_of
 from troth.node import Node
-from troth.routing import CLUSTER_HEADER, CLUSTER_PATH, sign
 
 KEY_A = "a" * 16
 KEY_B = "b" * 16
@@ -108,7 +108,7 @@ def test_commitments_belong_to_the_authenticated_principal(
 
 
 def test_an_event_bus_takes_only_its_own_principals_commitments(keyed: Node) -> None:
-    from troth.access import Caller
+    from troth.core.access import Caller
 
     bus = ActorName("cmbus", "a-x")
     with pytest.raises(Exception) as refused:
@@ -217,7 +217,7 @@ def test_actor_messages_carry_the_senders_principal(
     assert not rclient.exists(keys.shard(shard_of(other, 64)).checkpoint(str(other)))
 
     def dead() -> list[Any]:
-        from troth import admin
+        from troth.edge import admin
 
         return [
             e

@@ -1,53 +1,91 @@
-"""Durable timers: committed with the transaction, fired exactly once, told lateness."""
+"""Durable timers: committed with the transaction, fired exactly once, in due order,
+told their lateness. Time is a :class:`~troth.core.clock.ManualClock` (troth.testing):
+nothing here waits for a timer to fall due."""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
+from typing import Any
 
-import httpx
+import pytest
 
-from conftest import call, wait_until
+from support_actors import Probe
+from troth.core.errors import AppError
+from troth.testing import ActorTestEnv
 
-
-def fired(api: httpx.Client, actor: str = "probe/alice-t") -> list[dict[str, object]]:
-    return list(call(api, actor, "get").json()["result"]["fired"])
-
-
-def test_after_fires_once_with_lateness(api: httpx.Client) -> None:
-    call(api, "probe/alice-t", "after", 0.3, "a")
-    assert "a" in call(api, "probe/alice-t", "timers").json()["result"]
-    wait_until(lambda: fired(api))
-    time.sleep(0.5)
-    [f] = fired(api)
-    assert f["name"] == "a" and 0 <= float(f["lateness"]) < 2  # type: ignore[arg-type]
-    assert call(api, "probe/alice-t", "timers").json()["result"] == {}
+P = "probe/alice-t"
 
 
-def test_cancel_before_due(api: httpx.Client) -> None:
-    call(api, "probe/alice-t", "after", 0.4, "a")
-    assert call(api, "probe/alice-t", "cancel", "a").json()["result"] is True
-    time.sleep(0.8)
-    assert fired(api) == []
+@pytest.fixture
+def env(redis_url: str) -> Iterator[ActorTestEnv]:
+    with ActorTestEnv({"probe": Probe}, redis_url=redis_url) as env:
+        yield env
 
 
-def test_rolled_back_timer_never_exists(api: httpx.Client) -> None:
-    # set_and_fail is not a Probe method: use the crashy example which sets a timer
-    resp = call(api, "crashy/alice-x", "increment", 1, fail="app", notify="journal/alice-j")
-    assert resp.status_code == 409
-    assert call(api, "crashy/alice-x", "get").json()["result"]["count"] == 0
+def fired(env: ActorTestEnv) -> list[dict[str, Any]]:
+    return list(env.call(P, "get")["fired"])
 
 
-def test_every_repeats_until_cancelled(api: httpx.Client) -> None:
-    call(api, "probe/alice-t", "every", 0.2, "tick")
-    wait_until(lambda: len(fired(api)) >= 3, timeout=5)
-    call(api, "probe/alice-t", "cancel", "tick")
-    n = len(fired(api))
-    time.sleep(0.6)
-    assert len(fired(api)) <= n + 1  # at most one firing was already queued
+def test_after_fires_once_on_time(env: ActorTestEnv) -> None:
+    env.call(P, "after", 30, "a")
+    assert [(t.name, t.method) for t in env.timers(P)] == [("a", "on_timer")]
+    env.advance(29.999)
+    assert fired(env) == []
+    env.advance(0.001)
+    assert fired(env) == [{"name": "a", "lateness": 0.0, "missed": 0}]
+    env.advance(3600)
+    assert len(fired(env)) == 1
+    assert env.timers(P) == [] and env.call(P, "timers") == {}
 
 
-def test_failing_handler_consumes_timer_and_rolls_back(api: httpx.Client) -> None:
-    call(api, "probe/alice-t", "after", 0.1, "bad", fail=True)
-    wait_until(lambda: call(api, "probe/alice-t", "timers").json()["result"] == {}, timeout=5)
-    time.sleep(0.3)
-    assert fired(api) == []  # the handler's state change rolled back, and it did not loop
+def test_cancel_before_due(env: ActorTestEnv) -> None:
+    env.call(P, "after", 10, "a")
+    assert env.call(P, "cancel", "a") is True
+    assert env.timers(P) == []
+    env.advance(60)
+    assert fired(env) == []
+
+
+def test_rolled_back_timer_never_exists(env: ActorTestEnv) -> None:
+    env.call(P, "set", 1)
+    with pytest.raises(AppError):
+        env.call(P, "after_then_fail", 10, "x")
+    assert env.timers(P) == [] and env.call(P, "timers") == {}
+    env.advance(60)
+    assert fired(env) == []
+
+
+def test_every_repeats_until_cancelled(env: ActorTestEnv) -> None:
+    env.call(P, "every", 10, "tick")
+    env.advance(35)
+    assert [f["name"] for f in fired(env)] == ["tick"] * 3
+    env.call(P, "cancel", "tick")
+    env.advance(100)
+    assert len(fired(env)) == 3
+
+
+def test_failing_handler_consumes_timer_and_rolls_back(env: ActorTestEnv) -> None:
+    env.call(P, "after", 5, "bad", fail=True)
+    env.advance(5)
+    assert env.timers(P) == []
+    env.advance(600)
+    assert fired(env) == []  # the handler's state change rolled back, and it did not loop
+
+
+def test_timers_fire_in_due_order(env: ActorTestEnv) -> None:
+    for seconds, name in [(30, "c"), (10, "a"), (20, "b")]:
+        env.call(P, "after", seconds, name)
+    env.advance(60)
+    assert [f["name"] for f in fired(env)] == ["a", "b", "c"]
+
+
+def test_a_timer_due_while_no_node_runs_fires_late_once(env: ActorTestEnv) -> None:
+    env.call(P, "after", 10, "once")
+    env.call(P, "every", 10, "tick")
+    env.crash(down_seconds=35)
+    env.settle()
+    got = {f["name"]: f for f in fired(env)}
+    assert got["once"] == {"name": "once", "lateness": 25.0, "missed": 0}
+    assert got["tick"]["lateness"] == 25.0 and got["tick"]["missed"] == 2
+    env.advance(10)
+    assert [f["name"] for f in fired(env)].count("tick") == 2

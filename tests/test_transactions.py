@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from conftest import Receiver, call, wait_until
-from troth import admin
-from troth.access import Caller
+from troth.core.access import Caller
+from troth.edge import admin
 from troth.node import Node
 
 
@@ -32,7 +32,7 @@ def snapshot(node: Node, rclient: redis.Redis, name: str) -> dict[str, Any]:
 
 
 def _name(text: str) -> Any:
-    from troth.names import ActorName
+    from troth.core.names import ActorName
 
     return ActorName.parse(text)
 

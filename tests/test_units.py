@@ -7,10 +7,10 @@ import json
 import pytest
 
 from conftest import REPO
-from troth import codec
-from troth.config import ConfigError, load_config, parse_config
-from troth.errors import BadRequestError, SerializationError
-from troth.names import ActorName, shard_of
+from troth.core import codec
+from troth.core.config import ConfigError, load_config, parse_config
+from troth.core.errors import BadRequestError, SerializationError
+from troth.core.names import ActorName, shard_of
 
 
 def test_names_and_owner() -> None:

@@ -7,9 +7,10 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from troth import admin, versioning
-from troth.errors import ActivationError
-from troth.names import ActorName
+from troth.core import versioning
+from troth.core.errors import ActivationError
+from troth.core.names import ActorName
+from troth.edge import admin
 from troth.node import Node
 
 NAME = ActorName.parse("profile/alice-p")

@@ -20,10 +20,8 @@ class Heartbeat(troth.CA):
         self.state.update(pulses=0, last_pulse_ms=0)
 
     def pulse(self) -> None:
-        import time
-
         self.state["pulses"] += 1
-        self.state["last_pulse_ms"] = int(time.time() * 1000)
+        self.state["last_pulse_ms"] = self.now_ms
         self.plugins.log.debug("pulse %d", self.state["pulses"])
 
     def status(self) -> dict[str, Any]:

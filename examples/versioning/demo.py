@@ -13,10 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from troth import embedded_redis
-from troth.config import parse_config
-from troth.errors import ActivationError
-from troth.names import ActorName
+from troth.core.config import parse_config
+from troth.core.errors import ActivationError
+from troth.core.names import ActorName
+from troth.edge import embedded_redis
 from troth.node import Node
 
 ROOT = Path(__file__).resolve().parents[2]

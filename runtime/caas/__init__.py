@@ -12,6 +12,16 @@ sent, so a commitment survives the death of every process that heard it.
                 event bus actors that fan events out
 ``index``       listing, status counts and dedup keys in Redis
 ``delivery``    Standard Webhooks signing of deliveries
+``plugin``      the ``commitments`` plugin: signed deliveries, index updates
 ``api``         the ``/v1/commitments`` and ``/v1/events`` HTTP endpoints
+``extension``   :class:`CaaS`, which hosts all of the above on every node
 ==============  ==============================================================
+
+CaaS uses only the public runtime (:mod:`troth`, :mod:`troth.extension`, the plugin
+protocol and the HTTP helpers of :mod:`troth.edge.http_api`); the runtime never
+imports it.
 """
+
+from troth.caas.extension import CaaS
+
+__all__ = ["CaaS"]

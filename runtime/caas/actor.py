@@ -26,11 +26,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ..actor import CA, internal
-from ..errors import AppError
-from ..names import ActorName
-from . import filters
-from .models import TOOL_EVENT, CommitmentCreate, now_ms
+from troth.caas import filters
+from troth.caas.models import TOOL_EVENT, CommitmentCreate
+from troth.core.actor import CA, internal
+from troth.core.errors import AppError
+from troth.core.names import ActorName
 
 MAX_SUBSCRIBERS = 10_000
 RECENT_EVENT_KEYS = 1000
@@ -85,7 +85,7 @@ class Commitment(CA):
         if self.name.owner is None or not cid:
             raise AppError(f"{self.name} is not a commitment name (commitment/PRINCIPAL-ID)")
         model = CommitmentCreate.model_validate(spec)
-        created = now_ms()
+        created = self.now_ms
         trigger = model.trigger.model_dump(mode="json")
         self._resolve_times(trigger, created)
         self.state.update(
@@ -125,7 +125,7 @@ class Commitment(CA):
     @staticmethod
     def _resolve_times(trigger: dict[str, Any], created: int) -> None:
         """Fix every relative time at creation: a retry of create must not move it."""
-        from .models import TimeAfter
+        from troth.caas.models import TimeAfter
 
         for _, leaf in leaves(trigger):
             if leaf["type"] == "time_after":
@@ -191,7 +191,7 @@ class Commitment(CA):
         if self.state.get("status") != "pending":
             return
         firing = self.plugins.timers.firing
-        due_ms = int(firing.due_at * 1000) if firing else now_ms()
+        due_ms = int(firing.due_at * 1000) if firing else self.now_ms
         self._satisfy(path, {"kind": "time", "path": path, "due_ms": due_ms})
 
     @internal
@@ -215,7 +215,7 @@ class Commitment(CA):
                         "kind": "event",
                         "path": path,
                         "event": event,
-                        "due_ms": event.get("received_ms", now_ms()),
+                        "due_ms": event.get("received_ms", self.now_ms),
                     },
                 )
             if self.state["status"] != "pending":
@@ -268,7 +268,7 @@ class Commitment(CA):
         return False
 
     def _satisfy(self, path: str, info: dict[str, Any]) -> None:
-        now = now_ms()
+        now = self.now_ms
         self.state["progress"][path] = {"at_ms": now, **_brief(info)}
         if self._satisfied(self.state["trigger"], "r", now):
             self._fire(info)
@@ -289,7 +289,7 @@ class Commitment(CA):
         return all(self._satisfied(t, p, now) for p, t in kids)
 
     def _fire(self, info: dict[str, Any]) -> None:
-        now = now_ms()
+        now = self.now_ms
         self.state["fired_ms"] = now
         self.state["fired_by"] = _brief(info)
         self.state["due_ms"] = info.get("due_ms", now)
@@ -324,7 +324,7 @@ class Commitment(CA):
             )
 
     def _move(self, status: str) -> None:
-        now = now_ms()
+        now = self.now_ms
         self.state["status"] = status
         self.state["updated_ms"] = now
         self.state["rev"] += 1

@@ -20,14 +20,9 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..access import Caller
-from ..errors import AppError, BadRequestError, NotFoundError, QuotaExceeded, TrothError
-from ..http_api import Principal, body_schema, json_body
-from ..names import ActorName
-from ..node import Node
-from .actor import bus_name, event_types, summary
-from .delivery import iso
-from .models import (
+from troth.caas.actor import bus_name, event_types, summary
+from troth.caas.delivery import iso
+from troth.caas.models import (
     MAX_BATCH,
     STATUSES,
     TRIGGER_TYPES,
@@ -35,8 +30,13 @@ from .models import (
     BatchCreate,
     CommitmentCreate,
     EventIn,
-    now_ms,
 )
+from troth.caas.plugin import CommitmentsFactory
+from troth.core.access import Caller
+from troth.core.errors import AppError, BadRequestError, NotFoundError, QuotaExceeded, TrothError
+from troth.core.names import ActorName
+from troth.edge.http_api import Principal, body_schema, json_body
+from troth.extension import NodeContext
 
 #: The principal of every call when the node has no API keys (loopback only).
 LOCAL_PRINCIPAL = "local"
@@ -62,10 +62,8 @@ def public(view: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def commitments_router(node: Node) -> APIRouter:
-    from troth.plugins.commitments import CommitmentsFactory
-
-    factory = node.plugin_factories["commitments"]
+def commitments_router(node: NodeContext) -> APIRouter:
+    factory = node.plugins["commitments"]
     assert isinstance(factory, CommitmentsFactory)
     index = factory.index
     api = APIRouter(prefix="/v1", tags=["commitments"])
@@ -78,7 +76,7 @@ def commitments_router(node: Node) -> APIRouter:
     ) -> Any:
         """Call a built-in actor's internal method for ``principal`` (who asked)."""
         caller = Caller(principal, internal=True)
-        return await node.router.call(name, method, list(args), {}, request_id, caller)
+        return await node.call(name, method, list(args), {}, request_id, caller)
 
     async def existing(principal: str, cid: str) -> ActorName:
         if not _ID.match(cid) or await asyncio.to_thread(index.get, principal, cid) is None:
@@ -215,7 +213,7 @@ def commitments_router(node: Node) -> APIRouter:
             "event_type": ev.event_type,
             "event_key": ev.event_key,
             "payload": ev.payload,
-            "received_ms": now_ms(),
+            "received_ms": node.clock.now_ms(),
         }
         result = await call(
             principal,

@@ -26,9 +26,9 @@ from typing import Any
 
 import redis
 
-from ..checkpoint import load_lua
-from ..keys import KeySpace
-from .models import STATUSES
+from troth.caas.models import STATUSES
+from troth.core.checkpoint import load_lua
+from troth.core.keys import KeySpace
 
 
 class CommitmentIndex:

@@ -7,15 +7,14 @@ than a silently ignored option.
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..outbound import MAX_HEADERS, check_headers, check_url
-from ..plugin import RetryPolicy
-from . import filters as _filters
+from troth.caas import filters as _filters
+from troth.core.retry import RetryPolicy
+from troth.plugins.outbound import MAX_HEADERS, check_headers, check_url
 
 MAX_DEPTH = 4
 MAX_CHILDREN = 20
@@ -199,7 +198,3 @@ class EventIn(_Model):
     @classmethod
     def _payload_size(cls, v: dict[str, Any]) -> dict[str, Any]:
         return dict(_bounded(v, "payload"))
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

@@ -1,0 +1,50 @@
+"""Commitment-as-a-Service as a troth extension: what it adds to every node.
+
+Enabled by ``"extensions": ["troth.caas:CaaS"]`` (the default): the ``commitment``
+and ``cmbus`` actor types, the ``commitments`` plugin (signed webhook deliveries and
+the listing index), the ``/v1/commitments`` and ``/v1/events`` routes, and the
+commitments-by-status section of ``troth status``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import redis
+from fastapi import APIRouter
+
+from troth.caas.actor import Commitment, EventBus
+from troth.caas.api import commitments_router
+from troth.caas.index import CommitmentIndex
+from troth.caas.plugin import CommitmentsFactory
+from troth.core.actor import CA
+from troth.core.keys import KeySpace
+from troth.core.plugin import PluginFactory
+from troth.extension import Extension, NodeContext
+from troth.plugins.send import SendFactory
+from troth.plugins.timers import TimersFactory
+
+__all__ = ["CaaS"]
+
+
+class CaaS(Extension):
+    name: ClassVar[str] = "commitments"
+
+    def actor_types(self) -> Mapping[str, type[CA]]:
+        return {"commitment": Commitment, "cmbus": EventBus}
+
+    def plugins(self) -> Mapping[str, type[PluginFactory]]:
+        # A commitment keeps its times with timers and its subscriptions with send.
+        return {"commitments": CommitmentsFactory, "timers": TimersFactory, "send": SendFactory}
+
+    def routes(self, node: NodeContext) -> APIRouter:
+        return commitments_router(node)
+
+    def status(self, client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
+        """Commitments by status, over every principal."""
+        totals: Counter[str] = Counter()
+        for (_, status), n in CommitmentIndex(client, keys).counts().items():
+            totals[status] += n
+        return {k: v for k, v in sorted(totals.items()) if v}

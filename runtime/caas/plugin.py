@@ -1,0 +1,204 @@
+"""``self.plugins.commitments``: the side effects of the built-in ``commitment`` actor.
+
+Two outbox kinds, both performed after the commit that decided them:
+
+* ``webhook``: a commitment's delivery, signed per attempt (Standard Webhooks, see
+  :mod:`troth.caas.delivery`), retried per the commitment's retry policy: 2xx
+  fulfils; timeouts, connection errors, 408, 429 and 5xx are retried; any other
+  status fails at once. Targets on loopback or private networks are refused unless
+  the settings allow them.
+* ``cmindex``: the commitment's summary for listings (:mod:`troth.caas.index`).
+
+Signing secrets: ``signing_secrets`` maps principals to ``whsec_...`` secrets; a
+principal without one gets a random secret, kept in Redis, which the API shows to
+that principal at ``GET /v1/commitments-secret``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import redis
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field
+
+from troth.caas import delivery
+from troth.caas.index import CommitmentIndex
+from troth.core.names import ActorName
+from troth.core.plugin import (
+    ActorPlugin,
+    ExecutionOutcome,
+    OutboxPlugin,
+    PluginContext,
+    PluginFactory,
+)
+from troth.core.records import OutboxEntry
+from troth.core.retry import RetryPolicy
+from troth.plugins.outbound import AddressPolicy, attempt, guarded_client, outcome_of
+
+
+class CommitmentSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    allow_loopback: bool = Field(False, description="Allow deliveries to 127.0.0.0/8, ::1.")
+    allow_private: bool = Field(False, description="Allow private and link-local targets.")
+    timeout_seconds: float = Field(10.0, gt=0, le=120, description="Per delivery attempt.")
+    signing_secrets: dict[str, str] = Field(
+        default_factory=dict, description="Principal -> whsec_ secret; others get a random one."
+    )
+
+
+class Commitments(OutboxPlugin):
+    kind: ClassVar[str] = "webhook"
+
+    def deliver(
+        self,
+        *,
+        commitment_id: str,
+        principal: str,
+        obligation: dict[str, Any],
+        trigger: Any,
+        due_ms: int | None,
+        fired_ms: int,
+        retry: dict[str, Any],
+        on_result: str,
+    ) -> str:
+        return self._enqueue(
+            {
+                "commitment_id": commitment_id,
+                "principal": principal,
+                "target": obligation["target"],
+                "payload": obligation.get("payload"),
+                "headers": obligation.get("headers", {}),
+                "trigger": trigger,
+                "due_ms": due_ms,
+                "fired_ms": fired_ms,
+            },
+            idempotency_key=commitment_id,
+            retry=retry,
+            on_result=on_result,
+        )
+
+    def index(self, principal: str, summary: dict[str, Any]) -> str:
+        return self._enqueue(
+            {"principal": principal, "summary": summary},
+            idempotency_key=None,
+            retry=RetryPolicy(max_attempts=100, initial_delay_seconds=1, max_delay_seconds=30),
+            on_result=None,
+            kind="cmindex",
+        )
+
+
+class WebhookExecutor:
+    kind = "webhook"
+    idempotent = True  # every attempt carries the commitment id as Idempotency-Key
+
+    def __init__(self, factory: CommitmentsFactory) -> None:
+        self.factory = factory
+        s = factory.settings
+        policy = AddressPolicy(s.allow_loopback, s.allow_private)
+        self.client = guarded_client(policy, s.timeout_seconds, "troth-commitments")
+
+    def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+        spec, m = entry.spec, self.factory
+        if entry.attempts == 1 and spec.get("due_ms") is not None:
+            m.lateness.observe(max(0, spec["fired_ms"] - spec["due_ms"]) / 1000)
+        body, headers = delivery.build(spec, entry.attempts, self.factory.secret(spec["principal"]))
+        started = time.perf_counter()
+        resp = attempt(self.client, "POST", spec["target"], content=body, headers=headers)
+        m.latency.observe(time.perf_counter() - started)
+        if isinstance(resp, ExecutionOutcome):
+            m.deliveries.labels("error" if resp.retryable else "refused").inc()
+            return resp
+        outcome = outcome_of(resp.status_code)
+        label = "ok" if outcome.ok else "retryable" if outcome.retryable else "rejected"
+        m.deliveries.labels(label).inc()
+        return outcome
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class IndexExecutor:
+    kind = "cmindex"
+    idempotent = True  # applying a summary twice, or an older one, changes nothing
+
+    def __init__(self, index: CommitmentIndex) -> None:
+        self.index = index
+
+    def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+        self.index.apply(entry.spec["principal"], entry.spec["summary"])
+        return ExecutionOutcome(ok=True)
+
+
+class _StatusCollector(Collector):
+    """``troth_commitments{principal, status}``, read from the index at scrape time."""
+
+    def __init__(self, index: CommitmentIndex) -> None:
+        self.index = index
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "troth_commitments",
+            "Commitments by principal and status.",
+            labels=["principal", "status"],
+        )
+        try:
+            counts = self.index.counts()
+        except redis.RedisError:
+            counts = {}
+        for (principal, status), n in sorted(counts.items()):
+            gauge.add_metric([principal, status], n)
+        yield gauge
+
+
+class CommitmentsFactory(PluginFactory):
+    name: ClassVar[str] = "commitments"
+    settings_model = CommitmentSettings
+
+    def __init__(self, context: PluginContext, settings: dict[str, Any]) -> None:
+        super().__init__(context, settings)
+        self.index = CommitmentIndex(context.client, context.keys)
+        r = context.metrics.registry
+        self.deliveries = Counter(
+            "troth_commitment_deliveries", "Delivery attempts by outcome.", ["outcome"], registry=r
+        )
+        self.latency = Histogram(
+            "troth_commitment_delivery_latency_seconds",
+            "Duration of one delivery attempt.",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.lateness = Histogram(
+            "troth_commitment_firing_lateness_seconds",
+            "Delay from due time to first delivery attempt.",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        r.register(_StatusCollector(self.index))
+        self._secrets: dict[str, str] = dict(self.settings.signing_secrets)
+        self._webhook = WebhookExecutor(self)
+
+    def secret(self, principal: str) -> str:
+        """The principal's signing secret (configured, or random and kept in Redis)."""
+        found = self._secrets.get(principal)
+        if found is None:
+            key = f"{self.context.keys.prefix}:whsec:{principal}"
+            self.context.client.set(key, delivery.new_secret(), nx=True)
+            found = self._secrets[principal] = self.context.client.get(key).decode()
+        return found
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        return Commitments(actor, pstate)
+
+    def executors(self) -> list[Any]:
+        return [self._webhook, IndexExecutor(self.index)]
+
+    def close(self) -> None:
+        self._webhook.close()

@@ -1,0 +1,259 @@
+"""Shard leases, heartbeats and fencing epochs.
+
+A node is alive while its entry in ``P:nodes`` (a heartbeat expiry) lies in the
+future; it renews it once per heartbeat. A shard's lease names its owner and an
+**epoch**: every claim bumps the epoch (``lua/claim.lua``, a compare-and-set on
+the owner and epoch the claimer observed) and every commit checks it. So once
+another node claimed a shard, the previous owner, even if it was only paused,
+can never commit to it again: it is *fenced*.
+
+Each heartbeat a node:
+
+1. renews its own entry;
+2. reads every lease (one pipelined round trip) to learn which shards it still
+   owns, which belong to dead nodes, and which are free;
+3. adopts every shard whose lease still names its own id but that it does not
+   serve (a previous incarnation's, after a kill -9 and a quick restart under the
+   same ``--node-id``; or one whose release failed), whatever its fair share:
+   no other node may claim a lease held by a live node, so a lease left unadopted
+   would be served by no one;
+4. claims free or orphaned shards up to its fair share, ``ceil(shards / live)``;
+5. gives back shards above that share, a few per beat, through the node (which
+   first drains and passivates their actors), so that a joining node is not
+   flooded.
+
+Each beat also publishes the set of shards the node serves (``served``, a hex
+bitmap in its node entry), so that ``troth status`` counts a shard as served only
+when its owner says it serves it.
+
+The lease manager knows nothing of actors: it reports gains and losses to the
+node's callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from troth.core.checkpoint import load_lua
+from troth.core.keys import KeySpace
+
+log = logging.getLogger(__name__)
+
+#: At most this many shards are handed off per heartbeat when above fair share.
+HANDOFF_PER_BEAT = 32
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    owner: str
+    epoch: str
+
+
+class LeaseManager:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: KeySpace,
+        node_id: str,
+        ttl_seconds: float,
+        heartbeat_seconds: float,
+        on_gained: Callable[[dict[int, str]], None],
+        on_lost: Callable[[set[int]], None],
+        on_surplus: Callable[[list[int]], None],
+        node_info: Callable[[], dict[str, str]],
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.node_id = node_id
+        self.ttl_ms = int(ttl_seconds * 1000)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.on_gained = on_gained
+        self.on_lost = on_lost
+        self.on_surplus = on_surplus
+        self.node_info = node_info
+        self._claim = client.register_script(load_lua("claim.lua"))
+        self._release = client.register_script(load_lua("release.lua"))
+        self._owned: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.live_nodes: list[str] = []
+        #: The owner of every shard and the URL of every live node, as of the last beat:
+        #: the routing table. A stale entry costs one redirected retry, never a wrong commit.
+        self.owners: list[str] = [""] * keys.shard_count
+        self.urls: dict[str, str] = {}
+        self.last_beat_ok = 0.0
+
+    # -- queries -----------------------------------------------------------------------
+
+    def epoch_of(self, shard: int) -> str | None:
+        """The epoch this node holds ``shard`` at, or None if it does not own it."""
+        with self._lock:
+            return self._owned.get(shard)
+
+    @property
+    def owned(self) -> dict[int, str]:
+        with self._lock:
+            return dict(self._owned)
+
+    def served_bitmap(self) -> str:
+        """The shards this node serves, as the hex bitmap published in its node entry."""
+        bits = bytearray((self.keys.shard_count + 7) // 8)
+        for shard in self.owned:
+            bits[shard // 8] |= 1 << (shard % 8)
+        return bits.hex()
+
+    def owner_of(self, shard: int) -> str:
+        """The owner of ``shard`` as last seen ("" when none)."""
+        if self.epoch_of(shard) is not None:
+            return self.node_id
+        return self.owners[shard]
+
+    def refresh_owner(self, shard: int) -> str:
+        """Read the current owner of ``shard`` from Redis (after a redirect)."""
+        owner = (self.client.hget(self.keys.shard(shard).lease, "owner") or b"").decode()
+        self.owners[shard] = owner
+        return str(owner)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Beat once synchronously (so a lone node owns its shards on return), then loop."""
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="troth-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self, release: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if release:
+            self.release(list(self.owned))
+            try:
+                self.client.zrem(self.keys.nodes, self.node_id)
+                self.client.hdel(self.keys.node_urls, self.node_id)
+            except redis.RedisError as exc:
+                log.warning("could not deregister node %s: %s", self.node_id, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    # -- one heartbeat -------------------------------------------------------------------
+
+    def beat(self) -> None:
+        now = int(time.time() * 1000)
+        if self.last_beat_ok and time.monotonic() - self.last_beat_ok > self.ttl_ms / 1000:
+            # We were silent past our own lease (paused, or cut off from Redis):
+            # others may have taken our shards. Whatever we still hold is re-checked
+            # below; anything claimed meanwhile is reported lost.
+            log.warning("node %s missed its lease; re-validating shards", self.node_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.keys.nodes, {self.node_id: now + self.ttl_ms})
+        pipe.hset(self.keys.node(self.node_id), mapping=self.node_info())
+        pipe.pexpire(self.keys.node(self.node_id), self.ttl_ms * 20)
+        url = self.node_info().get("url", "")
+        if url:
+            pipe.hset(self.keys.node_urls, self.node_id, url)
+        pipe.zrangebyscore(self.keys.nodes, now, "+inf")
+        pipe.hgetall(self.keys.node_urls)
+        for shard in range(self.keys.shard_count):
+            pipe.hmget(self.keys.shard(shard).lease, ["owner", "epoch"])
+        results = pipe.execute()
+        self.last_beat_ok = time.monotonic()
+        head = 4 if url else 3
+        live = sorted(n.decode() for n in results[head])
+        urls = {k.decode(): v.decode() for k, v in results[head + 1].items()}
+        leases = [
+            LeaseView((o or b"").decode(), (e or b"0").decode()) for o, e in results[head + 2 :]
+        ]
+        self.live_nodes = live
+        self.urls = {n: urls[n] for n in live if urls.get(n)}
+        self.owners = [lv.owner for lv in leases]
+        self._reconcile(leases, set(live))
+
+    def _reconcile(self, leases: list[LeaseView], live: set[str]) -> None:
+        with self._lock:
+            mine_before = dict(self._owned)
+        still_mine = {
+            s: lv.epoch
+            for s, lv in enumerate(leases)
+            if lv.owner == self.node_id and mine_before.get(s) == lv.epoch
+        }
+        lost = set(mine_before) - set(still_mine)
+        if lost:
+            with self._lock:
+                for s in lost:
+                    self._owned.pop(s, None)
+            log.warning("node %s lost %d shards to other nodes", self.node_id, len(lost))
+            self.on_lost(lost)
+        share = math.ceil(self.keys.shard_count / max(1, len(live | {self.node_id})))
+        adopt = [
+            s for s, lv in enumerate(leases) if lv.owner == self.node_id and s not in still_mine
+        ]
+        free = [
+            s
+            for s, lv in enumerate(leases)
+            if s not in still_mine and lv.owner != self.node_id and (lv.owner not in live)
+        ]
+        random.shuffle(free)
+        room = share - len(still_mine) - len(adopt)
+        claim = adopt + free[: max(0, room)]
+        if claim:
+            gained = self._claim_many(claim, leases)
+            if gained:
+                with self._lock:
+                    self._owned.update(gained)
+                for shard in gained:
+                    self.owners[shard] = self.node_id
+                self.on_gained(gained)
+        elif room < 0:
+            surplus = sorted(still_mine)[: min(-room, HANDOFF_PER_BEAT)]
+            self.on_surplus(surplus)
+
+    def _claim_many(self, shards: list[int], leases: list[LeaseView]) -> dict[int, str]:
+        pipe = self.client.pipeline(transaction=False)
+        for s in shards:
+            self._claim(
+                keys=[self.keys.shard(s).lease],
+                args=[self.node_id, leases[s].owner, leases[s].epoch],
+                client=pipe,
+            )
+        gained = {}
+        for s, res in zip(shards, pipe.execute(), strict=True):
+            if res is not None:
+                gained[s] = str(int(res))
+        return gained
+
+    def release(self, shards: list[int]) -> None:
+        """Give shards back (the node has drained them). Their epoch stays."""
+        if not shards:
+            return
+        with self._lock:
+            held = {s: self._owned.pop(s) for s in shards if s in self._owned}
+        if not held:
+            return
+        for shard in held:
+            self.owners[shard] = ""
+        pipe = self.client.pipeline(transaction=False)
+        for s, epoch in held.items():
+            self._release(keys=[self.keys.shard(s).lease], args=[self.node_id, epoch], client=pipe)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning(
+                "releasing %d shards failed (they expire with the lease): %s", len(held), exc
+            )

@@ -1,0 +1,65 @@
+"""An asyncio event loop on a thread of its own, and small asyncio helpers.
+
+A node runs everything asynchronous on one such loop (see :mod:`troth.node`); the
+synchronous client library runs its :class:`~troth.client.AsyncClient` on another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed (several times faster at what a node does
+    most: socket I/O, callbacks, futures), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class LoopThread:
+    def __init__(self, name: str) -> None:
+        self.loop = new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self.loop.is_running():
+            # uvloop reports transports left open while closing; with warnings made
+            # errors (as in a test run) that report would hang close() instead.
+            with warnings.catch_warnings():
+                warnings.simplefilter("default", ResourceWarning)
+                self.loop.close()
+
+
+class Background:
+    """Fire-and-forget tasks, referenced until they finish (asyncio keeps only weak
+    references to tasks, so an unreferenced one may vanish mid-flight)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

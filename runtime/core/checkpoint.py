@@ -1,0 +1,227 @@
+"""The checkpoint store: loading an actor and committing a transaction to Redis.
+
+The commit is one Lua script (``lua/commit.lua``) and therefore atomic: the new
+state, the state version, the message sequence number, the reply kept for
+``request_id`` de-duplication, the outbox entries and the timer changes are all
+written, or none is. The script first checks two guards:
+
+* **fencing**: the shard's lease still names this node at the epoch the node
+  claimed it with; a node that lost its shard can never commit again;
+* **sequence**: the stored ``seq`` is the one this activation loaded, so two
+  activations of one actor can never interleave their commits.
+
+A timer firing adds a third guard: the timer must still exist with the same id,
+and is deleted in the same commit as its handler's state (exactly-once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from troth.core import codec
+from troth.core.batcher import Batcher, Command, Script
+from troth.core.clock import SYSTEM_CLOCK, Clock
+from troth.core.keys import KeySpace, ShardKeys
+from troth.core.records import CommitOps
+
+
+def load_lua(name: str) -> str:
+    return resources.files("troth.core").joinpath("lua", name).read_text()
+
+
+@dataclass(slots=True)
+class StoredCheckpoint:
+    """An actor's checkpoint as read from Redis."""
+
+    state: dict[str, Any]
+    pstate: dict[str, Any]
+    version: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+
+
+@dataclass(slots=True)
+class CommitRequest:
+    """Everything one transaction asks the store to write."""
+
+    name: str
+    shard: int
+    epoch: str
+    expected_seq: int
+    state: bytes
+    pstate: bytes
+    version: str
+    request_id: str | None = None
+    reply: bytes = b""
+    ops: CommitOps = field(default_factory=CommitOps)
+    fired_timer: tuple[str, str] | None = None
+    autonomous: bool = False
+    #: The actor deletes itself in this commit (every key of its own goes).
+    delete: bool = False
+    #: A new actor's owner, counted against its quota in the same round trip.
+    count_for: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    ok: bool
+    reason: str = ""
+    detail: str = ""
+
+
+class CheckpointStore:
+    """Reads and writes actor checkpoints through the node's :class:`Batcher`, so that
+    every load, look-up and commit of one loop turn shares one round trip.
+
+    All methods are coroutines of the engine's event loop.
+    """
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        keys: KeySpace,
+        node_id: str,
+        reply_cache_max: int = 1000,
+        reply_cache_seconds: float = 86_400.0,
+        notify_max: int = 1000,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.batcher = batcher
+        #: The time of every commit (reply expiry, transaction times) comes from here.
+        self.clock = clock
+        self.keys = keys
+        self.node_id = node_id
+        self.reply_cache_max = reply_cache_max
+        self.reply_cache_ms = int(reply_cache_seconds * 1000)
+        self.notify_max = notify_max
+        self._commit = Script(load_lua("commit.lua"))
+
+    async def load(
+        self, shard: int, name: str, count_of: str | None = None
+    ) -> tuple[StoredCheckpoint | None, int]:
+        """The checkpoint of ``name`` (None if it has none) and, in the same round trip,
+        how many actors the principal ``count_of`` created (its quota count; 0 if
+        not asked)."""
+        key = self.keys.shard(shard).checkpoint(name)
+        fields = ["state", "pstate", "version", "seq", "created", "updated"]
+        quota = self.keys.quota(count_of) if count_of else None
+
+        def add(commands: list[Command]) -> None:
+            commands.append(("HMGET", key, *fields))
+            if quota:
+                commands.append(("HGET", quota, "actors"))
+
+        replies = await self.batcher.run(add, 2 if quota else 1)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        reply = replies[0]
+        created_count = int(replies[1] or 0) if quota else 0
+        if reply[0] is None:
+            return None, created_count
+        state, pstate, version, seq, created, updated = reply
+        stored = StoredCheckpoint(
+            state=codec.unpack(state),
+            pstate=codec.unpack(pstate) if pstate else {},
+            version=version.decode(),
+            seq=int(seq),
+            created_ms=int(created or 0),
+            updated_ms=int(updated or 0),
+        )
+        return stored, created_count
+
+    async def committed_reply(self, shard: int, name: str, request_id: str) -> tuple[Any] | None:
+        """``(reply,)`` as committed for ``request_id``, or ``None`` if there is none."""
+        key = self.keys.shard(shard).replies(name)
+        (data,) = await self.batcher.run(lambda c: c.append(("HGET", key, request_id)))
+        if isinstance(data, Exception):
+            raise data
+        return None if data is None else (codec.unpack(data)[0],)
+
+    async def holds(self, shard: int, epoch: str) -> str | None:
+        """None while this node holds ``shard`` at ``epoch``; else who does (a read that
+        writes nothing: how a read-only message is fenced)."""
+        lease = self.keys.shard(shard).lease
+        (reply,) = await self.batcher.run(lambda c: c.append(("HMGET", lease, "owner", "epoch")))
+        if isinstance(reply, Exception):
+            raise reply
+        owner, held = (_text(v) if v is not None else "" for v in reply)
+        return None if (owner, held) == (self.node_id, epoch) else f"{owner}@{held}"
+
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        """One transaction's atomic, fenced commit (``lua/commit.lua``; also when the
+        actor deletes itself).
+
+        Redis errors propagate: the outcome is then unknown, and the ``seq`` guard
+        makes a retry of the same request safe.
+        """
+        sk = self.keys.shard(req.shard)
+        script = self._commit
+        keys = self._commit_keys(sk, req.name)
+        args = [self.node_id, req.epoch, str(req.expected_seq), self._payload(req)]
+        quota = self.keys.quota(req.count_for) if req.count_for else None
+
+        def add(commands: list[Command]) -> None:
+            script.queue(commands, keys, args)
+            if quota:  # may over-count a first commit that is then refused (rare)
+                commands.append(("HINCRBY", quota, "actors", 1))
+
+        res, *_ = await self.batcher.run(add, 2 if quota else 1, script)
+        if isinstance(res, Exception):
+            raise res
+        if int(res[0]) == 1:
+            return CommitResult(ok=True)
+        return CommitResult(False, _text(res[1]), _text(res[2]) if len(res) > 2 else "")
+
+    @staticmethod
+    def _commit_keys(sk: ShardKeys, name: str) -> list[str]:
+        return [
+            sk.lease,
+            sk.checkpoint(name),
+            sk.replies(name),
+            sk.reply_times(name),
+            sk.actors,
+            sk.outbox,
+            sk.outbox_queue,
+            sk.timers,
+            sk.timer_data,
+            sk.autonomous,
+            sk.notifications(name),
+        ]
+
+    def _payload(self, req: CommitRequest) -> bytes:
+        now = self.clock.now_ms()
+        payload: dict[str, Any] = {
+            "n": req.name,
+            "seq": str(req.expected_seq + 1),
+            "st": req.state,
+            "ps": req.pstate,
+            "v": req.version,
+            "now": str(now),
+            "ob": [[e.id, codec.pack(e.to_dict()), str(e.next_ms)] for e in req.ops.outbox],
+            "ts": [[t.key, t.encode(), str(t.due_ms)] for t in req.ops.timers_set],
+            "tc": list(req.ops.timers_cancel),
+            "nt": req.ops.notifications,
+            "ntmax": str(self.notify_max),
+        }
+        if req.request_id is not None:
+            payload.update(
+                rid=req.request_id,
+                rep=req.reply,
+                rmax=str(self.reply_cache_max),
+                cut=str(now - self.reply_cache_ms),
+            )
+        if req.autonomous:
+            payload["au"] = 1
+        if req.fired_timer is not None:
+            payload["tf"] = list(req.fired_timer)
+        if req.delete:
+            payload["del"] = 1
+        return codec.pack_for_lua(payload)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,100 @@
+"""JSON that troth can store, echo and sign: the one parser for input from outside.
+
+Python's ``json`` accepts documents that troth could not keep its promises with:
+``NaN`` and ``Infinity`` (not JSON, and not encodable back), integers of thousands
+of digits or beyond msgpack's 64-bit range (the checkpoint could not hold them),
+lone UTF-16 surrogates (not encodable as UTF-8) and nesting deep enough to exhaust
+the interpreter's stack. :func:`loads` refuses all of them with
+:class:`~troth.core.errors.BadRequestError` (422) before anything runs, and
+:func:`check_encodable` holds an actor's reply to the same standard before its
+transaction commits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from troth.core.errors import BadRequestError, SerializationError
+
+#: Deepest nesting of arrays and objects accepted.
+MAX_DEPTH = 64
+#: msgpack's integer range: signed 64-bit below zero, unsigned 64-bit above.
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _int(text: str) -> int:
+    if len(text) > 21:  # sign + 20 digits: cheap refusal before int() does any work
+        raise _Refused(f"integer {text[:24]}... is out of range")
+    value = int(text)
+    if not INT_MIN <= value <= INT_MAX:
+        raise _Refused(f"integer {text} is outside [-2**63, 2**64-1]")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"number {text[:24]} is out of range")
+    return value
+
+
+def _constant(text: str) -> Any:
+    raise _Refused(f"{text} is not JSON")
+
+
+def loads(raw: bytes | str, what: str = "body") -> Any:
+    """Parse ``raw`` strictly (see the module docstring); 422 naming the problem."""
+    try:
+        value = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except _Refused as exc:
+        raise BadRequestError(f"{what}: {exc}") from None
+    except RecursionError:
+        raise BadRequestError(f"{what}: nested deeper than {MAX_DEPTH}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"{what} is not valid JSON: {exc}") from None
+    except ValueError as exc:  # e.g. the interpreter's own integer digit limit
+        raise BadRequestError(f"{what}: {exc}") from None
+    problem = _problem(value, 0)
+    if problem:
+        raise BadRequestError(f"{what}: {problem}")
+    return value
+
+
+def _problem(value: Any, depth: int) -> str | None:
+    """What makes a parsed value unfit, if anything (iterative in spirit: bounded depth)."""
+    if isinstance(value, str):
+        return None if _encodable(value) else "strings must be valid Unicode (lone surrogate)"
+    if isinstance(value, list | dict):
+        if depth >= MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH}"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and not _encodable(key):
+                return "keys must be valid Unicode (lone surrogate)"
+            problem = _problem(item, depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_encodable(value: Any, what: str) -> None:
+    """Raise :class:`SerializationError` unless ``value`` encodes as strict JSON."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"{what} is not JSON-encodable: {exc}") from None

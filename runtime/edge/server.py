@@ -1,0 +1,231 @@
+"""Running a node with its HTTP API: in the foreground (``troth serve``) or in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import cast
+
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from troth.core.config import Config, ConfigError, NodeConfig
+from troth.edge.http_api import create_app, is_loopback_host
+from troth.edge.notify_hub import NotificationHub
+from troth.edge.sessions import SessionServer
+from troth.node import Node
+
+log = logging.getLogger(__name__)
+
+
+def bind(host: str, port: int, config: Config) -> socket.socket:
+    """Bind the API socket; a non-loopback address requires API keys."""
+    if not is_loopback_host(host) and not config.auth.api_keys:
+        raise ConfigError(
+            f"refusing to bind {host}: no API keys are configured (auth.api_keys); "
+            "bind 127.0.0.1 or configure keys"
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY on accepted sockets only when the
+    # listening socket says TCP, and without it every kept-alive response waits for
+    # the client's delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a captured SIGTERM after it stops, which would kill the process
+    before the node's graceful stop (drain, release leases) runs; troth handles the
+    signals itself instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class _HeadTimeout:
+    """A deadline for each request head, mixed into uvicorn's HTTP/1.1 protocol: a
+    client that opens a connection (or starts a new request on a kept-alive one) and
+    does not finish sending its headers in time is disconnected (no slowloris)."""
+
+    head_timeout = 10.0
+    cycle: object
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        waiting_for = self.cycle
+        self.loop.call_later(self.head_timeout, self._head_deadline, waiting_for)
+
+    def _head_deadline(self, waiting_for: object) -> None:
+        transport = self.transport
+        if (
+            self.cycle is waiting_for
+            and not transport.is_closing()
+            and transport.get_protocol() is cast(object, self)  # not upgraded to a WebSocket
+        ):
+            transport.close()
+
+
+def _http_protocol() -> type:
+    """uvicorn's fastest HTTP/1.1 protocol here: httptools (C) when installed, else h11."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return H11Protocol
+    return HttpToolsProtocol
+
+
+def node_app(node: Node, sessions: SessionServer) -> FastAPI:
+    """The HTTP face of ``node``: its own routes and its extensions'."""
+    routes = [r for ext in node.extensions if (r := ext.routes(node.context)) is not None]
+    return create_app(
+        config=node.config,
+        router=node.router,
+        sessions=sessions,
+        health_probe=node.health,
+        node_metrics=node.metrics,
+        routes=routes,
+    )
+
+
+def _uvicorn(app: FastAPI, cfg: NodeConfig) -> uvicorn.Server:
+    protocol = type(
+        "HeadTimeoutHTTP",
+        (_HeadTimeout, _http_protocol()),
+        {"head_timeout": cfg.header_timeout_seconds},
+    )
+    return _Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            http=protocol,
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=int(max(1, cfg.keep_alive_seconds)),
+            limit_concurrency=cfg.max_connections,
+            ws_max_size=cfg.max_body_bytes,
+        )
+    )
+
+
+def serve_forever(
+    config: Config,
+    redis_url: str,
+    host: str,
+    port: int,
+    node_id: str | None = None,
+) -> None:
+    """Start a node and its API; return after SIGINT/SIGTERM and a graceful stop."""
+    sock = bind(host, port, config)
+    node = Node(config, redis_url, node_id)
+    bound = sock.getsockname()[1]
+    node.url = config.node.public_url or f"http://{host}:{bound}"
+    node.start()
+    server = ServerThread(node, sock=sock).start()
+    tune_gc()
+    print(f"troth node {node.node_id} listening on {node.url} (redis {redis_url})", flush=True)
+    stop = threading.Event()
+
+    def shutdown(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping node %s", signum, node.node_id)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    try:
+        while not stop.wait(0.5) and server.running:
+            pass
+    finally:
+        server.stop()
+        node.stop()
+
+
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a serving node (``troth serve``).
+
+    Every request allocates objects, and with CPython's defaults a full collection,
+    which walks every object of the process (the web framework's, the schemas', the
+    actors'), runs every ~70,000 allocations: measured here, that halved a node's
+    throughput and held about 1 request in 20 for 200-300 ms. So the objects made at
+    start-up are frozen (never scanned again), and the young generation collects
+    after 50,000 allocations instead of 700. Cyclic garbage is still collected, just
+    less often; an embedding program keeps its own settings (this is called by
+    ``troth serve`` only).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
+
+
+class ServerThread:
+    """A node's HTTP API, served by uvicorn on the node's own event loop (so a call
+    goes from the socket to the actor and back without changing threads)."""
+
+    def __init__(
+        self,
+        node: Node,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.node = node
+        self.sock = sock or bind(host, port, node.config)
+        bound_host, bound_port = self.sock.getsockname()[:2]
+        self.url = f"http://{host if sock is None else bound_host}:{bound_port}"
+        node.url = node.url or self.url
+        runtime = node.config.runtime
+        hub = NotificationHub(
+            node.redis_url, runtime.max_subscriptions, node.config.redis.timeout_seconds
+        )
+        self.sessions = SessionServer(node.router, hub, node.metrics, runtime.max_sessions)
+        self.server = _uvicorn(node_app(node, self.sessions), node.config.node)
+        self._serving: Future[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._serving is not None and not self._serving.done()
+
+    def start(self) -> ServerThread:
+        self._serving = asyncio.run_coroutine_threadsafe(
+            self.server.serve(sockets=[self.sock]), self.node.loop
+        )
+        while not self.server.started and not self._serving.done():
+            threading.Event().wait(0.01)
+        if self._serving.done():
+            self._serving.result()  # raises what stopped it
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._serving is not None:
+            with contextlib.suppress(Exception):
+                self._serving.result(timeout=10)
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.sessions.close(), self.node.loop).result(5)
+        self.sock.close()

@@ -1,0 +1,363 @@
+"""A cell: one activated actor on the engine's event loop, and its mailbox.
+
+A cell is a few objects, not a thread: a queue of messages and the activated actor
+(:class:`~troth.core.transaction.ActorRuntime`). While its mailbox is not empty one task
+drains it, one message at a time and in arrival order, awaiting each message's
+commit before the next message starts. That is what serializes an actor: while a
+method awaits (``async def``) or runs on a worker thread (a plain ``def``), its
+actor takes no other message, and every other actor keeps running.
+
+The cell activates its actor on the first message (load, version check, ``init`` or
+``upgrade`` + ``resume``). A cell that learns it is stale (fenced, its checkpoint
+moved on, or a commit whose outcome is unknown) stops serving: it fails every
+message still queued with a retryable error and asks the engine to forget it, so
+that the next call activates a fresh cell from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis
+
+from troth.core.actor import CA, Checkpoint, Plugins
+from troth.core.catalog import ActorType
+from troth.core.checkpoint import CheckpointStore
+from troth.core.errors import (
+    ActivationError,
+    AppError,
+    BadRequestError,
+    NotFoundError,
+    QuotaExceeded,
+    RedisUnavailable,
+    RetryableError,
+    TrothError,
+    UnavailableError,
+)
+from troth.core.metrics import NodeMetrics
+from troth.core.names import ActorName
+from troth.core.plugin import PluginFactory
+from troth.core.records import CommitOps
+from troth.core.transaction import (
+    ActorRuntime,
+    Invoker,
+    Message,
+    StaleActivation,
+    TimerAlreadyHandled,
+)
+from troth.core.versioning import Decision, decide
+from troth.engine.quotas import Quotas
+
+log = logging.getLogger(__name__)
+
+
+_SIGNATURES: dict[tuple[type, str], inspect.Signature] = {}
+
+
+def signature_of(cls: type, method: str) -> inspect.Signature:
+    """The signature as called on an instance, computed once per class and method."""
+    sig = _SIGNATURES.get((cls, method))
+    if sig is None:
+        sig = inspect.signature(getattr(cls, method))
+        if not isinstance(inspect.getattr_static(cls, method), staticmethod | classmethod):
+            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        _SIGNATURES[(cls, method)] = sig
+    return sig
+
+
+@dataclass(slots=True)
+class Envelope:
+    message: Message
+    future: asyncio.Future[Any] | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class CellHost(Protocol):
+    """What a cell needs from its engine."""
+
+    store: CheckpointStore
+    invoke: Invoker
+    metrics: NodeMetrics
+    plugin_factories: dict[str, PluginFactory]
+    quotas: Quotas
+
+    def after_commit(self, shard: int, ops: CommitOps) -> None: ...
+
+    def cell_stopped(self, cell: Cell) -> None: ...
+
+    def touched(self, cell: Cell) -> None: ...
+
+
+class Cell:
+    __slots__ = (
+        "atype",
+        "epoch",
+        "failure",
+        "host",
+        "last_active",
+        "mailbox",
+        "name",
+        "next_pulse",
+        "pulse_queued",
+        "runtime",
+        "shard",
+        "task",
+    )
+
+    def __init__(
+        self, host: CellHost, name: ActorName, shard: int, epoch: str, atype: ActorType
+    ) -> None:
+        self.host = host
+        self.name = name
+        self.shard = shard
+        self.epoch = epoch
+        self.atype = atype
+        self.mailbox: deque[Envelope] = deque()
+        self.runtime: ActorRuntime | None = None
+        self.failure: TrothError | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.pulse_queued = False
+        self.next_pulse = 0.0
+        self.last_active = host.store.clock.monotonic()
+
+    # -- the engine's side --------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return len(self.mailbox)
+
+    @property
+    def idle_for(self) -> float:
+        busy = self.mailbox or (self.task is not None and not self.task.done())
+        return 0.0 if busy else self.host.store.clock.monotonic() - self.last_active
+
+    def post(self, envelope: Envelope) -> None:
+        if envelope.message.kind == "pulse":
+            self.pulse_queued = True
+        self.mailbox.append(envelope)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def stop(self) -> None:
+        """Stop after the messages already queued have run (the engine has already
+        forgotten this cell, so no new message reaches it)."""
+        if self.task is not None and not self.task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.task)
+        self._close()
+
+    def _close(self) -> None:
+        if self.runtime is not None:
+            for plugin in self.runtime.plugins.values():
+                plugin.abort()
+            self.runtime = None
+
+    # -- the cell's own task -------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        while self.mailbox:
+            envelope = self.mailbox.popleft()
+            msg = envelope.message
+            try:
+                reply = await self._handle(msg)
+            except TrothError as exc:
+                self._settle(envelope, error=exc)
+            except redis.RedisError as exc:
+                # Loading or a look-up failed: nothing ran. Start afresh next time.
+                self._fail(RedisUnavailable(f"{self.name}: Redis unavailable: {exc}"))
+                self._settle(envelope, error=self.failure)
+            except asyncio.CancelledError:
+                self._settle(envelope, error=UnavailableError(f"{self.name}: stopped"))
+                raise
+            except Exception as exc:  # a bug in troth itself: never lose the caller
+                log.exception("%s: internal error handling %s", self.name, msg.kind)
+                self._settle(envelope, error=UnavailableError(f"internal error: {exc}"))
+            else:
+                self._settle(envelope, reply=reply)
+            if self.runtime is not None and self.runtime.deleted:
+                self._fail(UnavailableError(f"{self.name} was deleted; call again"))
+
+    def _settle(
+        self, envelope: Envelope, reply: Any = None, error: TrothError | None = None
+    ) -> None:
+        if envelope.message.kind == "pulse":
+            self.pulse_queued = False
+        self.last_active = self.host.store.clock.monotonic()
+        self.host.touched(self)
+        fut = envelope.future
+        if fut is not None and not fut.done():
+            if error is None:
+                fut.set_result(reply)
+            else:
+                fut.set_exception(error)
+        elif error is not None and not isinstance(error, AppError | TimerAlreadyHandled):
+            log.warning(
+                "%s: %s %s failed: %s",
+                self.name,
+                envelope.message.kind,
+                envelope.message.method,
+                error.to_dict(),
+            )
+
+    async def _handle(self, msg: Message) -> Any:
+        if self.failure is not None:
+            raise self.failure
+        if self.runtime is None:
+            try:
+                self.runtime = await self._activate()
+            except TrothError as exc:
+                keep = isinstance(exc, RetryableError | QuotaExceeded)
+                self._fail(exc if keep else ActivationError(str(exc)))
+                raise
+        rt = self.runtime
+        try:
+            if msg.kind == "call":
+                reply = await self._call(rt, msg)
+            elif msg.kind == "pulse":
+                reply = await rt.execute(msg, rt.ca.pulse)
+            elif msg.kind == "timer":
+                reply = await self._fire(rt, msg)
+            else:
+                raise BadRequestError(f"unknown message kind {msg.kind!r}")
+            return reply
+        except StaleActivation as exc:
+            error = UnavailableError(str(exc))
+            self._fail(error)
+            raise error from exc
+        except RetryableError as exc:
+            self._fail(exc)
+            raise
+
+    async def _call(self, rt: ActorRuntime, msg: Message) -> Any:
+        if msg.request_id is not None and not msg.new_id:
+            prior = await self.host.store.committed_reply(
+                self.shard, str(self.name), msg.request_id
+            )
+            if prior is not None:
+                self.host.metrics.dedup_hits.inc()
+                return prior[0]
+        fn = getattr(rt.ca, msg.method, None)
+        if fn is None:
+            raise NotFoundError(f"{self.name.type} has no public method {msg.method!r}")
+        try:
+            signature_of(type(rt.ca), msg.method).bind(*msg.args, **msg.kwargs)
+        except TypeError as exc:
+            raise BadRequestError(f"{self.name.type}.{msg.method}: {exc}") from None
+        return await rt.execute(msg, fn, msg.args, msg.kwargs)
+
+    async def _fire(self, rt: ActorRuntime, msg: Message) -> Any:
+        timer = msg.timer
+        assert timer is not None
+        fn = getattr(rt.ca, timer.method, None)
+        if not callable(fn):
+            raise NotFoundError(f"timer {timer.name!r}: no method {timer.method!r}")
+        lateness = max(0.0, (rt.store.clock.now_ms() - timer.due_ms) / 1000)
+        try:
+            reply = await rt.execute(msg, fn, timer.args, timer.kwargs)
+        except TimerAlreadyHandled:
+            return None
+        except RetryableError:
+            raise
+        except TrothError as exc:
+            # The handler failed: consume the timer anyway (state unchanged), or it
+            # would fire again at once, forever. The failure is logged.
+            log.error(
+                "%s: timer %r handler %s failed: %s", self.name, timer.name, timer.method, exc
+            )
+            with contextlib.suppress(TimerAlreadyHandled):
+                await rt.execute(Message("timer", "<consume>", timer=timer), _nothing)
+            return None
+        self.host.metrics.timers_fired.inc()
+        self.host.metrics.timer_lateness.observe(lateness)
+        return reply
+
+    async def _activate(self) -> ActorRuntime:
+        host, name = self.host, str(self.name)
+        owner = self.name.owner if self.atype.counted else None
+        stored, created = await host.store.load(self.shard, name, owner)
+        pstates = stored.pstate if stored else {}
+        plugins = {  # the others are made on first use
+            pname: host.plugin_factories[pname].for_actor(self.name, pstate)
+            for pname, pstate in pstates.items()
+            if pstate and pname in host.plugin_factories
+        }
+        rt_ref: list[ActorRuntime] = []
+        ca = self.atype.cls(
+            self.name,
+            Plugins(self.name, host.plugin_factories, plugins, lambda p: rt_ref[0].joined(p)),
+        )
+        version = self.atype.state_version
+
+        def runtime(seq: int) -> ActorRuntime:
+            return ActorRuntime(
+                self.name,
+                self.shard,
+                self.epoch,
+                ca,
+                plugins,
+                host.store,
+                host.invoke,
+                host.metrics,
+                version,
+                seq,
+                host.after_commit,
+                self.atype.autonomous,
+            )
+
+        if stored is None:
+            if owner:
+                self.host.quotas.check_new_actor(owner, created)
+            rt = runtime(0)
+            rt_ref.append(rt)
+            rt.needs_init = True  # init runs inside the first message's transaction
+            rt.count_for = owner
+            return rt
+        decision = decide(name, stored.version, version, self.atype.has_upgrade)
+        ca.state = stored.state
+        rt = runtime(stored.seq)
+        rt_ref.append(rt)
+        rt.needs_write = stored.version != version
+        checkpoint = Checkpoint(
+            version=stored.version,
+            seq=stored.seq,
+            created_ms=stored.created_ms,
+            updated_ms=stored.updated_ms,
+            upgraded_from=stored.version if decision is Decision.UPGRADE else None,
+        )
+
+        async def resume() -> None:
+            if decision is Decision.UPGRADE:
+                await host.invoke(ca.upgrade, stored.version, version)  # type: ignore[attr-defined]
+            for plugin in plugins.values():
+                plugin.resume(checkpoint)
+            if type(ca).resume is not CA.resume:  # the no-op default costs no hand-off
+                await host.invoke(ca.resume, checkpoint)
+
+        try:
+            await rt.execute(Message("resume", "resume"), resume)
+        except RetryableError:
+            raise
+        except TrothError as exc:
+            raise ActivationError(f"{self.name}: resume failed: {exc}") from exc
+        return rt
+
+    def _fail(self, error: TrothError) -> None:
+        """Stop serving: fail what is queued, and let the engine forget this cell."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        self.host.cell_stopped(self)
+        while self.mailbox:
+            self._settle(self.mailbox.popleft(), error=error)
+        self._close()
+
+
+async def _nothing() -> None:
+    return None

@@ -1,0 +1,82 @@
+"""The timer scheduler: fires durable timers of the shards this node owns.
+
+Timers live in Redis (``P:{sN}:tm`` and ``P:{sN}:td``), written by the commits
+of the timers plugin. This scheduler only decides *when* to send the firing
+message; *exactly once* comes from the commit, which deletes the timer in the
+same atomic step as its handler's state and refuses a firing whose timer no
+longer exists with the same id. A firing refused for a transient reason
+(the actor moving, Redis down) is retried a second later while this node still
+owns the shard; otherwise the shard's new owner fires it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import redis
+
+from troth.core.clock import SYSTEM_CLOCK, Clock
+from troth.core.errors import RetryableError
+from troth.core.keys import KeySpace
+from troth.core.records import TimerRecord
+from troth.engine.duequeue import DueQueue
+
+log = logging.getLogger(__name__)
+
+RETRY_MS = 1000
+
+
+class TimerScheduler:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: KeySpace,
+        fire: Callable[[int, TimerRecord], Future[Any]],
+        owns: Callable[[int], bool],
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.clock = clock
+        self.client = client
+        self.keys = keys
+        self.fire = fire
+        self.owns = owns
+        self.queue = DueQueue("timers", self._due, clock)
+
+    def start(self) -> None:
+        self.queue.start()
+
+    def stop(self) -> None:
+        self.queue.stop()
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def load_shards(self, shards: list[int]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for s in shards:
+            pipe.hvals(self.keys.shard(s).timer_data)
+        for shard, values in zip(shards, pipe.execute(), strict=True):
+            for raw in values:
+                self.add(shard, TimerRecord.decode(raw))
+
+    def drop_shards(self, shards: set[int]) -> None:
+        self.queue.drop_shards(shards)
+
+    def add(self, shard: int, timer: TimerRecord) -> None:
+        self.queue.push(timer.due_ms, shard, timer.key, timer)
+
+    def cancel(self, key: str) -> None:
+        self.queue.discard(key)
+
+    def _due(self, shard: int, key: str, timer: TimerRecord) -> None:
+        def done(f: Future[Any]) -> None:
+            exc = f.exception()
+            if isinstance(exc, RetryableError) and self.owns(shard):
+                log.info("timer %r of %s deferred: %s", timer.name, timer.actor, exc)
+                retry_at = self.clock.now_ms() + RETRY_MS
+                self.queue.push(retry_at, shard, key, timer)
+
+        self.fire(shard, timer).add_done_callback(done)

@@ -1,0 +1,116 @@
+"""Extensions: an application that every node of a deployment hosts.
+
+An actor type adds behaviour to one actor; an *extension* adds a whole application
+to every node: actor types that need no entry in ``types``, plugins that are always
+loaded, HTTP routes served next to the node's own, and a section of
+``troth status``. Commitment-as-a-Service is one (:mod:`troth.caas`), built with
+nothing but what this module offers; a user application uses it the same way.
+
+The configuration names the extensions a node loads::
+
+    "extensions": ["troth.caas:CaaS", "myapp.ext:Orders"]
+
+Each is a ``module:Class`` whose class subclasses :class:`Extension` and takes no
+arguments. Names an extension gives its actor types and plugins share one
+namespace with the configuration's: a clash is a configuration error, never a
+silent override.
+
+Guarantees an extension can rely on:
+
+* Its routes run on the node's event loop, behind the same authentication, body
+  limit and error mapping as the node's own; :class:`NodeContext.call` applies the
+  same access rule as a client's call, for the :class:`~troth.Caller` it is given.
+* Its plugins' settings come from ``plugins.NAME`` of the configuration (``{}``
+  when absent) and are validated by the plugin's own ``settings_model``.
+* :meth:`Extension.status` reads Redis only; it runs in ``troth status``, where no
+  node need be running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from troth.core.catalog import import_class
+from troth.core.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    import redis
+    from fastapi import APIRouter
+
+    from troth.core.access import Caller
+    from troth.core.actor import CA
+    from troth.core.clock import Clock
+    from troth.core.keys import KeySpace
+    from troth.core.names import ActorName
+    from troth.core.plugin import PluginFactory
+    from troth.engine.quotas import Quotas
+
+__all__ = ["CallFn", "Extension", "NodeContext", "load_extensions"]
+
+
+class CallFn(Protocol):
+    """Call an actor wherever it lives; resolves after the call's commit."""
+
+    def __call__(
+        self,
+        name: ActorName,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        request_id: str | None,
+        caller: Caller,
+    ) -> Awaitable[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NodeContext:
+    """What an extension's routes may use of the node that serves them.
+
+    ``client`` is a blocking Redis client: use it through ``asyncio.to_thread``
+    from a route. ``plugins`` holds every plugin factory of the node by name.
+    """
+
+    node_id: str
+    config: Config
+    client: redis.Redis
+    keys: KeySpace
+    quotas: Quotas
+    plugins: Mapping[str, PluginFactory]
+    call: CallFn
+    clock: Clock
+
+
+class Extension:
+    """Base of an application hosted by every node; every hook is optional."""
+
+    #: Shown in logs and as the title of the extension's ``troth status`` section.
+    name: ClassVar[str] = ""
+
+    def actor_types(self) -> Mapping[str, type[CA]]:
+        """Actor types every node hosts, by type name (not counted in quotas)."""
+        return {}
+
+    def plugins(self) -> Mapping[str, type[PluginFactory]]:
+        """Plugins every node loads, by plugin name."""
+        return {}
+
+    def routes(self, node: NodeContext) -> APIRouter | None:
+        """HTTP routes to serve next to the node's own (built once per node)."""
+        return None
+
+    def status(self, client: redis.Redis, keys: KeySpace) -> dict[str, Any] | None:
+        """This extension's section of ``troth status`` (JSON-encodable)."""
+        return None
+
+
+def load_extensions(config: Config) -> list[Extension]:
+    """Instantiate the configuration's extensions, in order."""
+    loaded: list[Extension] = []
+    for path in config.extensions:
+        cls = import_class(path)
+        if not issubclass(cls, Extension):
+            raise ConfigError(f"extensions: {path} is not a troth.extension.Extension")
+        loaded.append(cls())
+    return loaded
