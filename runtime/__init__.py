@@ -5,7 +5,7 @@ Subclass :class:`CA`, register the class in the configuration, and run
 """
 
 from troth.core.access import Caller
-from troth.core.actor import CA, Checkpoint, internal
+from troth.core.actor import CA, internal
 from troth.core.errors import (
     ActivationError,
     AppError,
@@ -16,6 +16,7 @@ from troth.core.errors import (
     TrothError,
 )
 from troth.core.names import ActorName
+from troth.core.records import Checkpoint
 from troth.core.retry import RetryPolicy
 
 __version__ = "0.1.0"

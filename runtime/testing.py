@@ -224,7 +224,9 @@ class ActorTestEnv:
     def _settled(self) -> bool:
         node, now = self.node, self.clock.now_ms()
         due = [node.scheduler.queue.next_due(), node.dispatcher.queue.next_due()]
-        if any(d is not None and d <= now for d in due) or node.dispatcher.in_flight:
+        if any(d is not None and d <= now for d in due):
+            return False
+        if node.scheduler.in_flight or node.dispatcher.in_flight:
             return False
         pulse = self._on_loop(node.engine.next_pulse)
         return not self._on_loop(lambda: node.engine.busy) and (

@@ -1,6 +1,6 @@
 """Soak: many kill -9 rounds across three `troth serve` processes under steady load.
 
-Excluded from the default run (``pytest -m soak``; a few minutes). Every round kills
+Excluded from the default run (``pytest -m soak``; about a minute). Every round kills
 one node with SIGKILL while clients keep incrementing counters through whichever
 node answers, then brings a node back under a fresh id. At the end every
 acknowledged increment is present exactly once.
@@ -56,14 +56,17 @@ def test_repeated_kill9_rounds_lose_and_double_nothing(
     for t in threads:
         t.start()
     rng = random.Random(7)
-    for round_ in range(ROUNDS):
+
+    def progressed(by: int) -> None:
         done = sum(acked.values())
-        wait_until(lambda done=done: sum(acked.values()) >= done + 50, timeout=60)
+        wait_until(lambda: sum(acked.values()) >= done + by, timeout=60)
+
+    for round_ in range(ROUNDS):
+        progressed(50)
         victim = rng.randrange(len(nodes))
         nodes[victim].kill()
         nodes[victim] = spawn(f"s{victim}-{round_}").start(wait_shards=False)
-    done = sum(acked.values())
-    wait_until(lambda: sum(acked.values()) >= done + 50, timeout=60)
+    progressed(50)
     stop.set()
     for t in threads:
         t.join(timeout=60)

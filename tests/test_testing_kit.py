@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from conftest import Receiver
 from examples.autonomous.heartbeat import Heartbeat
 from examples.reminders.reminder import Reminder
+from support_actors import Probe
 from troth.core.clock import ManualClock
 from troth.core.errors import AppError
 from troth.testing import ActorTestEnv
@@ -90,10 +92,15 @@ def test_pulses_follow_the_clock(env: ActorTestEnv) -> None:
 
 def test_crash_keeps_what_was_committed(env: ActorTestEnv, receiver: Receiver) -> None:
     rid = env.call("reminder/k", "remind_in", 3600, "after the crash", f"{receiver.url}/hook")
-    committed = {k: v for k, v in env.checkpoint("reminder/k").items() if k != "epoch"}
+
+    def committed() -> dict[str, Any]:
+        found = env.checkpoint("reminder/k")
+        assert found is not None
+        return {k: v for k, v in found.items() if k != "epoch"}  # the new owner's epoch
+
+    before = committed()
     env.crash()
-    after = env.checkpoint("reminder/k")
-    assert {k: v for k, v in after.items() if k != "epoch"} == committed
+    assert committed() == before
     env.advance(3600)
     assert [r.body["reminder"] for r in receiver.requests] == [rid]
     assert env.call("reminder/k", "status")["sent"][0]["id"] == rid
@@ -118,3 +125,19 @@ def test_env_starts_its_own_redis() -> None:
         assert env.redis_url.startswith("unix://")
         env.call("reminder/x", "remind_in", 5, "t", "http://127.0.0.1:9/")
         assert [t.method for t in env.timers("reminder/x")] == ["due"]
+
+
+def test_exhausted_retries_end_as_a_dead_letter(redis_url: str, receiver: Receiver) -> None:
+    with ActorTestEnv({"probe": Probe}, redis_url=redis_url) as env:
+        receiver.script = [500, 500, 500]
+        retry = {"max_attempts": 3, "initial_delay_seconds": 10}
+        env.call("probe/d", "nohook", f"{receiver.url}/x", {"n": 1}, retry=retry)
+        env.advance(59)
+        assert len(receiver.requests) == 2  # at 0 s and 10 s; the third is due at 60 s
+        env.advance(1)
+        assert len(receiver.requests) == 3
+        [dead] = env.effects("probe/d")
+        assert (dead.status, dead.attempts) == ("dead", 3)
+        assert [h["status_code"] for h in dead.history] == [500, 500, 500]
+        env.advance(DAY)
+        assert len(receiver.requests) == 3

@@ -27,15 +27,15 @@ from typing import Any
 import redis
 
 from troth.caas.models import STATUSES
-from troth.core.checkpoint import load_lua
 from troth.core.keys import KeySpace
+from troth.core.scripts import load_lua
 
 
 class CommitmentIndex:
     def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
         self.client = client
         self.prefix = keys.prefix
-        self._apply = client.register_script(load_lua("cmindex.lua"))
+        self._apply = client.register_script(load_lua("cmindex.lua", "troth.caas"))
         self._known: set[str] = set()  # principals already in P:principals
 
     def _k(self, principal: str, what: str) -> str:

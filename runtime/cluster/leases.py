@@ -36,14 +36,14 @@ import logging
 import math
 import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 
-from troth.core.checkpoint import load_lua
+from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.keys import KeySpace
+from troth.core.scripts import load_lua
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,12 @@ class LeaseManager:
         on_lost: Callable[[set[int]], None],
         on_surplus: Callable[[list[int]], None],
         node_info: Callable[[], dict[str, str]],
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.client = client
+        #: Lease expiry compares this node's clock with the others': a node's clock is
+        #: real time (the unit tests drive every node from one manual clock).
+        self.clock = clock
         self.keys = keys
         self.node_id = node_id
         self.ttl_ms = int(ttl_seconds * 1000)
@@ -155,8 +159,8 @@ class LeaseManager:
     # -- one heartbeat -------------------------------------------------------------------
 
     def beat(self) -> None:
-        now = int(time.time() * 1000)
-        if self.last_beat_ok and time.monotonic() - self.last_beat_ok > self.ttl_ms / 1000:
+        now = self.clock.now_ms()
+        if self.last_beat_ok and self.clock.monotonic() - self.last_beat_ok > self.ttl_ms / 1000:
             # We were silent past our own lease (paused, or cut off from Redis):
             # others may have taken our shards. Whatever we still hold is re-checked
             # below; anything claimed meanwhile is reported lost.
@@ -173,7 +177,7 @@ class LeaseManager:
         for shard in range(self.keys.shard_count):
             pipe.hmget(self.keys.shard(shard).lease, ["owner", "epoch"])
         results = pipe.execute()
-        self.last_beat_ok = time.monotonic()
+        self.last_beat_ok = self.clock.monotonic()
         head = 4 if url else 3
         live = sorted(n.decode() for n in results[head])
         urls = {k.decode(): v.decode() for k, v in results[head + 1].items()}

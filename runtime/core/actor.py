@@ -26,12 +26,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from troth.core.access import Caller
 from troth.core.names import ActorName
 from troth.core.plugin import ActorPlugin, PluginFactory
+from troth.core.records import Checkpoint
 
 HOOKS = frozenset({"init", "resume", "pulse", "upgrade"})
 
@@ -48,17 +48,6 @@ def internal(method: F) -> F:
     """
     method._troth_internal = True  # type: ignore[attr-defined]
     return method
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """What ``resume`` is told about the checkpoint it was loaded from."""
-
-    version: str
-    seq: int
-    created_ms: int
-    updated_ms: int
-    upgraded_from: str | None = None
 
 
 class Plugins:

@@ -17,7 +17,6 @@ and is deleted in the same commit as its handler's state (exactly-once).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from troth.core import codec
@@ -25,10 +24,7 @@ from troth.core.batcher import Batcher, Command, Script
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.keys import KeySpace, ShardKeys
 from troth.core.records import CommitOps
-
-
-def load_lua(name: str) -> str:
-    return resources.files("troth.core").joinpath("lua", name).read_text()
+from troth.core.scripts import load_lua
 
 
 @dataclass(slots=True)

@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import BaseModel
 
 from troth.core import codec
-from troth.core.records import CommitOps, OutboxEntry, TxnInfo
+from troth.core.records import Checkpoint, CommitOps, OutboxEntry, TxnInfo
 from troth.core.retry import RetryPolicy
 
 if TYPE_CHECKING:
     import redis
 
     from troth.core.access import Caller
-    from troth.core.actor import Checkpoint
     from troth.core.keys import KeySpace
     from troth.core.metrics import NodeMetrics
     from troth.core.names import ActorName

@@ -18,7 +18,26 @@ from troth.core import codec
 if TYPE_CHECKING:
     from troth.core.names import ActorName
 
-__all__ = ["TIMER_ID_LEN", "CommitOps", "OutboxEntry", "TimerRecord", "TxnInfo", "timer_key"]
+__all__ = [
+    "TIMER_ID_LEN",
+    "Checkpoint",
+    "CommitOps",
+    "OutboxEntry",
+    "TimerRecord",
+    "TxnInfo",
+    "timer_key",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What ``resume`` is told about the checkpoint it was loaded from."""
+
+    version: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+    upgraded_from: str | None = None
 
 
 @dataclass(slots=True)

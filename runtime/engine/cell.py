@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import redis
 
-from troth.core.actor import CA, Checkpoint, Plugins
+from troth.core.actor import CA, Plugins
 from troth.core.catalog import ActorType
 from troth.core.checkpoint import CheckpointStore
 from troth.core.errors import (
@@ -44,7 +44,7 @@ from troth.core.errors import (
 from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName
 from troth.core.plugin import PluginFactory
-from troth.core.records import CommitOps
+from troth.core.records import Checkpoint, CommitOps
 from troth.core.transaction import (
     ActorRuntime,
     Invoker,

@@ -33,6 +33,7 @@ class DueQueue:
         self._tie = itertools.count()
         self._cond = threading.Condition()
         self._stopped = False
+        self._handing = 0
         self._thread = threading.Thread(target=self._run, name=f"troth-{name}", daemon=True)
         clock.on_jump(self._wake)
 
@@ -53,6 +54,12 @@ class DueQueue:
     def __len__(self) -> int:
         with self._cond:
             return len(self._tokens)
+
+    @property
+    def handing_over(self) -> bool:
+        """Whether an item left the queue and its handler has not returned yet."""
+        with self._cond:
+            return self._handing > 0
 
     def next_due(self) -> int | None:
         """The earliest due time of a live item (ms), or None when empty."""
@@ -105,7 +112,11 @@ class DueQueue:
                     heapq.heappop(self._heap)
                     _, token, _ = self._tokens.pop(key)
                     item = (shard, key, token)
+                    self._handing += 1
             try:
                 self.on_due(*item)
             except Exception:
                 log.exception("%s: handling %s failed", self.name, item[1])
+            finally:
+                with self._cond:
+                    self._handing -= 1

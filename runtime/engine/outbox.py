@@ -33,7 +33,6 @@ import redis
 
 from troth.core import codec
 from troth.core.access import SYSTEM, Caller
-from troth.core.checkpoint import load_lua
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.errors import CallTimeout, RetryableError, TrothError
 from troth.core.keys import KeySpace
@@ -41,6 +40,7 @@ from troth.core.metrics import NodeMetrics
 from troth.core.plugin import ExecutionOutcome, Executor
 from troth.core.records import OutboxEntry
 from troth.core.retry import RetryPolicy
+from troth.core.scripts import load_lua
 from troth.engine.duequeue import DueQueue
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class OutboxDispatcher:
     def in_flight(self) -> int:
         """Entries being attempted or handed back right now."""
         with self._lock:
-            return len(self._inflight)
+            return len(self._inflight) + self.queue.handing_over
 
     def register(self, executor: Executor) -> None:
         self.executors[executor.kind] = executor

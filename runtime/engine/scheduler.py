@@ -12,6 +12,7 @@ owns the shard; otherwise the shard's new owner fires it.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -44,6 +45,8 @@ class TimerScheduler:
         self.fire = fire
         self.owns = owns
         self.queue = DueQueue("timers", self._due, clock)
+        self._firing = 0
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self.queue.start()
@@ -71,12 +74,25 @@ class TimerScheduler:
     def cancel(self, key: str) -> None:
         self.queue.discard(key)
 
+    @property
+    def in_flight(self) -> int:
+        """Firings handed to the engine whose transaction has not ended yet."""
+        with self._lock:
+            return self._firing + self.queue.handing_over
+
     def _due(self, shard: int, key: str, timer: TimerRecord) -> None:
+        with self._lock:
+            self._firing += 1
+
         def done(f: Future[Any]) -> None:
-            exc = f.exception()
-            if isinstance(exc, RetryableError) and self.owns(shard):
-                log.info("timer %r of %s deferred: %s", timer.name, timer.actor, exc)
-                retry_at = self.clock.now_ms() + RETRY_MS
-                self.queue.push(retry_at, shard, key, timer)
+            try:
+                exc = f.exception()
+                if isinstance(exc, RetryableError) and self.owns(shard):
+                    log.info("timer %r of %s deferred: %s", timer.name, timer.actor, exc)
+                    retry_at = self.clock.now_ms() + RETRY_MS
+                    self.queue.push(retry_at, shard, key, timer)
+            finally:
+                with self._lock:
+                    self._firing -= 1
 
         self.fire(shard, timer).add_done_callback(done)

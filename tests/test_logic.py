@@ -1,0 +1,98 @@
+"""Pure logic, no Redis: retry schedules and event filters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from troth.caas.filters import matches, split_key, validate
+from troth.core.retry import RetryPolicy
+
+
+@pytest.mark.parametrize(
+    ("policy", "delays"),
+    [
+        ({}, [0, 5, 25, 125, 625]),  # the documented default
+        ({"backoff": "linear", "initial_delay_seconds": 10}, [0, 10, 20, 30, 40]),
+        ({"backoff": "fixed", "initial_delay_seconds": 7}, [0, 7, 7, 7, 7]),
+        ({"initial_delay_seconds": 1, "max_delay_seconds": 30}, [0, 1, 5, 25, 30]),
+        ({"initial_delay_seconds": 0}, [0, 0, 0, 0, 0]),
+    ],
+)
+def test_retry_schedules(policy: dict[str, Any], delays: list[float]) -> None:
+    retry = RetryPolicy.model_validate(policy)
+    assert [retry.delay_before(n) for n in range(1, 6)] == delays
+
+
+def test_jitter_stays_within_its_fraction() -> None:
+    retry = RetryPolicy(initial_delay_seconds=100, backoff="fixed", jitter=0.2)
+    seen = {retry.delay_before(2) for _ in range(200)}
+    assert min(seen) >= 80 and max(seen) <= 120 and len(seen) > 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"max_attempts": 0}, {"jitter": 2}, {"backoff": "random"}, {"initial_delay_seconds": -1}],
+)
+def test_bad_retry_policies_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        RetryPolicy.model_validate(bad)
+
+
+PAYLOAD = {
+    "amount": 120,
+    "currency": "EUR",
+    "tags": ["vip", "eu"],
+    "note": "paid in full",
+    "customer": {"tier": "gold", "age": 41},
+    "flag": True,
+}
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({}, True),
+        ({"currency": "EUR"}, True),
+        ({"currency": "USD"}, False),
+        ({"amount_gte": 120, "amount_lt": 121}, True),
+        ({"amount_gt": 120}, False),
+        ({"amount_lte": 119.5}, False),
+        ({"currency_ne": "USD"}, True),
+        ({"missing_ne": "x"}, True),  # a missing field differs from anything
+        ({"missing": None}, False),  # but matches nothing else
+        ({"currency_in": ["EUR", "GBP"]}, True),
+        ({"tags_contains": "vip"}, True),
+        ({"note_contains": "full"}, True),
+        ({"note_contains": "partial"}, False),
+        ({"customer.tier": "gold", "customer.age_gte": 18}, True),
+        ({"customer.tier.name": "gold"}, False),  # a path through a scalar
+        ({"flag_gte": 1}, False),  # booleans are not numbers
+        ({"currency": "EUR", "amount_gte": 1000}, False),  # every filter must match
+    ],
+)
+def test_filters(filters: dict[str, Any], expected: bool) -> None:
+    assert matches(validate(filters), PAYLOAD) is expected
+
+
+def test_split_key_takes_the_operator_suffix_only() -> None:
+    assert split_key("amount_gte") == ("amount", "_gte")
+    assert split_key("status") == ("status", "")
+    assert split_key("_in") == ("_in", "")  # a bare suffix is a field name
+
+
+@pytest.mark.parametrize(
+    ("filters", "problem"),
+    [
+        ({"amount_gte": "100"}, "gte needs a number"),
+        ({"tags_contains": {"a": 1}}, "contains needs"),
+        ({"currency_in": "EUR"}, "in needs a list"),
+        ({"customer..tier": 1}, "dotted path"),
+        ({f"f{i}": i for i in range(33)}, "at most 32"),
+    ],
+)
+def test_filters_that_could_never_match_are_refused(filters: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        validate(filters)
