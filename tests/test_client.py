@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from mypy import api as mypy_api
 
 from examples.helloworld.counter import AsyncCounter, Counter
@@ -45,6 +46,7 @@ def test_async_typed_proxy_calls_through_the_class(make_node: Callable[..., Node
     assert asyncio.run(run()) == (3, 3)
 
 
+@pytest.mark.slow
 def test_typed_proxies_are_checked_by_mypy(tmp_path: Path) -> None:
     source = tmp_path / "typed_use.py"
     source.write_text(

@@ -6,12 +6,14 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from conftest import NodeProcess, Receiver, wait_until
 
 N = 1000
 
 
+@pytest.mark.slow
 def test_every_commitment_delivered_through_a_kill9(
     spawn: Callable[..., NodeProcess], receiver: Receiver
 ) -> None:

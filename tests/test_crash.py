@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import httpx
+import pytest
 import redis
 
 from conftest import NodeProcess, Receiver, wait_until
@@ -24,6 +25,7 @@ def post(
     return httpx.post(f"{url}/v1/actors/{actor}/{method}", json=body, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_kill9_under_increments_loses_and_doubles_nothing(
     spawn: Callable[..., NodeProcess],
 ) -> None:
@@ -100,6 +102,7 @@ def test_committed_webhook_survives_kill9_with_same_idempotency_key(
     assert len(state) == 1 and state[0]["ok"] and state[0]["attempts"] == 2
 
 
+@pytest.mark.slow
 def test_committed_webhook_is_sent_after_kill9_before_dispatch(
     spawn: Callable[..., NodeProcess], receiver: Receiver, rclient: redis.Redis, prefix: str
 ) -> None:
@@ -132,6 +135,7 @@ def test_committed_webhook_is_sent_after_kill9_before_dispatch(
     assert receiver.count() == 1
 
 
+@pytest.mark.slow
 def test_timer_fires_once_after_kill9_and_reports_lateness(
     spawn: Callable[..., NodeProcess],
 ) -> None:

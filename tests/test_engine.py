@@ -32,6 +32,7 @@ def shard_keys(rclient: redis.Redis, prefix: str, name: ActorName) -> list[str]:
     )
 
 
+@pytest.mark.slow
 def test_ten_thousand_active_actors_take_no_thread_each(
     make_node: Callable[..., Node],
 ) -> None:

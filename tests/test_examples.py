@@ -42,6 +42,7 @@ def test_versioning_demo(redis_url: str) -> None:
     assert "'first': 'Ada', 'last': 'Lovelace'" in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["saga.py", "escalation.py", "deadmans_switch.py", "fanout.py"])
 def test_commitment_pattern_examples(api: httpx.Client, script: str) -> None:
     out = subprocess.run(

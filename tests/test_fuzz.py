@@ -35,6 +35,7 @@ CHECKS = [
 EXAMPLES = 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keyed", [False, True], ids=["no-key", "key"])
 def test_no_request_gets_a_5xx_or_an_undocumented_answer(
     make_node: Callable[..., Node], keyed: bool

@@ -85,6 +85,7 @@ def durable(tmp_path: Path) -> Iterator[DurableRedis]:
     server.stop()
 
 
+@pytest.mark.slow
 def test_redis_killed_and_paused_under_load(
     durable: DurableRedis, spawn: Callable[..., NodeProcess]
 ) -> None:
