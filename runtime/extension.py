@@ -2,8 +2,8 @@
 
 An actor type adds behaviour to one actor; an *extension* adds a whole application
 to every node: actor types that need no entry in ``types``, plugins that are always
-loaded, HTTP routes served next to the node's own, and a section of
-``troth status``. Commitment-as-a-Service is one (:mod:`troth.caas`), built with
+loaded, HTTP routes served next to the node's own, metrics on its ``/metrics``, and
+a section of ``troth status``. Commitment-as-a-Service is one (:mod:`troth.caas`), built with
 nothing but what this module offers; a user application uses it the same way.
 
 The configuration names the extensions a node loads::
@@ -28,7 +28,7 @@ Guarantees an extension can rely on:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -38,6 +38,7 @@ from troth.core.config import Config, ConfigError
 if TYPE_CHECKING:
     import redis
     from fastapi import APIRouter
+    from prometheus_client.registry import Collector
 
     from troth.core.access import Caller
     from troth.core.actor import CA
@@ -99,6 +100,11 @@ class Extension:
     def routes(self, node: NodeContext) -> APIRouter | None:
         """HTTP routes to serve next to the node's own (built once per node)."""
         return None
+
+    def collectors(self, node: NodeContext) -> Sequence[Collector]:
+        """Prometheus collectors to add to the node's ``/metrics`` (built once per
+        node; a plugin factory registers its own through ``context.metrics``)."""
+        return ()
 
     def status(self, client: redis.Redis, keys: KeySpace) -> dict[str, Any] | None:
         """This extension's section of ``troth status`` (JSON-encodable)."""

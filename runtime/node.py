@@ -7,11 +7,13 @@ threads whose number does not depend on the number of actors: the lease heartbea
 the timer scheduler, the outbox dispatcher's workers and the pool that runs plain
 (non-async) actor methods.
 
-The node wires them together: it follows the lease manager (on gaining shards it
-loads their outbox and timers and wakes their autonomous actors; on losing shards
-the engine forgets their cells at once; on surplus it drains them before
-releasing), and hands every commit's side effects to the dispatcher and scheduler.
-Its :meth:`call` and :meth:`post` may be used from any thread.
+The node is the composition root: it loads the configuration's extensions, builds
+every part and hands each one only what it uses (nothing else holds the node). It
+then follows the lease manager (on gaining shards it loads their outbox and timers
+and wakes their autonomous actors; on losing shards the engine forgets their cells
+at once; on surplus it drains them before releasing), and hands every commit's
+side effects to the dispatcher and scheduler. Its :meth:`call` and :meth:`post` may
+be used from any thread.
 """
 
 from __future__ import annotations
@@ -184,6 +186,9 @@ class Node:
             call=self.router.call,
             clock=clock,
         )
+        for ext in self.extensions:
+            for collector in ext.collectors(self.context):
+                self.metrics.registry.register(collector)
         self.stopped = False
         self.metrics.bind_gauges(
             active=lambda: len(self.engine.cells),

@@ -9,11 +9,13 @@ commitments-by-status section of ``troth status``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import redis
 from fastapi import APIRouter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from troth.caas.actor import Commitment, EventBus
 from troth.caas.api import commitments_router
@@ -26,7 +28,7 @@ from troth.extension import Extension, NodeContext
 from troth.plugins.send import SendFactory
 from troth.plugins.timers import TimersFactory
 
-__all__ = ["CaaS"]
+__all__ = ["CaaS", "StatusCollector"]
 
 
 class CaaS(Extension):
@@ -42,9 +44,36 @@ class CaaS(Extension):
     def routes(self, node: NodeContext) -> APIRouter:
         return commitments_router(node)
 
+    def collectors(self, node: NodeContext) -> list[Collector]:
+        return [StatusCollector(CommitmentIndex(node.client, node.keys))]
+
     def status(self, client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
         """Commitments by status, over every principal."""
         totals: Counter[str] = Counter()
         for (_, status), n in CommitmentIndex(client, keys).counts().items():
             totals[status] += n
         return {k: v for k, v in sorted(totals.items()) if v}
+
+
+class StatusCollector(Collector):
+    """``troth_commitments{principal, status}``, read from the index at scrape time."""
+
+    def __init__(self, index: CommitmentIndex) -> None:
+        self.index = index
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "troth_commitments",
+            "Commitments by principal and status.",
+            labels=["principal", "status"],
+        )
+        try:
+            counts = self.index.counts()
+        except redis.RedisError:
+            counts = {}
+        for (principal, status), n in sorted(counts.items()):
+            gauge.add_metric([principal, status], n)
+        yield gauge

@@ -17,13 +17,9 @@ that principal at ``GET /v1/commitments-secret``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
-import redis
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 
 from troth.caas import delivery
@@ -134,30 +130,6 @@ class IndexExecutor:
         return ExecutionOutcome(ok=True)
 
 
-class _StatusCollector(Collector):
-    """``troth_commitments{principal, status}``, read from the index at scrape time."""
-
-    def __init__(self, index: CommitmentIndex) -> None:
-        self.index = index
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        gauge = GaugeMetricFamily(
-            "troth_commitments",
-            "Commitments by principal and status.",
-            labels=["principal", "status"],
-        )
-        try:
-            counts = self.index.counts()
-        except redis.RedisError:
-            counts = {}
-        for (principal, status), n in sorted(counts.items()):
-            gauge.add_metric([principal, status], n)
-        yield gauge
-
-
 class CommitmentsFactory(PluginFactory):
     name: ClassVar[str] = "commitments"
     settings_model = CommitmentSettings
@@ -181,7 +153,6 @@ class CommitmentsFactory(PluginFactory):
             registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
-        r.register(_StatusCollector(self.index))
         self._secrets: dict[str, str] = dict(self.settings.signing_secrets)
         self._webhook = WebhookExecutor(self)
 
