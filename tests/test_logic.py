@@ -96,3 +96,46 @@ def test_split_key_takes_the_operator_suffix_only() -> None:
 def test_filters_that_could_never_match_are_refused(filters: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         validate(filters)
+
+
+def _plain(a: int, b: int = 2, *, c: int = 3) -> None: ...
+def _required_kw(a: int, *, c: int) -> None: ...
+def _varargs(a: int, *rest: int, **more: int) -> None: ...
+def _nothing() -> None: ...
+
+
+@pytest.mark.parametrize("fn", [_plain, _required_kw, _varargs, _nothing])
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((), {}),
+        ((1,), {}),
+        ((1, 2), {}),
+        ((1, 2, 3), {}),
+        ((), {"a": 1}),
+        ((1,), {"a": 1}),
+        ((1,), {"c": 3}),
+        ((1,), {"b": 2, "c": 3}),
+        ((), {"a": 1, "zzz": 2}),
+        ((1,), {"rest": 2}),
+    ],
+)
+def test_argument_check_agrees_with_signature_bind(
+    fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    import inspect
+
+    from troth.engine.cell import ArgumentCheck
+
+    signature = inspect.signature(fn)
+    try:
+        signature.bind(*args, **kwargs)
+        fits = True
+    except TypeError:
+        fits = False
+    check = ArgumentCheck(signature)
+    if fits:
+        check(args, kwargs)
+    else:
+        with pytest.raises(TypeError):
+            check(args, kwargs)

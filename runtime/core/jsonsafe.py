@@ -94,6 +94,11 @@ def _encodable(text: str) -> bool:
 
 def check_encodable(value: Any, what: str) -> None:
     """Raise :class:`SerializationError` unless ``value`` encodes as strict JSON."""
+    kind = type(value)
+    if kind is int or kind is bool or value is None:
+        return  # most replies: nothing to encode to know
+    if kind is float and math.isfinite(value):
+        return
     try:
         json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
