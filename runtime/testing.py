@@ -49,12 +49,13 @@ from troth.core import codec
 from troth.core.access import OPERATOR, Caller
 from troth.core.actor import CA
 from troth.core.clock import ManualClock
-from troth.core.config import parse_config
+from troth.core.config import DEFAULT_EXTENSIONS, parse_config
 from troth.core.keys import KeySpace
 from troth.core.names import ActorName, shard_of
 from troth.core.records import OutboxEntry, TimerRecord
 from troth.edge.admin import inspect
 from troth.edge.embedded_redis import redis_binary
+from troth.edge.server import ServerThread
 from troth.node import Node
 
 __all__ = ["ActorTestEnv", "TestRedis"]
@@ -109,8 +110,9 @@ class ActorTestEnv:
 
     ``config`` is merged over a small test configuration (8 shards, every built-in
     plugin, loopback webhooks allowed); ``redis_url`` reuses a Redis instead of
-    starting one (each environment then uses its own key prefix). Use it as a
-    context manager, or call :meth:`close`.
+    starting one (each environment then uses its own key prefix); ``serve`` also
+    serves the node's HTTP API at :attr:`url` (extension routes included, such as
+    ``/v1/commitments``). Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class ActorTestEnv:
         config: Mapping[str, Any] | None = None,
         redis_url: str | None = None,
         start_ms: int | None = None,
+        serve: bool = False,
     ) -> None:
         self.clock = ManualClock(start_ms)
         self._redis = None if redis_url else TestRedis()
@@ -140,6 +143,8 @@ class ActorTestEnv:
                 raw[section] = {**raw[section], **value}
             else:
                 raw[section] = value
+        if "troth.caas:CaaS" in raw.get("extensions", DEFAULT_EXTENSIONS):
+            raw["plugins"].setdefault("commitments", {"allow_loopback": True})
         options = dict(raw.get("types", {}))  # per-type settings, e.g. pulse_seconds
         raw["types"] = options | {
             name: {**options.get(name, {}), "class": _class_path(cls)}
@@ -149,24 +154,40 @@ class ActorTestEnv:
         self.keys = KeySpace(self.config.redis.key_prefix, self.config.cluster.shards)
         self.client = redis.Redis.from_url(self.redis_url)
         self.node_id = f"test-{uuid.uuid4().hex[:6]}"
+        self.serve = serve
+        self.server: ServerThread | None = None
+        self._port = 0
         self.node = self._start()
+
+    @property
+    def url(self) -> str:
+        """The node's HTTP API (``serve=True``), on 127.0.0.1; kept across crashes."""
+        if self.server is None:
+            raise RuntimeError("this environment serves no HTTP: ActorTestEnv(..., serve=True)")
+        return self.server.url
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def _start(self) -> Node:
         node = Node(self.config, self.redis_url, self.node_id, clock=self.clock)
         node.start()
+        if self.serve:
+            self.server = ServerThread(node, port=self._port).start()
+            self._port = int(self.server.url.rsplit(":", 1)[1])
         return node
 
     def crash(self, down_seconds: float = 0.0) -> None:
         """Kill the node as ``kill -9`` would, let ``down_seconds`` pass with no node
         running (timers fall due unseen), then start a new node over the same Redis
         (same node id, so it takes its shards back at once)."""
-        _halt(self.node)
+        _halt(self.node, self.server)
         self.clock.advance(down_seconds)
         self.node = self._start()
 
     def close(self) -> None:
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.stop()
         with contextlib.suppress(Exception):
             self.node.stop()
         self.client.close()
@@ -279,8 +300,12 @@ class ActorTestEnv:
         return self.keys.shard(shard_of(name, self.keys.shard_count))
 
 
-def _halt(node: Node) -> None:
+def _halt(node: Node, server: ServerThread | None) -> None:
     """Stop every thread of ``node`` without any of a graceful stop's courtesies."""
+    if server is not None:  # the kernel closes a killed process's sockets
+        with contextlib.suppress(Exception):
+            node.loop_thread.submit(_drop_connections(server)).result(timeout=10)
+        server.sock.close()
     node.stopped = True
     node.leases.stop(release=False)
     node.scheduler.stop()
@@ -295,6 +320,14 @@ def _halt(node: Node) -> None:
         with contextlib.suppress(Exception):
             factory.close()
     node.client.close()
+
+
+async def _drop_connections(server: ServerThread) -> None:
+    uvicorn = server.server
+    for listener in uvicorn.servers:
+        listener.close()
+    for connection in list(uvicorn.server_state.connections):
+        connection.transport.close()
 
 
 async def _cancel_every_task(node: Node) -> None:

@@ -1,0 +1,153 @@
+"""Commitments whose behaviour is about time, on the test kit's manual clock: due
+times, windows, heartbeats, expiry and retry schedules are exact, and no test waits
+for them (the HTTP API, Redis and the receiver are real)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Receiver
+from troth.testing import ActorTestEnv
+
+
+@pytest.fixture
+def env(redis_url: str) -> Iterator[ActorTestEnv]:
+    with ActorTestEnv({}, redis_url=redis_url, serve=True) as env:
+        yield env
+
+
+@pytest.fixture
+def api(env: ActorTestEnv) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=env.url, timeout=15) as client:
+        yield client
+
+
+def commit(api: httpx.Client, receiver: Receiver, trigger: dict[str, Any], **extra: Any) -> str:
+    body = {"trigger": trigger, "obligation": {"target": f"{receiver.url}/hook"}, **extra}
+    resp = api.post("/v1/commitments", json=body)
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+def view(api: httpx.Client, cid: str) -> dict[str, Any]:
+    return dict(api.get(f"/v1/commitments/{cid}").json())
+
+
+def event(api: httpx.Client, event_type: str, **payload: Any) -> None:
+    resp = api.post("/v1/events", json={"event_type": event_type, "payload": payload})
+    assert resp.status_code == 202, resp.text
+
+
+def test_time_after_fires_exactly_when_due(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 3600})
+    env.advance(3599.999)
+    assert receiver.count() == 0 and view(api, cid)["status"] == "pending"
+    env.advance(0.001)
+    done = view(api, cid)
+    assert done["status"] == "fulfilled" and receiver.count() == 1
+    assert receiver.requests[0].body["lateness_seconds"] == 0
+
+
+def test_cancel_before_due_never_delivers(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 60})
+    assert api.delete(f"/v1/commitments/{cid}").json()["status"] == "cancelled"
+    env.advance(3600)
+    assert receiver.count() == 0 and view(api, cid)["status"] == "cancelled"
+    again = api.delete(f"/v1/commitments/{cid}")
+    assert again.status_code == 409 and again.json()["error"]["data"]["status"] == "cancelled"
+
+
+def test_compound_all_window_lapses(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    trigger = {
+        "type": "compound",
+        "operator": "all",
+        "window_seconds": 60,
+        "triggers": [
+            {"type": "webhook", "event_type": "p"},
+            {"type": "webhook", "event_type": "q"},
+        ],
+    }
+    cid = commit(api, receiver, trigger)
+    event(api, "p")
+    env.advance(61)
+    event(api, "q")  # p is older than the window: not yet
+    env.settle()
+    assert view(api, cid)["status"] == "pending"
+    env.advance(59)
+    event(api, "p")  # q is 59 s old: both within the window
+    env.settle()
+    assert view(api, cid)["status"] == "fulfilled"
+
+
+def test_heartbeat_resets_then_fires_on_silence(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    trigger = {
+        "type": "heartbeat",
+        "event_type": "alive",
+        "filters": {"host": "db1"},
+        "interval_seconds": 60,
+    }
+    cid = commit(api, receiver, trigger)
+    for _ in range(10):  # ten minutes of heartbeats every 50 s: never silent
+        env.advance(50)
+        event(api, "alive", host="db1")
+    event(api, "alive", host="other")  # does not match: no reset
+    env.advance(59.999)
+    assert view(api, cid)["status"] == "pending"
+    env.advance(0.001)
+    done = view(api, cid)
+    assert done["status"] == "fulfilled" and done["fired_by"]["kind"] == "time"
+
+
+def test_expiry(env: ActorTestEnv, api: httpx.Client, receiver: Receiver) -> None:
+    expires = env.clock.now_ms() / 1000 + 300
+    cid = commit(api, receiver, {"type": "webhook", "event_type": "never"}, expires_at=expires)
+    env.advance(299)
+    assert view(api, cid)["status"] == "pending"
+    env.advance(1)
+    assert view(api, cid)["status"] == "expired"
+    event(api, "never")
+    env.settle()
+    assert receiver.count() == 0
+
+
+def test_retries_follow_the_commitments_policy(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    receiver.script = [500, 503, 500]
+    retry = {"max_attempts": 3, "initial_delay_seconds": 30, "backoff": "linear"}
+    cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 0}, retry_policy=retry)
+    env.settle()
+    assert receiver.count() == 1
+    env.advance(29)
+    assert receiver.count() == 1
+    env.advance(1)  # attempt 2, 30 s after the first
+    assert receiver.count() == 2
+    env.advance(60)  # attempt 3, 60 s after the second (linear)
+    done = view(api, cid)
+    assert receiver.count() == 3 and done["status"] == "failed"
+    assert [a["status_code"] for a in done["attempts"]] == [500, 503, 500]
+    keys = {r.headers["idempotency-key"] for r in receiver.requests}
+    assert keys == {cid}
+
+
+def test_a_crash_with_a_commitment_due_meanwhile_delivers_once(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 60})
+    env.crash(down_seconds=120)
+    env.settle()
+    done = view(api, cid)
+    assert done["status"] == "fulfilled" and receiver.count() == 1
+    assert receiver.requests[0].body["lateness_seconds"] == 60
