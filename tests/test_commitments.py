@@ -377,7 +377,12 @@ def test_status_counts_commitments(
             and d
         )
     )
-    assert counts == {"cancelled": 1, "pending": 1}
+    assert {k: counts[k] for k in ("cancelled", "pending", "retained")} == {
+        "cancelled": 1,
+        "pending": 1,
+        "retained": 1,  # the cancelled one, until its retention ends
+    }
+    assert counts["oldest_ended_at"].endswith("Z")
 
 
 def test_metrics(cs: httpx.Client, receiver: Receiver) -> None:

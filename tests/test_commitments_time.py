@@ -151,3 +151,97 @@ def test_a_crash_with_a_commitment_due_meanwhile_delivers_once(
     done = view(api, cid)
     assert done["status"] == "fulfilled" and receiver.count() == 1
     assert receiver.requests[0].body["lateness_seconds"] == 60
+
+
+def mentions(client: Any, prefix: str, needle: str) -> list[str]:
+    """Every place under ``prefix`` that names ``needle``: key names, hash fields and
+    values, set and sorted-set members, list items, stream entries."""
+    found = []
+    for raw in client.scan_iter(match=f"{prefix}:*", count=1000):
+        key = raw.decode()
+        if needle in key:
+            found.append(key)
+            continue
+        kind = client.type(raw).decode()
+        if kind == "hash":
+            items = [b for pair in client.hgetall(raw).items() for b in pair]
+        elif kind in ("set", "zset"):
+            items = list(client.smembers(raw) if kind == "set" else client.zrange(raw, 0, -1))
+        elif kind == "list":
+            items = list(client.lrange(raw, 0, -1))
+        elif kind == "stream":
+            items = [v for _, entry in client.xrange(raw) for v in entry.values()]
+        else:
+            items = [client.get(raw) or b""]
+        if any(needle.encode() in item for item in items):
+            found.append(f"{key} ({kind})")
+    return found
+
+
+def test_retention_deletes_every_key_of_a_finished_commitment(
+    redis_url: str, receiver: Receiver, rclient: Any
+) -> None:
+    config = {"plugins": {"commitments": {"allow_loopback": True, "retention_seconds": 3600}}}
+    with (
+        ActorTestEnv({}, redis_url=redis_url, serve=True, config=config) as env,
+        httpx.Client(base_url=env.url, timeout=15) as api,
+    ):
+        prefix = env.config.redis.key_prefix
+        done = commit(api, receiver, {"type": "time_after", "delay_seconds": 10})
+        waiting = commit(api, receiver, {"type": "time_after", "delay_seconds": 86_400})
+        on_event = commit(api, receiver, {"type": "webhook", "event_type": "e"})
+        cancelled = commit(api, receiver, {"type": "webhook", "event_type": "e"}, dedup_key="once")
+        api.delete(f"/v1/commitments/{cancelled}")
+        env.advance(10)
+        assert view(api, done)["status"] == "fulfilled"
+        assert mentions(rclient, prefix, done)  # kept during its retention
+        env.advance(3599)
+        assert view(api, done)["status"] == "fulfilled"
+        env.advance(1)
+
+        for gone in (done, cancelled):
+            # Left: the tombstone, and the request ids of its (un)subscribe messages in
+            # the event bus's reply cache, which are the bus's and expire with
+            # runtime.reply_cache_seconds.
+            left = [
+                m
+                for m in mentions(rclient, prefix, gone)
+                if ":rp:cmbus/" not in m and ":rpt:cmbus/" not in m
+            ]
+            assert left == [f"{prefix}:{{cm:local}}:gone:{gone}"]
+            resp = api.get(f"/v1/commitments/{gone}")
+            assert resp.status_code == 404 and "was retired" in resp.json()["error"]["message"]
+        for kept in (waiting, on_event):
+            assert view(api, kept)["status"] == "pending"
+        listed = [c["id"] for c in api.get("/v1/commitments").json()["items"]]
+        assert sorted(listed) == sorted([waiting, on_event])
+        # The dedup_key of a retired commitment is free again; events still fire the rest.
+        again = commit(api, receiver, {"type": "webhook", "event_type": "e"}, dedup_key="once")
+        assert again != cancelled
+        event(api, "e")
+        env.settle()
+        assert view(api, on_event)["status"] == "fulfilled"
+        assert view(api, again)["status"] == "fulfilled"
+
+
+def test_a_retried_commitment_is_kept_for_its_retention_from_its_new_end(
+    redis_url: str, receiver: Receiver
+) -> None:
+    config = {"plugins": {"commitments": {"allow_loopback": True, "retention_seconds": 3600}}}
+    with (
+        ActorTestEnv({}, redis_url=redis_url, serve=True, config=config) as env,
+        httpx.Client(base_url=env.url, timeout=15) as api,
+    ):
+        receiver.script = [500]
+        once = {"max_attempts": 1}
+        cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 0}, retry_policy=once)
+        env.settle()
+        assert view(api, cid)["status"] == "failed"
+        env.advance(1800)
+        assert api.post(f"/v1/commitments/{cid}/retry").status_code == 200
+        env.settle()
+        assert view(api, cid)["status"] == "fulfilled"
+        env.advance(1800)  # the failure's retention would end here: it ended again since
+        assert view(api, cid)["status"] == "fulfilled"
+        env.advance(1800)
+        assert api.get(f"/v1/commitments/{cid}").status_code == 404

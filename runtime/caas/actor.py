@@ -27,7 +27,7 @@ import hashlib
 from typing import Any
 
 from troth.caas import filters
-from troth.caas.models import TOOL_EVENT, CommitmentCreate
+from troth.caas.models import TERMINAL, TOOL_EVENT, CommitmentCreate
 from troth.core.actor import CA, internal
 from troth.core.errors import AppError
 from troth.core.names import ActorName
@@ -35,6 +35,10 @@ from troth.core.names import ActorName
 MAX_SUBSCRIBERS = 10_000
 RECENT_EVENT_KEYS = 1000
 MAX_ATTEMPTS_KEPT = 100
+
+
+#: How long a GET of a retired commitment still says it was retired (then: plain 404).
+TOMBSTONE_MS = 7 * 86_400_000
 
 
 def bus_name(principal: str, event_type: str) -> str:
@@ -330,6 +334,22 @@ class Commitment(CA):
         self.state["rev"] += 1
         self.state["transitions"].append({"status": status, "at_ms": now})
         self._index()
+        if status in TERMINAL:
+            keep = self.plugins.commitments.retention_seconds
+            self.plugins.timers.after(keep, "retire", name="retire")
+
+    @internal
+    def retire(self) -> None:
+        """Retention: delete this finished commitment and everything it owns, in one
+        commit (checkpoint, timers, cached replies, notifications; the index rows and
+        the dedup_key binding through the outbox, leaving a tombstone)."""
+        s = self.state
+        if s.get("status") not in TERMINAL:
+            return
+        s["rev"] += 1
+        gone = {**summary(s), "status": "retired", "updated_ms": self.now_ms}
+        self.plugins.commitments.index(s["principal"], gone, tombstone_ms=TOMBSTONE_MS)
+        self.delete_self()
 
     def _index(self) -> None:
         s = self.state
@@ -349,6 +369,7 @@ def summary(state: dict[str, Any]) -> dict[str, Any]:
         "due_ms": state.get("due_ms"),
         "attempts": len(state.get("attempts", [])),
         "rev": state["rev"],
+        "ended_ms": state["updated_ms"] if state["status"] in TERMINAL else None,
     }
 
 

@@ -79,7 +79,15 @@ def commitments_router(node: NodeContext) -> APIRouter:
         return await node.call(name, method, list(args), {}, request_id, caller)
 
     async def existing(principal: str, cid: str) -> ActorName:
-        if not _ID.match(cid) or await asyncio.to_thread(index.get, principal, cid) is None:
+        if not _ID.match(cid):
+            raise NotFoundError(f"no commitment {cid!r}")
+        if await asyncio.to_thread(index.get, principal, cid) is None:
+            retired = await asyncio.to_thread(index.retired_at, principal, cid)
+            if retired is not None:
+                raise NotFoundError(
+                    f"commitment {cid!r} was retired at {iso(retired)}: finished "
+                    "commitments are deleted after plugins.commitments.retention_seconds"
+                )
             raise NotFoundError(f"no commitment {cid!r}")
         return actor(principal, cid)
 

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from troth.caas.actor import Commitment, EventBus
 from troth.caas.api import commitments_router
+from troth.caas.delivery import iso
 from troth.caas.index import CommitmentIndex
 from troth.caas.plugin import CommitmentsFactory
 from troth.core.actor import CA
@@ -48,11 +49,19 @@ class CaaS(Extension):
         return [StatusCollector(CommitmentIndex(node.client, node.keys))]
 
     def status(self, client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
-        """Commitments by status, over every principal."""
+        """Commitments by status over every principal; ``retained``: the finished ones
+        still kept, and when the earliest of them ended (each is retired
+        ``retention_seconds`` after it ended)."""
+        index = CommitmentIndex(client, keys)
         totals: Counter[str] = Counter()
-        for (_, status), n in CommitmentIndex(client, keys).counts().items():
+        for (_, status), n in index.counts().items():
             totals[status] += n
-        return {k: v for k, v in sorted(totals.items()) if v}
+        section: dict[str, Any] = {k: v for k, v in sorted(totals.items()) if v}
+        retained, first_ended = index.retained()
+        if retained:
+            section["retained"] = retained
+            section["oldest_ended_at"] = iso(first_ended)
+        return section
 
 
 class StatusCollector(Collector):

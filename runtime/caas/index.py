@@ -10,13 +10,18 @@ P:{cm:p}:s:STATUS          zset    commitment id -> created (ms), one per status
 P:{cm:p}:sum               hash    commitment id -> summary JSON (with ``rev``)
 P:{cm:p}:count             hash    status -> number of commitments
 P:{cm:p}:dedup             hash    dedup_key -> commitment id
+P:{cm:p}:ended             zset    finished commitment id -> when it ended (ms)
+P:{cm:p}:gone:ID           string  a retired commitment's tombstone (expires)
 P:principals               set     principals that have commitments (for metrics)
 =========================  ======  ================================================
 
 The commitment actor is the source of truth; it sends its summary here through the
 outbox after every transition (at least once). ``lua/cmindex.lua`` applies a summary
 only when its ``rev`` is newer than the stored one, so repeats and reordering are
-harmless and the index converges on the actor's state.
+harmless and the index converges on the actor's state. The last summary of a
+commitment, sent in the transaction that deletes it (retention), says ``retired``:
+the script then removes every row of it and leaves a tombstone for a while, so that
+a late summary cannot bring it back and a GET can say it was retired.
 """
 
 from __future__ import annotations
@@ -41,17 +46,38 @@ class CommitmentIndex:
     def _k(self, principal: str, what: str) -> str:
         return f"{self.prefix}:{{cm:{principal}}}:{what}"
 
-    def apply(self, principal: str, summary: dict[str, Any]) -> bool:
-        keys = [self._k(principal, "all"), self._k(principal, "sum"), self._k(principal, "count")]
+    def apply(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> bool:
+        keys = [
+            self._k(principal, what)
+            for what in ("all", "sum", "count", "dedup", "ended", f"gone:{summary['id']}")
+        ]
         keys += [self._k(principal, f"s:{st}") for st in STATUSES]
         applied = self._apply(
             keys=keys,
-            args=[summary["id"], summary["rev"], json.dumps(summary), *STATUSES],
+            args=[summary["id"], summary["rev"], json.dumps(summary), tombstone_ms, *STATUSES],
         )
         if principal not in self._known:
             self.client.sadd(f"{self.prefix}:principals", principal)
             self._known.add(principal)
         return bool(applied)
+
+    def retired_at(self, principal: str, cid: str) -> int | None:
+        """When ``cid`` was retired (ms), while its tombstone lasts."""
+        raw = self.client.get(self._k(principal, f"gone:{cid}"))
+        return None if raw is None else int(raw)
+
+    def retained(self) -> tuple[int, int | None]:
+        """How many finished commitments are kept, over every principal, and when the
+        earliest of them ended (ms; None if none)."""
+        principals = sorted(p.decode() for p in self.client.smembers(f"{self.prefix}:principals"))
+        pipe = self.client.pipeline(transaction=False)
+        for p in principals:
+            pipe.zcard(self._k(p, "ended"))
+            pipe.zrange(self._k(p, "ended"), 0, 0, withscores=True)
+        replies = pipe.execute()
+        total = sum(int(n) for n in replies[0::2])
+        firsts = [int(first[0][1]) for first in replies[1::2] if first]
+        return total, min(firsts, default=None)
 
     def count(self, principal: str, status: str) -> int:
         return int(self.client.hget(self._k(principal, "count"), status) or 0)

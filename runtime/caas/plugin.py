@@ -45,10 +45,21 @@ class CommitmentSettings(BaseModel):
     signing_secrets: dict[str, str] = Field(
         default_factory=dict, description="Principal -> whsec_ secret; others get a random one."
     )
+    retention_seconds: float = Field(
+        86_400.0,
+        ge=0,
+        le=365 * 86_400,
+        description="How long a finished commitment is kept before it is deleted.",
+    )
 
 
 class Commitments(OutboxPlugin):
     kind: ClassVar[str] = "webhook"
+
+    def __init__(self, actor: ActorName, pstate: dict[str, Any], retention_seconds: float) -> None:
+        super().__init__(actor, pstate)
+        #: How long the commitment is kept once it has ended (the node's setting).
+        self.retention_seconds = retention_seconds
 
     def deliver(
         self,
@@ -78,9 +89,11 @@ class Commitments(OutboxPlugin):
             on_result=on_result,
         )
 
-    def index(self, principal: str, summary: dict[str, Any]) -> str:
+    def index(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> str:
+        """Send the summary to the index; a ``retired`` one removes the commitment from
+        it and leaves a tombstone for ``tombstone_ms``."""
         return self._enqueue(
-            {"principal": principal, "summary": summary},
+            {"principal": principal, "summary": summary, "tombstone_ms": tombstone_ms},
             idempotency_key=None,
             retry=RetryPolicy(max_attempts=100, initial_delay_seconds=1, max_delay_seconds=30),
             on_result=None,
@@ -126,7 +139,9 @@ class IndexExecutor:
         self.index = index
 
     def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
-        self.index.apply(entry.spec["principal"], entry.spec["summary"])
+        self.index.apply(
+            entry.spec["principal"], entry.spec["summary"], entry.spec.get("tombstone_ms", 0)
+        )
         return ExecutionOutcome(ok=True)
 
 
@@ -166,7 +181,7 @@ class CommitmentsFactory(PluginFactory):
         return found
 
     def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
-        return Commitments(actor, pstate)
+        return Commitments(actor, pstate, self.settings.retention_seconds)
 
     def executors(self) -> list[Any]:
         return [self._webhook, IndexExecutor(self.index)]
