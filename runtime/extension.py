@@ -52,7 +52,12 @@ __all__ = ["CallFn", "Extension", "NodeContext", "load_extensions"]
 
 
 class CallFn(Protocol):
-    """Call an actor wherever it lives; resolves after the call's commit."""
+    """Call an actor wherever it lives; resolves after the call's commit.
+
+    Without a ``request_id`` one is made, so that retries across a handoff never
+    apply the call twice, and the reply is kept for it; ``reply_cache=False`` skips
+    both for a method that is idempotent by itself (it saves a write per call).
+    """
 
     def __call__(
         self,
@@ -62,6 +67,8 @@ class CallFn(Protocol):
         kwargs: dict[str, Any],
         request_id: str | None,
         caller: Caller,
+        *,
+        reply_cache: bool = True,
     ) -> Awaitable[Any]: ...
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+import troth
 from conftest import Receiver
 from troth.testing import ActorTestEnv
 
@@ -245,3 +246,18 @@ def test_a_retried_commitment_is_kept_for_its_retention_from_its_new_end(
         assert view(api, cid)["status"] == "fulfilled"
         env.advance(1800)
         assert api.get(f"/v1/commitments/{cid}").status_code == 404
+
+
+def test_a_create_keeps_no_cached_reply(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver, rclient: Any
+) -> None:
+    """create is idempotent by itself: it is called without a request id, so no reply
+    is stored for it (about 1 KB of Redis per commitment saved)."""
+    cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 60})
+    env.settle()
+    name = f"commitment/local-{cid}"
+    prefix = env.config.redis.key_prefix
+    assert [k for k in rclient.scan_iter(match=f"{prefix}:*:rp*:{name}")] == []
+    # A repeated create of the same commitment (a retry) changes nothing.
+    again = env.call(name, "create", {}, caller=troth.Caller("local", internal=True))
+    assert again["id"] == cid and again["rev"] == 1

@@ -71,7 +71,7 @@ class ForwardedCall(BaseModel):
     method: str = Field(max_length=100)
     args: list[Any]
     kwargs: dict[str, Any]
-    request_id: str = Field(min_length=1, max_length=200)
+    request_id: str | None = Field(None, min_length=1, max_length=200)
     principal: str | None = Field(None, max_length=64)
     sender: str | None = Field(None, max_length=300)
     internal: bool = False
@@ -131,11 +131,14 @@ class Router:
         forwarded: bool = False,
         timeout: float | None = None,
         new_id: bool = False,
+        reply_cache: bool = True,
     ) -> Any:
         """Run the call on the owner of the actor's shard; see the module docstring.
 
         The access rule is applied here, at the entry, before anything is forwarded,
-        and again by the owner's engine.
+        and again by the owner's engine. ``reply_cache=False`` (for methods that are
+        idempotent by themselves) sends a call with no ``request_id`` as it is: its
+        reply is not kept, and a retry may run it again.
         """
         leases = self.leases
         check_method(method)
@@ -143,8 +146,8 @@ class Router:
         check_access(caller, name, method, atype.methods, atype.internal_methods)
         # An id made here is new on the first attempt: no committed reply can exist for
         # it, so the owner skips the replay look-up (one Redis read less per call).
-        new_id = new_id or request_id is None
-        request_id = request_id or f"rt-{uuid.uuid4().hex}"
+        if request_id is None and reply_cache:
+            new_id, request_id = True, f"rt-{uuid.uuid4().hex}"
         total = timeout or self.call_timeout
         deadline = time.monotonic() + total
         shard = shard_of(name, leases.keys.shard_count)

@@ -420,6 +420,7 @@ def create_app(
             forwarded=True,
             timeout=call.timeout,
             new_id=call.new_id,
+            reply_cache=call.request_id is not None,
         )
         return CallReply(result=result)
 
