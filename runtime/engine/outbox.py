@@ -114,9 +114,11 @@ class OutboxDispatcher:
         return len(self.queue)
 
     def submit(self, shard: int, entries: list[OutboxEntry]) -> None:
-        """Entries just committed by a transaction on this node."""
+        """Entries just committed by a transaction on this node. They travel with their
+        id, so their first attempt need not read them back from Redis (the ledger
+        script still refuses to write one that no longer exists there)."""
         for e in entries:
-            self.queue.push(e.next_ms, shard, e.id)
+            self.queue.push(e.next_ms, shard, e.id, e)
 
     def load_shards(self, shards: list[int]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -129,16 +131,16 @@ class OutboxDispatcher:
     def drop_shards(self, shards: set[int]) -> None:
         self.queue.drop_shards(shards)
 
-    def _due(self, shard: int, entry_id: str, _token: Any) -> None:
+    def _due(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
         with self._lock:
             if entry_id in self._inflight:
                 return
             self._inflight.add(entry_id)
-        self._pool.submit(self._process, shard, entry_id)
+        self._pool.submit(self._process, shard, entry_id, committed)
 
-    def _process(self, shard: int, entry_id: str) -> None:
+    def _process(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
         try:
-            self._attempt(shard, entry_id)
+            self._attempt(shard, entry_id, committed)
         except redis.RedisError as exc:
             log.warning("outbox %s: Redis error, retrying: %s", entry_id, exc)
             self.queue.push(self.clock.now_ms() + CALLBACK_RETRY_MS, shard, entry_id)
@@ -149,14 +151,16 @@ class OutboxDispatcher:
             with self._lock:
                 self._inflight.discard(entry_id)
 
-    def _attempt(self, shard: int, entry_id: str) -> None:
+    def _attempt(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
         epoch = self.epoch_of(shard)
         if epoch is None:
             return
-        raw = self.client.hget(self.keys.shard(shard).outbox, entry_id)
-        if raw is None:
-            return
-        entry = OutboxEntry.from_dict(codec.unpack(raw))
+        entry = committed
+        if entry is None:
+            raw = self.client.hget(self.keys.shard(shard).outbox, entry_id)
+            if raw is None:
+                return
+            entry = OutboxEntry.from_dict(codec.unpack(raw))
         if entry.status in ("dead", "uncertain"):
             return
         if entry.status == "callback":
