@@ -236,6 +236,61 @@ class Node:
         self._probe.close()
         log.info("node %s stopped", self.node_id)
 
+    def halt(self) -> None:
+        """Stop as ``kill -9`` would leave things: no drain, no lease released, nothing
+        awaiting Redis takes another step, connections dropped. For test kits
+        (:mod:`troth.testing`) that simulate a crash in-process; a new node over the
+        same Redis then recovers what this one committed."""
+        self.stopped = True
+        self.leases.stop(release=False)
+        self.scheduler.stop()
+        self.dispatcher.stop()
+        with contextlib.suppress(Exception):
+            self._on_loop(self._abandon_loop()).result(timeout=10)
+        self.loop_thread.stop()
+        self.engine.invoke.close()
+        for factory in self.plugin_factories.values():
+            with contextlib.suppress(Exception):
+                factory.close()
+        self.client.close()
+        self._probe.close()
+
+    async def _abandon_loop(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close_loop_resources()
+
+    # -- quiescence (for test kits driving a manual clock) ----------------------------
+
+    def next_due_ms(self) -> int | None:
+        """When the next timer, outbox attempt or pulse of this node falls due (ms on
+        the node's clock), or None."""
+        due = [self.scheduler.queue.next_due(), self.dispatcher.queue.next_due()]
+        pulse = self._on_loop(self._next_pulse()).result(timeout=10)
+        if pulse is not None:
+            delay = pulse - self.clock.monotonic()
+            due.append(self.clock.now_ms() + round(delay * 1000))
+        return min((d for d in due if d is not None), default=None)
+
+    def settled(self) -> bool:
+        """Whether nothing is due now, queued, running or being attempted here."""
+        now = self.clock.now_ms()
+        due = [self.scheduler.queue.next_due(), self.dispatcher.queue.next_due()]
+        if any(d is not None and d <= now for d in due):
+            return False
+        if self.scheduler.in_flight or self.dispatcher.in_flight:
+            return False
+        return bool(self._on_loop(self._engine_settled()).result(timeout=10))
+
+    async def _next_pulse(self) -> float | None:
+        return self.engine.next_pulse()
+
+    async def _engine_settled(self) -> bool:
+        pulse = self.engine.next_pulse()
+        return not self.engine.busy and (pulse is None or pulse > self.clock.monotonic())
+
     async def _close_loop_resources(self) -> None:
         await self.router.close()
         await self.aclient.aclose()

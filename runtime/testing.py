@@ -31,7 +31,6 @@ not other processes'.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import subprocess
@@ -230,7 +229,7 @@ class ActorTestEnv:
         target = self.clock.now_ms() + round(seconds * 1000)
         self.settle()
         while True:
-            step = self._next_due_ms()
+            step = self.node.next_due_ms()
             if step is None or step > target:
                 break
             self.clock.advance(max(0, step - self.clock.now_ms()) / 1000)
@@ -240,33 +239,11 @@ class ActorTestEnv:
 
     def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
         """Wait until nothing is due, queued, running or being attempted."""
-        _wait(self._settled, timeout, "the node did not settle (a message or effect keeps running)")
-
-    def _settled(self) -> bool:
-        node, now = self.node, self.clock.now_ms()
-        due = [node.scheduler.queue.next_due(), node.dispatcher.queue.next_due()]
-        if any(d is not None and d <= now for d in due):
-            return False
-        if node.scheduler.in_flight or node.dispatcher.in_flight:
-            return False
-        pulse = self._on_loop(node.engine.next_pulse)
-        return not self._on_loop(lambda: node.engine.busy) and (
-            pulse is None or pulse > self.clock.monotonic()
+        _wait(
+            self.node.settled,
+            timeout,
+            "the node did not settle (a message or effect keeps running)",
         )
-
-    def _next_due_ms(self) -> int | None:
-        node = self.node
-        candidates = [node.scheduler.queue.next_due(), node.dispatcher.queue.next_due()]
-        pulse = self._on_loop(node.engine.next_pulse)
-        if pulse is not None:
-            candidates.append(self.clock.now_ms() + round((pulse - self.clock.monotonic()) * 1000))
-        return min((c for c in candidates if c is not None), default=None)
-
-    def _on_loop(self, fn: Callable[[], Any]) -> Any:
-        async def run() -> Any:
-            return fn()
-
-        return self.node.loop_thread.submit(run()).result(timeout=10)
 
     # -- looking -------------------------------------------------------------------------
 
@@ -301,25 +278,12 @@ class ActorTestEnv:
 
 
 def _halt(node: Node, server: ServerThread | None) -> None:
-    """Stop every thread of ``node`` without any of a graceful stop's courtesies."""
+    """Stop ``node`` and its server as ``kill -9`` would."""
     if server is not None:  # the kernel closes a killed process's sockets
         with contextlib.suppress(Exception):
             node.loop_thread.submit(_drop_connections(server)).result(timeout=10)
         server.sock.close()
-    node.stopped = True
-    node.leases.stop(release=False)
-    node.scheduler.stop()
-    node.dispatcher.stop()
-    # What was sent to Redis stays sent; nothing awaiting a reply runs another step,
-    # and the connections close as the kernel closes a killed process's sockets.
-    with contextlib.suppress(Exception):
-        node.loop_thread.submit(_cancel_every_task(node)).result(timeout=10)
-    node.loop_thread.stop()
-    node.engine.invoke.close()
-    for factory in node.plugin_factories.values():
-        with contextlib.suppress(Exception):
-            factory.close()
-    node.client.close()
+    node.halt()
 
 
 async def _drop_connections(server: ServerThread) -> None:
@@ -328,15 +292,6 @@ async def _drop_connections(server: ServerThread) -> None:
         listener.close()
     for connection in list(uvicorn.server_state.connections):
         connection.transport.close()
-
-
-async def _cancel_every_task(node: Node) -> None:
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await node.router.close()
-    await node.aclient.aclose()
 
 
 def _pings(client: redis.Redis) -> bool:
