@@ -2,8 +2,9 @@
 
 Enabled by ``"extensions": ["troth.caas:CaaS"]`` (the default): the ``commitment``
 and ``cmbus`` actor types, the ``commitments`` plugin (signed webhook deliveries and
-the listing index), the ``/v1/commitments`` and ``/v1/events`` routes, and the
-commitments-by-status section of ``troth status``.
+the listing index), the ``/v1/commitments`` and ``/v1/events`` routes, the
+``troth_commitments`` gauge, and the commitments section of ``troth status`` (by
+status, and the finished ones retained until their retention ends).
 """
 
 from __future__ import annotations
