@@ -174,7 +174,17 @@ def cmd_redis(args: argparse.Namespace, config: Config) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="troth", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="troth",
+        description=(
+            "troth: an actor runtime with transactional Redis checkpoints, and "
+            "Commitment-as-a-Service built on it. 'troth serve' runs a node ('--nodes N' "
+            "runs N, one process each, to use N cores); 'status' and 'inspect' read Redis "
+            "directly; 'call' reaches a running deployment (or hosts the call itself when "
+            "none runs); 'redis' manages the embedded Redis. Each command's --help says "
+            "more; the README and docs/design.md say why."
+        ),
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
