@@ -420,3 +420,26 @@ def test_openapi_lists_the_commitments_api(cs: httpx.Client) -> None:
     body = paths["/v1/commitments"]["post"]["requestBody"]["content"]["application/json"]
     name = body["schema"]["$ref"].rsplit("/", 1)[1]
     assert "trigger" in spec["components"]["schemas"][name]["properties"]
+
+
+def test_concurrent_creates_with_one_dedup_key_make_one_commitment(
+    cs: httpx.Client, receiver: Receiver
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {
+        "trigger": {"type": "time_after", "delay_seconds": 3600},
+        "obligation": {"target": receiver.url + "/hook"},
+        "dedup_key": "order-17",
+    }
+
+    def create(_: int) -> httpx.Response:
+        with httpx.Client(base_url=cs.base_url, timeout=15) as http:
+            return http.post("/v1/commitments", json=body)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(create, range(8)))
+    assert sorted(r.status_code for r in replies) == [200] * 7 + [201]
+    assert len({r.json()["id"] for r in replies}) == 1
+    listed = cs.get("/v1/commitments").json()["items"]
+    assert [c["dedup_key"] for c in listed] == ["order-17"]

@@ -109,12 +109,15 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     async def create_one(principal: str, spec: CommitmentCreate) -> tuple[dict[str, Any], bool]:
         cid = f"cm_{uuid.uuid4().hex}"
+        repeated = False  # the dedup_key is bound already: answer 200, not 201
         if spec.dedup_key:
             bound = await asyncio.to_thread(index.claim_dedup, principal, spec.dedup_key, cid)
             if bound != cid:
                 if await asyncio.to_thread(index.get, principal, bound) is not None:
                     return await call(principal, actor(principal, bound), "get"), False
-                cid = bound  # an earlier creation was interrupted: finish it
+                # A creation with this key is under way (a concurrent request) or was
+                # interrupted (a crash): finish it; create is idempotent.
+                cid, repeated = bound, True
         name = actor(principal, cid)
         # create is idempotent by itself (a second create returns the commitment as it
         # is), so it needs no cached reply: that saves about 1 KB of Redis per commitment.
@@ -131,7 +134,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
             await call(principal, name, "cancel")  # it could never hear its events: do not keep it
             raise
         await asyncio.to_thread(index.apply, principal, summary(view))
-        return view, True
+        return view, not repeated
 
     @api.post(
         "/commitments",
