@@ -443,3 +443,23 @@ def test_concurrent_creates_with_one_dedup_key_make_one_commitment(
     assert len({r.json()["id"] for r in replies}) == 1
     listed = cs.get("/v1/commitments").json()["items"]
     assert [c["dedup_key"] for c in listed] == ["order-17"]
+
+
+@pytest.mark.slow
+def test_one_event_fires_a_thousand_subscribers_each_once(
+    cs: httpx.Client, receiver: Receiver
+) -> None:
+    spec = {
+        "trigger": {"type": "webhook", "event_type": "go", "filters": {"n_gte": 1}},
+        "obligation": {"target": receiver.url + "/hook"},
+    }
+    ids: list[str] = []
+    for _ in range(10):
+        resp = cs.post("/v1/commitments/batch", json={"commitments": [spec] * 100})
+        assert resp.status_code == 201, resp.text
+        ids += [c["id"] for c in resp.json()["commitments"]]
+    assert len(set(ids)) == 1000
+    assert event(cs, "go", n=1)["delivered_to"] == 1000
+    wait_until(lambda: receiver.count() >= 1000, timeout=120)  # about 7 s here
+    keys = [r.headers["idempotency-key"] for r in receiver.requests]
+    assert sorted(keys) == sorted(ids)  # every one delivered, none twice
