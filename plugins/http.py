@@ -1,7 +1,7 @@
 """``self.plugins.http``: outbound HTTP requests (webhooks), through the outbox.
 
 ``post(url, json=..., ...)`` (or ``request(method, url, ...)``) buffers a request;
-it is committed with the actor's state and sent with httpx after the commit. Every
+it is committed with the actor's state and sent after the commit. Every
 attempt carries the same ``Idempotency-Key`` header (the entry id unless given),
 so a receiver that de-duplicates on it applies the effect once even when a crash
 forces a repeat.
@@ -37,10 +37,9 @@ from troth.core.records import OutboxEntry
 from troth.core.retry import RetryPolicy
 from troth.plugins.outbound import (
     AddressPolicy,
-    attempt,
+    OutboundClient,
     check_headers,
     check_url,
-    guarded_client,
     outcome_of,
 )
 
@@ -105,20 +104,22 @@ class HttpExecutor:
     def __init__(self, settings: HttpSettings) -> None:
         self.settings = settings
         policy = AddressPolicy(settings.allow_loopback, settings.allow_private)
-        self.client = guarded_client(policy, settings.timeout_seconds, settings.user_agent)
+        self.client = OutboundClient(
+            policy,
+            settings.timeout_seconds,
+            settings.user_agent,
+            max_response_bytes=settings.max_response_bytes,
+        )
 
-    def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+    async def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
         spec = entry.spec
         headers = {**spec.get("headers", {}), "idempotency-key": entry.idempotency_key}
-        resp = attempt(
-            self.client, spec["method"], spec["url"], json=spec.get("json"), headers=headers
+        resp = await self.client.attempt(
+            spec["method"], spec["url"], json=spec.get("json"), headers=headers
         )
         if isinstance(resp, ExecutionOutcome):
             return resp
-        return outcome_of(resp.status_code, resp.text[: self.settings.max_response_bytes])
-
-    def close(self) -> None:
-        self.client.close()
+        return outcome_of(resp.status_code, resp.body.decode(errors="replace"))
 
 
 class HttpFactory(PluginFactory):
@@ -135,5 +136,5 @@ class HttpFactory(PluginFactory):
     def executors(self) -> list[Any]:
         return [self._executor]
 
-    def close(self) -> None:
-        self._executor.close()
+    async def aclose(self) -> None:
+        await self._executor.client.aclose()

@@ -6,10 +6,11 @@ here is enforced by troth, not left to the tenant:
 
 * **targets** are ``http``/``https`` URLs with a host (:func:`check_url`, at the
   time the effect is buffered or the commitment created);
-* **addresses**: :func:`guarded_client` resolves the host itself when it opens a
+* **addresses**: :class:`OutboundClient` resolves the host itself when it opens a
   connection, refuses the connection if *any* resolved address is not allowed, and
   connects to the address it checked, so DNS rebinding between a check and the
-  connect is impossible. Unspecified addresses (``0.0.0.0``, ``::``) count as
+  connect is impossible; a literal address in the URL is checked as it is, and
+  only in its canonical form. Unspecified addresses (``0.0.0.0``, ``::``) count as
   loopback, because connecting to them reaches this host; IPv4-mapped, NAT64 and
   6to4 IPv6 addresses count as the IPv4 address they carry; Teredo counts as
   private. No proxy from the environment is used and redirects are not followed;
@@ -21,15 +22,16 @@ here is enforced by troth, not left to the tenant:
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import httpcore
-import httpx
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from troth.core.plugin import ExecutionOutcome
 
@@ -81,21 +83,6 @@ def outcome_of(code: int, value: Any = None) -> ExecutionOutcome:
     return ExecutionOutcome(
         ok=False, retryable=retryable, status_code=code, error=f"HTTP {code}", value=value
     )
-
-
-def attempt(
-    client: httpx.Client, method: str, url: str, **kwargs: Any
-) -> httpx.Response | ExecutionOutcome:
-    """One request through a :func:`guarded_client`: the response, or the outcome of a
-    request that got none (refused target: final; network error or timeout: retry)."""
-    try:
-        return client.request(method, url, **kwargs)
-    except UnsafeTargetError as exc:
-        return ExecutionOutcome(ok=False, error=str(exc))
-    except httpx.TimeoutException as exc:
-        return ExecutionOutcome(ok=False, retryable=True, error=f"timeout: {exc!r}")
-    except httpx.HTTPError as exc:
-        return ExecutionOutcome(ok=False, retryable=True, error=f"{type(exc).__name__}: {exc}")
 
 
 class UnsafeTargetError(ValueError):
@@ -159,59 +146,150 @@ class AddressPolicy:
         self.allow_loopback = allow_loopback
         self.allow_private = allow_private
 
-    def resolve(self, host: str, port: int) -> str:
-        """The address to connect to for ``host``; every resolved address is checked."""
+    def check(self, host: str, address: str) -> None:
+        """Raise UnsafeTargetError unless connecting to ``address`` is allowed."""
+        kind = classify(address)
+        if kind == "loopback" and not self.allow_loopback:
+            raise UnsafeTargetError(f"{host} resolves to loopback {address}; not allowed")
+        if kind == "private" and not self.allow_private:
+            raise UnsafeTargetError(f"{host} resolves to non-public {address}; not allowed")
+
+    def resolve(self, host: str, port: int, family: int = 0) -> list[tuple[int, str]]:
+        """Every address of ``host`` as (family, address), each one checked."""
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc}") from exc
-        addresses = [str(info[4][0]) for info in infos]
-        for address in addresses:
-            kind = classify(address)
-            if kind == "loopback" and not self.allow_loopback:
-                raise UnsafeTargetError(f"{host} resolves to loopback {address}; not allowed")
-            if kind == "private" and not self.allow_private:
-                raise UnsafeTargetError(f"{host} resolves to non-public {address}; not allowed")
-        return addresses[0]
+            raise OSError(f"cannot resolve {host!r}: {exc}") from exc
+        found = [(int(info[0]), str(info[4][0])) for info in infos]
+        for _, address in found:
+            self.check(host, address)
+        return found
 
 
-class _GuardedBackend(httpcore.SyncBackend):
-    """Resolves and checks the host itself, then connects to the checked address (TLS
-    still verifies and sends SNI for the host name)."""
+class _GuardedResolver(AbstractResolver):
+    """aiohttp asks it for the addresses of a host name; it answers only with addresses
+    it checked, and aiohttp connects to those (TLS still verifies the host name)."""
 
     def __init__(self, policy: AddressPolicy) -> None:
         self.policy = policy
 
-    def connect_tcp(
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await asyncio.to_thread(self.policy.resolve, host, port, family)
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=fam,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for fam, address in found
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def _literal_address(host: str) -> str | None:
+    """The address a URL's host names literally, or None for a host name. A host that
+    looks like an address but is not one in canonical form (``127.1``, ``0``) is
+    refused: resolvers would map it onto an address the check never saw."""
+    if not (":" in host or host.replace(".", "").isdigit()):
+        return None
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
+    except ValueError:
+        raise UnsafeTargetError(f"{host!r} is not an address in canonical form") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status_code: int
+    body: bytes
+
+
+class OutboundClient:
+    """An HTTP client for tenant-chosen targets (see the module docstring), on the
+    event loop that first uses it.
+
+    Built on aiohttp: on this project's benchmark machine it sent 8,100 requests/s
+    with 64 in flight where httpx's AsyncClient sent 350-480 (httpcore's pool
+    slows down as connections are added), and deliveries are the hot path of the
+    commitments service.
+    """
+
+    def __init__(
         self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        address = self.policy.resolve(host, port)
-        return super().connect_tcp(address, port, timeout, local_address, socket_options)
+        policy: AddressPolicy,
+        timeout: float,
+        user_agent: str,
+        max_connections: int = 256,
+        max_response_bytes: int = 65_536,
+    ) -> None:
+        self.policy = policy
+        self.timeout = timeout
+        self.user_agent = user_agent
+        self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
+        self._session: aiohttp.ClientSession | None = None
 
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                resolver=_GuardedResolver(self.policy),
+                limit=self.max_connections,
+                ttl_dns_cache=10,
+                keepalive_timeout=5.0,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"user-agent": self.user_agent},
+                trust_env=False,
+                auto_decompress=False,
+            )
+        return self._session
 
-def guarded_client(
-    policy: AddressPolicy, timeout: float, user_agent: str, max_connections: int = 100
-) -> httpx.Client:
-    """An httpx client for tenant-chosen targets (see the module docstring)."""
-    transport = httpx.HTTPTransport(trust_env=False)
-    # httpx offers no public hook for the connect step; the pool it builds is replaced
-    # by the same pool with a guarded network backend (tests pin this behaviour).
-    transport._pool = httpcore.ConnectionPool(
-        ssl_context=httpx.create_ssl_context(trust_env=False),
-        max_connections=max_connections,
-        max_keepalive_connections=max_connections // 5 or 1,
-        keepalive_expiry=5.0,
-        network_backend=_GuardedBackend(policy),
-    )
-    return httpx.Client(
-        transport=transport,
-        timeout=timeout,
-        follow_redirects=False,
-        trust_env=False,
-        headers={"user-agent": user_agent},
-    )
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes | None = None,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        """Send one request; raises UnsafeTargetError for a target the policy refuses,
+        and aiohttp's errors (or TimeoutError) when no response came."""
+        host = urlsplit(url).hostname or ""
+        literal = _literal_address(host)
+        if literal is not None:
+            self.policy.check(host, literal)
+        async with self._open().request(
+            method, url, data=content, json=json, headers=headers, allow_redirects=False
+        ) as resp:
+            body = await resp.content.read(self.max_response_bytes)
+            return Response(resp.status, body)
+
+    async def attempt(self, method: str, url: str, **kwargs: Any) -> Response | ExecutionOutcome:
+        """One request: the response, or the outcome of a request that got none (refused
+        target: final; network error or timeout: retry)."""
+        try:
+            return await self.request(method, url, **kwargs)
+        except UnsafeTargetError as exc:
+            return ExecutionOutcome(ok=False, error=str(exc))
+        except TimeoutError as exc:
+            return ExecutionOutcome(ok=False, retryable=True, error=f"timeout: {exc!r}")
+        except (aiohttp.ClientError, OSError) as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, UnsafeTargetError) else None
+            if cause is not None:
+                return ExecutionOutcome(ok=False, error=str(cause))
+            return ExecutionOutcome(ok=False, retryable=True, error=f"{type(exc).__name__}: {exc}")
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

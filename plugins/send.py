@@ -66,10 +66,10 @@ class SendExecutor:
         self.context = context
         self.timeout = timeout
 
-    def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+    async def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
         spec = entry.spec
         try:
-            value = self.context.deliver(
+            value = await self.context.deliver(
                 spec["target"],
                 spec["method"],
                 spec["args"],

@@ -41,7 +41,6 @@ from troth.core.catalog import Catalog
 from troth.core.checkpoint import CheckpointStore
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.config import Config, ConfigError
-from troth.core.errors import UnavailableError
 from troth.core.keys import KeySpace
 from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName
@@ -143,18 +142,23 @@ class Node:
             clock=clock,
         )
         self.dispatcher = OutboxDispatcher(
-            self.client,
-            self.keys,
-            self.node_id,
-            self.leases.epoch_of,
-            self.deliver,
-            self.metrics,
-            config.runtime.outbox_workers,
-            config.node.call_timeout_seconds,
-            clock,
+            client=self.client,
+            batcher=self.batcher,
+            loop=self.loop,
+            keys=self.keys,
+            node_id=self.node_id,
+            epoch_of=self.leases.epoch_of,
+            deliver=self.deliver,
+            take_result=self._take_result,
+            metrics=self.metrics,
+            concurrency=config.runtime.outbox_workers,
+            deliver_timeout=config.node.call_timeout_seconds,
+            clock=clock,
         )
         self.plugin_factories: dict[str, PluginFactory] = build_factories(
-            PluginContext(self.node_id, self.client, self.keys, self.metrics, self.deliver),
+            PluginContext(
+                self.node_id, self.client, self.batcher, self.keys, self.metrics, self.deliver
+            ),
             config.plugins,
             required_plugins,
         )
@@ -244,7 +248,7 @@ class Node:
         self.stopped = True
         self.leases.stop(release=False)
         self.scheduler.stop()
-        self.dispatcher.stop()
+        self.dispatcher.stop(grace=0)
         with contextlib.suppress(Exception):
             self._on_loop(self._abandon_loop()).result(timeout=10)
         self.loop_thread.stop()
@@ -292,6 +296,9 @@ class Node:
         return not self.engine.busy and (pulse is None or pulse > self.clock.monotonic())
 
     async def _close_loop_resources(self) -> None:
+        for factory in self.plugin_factories.values():
+            with contextlib.suppress(Exception):
+                await factory.aclose()
         await self.router.close()
         await self.aclient.aclose()
 
@@ -334,7 +341,7 @@ class Node:
 
         return self._on_loop(post())
 
-    def deliver(
+    async def deliver(
         self,
         target: str,
         method: str,
@@ -344,15 +351,16 @@ class Node:
         timeout: float,
         caller: Caller,
     ) -> Any:
-        """Deliver a message from the outbox to its owner, wherever it is, and wait for
-        the receiver's commit (from an outbox worker thread)."""
-        coro = self.router.call(
+        """Deliver a message from the outbox to its owner, wherever it is, and return
+        the receiver's reply after its commit (on the node's loop)."""
+        return await self.router.call(
             ActorName.parse(target), method, args, kwargs, request_id, caller, timeout=timeout
         )
-        try:
-            return self._on_loop(coro).result(timeout=timeout + 1)
-        except FutureTimeout:
-            raise UnavailableError(f"{target}.{method}: no reply within {timeout}s") from None
+
+    async def _take_result(self, origin: str, msg: Message) -> None:
+        """An outbox entry's outcome, to its origin on this node (the dispatcher only
+        attempts entries of shards this node owns, and so hosts their origins)."""
+        await self.engine.post(ActorName.parse(origin), msg)
 
     async def health(self) -> dict[str, Any] | None:
         """This node's figures if Redis answers a PING within the probe's bound (at

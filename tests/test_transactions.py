@@ -12,6 +12,7 @@ import redis
 
 from conftest import Receiver, call, wait_until
 from troth.core.access import Caller
+from troth.core.names import ActorName
 from troth.edge import admin
 from troth.node import Node
 
@@ -107,9 +108,8 @@ def test_send_is_processed_once_even_if_delivered_twice(api: httpx.Client, node:
     msg_id = call(api, "probe/alice-p", "tell", "journal/alice-j", "x").json()["result"]
     wait_until(lambda: call(api, "probe/alice-p", "get").json()["result"]["results"])
     # Redeliver the very same message (as the outbox would after a crash).
-    node.deliver(
-        "journal/alice-j", "record", ["x"], {}, msg_id, 5, Caller.of_actor("probe/alice-p")
-    )
+    journal = ActorName.parse("journal/alice-j")
+    node.call(journal, "record", ["x"], {}, msg_id, Caller.of_actor("probe/alice-p")).result(5)
     assert call(api, "journal/alice-j", "records").json()["result"] == ["x"]
     result = call(api, "probe/alice-p", "get").json()["result"]["results"][0]
     assert result["ok"] is True and result["value"] == 1

@@ -133,7 +133,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         except AppError:
             await call(principal, name, "cancel")  # it could never hear its events: do not keep it
             raise
-        await asyncio.to_thread(index.apply, principal, summary(view))
+        await index.apply(principal, summary(view))
         return view, not repeated
 
     @api.post(

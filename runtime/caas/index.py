@@ -32,34 +32,51 @@ from typing import Any
 import redis
 
 from troth.caas.models import STATUSES
+from troth.core.batcher import Batcher, Command, Script
 from troth.core.keys import KeySpace
 from troth.core.scripts import load_lua
 
 
 class CommitmentIndex:
-    def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
+    """Reads are plain redis-py calls (the API runs them off the loop); :meth:`apply`
+    runs on the node's loop and shares the engine's batched round trips, so the
+    index updates of many commitments travel together. A reader (``troth status``,
+    the metrics) needs no batcher."""
+
+    def __init__(self, client: redis.Redis, keys: KeySpace, batcher: Batcher | None = None) -> None:
         self.client = client
+        self.batcher = batcher
         self.prefix = keys.prefix
-        self._apply = client.register_script(load_lua("cmindex.lua", "troth.caas"))
+        self._apply = Script(load_lua("cmindex.lua", "troth.caas"))
         self._known: set[str] = set()  # principals already in P:principals
 
     def _k(self, principal: str, what: str) -> str:
         return f"{self.prefix}:{{cm:{principal}}}:{what}"
 
-    def apply(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> bool:
+    async def apply(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> bool:
+        """Apply ``summary`` unless the index holds a newer one (``rev``); True if
+        applied."""
         keys = [
             self._k(principal, what)
             for what in ("all", "sum", "count", "dedup", "ended", f"gone:{summary['id']}")
         ]
         keys += [self._k(principal, f"s:{st}") for st in STATUSES]
-        applied = self._apply(
-            keys=keys,
-            args=[summary["id"], summary["rev"], json.dumps(summary), tombstone_ms, *STATUSES],
-        )
-        if principal not in self._known:
-            self.client.sadd(f"{self.prefix}:principals", principal)
-            self._known.add(principal)
-        return bool(applied)
+        args = [summary["id"], summary["rev"], json.dumps(summary), tombstone_ms, *STATUSES]
+        new_principal = principal not in self._known
+        if self.batcher is None:
+            raise RuntimeError("CommitmentIndex.apply needs the node's batcher")
+
+        def add(commands: list[Command]) -> None:
+            self._apply.queue(commands, keys, args)
+            if new_principal:
+                commands.append(("SADD", f"{self.prefix}:principals", principal))
+
+        replies = await self.batcher.run(add, 2 if new_principal else 1, self._apply)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        self._known.add(principal)
+        return bool(replies[0])
 
     def retired_at(self, principal: str, cid: str) -> int | None:
         """When ``cid`` was retired (ms), while its tombstone lasts."""

@@ -34,7 +34,7 @@ from troth.core.plugin import (
 )
 from troth.core.records import OutboxEntry
 from troth.core.retry import RetryPolicy
-from troth.plugins.outbound import AddressPolicy, attempt, guarded_client, outcome_of
+from troth.plugins.outbound import AddressPolicy, OutboundClient, outcome_of
 
 
 class CommitmentSettings(BaseModel):
@@ -109,15 +109,15 @@ class WebhookExecutor:
         self.factory = factory
         s = factory.settings
         policy = AddressPolicy(s.allow_loopback, s.allow_private)
-        self.client = guarded_client(policy, s.timeout_seconds, "troth-commitments")
+        self.client = OutboundClient(policy, s.timeout_seconds, "troth-commitments")
 
-    def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+    async def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
         spec, m = entry.spec, self.factory
         if entry.attempts == 1 and spec.get("due_ms") is not None:
             m.lateness.observe(max(0, spec["fired_ms"] - spec["due_ms"]) / 1000)
         body, headers = delivery.build(spec, entry.attempts, self.factory.secret(spec["principal"]))
         started = time.perf_counter()
-        resp = attempt(self.client, "POST", spec["target"], content=body, headers=headers)
+        resp = await self.client.attempt("POST", spec["target"], content=body, headers=headers)
         m.latency.observe(time.perf_counter() - started)
         if isinstance(resp, ExecutionOutcome):
             m.deliveries.labels("error" if resp.retryable else "refused").inc()
@@ -127,9 +127,6 @@ class WebhookExecutor:
         m.deliveries.labels(label).inc()
         return outcome
 
-    def close(self) -> None:
-        self.client.close()
-
 
 class IndexExecutor:
     kind = "cmindex"
@@ -138,8 +135,8 @@ class IndexExecutor:
     def __init__(self, index: CommitmentIndex) -> None:
         self.index = index
 
-    def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
-        self.index.apply(
+    async def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+        await self.index.apply(
             entry.spec["principal"], entry.spec["summary"], entry.spec.get("tombstone_ms", 0)
         )
         return ExecutionOutcome(ok=True)
@@ -151,7 +148,7 @@ class CommitmentsFactory(PluginFactory):
 
     def __init__(self, context: PluginContext, settings: dict[str, Any]) -> None:
         super().__init__(context, settings)
-        self.index = CommitmentIndex(context.client, context.keys)
+        self.index = CommitmentIndex(context.client, context.keys, context.batcher)
         r = context.metrics.registry
         self.deliveries = Counter(
             "troth_commitment_deliveries", "Delivery attempts by outcome.", ["outcome"], registry=r
@@ -186,5 +183,5 @@ class CommitmentsFactory(PluginFactory):
     def executors(self) -> list[Any]:
         return [self._webhook, IndexExecutor(self.index)]
 
-    def close(self) -> None:
-        self._webhook.close()
+    async def aclose(self) -> None:
+        await self._webhook.client.aclose()

@@ -63,3 +63,7 @@ class Background:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def pending(self) -> list[asyncio.Future[Any]]:
+        """The tasks that have not finished yet."""
+        return [t for t in self._tasks if not t.done()]

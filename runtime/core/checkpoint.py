@@ -54,6 +54,8 @@ class CommitRequest:
     reply: bytes = b""
     ops: CommitOps = field(default_factory=CommitOps)
     fired_timer: tuple[str, str] | None = None
+    #: The outbox entry whose result this commit takes in (it is deleted with it).
+    settled_entry: str | None = None
     autonomous: bool = False
     #: The actor deletes itself in this commit (every key of its own goes).
     delete: bool = False
@@ -214,6 +216,8 @@ class CheckpointStore:
             payload["au"] = 1
         if req.fired_timer is not None:
             payload["tf"] = list(req.fired_timer)
+        if req.settled_entry is not None:
+            payload["od"] = req.settled_entry
         if req.delete:
             payload["del"] = 1
         return codec.pack_for_lua(payload)

@@ -98,7 +98,9 @@ class RuntimeConfig(_Model):
         "the node's event loop.",
     )
     max_mailbox: int = Field(10_000, ge=1, description="Queued messages per actor before 503.")
-    outbox_workers: int = Field(16, ge=1, le=512, description="Concurrent outbox deliveries.")
+    outbox_workers: int = Field(
+        64, ge=1, le=4096, description="Outbox attempts in flight at once (tasks on the loop)."
+    )
     notify_max: int = Field(
         1000, ge=1, description="Notifications kept per actor for sessions that reconnect."
     )

@@ -22,7 +22,7 @@ together with the actor's state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import redis
 
     from troth.core.access import Caller
+    from troth.core.batcher import Batcher
     from troth.core.keys import KeySpace
     from troth.core.metrics import NodeMetrics
     from troth.core.names import ActorName
@@ -107,18 +108,22 @@ class Executor(Protocol):
     safe (the receiver de-duplicates on the idempotency key); an entry whose spec
     says ``"idempotent": false`` overrides it. When it is not safe, such an entry
     becomes *uncertain* and is surfaced instead of being repeated.
+
+    ``execute`` is best a coroutine (``async def``): it runs on the node's event
+    loop, where thousands of attempts cost a task each. A plain ``def`` is accepted
+    and runs on a small thread pool, so one that blocks never stalls the loop.
     """
 
     kind: str
     idempotent: bool
 
-    def execute(self, entry: OutboxEntry) -> ExecutionOutcome: ...
+    def execute(self, entry: OutboxEntry) -> ExecutionOutcome | Awaitable[ExecutionOutcome]: ...
 
 
-#: Delivers a message to an actor wherever it lives and waits for the receiver's
-#: commit: ``(target, method, args, kwargs, request_id, timeout, caller)``. Called
-#: from outbox worker threads, never from the event loop.
-Deliver = Callable[[str, str, list[Any], dict[str, Any], str, float, "Caller"], Any]
+#: Delivers a message to an actor wherever it lives and returns its reply after the
+#: receiver's commit: ``(target, method, args, kwargs, request_id, timeout, caller)``.
+#: A coroutine of the node's event loop (where outbox executors run).
+Deliver = Callable[[str, str, list[Any], dict[str, Any], str, float, "Caller"], Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,8 @@ class PluginContext:
 
     node_id: str
     client: redis.Redis
+    #: The node's batched Redis round trips, for work on the event loop.
+    batcher: Batcher
     keys: KeySpace
     metrics: NodeMetrics
     deliver: Deliver
@@ -153,6 +160,10 @@ class PluginFactory:
 
     def close(self) -> None:
         """Release shared resources when the node stops."""
+
+    async def aclose(self) -> None:
+        """Release resources bound to the node's event loop (HTTP sessions, say); runs
+        on the loop when the node stops, before :meth:`close`."""
 
 
 class BufferingPlugin(ActorPlugin, Generic[T]):

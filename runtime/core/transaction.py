@@ -56,13 +56,18 @@ class TimerAlreadyHandled(TrothError):
     """A timer firing lost the race against another firing or a cancel: drop it."""
 
 
+class AlreadySettled(TrothError):
+    """An outbox result was taken in already (its entry is gone): drop the repeat."""
+
+
 class StaleActivation(UnavailableError):
     """The commit proved this activation stale (fenced, or seq moved on): reload it."""
 
 
 @dataclass(slots=True)
 class Message:
-    """A unit of work for one actor; ``kind`` is call, init, resume, pulse or timer."""
+    """A unit of work for one actor; ``kind`` is call, init, resume, pulse, timer or
+    result (an outbox entry's outcome, handed back to the actor that made it)."""
 
     kind: str
     method: str
@@ -73,6 +78,9 @@ class Message:
     caller: Caller = OPERATOR
     #: No earlier attempt used ``request_id``: there is no committed reply to replay.
     new_id: bool = False
+    #: For a result: the outbox entry it settles, deleted by the same commit, which is
+    #: refused (:class:`AlreadySettled`) when the entry is gone, so it applies once.
+    settles: str | None = None
 
 
 _ASYNC: dict[Any, bool] = {}
@@ -229,6 +237,8 @@ class ActorRuntime:
             if not result.ok:
                 if result.reason == "timer":
                     raise TimerAlreadyHandled(result.detail)
+                if result.reason == "settled":
+                    raise AlreadySettled(result.detail)
                 if result.reason == "fenced":
                     raise FencedError(
                         f"{self.name}: this node no longer owns shard {self.shard} "
@@ -277,6 +287,7 @@ class ActorRuntime:
             and pstate == self._pstate
             and not (ops.outbox or ops.timers_set or ops.timers_cancel or ops.notifications)
             and msg.timer is None
+            and msg.settles is None
             and not (self.needs_init or self.needs_write or self.deleting)
         )
         if unchanged:
@@ -297,6 +308,7 @@ class ActorRuntime:
             reply=packed_reply,
             ops=ops,
             fired_timer=(msg.timer.key, msg.timer.id) if msg.timer else None,
+            settled_entry=msg.settles,
             autonomous=self.autonomous,
             delete=self.deleting,
             count_for=self.count_for if self.needs_init else None,

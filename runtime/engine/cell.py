@@ -47,6 +47,7 @@ from troth.core.plugin import PluginFactory
 from troth.core.records import Checkpoint, CommitOps
 from troth.core.transaction import (
     ActorRuntime,
+    AlreadySettled,
     Invoker,
     Message,
     StaleActivation,
@@ -228,7 +229,9 @@ class Cell:
                 fut.set_result(reply)
             else:
                 fut.set_exception(error)
-        elif error is not None and not isinstance(error, AppError | TimerAlreadyHandled):
+        elif error is not None and not isinstance(
+            error, AppError | TimerAlreadyHandled | AlreadySettled
+        ):
             log.warning(
                 "%s: %s %s failed: %s",
                 self.name,
@@ -255,6 +258,8 @@ class Cell:
                 reply = await rt.execute(msg, rt.ca.pulse)
             elif msg.kind == "timer":
                 reply = await self._fire(rt, msg)
+            elif msg.kind == "result":
+                reply = await self._take_result(rt, msg)
             else:
                 raise BadRequestError(f"unknown message kind {msg.kind!r}")
             return reply
@@ -286,28 +291,46 @@ class Cell:
     async def _fire(self, rt: ActorRuntime, msg: Message) -> Any:
         timer = msg.timer
         assert timer is not None
-        fn = getattr(rt.ca, timer.method, None)
-        if not callable(fn):
-            raise NotFoundError(f"timer {timer.name!r}: no method {timer.method!r}")
         lateness = max(0.0, (rt.store.clock.now_ms() - timer.due_ms) / 1000)
+        what = f"timer {timer.name!r} handler {timer.method}"
+        done = await self._consuming(rt, msg, timer.args, timer.kwargs, what)
+        if done:
+            self.host.metrics.timers_fired.inc()
+            self.host.metrics.timer_lateness.observe(lateness)
+        return None
+
+    async def _take_result(self, rt: ActorRuntime, msg: Message) -> Any:
+        await self._consuming(rt, msg, msg.args, msg.kwargs, f"result handler {msg.method}")
+        return None
+
+    async def _consuming(
+        self,
+        rt: ActorRuntime,
+        msg: Message,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        what: str,
+    ) -> bool:
+        """Run a message that consumes a token in its commit (a timer, an outbox
+        entry), once: True if its handler committed. A handler that fails still
+        consumes the token, with the state unchanged, or the token would come back at
+        once, forever; the failure is logged."""
+        fn = getattr(rt.ca, msg.method, None)
         try:
-            reply = await rt.execute(msg, fn, timer.args, timer.kwargs)
-        except TimerAlreadyHandled:
-            return None
+            if not callable(fn):
+                raise NotFoundError(f"{self.name.type} has no method {msg.method!r}")
+            await rt.execute(msg, fn, args, kwargs)
+            return True
+        except (TimerAlreadyHandled, AlreadySettled):
+            return False
         except RetryableError:
             raise
         except TrothError as exc:
-            # The handler failed: consume the timer anyway (state unchanged), or it
-            # would fire again at once, forever. The failure is logged.
-            log.error(
-                "%s: timer %r handler %s failed: %s", self.name, timer.name, timer.method, exc
-            )
-            with contextlib.suppress(TimerAlreadyHandled):
-                await rt.execute(Message("timer", "<consume>", timer=timer), _nothing)
-            return None
-        self.host.metrics.timers_fired.inc()
-        self.host.metrics.timer_lateness.observe(lateness)
-        return reply
+            log.error("%s: %s failed: %s", self.name, what, exc)
+            consume = Message(msg.kind, "<consume>", timer=msg.timer, settles=msg.settles)
+            with contextlib.suppress(TimerAlreadyHandled, AlreadySettled):
+                await rt.execute(consume, _nothing)
+            return False
 
     async def _activate(self) -> ActorRuntime:
         host, name = self.host, str(self.name)

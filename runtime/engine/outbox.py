@@ -16,31 +16,49 @@ crash harmless:
 * a retryable failure is retried per the entry's retry policy; after the last
   attempt the entry is reported as failed (or kept as a ``dead`` letter).
 
-When the entry names an ``on_result`` method, the final outcome is delivered to the
-origin actor as a call with a stable request id, so the actor processes it once.
+When the entry names an ``on_result`` method, the final outcome is handed back to
+the origin actor once. For a repeatable entry it goes straight to the origin as a
+``result`` message whose commit also deletes the entry (and is refused if the entry
+is gone), so the outcome and the end of the entry are one atomic step; a crash
+before it means the attempt is repeated under its key. Otherwise, or when the
+origin cannot take it now, the outcome is first recorded in the ledger
+(``callback``) and then delivered as a call with a stable request id.
+
+The dispatcher runs on the node's event loop: an attempt costs a task, not a thread,
+and the ledger writes of every attempt in flight share the engine's batched round
+trips (:class:`~troth.core.batcher.Batcher`). At most ``concurrency`` attempts run
+at once. Executors whose ``execute`` is a coroutine run on the loop; a plain one
+runs on a small thread pool of the same size, so a blocking executor never stalls
+the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.exceptions import RedisError
 
 from troth.core import codec
-from troth.core.access import SYSTEM, Caller
+from troth.core.access import SYSTEM
+from troth.core.aio import Background
+from troth.core.batcher import Batcher, Command, Script
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.errors import CallTimeout, RetryableError, TrothError
 from troth.core.keys import KeySpace
 from troth.core.metrics import NodeMetrics
-from troth.core.plugin import ExecutionOutcome, Executor
+from troth.core.plugin import Deliver, ExecutionOutcome, Executor
 from troth.core.records import OutboxEntry
 from troth.core.retry import RetryPolicy
 from troth.core.scripts import load_lua
+from troth.core.transaction import Message
 from troth.engine.duequeue import DueQueue
 
 log = logging.getLogger(__name__)
@@ -69,29 +87,40 @@ def outcome_result(entry: OutboxEntry, outcome: ExecutionOutcome | None) -> dict
 class OutboxDispatcher:
     def __init__(
         self,
+        *,
         client: redis.Redis,
+        batcher: Batcher,
+        loop: asyncio.AbstractEventLoop,
         keys: KeySpace,
         node_id: str,
         epoch_of: Callable[[int], str | None],
-        deliver: Callable[[str, str, list[Any], dict[str, Any], str, float, Caller], Any],
+        deliver: Deliver,
+        take_result: Callable[[str, Message], Awaitable[Any]],
         metrics: NodeMetrics,
-        workers: int = 16,
+        concurrency: int = 64,
         deliver_timeout: float = 30.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.client = client
+        self.batcher = batcher
+        self.loop = loop
         self.clock = clock
         self.keys = keys
         self.node_id = node_id
         self.epoch_of = epoch_of
         self.deliver = deliver
+        self.take_result = take_result
         self.deliver_timeout = deliver_timeout
         self.metrics = metrics
+        self.concurrency = concurrency
         self.executors: dict[str, Executor] = {}
-        self._write = client.register_script(load_lua("outbox.lua"))
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="troth-outbox")
+        self._async_kinds: set[str] = set()
+        self._script = Script(load_lua("outbox.lua"))
+        self._slots = asyncio.Semaphore(concurrency)
+        self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
+        self._tasks = Background()
         self.queue = DueQueue("outbox", self._due, clock)
 
     @property
@@ -102,13 +131,33 @@ class OutboxDispatcher:
 
     def register(self, executor: Executor) -> None:
         self.executors[executor.kind] = executor
+        if inspect.iscoroutinefunction(executor.execute):
+            self._async_kinds.add(executor.kind)
 
     def start(self) -> None:
         self.queue.start()
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop taking due entries; give the attempts in flight up to ``grace`` seconds
+        to end, then cancel them (an entry left ``attempting`` is settled by the
+        shard's next owner, as after a crash). Called from outside the loop."""
         self.queue.stop()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.loop.is_running():
+            done = asyncio.run_coroutine_threadsafe(self._close(grace), self.loop)
+            try:
+                done.result(timeout=grace + 5)
+            except Exception:
+                log.exception("outbox: stopping the attempts in flight failed")
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def _close(self, grace: float) -> None:
+        tasks = self._tasks.pending()
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for task in self._tasks.pending():
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -132,16 +181,25 @@ class OutboxDispatcher:
         self.queue.drop_shards(shards)
 
     def _due(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
+        """From the due queue's thread: hand the entry to the loop."""
         with self._lock:
             if entry_id in self._inflight:
                 return
             self._inflight.add(entry_id)
-        self._pool.submit(self._process, shard, entry_id, committed)
-
-    def _process(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
         try:
-            self._attempt(shard, entry_id, committed)
-        except redis.RedisError as exc:
+            self.loop.call_soon_threadsafe(self._begin, shard, entry_id, committed)
+        except RuntimeError:  # the loop is closed: the node is stopping
+            with self._lock:
+                self._inflight.discard(entry_id)
+
+    def _begin(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
+        self._tasks.spawn(self._process(shard, entry_id, committed))
+
+    async def _process(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
+        try:
+            async with self._slots:
+                await self._attempt(shard, entry_id, committed)
+        except RedisError as exc:
             log.warning("outbox %s: Redis error, retrying: %s", entry_id, exc)
             self.queue.push(self.clock.now_ms() + CALLBACK_RETRY_MS, shard, entry_id)
         except Exception:
@@ -151,20 +209,34 @@ class OutboxDispatcher:
             with self._lock:
                 self._inflight.discard(entry_id)
 
-    def _attempt(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
+    async def _read(self, shard: int, entry_id: str) -> OutboxEntry | None:
+        key = self.keys.shard(shard).outbox
+
+        def add(commands: list[Command]) -> None:
+            commands.append(("HGET", key, entry_id))
+
+        (raw,) = await self.batcher.run(add)
+        if isinstance(raw, Exception):
+            raise raw
+        return None if raw is None else OutboxEntry.from_dict(codec.unpack(raw))
+
+    async def _execute(self, executor: Executor, entry: OutboxEntry) -> ExecutionOutcome:
+        if executor.kind in self._async_kinds:
+            return await cast(Awaitable[ExecutionOutcome], executor.execute(entry))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="troth-outbox")
+        run = cast(Callable[[OutboxEntry], ExecutionOutcome], executor.execute)
+        return await self.loop.run_in_executor(self._pool, run, entry)
+
+    async def _attempt(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
         epoch = self.epoch_of(shard)
         if epoch is None:
             return
-        entry = committed
-        if entry is None:
-            raw = self.client.hget(self.keys.shard(shard).outbox, entry_id)
-            if raw is None:
-                return
-            entry = OutboxEntry.from_dict(codec.unpack(raw))
-        if entry.status in ("dead", "uncertain"):
+        entry = committed if committed is not None else await self._read(shard, entry_id)
+        if entry is None or entry.status in ("dead", "uncertain"):
             return
         if entry.status == "callback":
-            self._callback(shard, epoch, entry)
+            await self._callback(shard, epoch, entry)
             return
         executor = self.executors.get(entry.kind)
         if executor is None:
@@ -173,7 +245,7 @@ class OutboxDispatcher:
             )
             entry.status = "dead"
             entry.result = {"error": f"no executor for kind {entry.kind!r}"}
-            self._store(shard, epoch, entry, None)
+            await self._store(shard, epoch, entry, None)
             return
         repeatable = executor.idempotent and entry.spec.get("idempotent", True) is not False
         if entry.status == "attempting" and not repeatable:
@@ -183,15 +255,15 @@ class OutboxDispatcher:
                 entry.attempts,
             )
             self.metrics.outbox_attempts.labels(entry.kind, "uncertain").inc()
-            self._finish(shard, epoch, entry, None)
+            await self._finish(shard, epoch, entry, None, repeatable)
             return
         entry.status = "attempting"
         entry.attempts += 1
-        if not self._store(shard, epoch, entry, self.clock.now_ms()):
+        if not await self._store(shard, epoch, entry, self.clock.now_ms()):
             return
         started = time.perf_counter()
         try:
-            outcome = executor.execute(entry)
+            outcome = await self._execute(executor, entry)
         except TrothError as exc:
             outcome = ExecutionOutcome(
                 ok=False, retryable=isinstance(exc, RetryableError), error=str(exc)
@@ -218,22 +290,29 @@ class OutboxDispatcher:
             entry.next_ms = self.clock.now_ms() + int(
                 policy.delay_before(entry.attempts + 1) * 1000
             )
-            if self._store(shard, epoch, entry, entry.next_ms):
+            if await self._store(shard, epoch, entry, entry.next_ms):
                 self.queue.push(entry.next_ms, shard, entry.id)
             return
         self.metrics.outbox_attempts.labels(entry.kind, "ok" if outcome.ok else "failed").inc()
-        self._finish(shard, epoch, entry, outcome)
+        await self._finish(shard, epoch, entry, outcome, repeatable)
 
-    def _finish(
-        self, shard: int, epoch: str, entry: OutboxEntry, outcome: ExecutionOutcome | None
+    async def _finish(
+        self,
+        shard: int,
+        epoch: str,
+        entry: OutboxEntry,
+        outcome: ExecutionOutcome | None,
+        repeatable: bool,
     ) -> None:
         entry.result = outcome_result(entry, outcome)
         if entry.on_result:
+            if repeatable and await self._hand_back(entry):
+                return
             entry.status = "callback"
-            if self._store(shard, epoch, entry, self.clock.now_ms()):
-                self._callback(shard, epoch, entry)
+            if await self._store(shard, epoch, entry, self.clock.now_ms()):
+                await self._callback(shard, epoch, entry)
         elif outcome is not None and outcome.ok:
-            self._store(shard, epoch, entry, None, delete=True)
+            await self._store(shard, epoch, entry, None, delete=True)
         else:
             entry.status = "dead" if outcome is not None else "uncertain"
             log.error(
@@ -244,12 +323,24 @@ class OutboxDispatcher:
                 entry.status,
                 entry.result.get("error"),
             )
-            self._store(shard, epoch, entry, None)
+            await self._store(shard, epoch, entry, None)
 
-    def _callback(self, shard: int, epoch: str, entry: OutboxEntry) -> None:
+    async def _hand_back(self, entry: OutboxEntry) -> bool:
+        """Hand the outcome to the origin in a commit that deletes the entry; False if
+        the origin cannot take it now (then it is recorded and delivered later)."""
+        assert entry.on_result is not None
+        msg = Message("result", entry.on_result, [entry.result], caller=SYSTEM, settles=entry.id)
+        try:
+            await self.take_result(entry.origin, msg)
+        except TrothError as exc:
+            log.info("outbox %s: result not taken now: %s", entry.id, exc)
+            return False
+        return True
+
+    async def _callback(self, shard: int, epoch: str, entry: OutboxEntry) -> None:
         assert entry.on_result is not None and entry.result is not None
         try:
-            self.deliver(
+            await self.deliver(
                 entry.origin,
                 entry.on_result,
                 [entry.result],
@@ -270,22 +361,28 @@ class OutboxDispatcher:
                 entry.on_result,
                 exc,
             )
-        self._store(shard, epoch, entry, None, delete=True)
+        await self._store(shard, epoch, entry, None, delete=True)
 
-    def _store(
+    async def _store(
         self, shard: int, epoch: str, entry: OutboxEntry, due_ms: int | None, delete: bool = False
     ) -> bool:
+        """Write the entry to the ledger (fenced by the shard's epoch); False when the
+        shard was taken over or the entry is gone."""
         sk = self.keys.shard(shard)
-        res = self._write(
-            keys=[sk.lease, sk.outbox, sk.outbox_queue],
-            args=[
-                self.node_id,
-                epoch,
-                entry.id,
-                b"" if delete else codec.pack(entry.to_dict()),
-                "" if due_ms is None else str(due_ms),
-            ],
-        )
+        args = [
+            self.node_id,
+            epoch,
+            entry.id,
+            b"" if delete else codec.pack(entry.to_dict()),
+            "" if due_ms is None else str(due_ms),
+        ]
+
+        def add(commands: list[Command]) -> None:
+            self._script.queue(commands, [sk.lease, sk.outbox, sk.outbox_queue], args)
+
+        (res,) = await self.batcher.run(add, 1, self._script)
+        if isinstance(res, Exception):
+            raise res
         if res == -1:
             log.info(
                 "outbox %s: shard %d was taken over; leaving the entry to its owner",

@@ -1,5 +1,7 @@
 -- One transaction's commit: state, reply, outbox entries and timer changes of one
 -- actor, all or nothing, and only while this node holds the shard at this epoch.
+-- A fired timer (p.tf) or a settled outbox entry (p.od: its result was handed to
+-- this actor) is consumed in the same step, and the commit is refused if it is gone.
 -- With p.del the actor deletes itself instead: its outbox entries are still written
 -- (effects it promised), and its checkpoint, reply cache, notification stream, set
 -- memberships and the timers named in p.tc go.
@@ -25,6 +27,12 @@ if p.tf then
   end
   redis.call('HDEL', KEYS[9], p.tf[1])
   redis.call('ZREM', KEYS[8], p.tf[1])
+end
+if p.od then
+  if redis.call('HDEL', KEYS[6], p.od) == 0 then
+    return {0, 'settled', p.od}
+  end
+  redis.call('ZREM', KEYS[7], p.od)
 end
 for _, e in ipairs(p.ob) do
   redis.call('HSET', KEYS[6], e[1], e[2])
