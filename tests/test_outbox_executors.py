@@ -1,0 +1,97 @@
+"""Outbox executors of extensions: a plain ``def`` executor runs off the event loop
+(one that blocks never stalls other actors), and its outcome reaches the actor once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from conftest import wait_until
+from troth.core.actor import CA
+from troth.core.names import ActorName
+from troth.core.plugin import (
+    ActorPlugin,
+    ExecutionOutcome,
+    OutboxPlugin,
+    PluginFactory,
+)
+from troth.core.records import OutboxEntry
+from troth.extension import Extension
+from troth.node import Node
+
+EXT = "test_outbox_executors:Slow"
+RELEASE = threading.Event()
+
+
+class SlowEffect(OutboxPlugin):
+    kind: ClassVar[str] = "slow"
+
+    def request(self, label: str) -> str:
+        return self._enqueue({"label": label}, idempotency_key=None, retry=None, on_result="done")
+
+
+class SlowExecutor:
+    """Blocks its thread until the test releases it, as a slow sync library would."""
+
+    kind = "slow"
+    idempotent = True
+
+    def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+        RELEASE.wait(10)
+        return ExecutionOutcome(ok=True, value=entry.spec["label"].upper())
+
+
+class SlowFactory(PluginFactory):
+    name: ClassVar[str] = "slow"
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        return SlowEffect(actor, pstate)
+
+    def executors(self) -> list[Any]:
+        return [SlowExecutor()]
+
+
+class Worker(CA):
+    def init(self) -> None:
+        self.state["results"] = []
+
+    async def start(self, label: str) -> str:
+        return str(self.plugins.slow.request(label))
+
+    async def done(self, result: dict[str, Any]) -> None:
+        self.state["results"].append([result["ok"], result["value"], result["attempts"]])
+
+    async def results(self) -> list[Any]:
+        return list(self.state["results"])
+
+
+class Slow(Extension):
+    name: ClassVar[str] = "slow"
+
+    def actor_types(self) -> Mapping[str, type[CA]]:
+        return {"worker": Worker}
+
+    def plugins(self) -> Mapping[str, type[PluginFactory]]:
+        return {"slow": SlowFactory}
+
+
+def test_a_blocking_sync_executor_runs_off_the_loop_and_reports_once(
+    make_node: Callable[..., Node],
+) -> None:
+    RELEASE.clear()
+    node = make_node("n1", extensions=["troth.caas:CaaS", EXT], plugins={"slow": {}})
+    worker = ActorName("worker", "alice-w")
+    node.call(worker, "start", ["a"]).result(5)
+    wait_until(lambda: node.dispatcher.in_flight == 1)
+    # The executor blocks a thread of its own: other actors keep answering at once.
+    started = time.perf_counter()
+    assert node.call(ActorName("worker", "alice-other"), "results").result(5) == []
+    assert time.perf_counter() - started < 0.5
+    RELEASE.set()
+    assert wait_until(lambda: node.call(worker, "results").result(5)) == [[True, "A", 1]]
+    wait_until(lambda: node.dispatcher.in_flight == 0 and len(node.dispatcher) == 0)
+    assert node.call(worker, "results").result(5) == [[True, "A", 1]]
+    outbox = node.client.hlen(node.keys.shard(node.engine.cells["worker/alice-w"].shard).outbox)
+    assert outbox == 0  # the result's commit deleted the entry
