@@ -29,7 +29,7 @@ from typing import Any
 from troth.caas import filters
 from troth.caas.models import TERMINAL, TOOL_EVENT, CommitmentCreate
 from troth.core.actor import CA, internal
-from troth.core.errors import AppError
+from troth.core.errors import AppError, NotFoundError
 from troth.core.names import ActorName
 
 MAX_SUBSCRIBERS = 10_000
@@ -141,7 +141,7 @@ class Commitment(CA):
     @internal
     async def get(self) -> dict[str, Any]:
         if not self.state.get("id"):
-            raise AppError("no such commitment", {"status": 404})
+            raise NotFoundError("no such commitment")  # rolled back: nothing is written
         return self.view()
 
     @internal
@@ -257,7 +257,7 @@ class Commitment(CA):
     def _require(self, status: str, action: str) -> None:
         current = self.state.get("status")
         if current is None:
-            raise AppError("no such commitment", {"status": 404})
+            raise NotFoundError("no such commitment")
         if current != status:
             raise AppError(f"cannot {action} a commitment that is {current}", {"status": current})
 

@@ -85,42 +85,50 @@ def commitments_router(node: NodeContext) -> APIRouter:
             name, method, list(args), {}, request_id, caller, reply_cache=reply_cache
         )
 
-    async def existing(principal: str, cid: str) -> ActorName:
-        if not _ID.match(cid):
-            raise NotFoundError(f"no commitment {cid!r}")
-        if await asyncio.to_thread(index.get, principal, cid) is None:
-            retired = await asyncio.to_thread(index.retired_at, principal, cid)
-            if retired is not None:
-                raise NotFoundError(
-                    f"commitment {cid!r} was retired at {iso(retired)}: finished "
-                    "commitments are deleted after plugins.commitments.retention_seconds"
-                )
-            raise NotFoundError(f"no commitment {cid!r}")
-        return actor(principal, cid)
+    async def on_commitment(principal: str, cid: str, method: str) -> dict[str, Any]:
+        """Call a commitment's method; 404 for an id that is not one of ``principal``'s
+        commitments (the actor refuses and writes nothing), saying so if it was retired."""
+        if _ID.match(cid):
+            try:
+                return dict(await call(principal, actor(principal, cid), method))
+            except NotFoundError:
+                retired = await asyncio.to_thread(index.retired_at, principal, cid)
+                if retired is not None:
+                    raise NotFoundError(
+                        f"commitment {cid!r} was retired at {iso(retired)}: finished "
+                        "commitments are deleted after plugins.commitments.retention_seconds"
+                    ) from None
+        raise NotFoundError(f"no commitment {cid!r}")
 
-    def check_pending_quota(principal: str, adding: int) -> None:
+    def check_pending_quota(principal: str, pending: int, adding: int) -> None:
         limit = node.config.quotas.of(principal).pending_commitments
-        pending = index.count(principal, "pending")
         if pending + adding > limit:
             raise QuotaExceeded(
                 f"principal {principal!r} has {pending} pending commitments; its quota is {limit}",
                 60,
             )
 
-    async def create_one(principal: str, spec: CommitmentCreate) -> tuple[dict[str, Any], bool]:
+    async def create_one(
+        principal: str, spec: CommitmentCreate, adding: int = 1
+    ) -> tuple[dict[str, Any], bool]:
+        """One creation: one commit of the new commitment. ``adding``: how many this
+        request creates, for the pending quota (checked once per request)."""
         cid = f"cm_{uuid.uuid4().hex}"
-        repeated = False  # the dedup_key is bound already: answer 200, not 201
-        if spec.dedup_key:
-            bound = await asyncio.to_thread(index.claim_dedup, principal, spec.dedup_key, cid)
-            if bound != cid:
-                if await asyncio.to_thread(index.get, principal, bound) is not None:
-                    return await call(principal, actor(principal, bound), "get"), False
-                # A creation with this key is under way (a concurrent request) or was
-                # interrupted (a crash): finish it; create is idempotent.
-                cid, repeated = bound, True
-        name = actor(principal, cid)
-        # create is idempotent by itself (a second create returns the commitment as it
-        # is), so it needs no cached reply: that saves about 1 KB of Redis per commitment.
+        pending, bound = await index.admit(principal, spec.dedup_key, cid)
+        # A known dedup_key names a commitment that exists, or whose creation is under
+        # way (a concurrent request) or was interrupted (a crash): create is idempotent,
+        # so creating it again returns it as it is, or finishes it. Either way: 200.
+        repeated = bound != cid
+        if adding:
+            try:
+                check_pending_quota(principal, pending, adding)
+            except QuotaExceeded:
+                if spec.dedup_key is not None and not repeated:  # bound just now: unbind
+                    await asyncio.to_thread(index.unbind_dedup, principal, spec.dedup_key, cid)
+                raise
+        name = actor(principal, bound)
+        # create needs no cached reply (a second create returns the commitment as it
+        # is): that saves about 1 KB of Redis per commitment.
         view = await call(
             principal, name, "create", spec.model_dump(mode="json"), reply_cache=False
         )
@@ -133,6 +141,9 @@ def commitments_router(node: NodeContext) -> APIRouter:
         except AppError:
             await call(principal, name, "cancel")  # it could never hear its events: do not keep it
             raise
+        # The commitment's outbox indexes it too (durably, after a crash); doing it here
+        # as well, in a round trip shared with others, means a listing or the pending
+        # quota sees it as soon as this reply is sent. The second one changes nothing.
         await index.apply(principal, summary(view))
         return view, not repeated
 
@@ -144,9 +155,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
     )
     async def create(request: Request, response: Response, who: Principal) -> dict[str, Any]:
         spec = await json_body(request, CommitmentCreate)
-        principal = who or LOCAL_PRINCIPAL
-        await asyncio.to_thread(check_pending_quota, principal, 1)
-        view, created = await create_one(principal, spec)
+        view, created = await create_one(who or LOCAL_PRINCIPAL, spec)
         response.status_code = 201 if created else 200
         return public(view)
 
@@ -158,14 +167,18 @@ def commitments_router(node: NodeContext) -> APIRouter:
     )
     async def create_batch(request: Request, who: Principal) -> dict[str, Any]:
         batch = await json_body(request, BatchCreate)
-        await asyncio.to_thread(check_pending_quota, who or LOCAL_PRINCIPAL, len(batch.commitments))
+        principal = who or LOCAL_PRINCIPAL
+        first, *rest = batch.commitments
+        # The first creation checks the pending quota for the whole batch.
+        made = [public((await create_one(principal, first, len(batch.commitments)))[0])]
         sem = asyncio.Semaphore(_CONCURRENCY)
 
         async def one(spec: CommitmentCreate) -> dict[str, Any]:
             async with sem:
-                return public((await create_one(who or LOCAL_PRINCIPAL, spec))[0])
+                return public((await create_one(principal, spec, 0))[0])
 
-        return {"commitments": await asyncio.gather(*(one(s) for s in batch.commitments))}
+        made += await asyncio.gather(*(one(s) for s in rest))
+        return {"commitments": made}
 
     @api.post(
         "/commitments/batch/cancel",
@@ -178,7 +191,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
         async def one(cid: str) -> dict[str, Any]:
             try:
-                view = await call(principal, await existing(principal, cid), "cancel")
+                view = await on_commitment(principal, cid, "cancel")
             except TrothError as exc:
                 return {"id": cid, "error": exc.to_dict()}
             return {"id": cid, "status": view["status"]}
@@ -204,18 +217,15 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     @api.get("/commitments/{cid}", summary="A commitment with its delivery attempts")
     async def get(cid: str, who: Principal) -> dict[str, Any]:
-        principal = who or LOCAL_PRINCIPAL
-        return public(await call(principal, await existing(principal, cid), "get"))
+        return public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "get"))
 
     @api.delete("/commitments/{cid}", summary="Cancel a pending commitment (409 if not)")
     async def cancel(cid: str, who: Principal) -> dict[str, Any]:
-        principal = who or LOCAL_PRINCIPAL
-        return public(await call(principal, await existing(principal, cid), "cancel"))
+        return public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "cancel"))
 
     @api.post("/commitments/{cid}/retry", summary="Re-drive a failed commitment (409 if not)")
     async def retry(cid: str, who: Principal) -> dict[str, Any]:
-        principal = who or LOCAL_PRINCIPAL
-        return public(await call(principal, await existing(principal, cid), "retry"))
+        return public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "retry"))
 
     @api.post(
         "/events",

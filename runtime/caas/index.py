@@ -96,9 +96,6 @@ class CommitmentIndex:
         firsts = [int(first[0][1]) for first in replies[1::2] if first]
         return total, min(firsts, default=None)
 
-    def count(self, principal: str, status: str) -> int:
-        return int(self.client.hget(self._k(principal, "count"), status) or 0)
-
     def get(self, principal: str, cid: str) -> dict[str, Any] | None:
         raw = self.client.hget(self._k(principal, "sum"), cid)
         return None if raw is None else dict(json.loads(raw))
@@ -158,10 +155,29 @@ class CommitmentIndex:
                 out[(p, st.decode())] = int(n)
         return out
 
-    def claim_dedup(self, principal: str, dedup_key: str, cid: str) -> str:
-        """Bind ``dedup_key`` to ``cid`` unless it is bound already; the bound id."""
+    async def admit(self, principal: str, dedup_key: str | None, cid: str) -> tuple[int, str]:
+        """For a creation: the principal's pending count, and the commitment id its
+        ``dedup_key`` is bound to (binding it to ``cid`` unless it is bound already;
+        ``cid`` without a key). One round trip, shared with the engine's."""
+        if self.batcher is None:
+            raise RuntimeError("CommitmentIndex.admit needs the node's batcher")
+        count, dedup = self._k(principal, "count"), self._k(principal, "dedup")
+
+        def add(commands: list[Command]) -> None:
+            commands.append(("HGET", count, "pending"))
+            if dedup_key is not None:
+                commands.append(("HSETNX", dedup, dedup_key, cid))
+                commands.append(("HGET", dedup, dedup_key))
+
+        replies = await self.batcher.run(add, 1 if dedup_key is None else 3)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        bound = replies[2].decode() if dedup_key is not None and replies[2] else cid
+        return int(replies[0] or 0), bound
+
+    def unbind_dedup(self, principal: str, dedup_key: str, cid: str) -> None:
+        """Undo a binding of ``dedup_key`` to ``cid`` whose creation was refused."""
         key = self._k(principal, "dedup")
-        if self.client.hsetnx(key, dedup_key, cid):
-            return cid
-        existing = self.client.hget(key, dedup_key)
-        return existing.decode() if existing else cid
+        if (self.client.hget(key, dedup_key) or b"").decode() == cid:
+            self.client.hdel(key, dedup_key)

@@ -131,6 +131,7 @@ class WebhookExecutor:
 class IndexExecutor:
     kind = "cmindex"
     idempotent = True  # applying a summary twice, or an older one, changes nothing
+    records_attempts = False  # so an update costs the apply and the entry's deletion
 
     def __init__(self, index: CommitmentIndex) -> None:
         self.index = index

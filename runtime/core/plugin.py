@@ -109,6 +109,11 @@ class Executor(Protocol):
     says ``"idempotent": false`` overrides it. When it is not safe, such an entry
     becomes *uncertain* and is surfaced instead of being repeated.
 
+    An executor may set ``records_attempts = False`` when nobody needs to know that
+    an attempt began: its entries then skip the ledger's intent record (one Redis
+    write each). Only for idempotent effects whose attempt count nobody reads (an
+    index update, say): after a crash such an entry is simply performed again.
+
     ``execute`` is best a coroutine (``async def``): it runs on the node's event
     loop, where thousands of attempts cost a task each. A plain ``def`` is accepted
     and runs on a small thread pool, so one that blocks never stalls the loop.

@@ -13,6 +13,8 @@ crash harmless:
   attempted again with the same key when its executor is idempotent (the receiver
   de-duplicates), and otherwise marked ``uncertain`` and reported to the origin
   actor instead of being blindly repeated;
+* an executor with ``records_attempts = False`` (idempotent, and nobody reads its
+  attempt count: index updates) writes no intent record, only the outcome;
 * a retryable failure is retried per the entry's retry policy; after the last
   attempt the entry is reported as failed (or kept as a ``dead`` letter).
 
@@ -259,7 +261,8 @@ class OutboxDispatcher:
             return
         entry.status = "attempting"
         entry.attempts += 1
-        if not await self._store(shard, epoch, entry, self.clock.now_ms()):
+        intent = not repeatable or getattr(executor, "records_attempts", True)
+        if intent and not await self._store(shard, epoch, entry, self.clock.now_ms()):
             return
         started = time.perf_counter()
         try:

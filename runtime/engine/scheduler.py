@@ -28,6 +28,10 @@ from troth.engine.duequeue import DueQueue
 log = logging.getLogger(__name__)
 
 RETRY_MS = 1000
+#: Firings handed to the engine and not yet committed, at most. When many timers fall
+#: due at once, the rest wait in the queue: their transactions, and the deliveries they
+#: cause, then flow through the node in step instead of all firings first.
+MAX_IN_FLIGHT = 256
 
 
 class TimerScheduler:
@@ -47,11 +51,14 @@ class TimerScheduler:
         self.queue = DueQueue("timers", self._due, clock)
         self._firing = 0
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._stopped = False
 
     def start(self) -> None:
         self.queue.start()
 
     def stop(self) -> None:
+        self._stopped = True
         self.queue.stop()
 
     def __len__(self) -> int:
@@ -81,6 +88,11 @@ class TimerScheduler:
             return self._firing + self.queue.handing_over
 
     def _due(self, shard: int, key: str, timer: TimerRecord) -> None:
+        """From the due queue's thread, which waits here while the node is busy with
+        ``MAX_IN_FLIGHT`` firings."""
+        while not self._slots.acquire(timeout=0.5):
+            if self._stopped:
+                return  # the timer stays in Redis for the shard's next owner
         with self._lock:
             self._firing += 1
 
@@ -94,5 +106,13 @@ class TimerScheduler:
             finally:
                 with self._lock:
                     self._firing -= 1
+                self._slots.release()
 
-        self.fire(shard, timer).add_done_callback(done)
+        try:
+            fired = self.fire(shard, timer)
+        except BaseException:
+            with self._lock:
+                self._firing -= 1
+            self._slots.release()
+            raise
+        fired.add_done_callback(done)
