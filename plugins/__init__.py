@@ -1,12 +1,13 @@
 """troth's transactional plugins, reached from an actor as ``self.plugins.NAME``.
 
-=========  ===========================================================
-``log``    structured logging tagged with the actor and message seq
-``timers`` durable timers: ``after``, ``at``, ``every``, ``cancel``
-``send``   messages to other actors, delivered at least once, processed once
-``http``   outbound HTTP requests (webhooks) with idempotency keys and retries
-``session`` notifications to client sessions, durable and in order
-=========  ===========================================================
+============  ===========================================================
+``log``       structured logging tagged with the actor and message seq
+``timers``    durable timers: ``after``, ``at``, ``every``, ``cancel``
+``send``      messages to other actors, delivered at least once, processed once
+``http``      outbound HTTP requests (webhooks) with idempotency keys and retries
+``session``   notifications to client sessions, durable and in order
+``members``   a large set beside the state: one member written per change
+============  ===========================================================
 
 The ``plugins`` section of the configuration names the plugins a node loads and
 their settings. A third-party plugin is loaded with ``{"class": "module:Factory"}``
@@ -23,6 +24,7 @@ from troth.core.config import ConfigError
 from troth.core.plugin import PluginContext, PluginFactory
 from troth.plugins.http import HttpFactory
 from troth.plugins.log import LogFactory
+from troth.plugins.members import MembersFactory
 from troth.plugins.send import SendFactory
 from troth.plugins.session import SessionFactory
 from troth.plugins.timers import TimersFactory
@@ -33,6 +35,7 @@ BUILTIN: dict[str, type[PluginFactory]] = {
     "send": SendFactory,
     "http": HttpFactory,
     "session": SessionFactory,
+    "members": MembersFactory,
 }
 
 

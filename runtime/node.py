@@ -347,14 +347,22 @@ class Node:
         method: str,
         args: list[Any],
         kwargs: dict[str, Any],
-        request_id: str,
+        request_id: str | None,
         timeout: float,
         caller: Caller,
     ) -> Any:
         """Deliver a message from the outbox to its owner, wherever it is, and return
-        the receiver's reply after its commit (on the node's loop)."""
+        the receiver's reply after its commit (on the node's loop). Without a
+        ``request_id`` no reply is kept: the receiver must take repeats by itself."""
         return await self.router.call(
-            ActorName.parse(target), method, args, kwargs, request_id, caller, timeout=timeout
+            ActorName.parse(target),
+            method,
+            args,
+            kwargs,
+            request_id,
+            caller,
+            timeout=timeout,
+            reply_cache=request_id is not None,
         )
 
     async def _take_result(self, origin: str, msg: Message) -> None:

@@ -7,10 +7,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
+import redis
 
 from conftest import Receiver, wait_until
 from troth.caas import delivery
+from troth.caas.actor import bus_name
+from troth.core.access import Caller
+from troth.core.keys import KeySpace
+from troth.core.names import ActorName, shard_of
 from troth.edge.server import ServerThread
 from troth.node import Node
 
@@ -447,7 +453,7 @@ def test_concurrent_creates_with_one_dedup_key_make_one_commitment(
 
 @pytest.mark.slow
 def test_one_event_fires_a_thousand_subscribers_each_once(
-    cs: httpx.Client, receiver: Receiver
+    cs: httpx.Client, receiver: Receiver, rclient: redis.Redis, prefix: str
 ) -> None:
     spec = {
         "trigger": {"type": "webhook", "event_type": "go", "filters": {"n_gte": 1}},
@@ -459,7 +465,44 @@ def test_one_event_fires_a_thousand_subscribers_each_once(
         assert resp.status_code == 201, resp.text
         ids += [c["id"] for c in resp.json()["commitments"]]
     assert len(set(ids)) == 1000
+    # The subscribers are a set beside the bus's state, which stays small: a subscribe
+    # writes one member, not the whole list.
+    bus = bus_name("local", "go")
+    shard_keys = KeySpace(prefix, 64).shard(shard_of(ActorName.parse(bus), 64))
+    assert rclient.scard(shard_keys.members(bus)) == 1000
+    assert len(rclient.hget(shard_keys.checkpoint(bus), "state") or b"") < 200
     assert event(cs, "go", n=1)["delivered_to"] == 1000
     wait_until(lambda: receiver.count() >= 1000, timeout=120)  # about 7 s here
     keys = [r.headers["idempotency-key"] for r in receiver.requests]
     assert sorted(keys) == sorted(ids)  # every one delivered, none twice
+    # Fired commitments unsubscribe (one member each).
+    wait_until(lambda: rclient.scard(shard_keys.members(bus)) == 0, timeout=30)
+
+
+def test_a_bus_of_state_version_1_moves_its_subscribers_to_its_member_set(
+    make_node: Callable[..., Node], rclient: redis.Redis, prefix: str
+) -> None:
+    """A bus written by an earlier troth (subscribers in its state) is upgraded when it
+    is next activated."""
+    bus = ActorName.parse(bus_name("local", "old"))
+    keys = KeySpace(prefix, 64).shard(shard_of(bus, 64))
+    old = [f"commitment/local-cm_{i:032x}" for i in range(3)]
+    rclient.hset(
+        keys.checkpoint(str(bus)),
+        mapping={
+            "state": msgpack.packb(
+                {"subscribers": dict.fromkeys(old, 1), "recent_keys": [], "published": 0}
+            ),
+            "pstate": msgpack.packb({}),
+            "version": "1.0.0",
+            "seq": "3",
+        },
+    )
+    node = make_node("n1")
+    local = Caller("local", internal=True)
+    new = "commitment/local-cm_" + "f" * 32
+    assert node.call(bus, "subscribe", [new], caller=local).result(10) == 4
+    assert rclient.smembers(keys.members(str(bus))) == {m.encode() for m in [*old, new]}
+    state = msgpack.unpackb(rclient.hget(keys.checkpoint(str(bus)), "state"))
+    assert "subscribers" not in state
+    assert rclient.hget(keys.checkpoint(str(bus)), "version") == b"2.0.0"

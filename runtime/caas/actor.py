@@ -16,9 +16,10 @@ Triggers form a tree. Each leaf has a path (``r``, ``r.0``, ``r.1.2``...):
   all be satisfied within that window (older satisfactions lapse).
 
 The event bus ``cmbus/PRINCIPAL-HASH`` of one principal and event type keeps its
-subscribers and the recent ``event_key``\\ s; ``publish`` commits the event and one
-outbox message per subscriber in one transaction, so the fan-out survives any crash,
-and a principal's events never reach another principal's commitments.
+subscribers (a member set: one write per subscribe) and the recent
+``event_key``\\ s; ``publish`` commits the event once, with one outbox entry that
+hands it to every subscriber, so the fan-out survives any crash, and a principal's
+events never reach another principal's commitments.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from troth.core.names import ActorName
 MAX_SUBSCRIBERS = 10_000
 RECENT_EVENT_KEYS = 1000
 MAX_ATTEMPTS_KEPT = 100
+#: Ids of the events a pending commitment took, kept to ignore a fan-out's repeat.
+EVENTS_REMEMBERED = 20
 
 
 #: How long a GET of a retired commitment still says it was retired (then: plain 404).
@@ -203,8 +206,13 @@ class Commitment(CA):
 
     @internal
     async def on_event(self, event: dict[str, Any]) -> bool:
-        """An event from the principal's bus; True if it advanced this commitment."""
+        """An event from the principal's bus; True if it advanced this commitment. An
+        event taken once is ignored if it comes again (a fan-out that restarted)."""
         if self.state.get("status") != "pending":
+            return False
+        event_id = event.get("event_id")
+        taken = self.state.get("events_taken", [])
+        if event_id is not None and event_id in taken:
             return False
         hit = False
         for path, leaf in leaves(self.state["trigger"]):
@@ -227,6 +235,8 @@ class Commitment(CA):
                 )
             if self.state["status"] != "pending":
                 break
+        if hit and event_id is not None:
+            self.state["events_taken"] = [*taken, event_id][-EVENTS_REMEMBERED:]
         return hit
 
     @internal
@@ -381,12 +391,22 @@ def _brief(info: dict[str, Any]) -> dict[str, Any]:
 
 
 class EventBus(CA):
-    """Subscribers and recent event keys of one (principal, event type)."""
+    """Subscribers and recent event keys of one (principal, event type).
 
-    state_version = "1.0.0"
+    The subscribers are the bus's member set (``self.plugins.members``): a subscribe
+    or unsubscribe writes one member, however many there are. A publish commits the
+    event once, in one ``cmfanout`` outbox entry that hands it to every subscriber.
+    """
+
+    state_version = "2.0.0"
 
     def init(self) -> None:
-        self.state.update(subscribers={}, recent_keys=[], published=0)
+        self.state.update(recent_keys=[], published=0)
+
+    def upgrade(self, old: str, new: str) -> None:
+        """1.x kept the subscribers in the state, rewritten whole by every change."""
+        for commitment in self.state.pop("subscribers", {}):
+            self.plugins.members.add(commitment)
 
     def _own(self, commitment: str) -> str:
         """Only a commitment of this bus's own principal may be (un)subscribed."""
@@ -397,17 +417,19 @@ class EventBus(CA):
 
     @internal
     async def subscribe(self, commitment: str) -> int:
-        self._own(commitment)
-        subs = self.state["subscribers"]
-        if commitment not in subs and len(subs) >= MAX_SUBSCRIBERS:
-            raise AppError(f"at most {MAX_SUBSCRIBERS} pending commitments per event type")
-        subs[commitment] = 1
-        return len(subs)
+        members = self.plugins.members
+        if not await members.contains(self._own(commitment)):
+            if await members.count() >= MAX_SUBSCRIBERS:
+                raise AppError(f"at most {MAX_SUBSCRIBERS} pending commitments per event type")
+            members.add(commitment)
+        return int(await members.count())
 
     @internal
     async def unsubscribe(self, commitment: str) -> int:
-        self.state["subscribers"].pop(self._own(commitment), None)
-        return len(self.state["subscribers"])
+        members = self.plugins.members
+        if await members.contains(self._own(commitment)):
+            members.remove(commitment)
+        return int(await members.count())
 
     @internal
     async def publish(self, event: dict[str, Any]) -> dict[str, Any]:
@@ -418,6 +440,7 @@ class EventBus(CA):
         if key is not None:
             self.state["recent_keys"] = [*self.state["recent_keys"], key][-RECENT_EVENT_KEYS:]
         self.state["published"] += 1
-        for name in self.state["subscribers"]:
-            self.plugins.send.tell(name, "on_event", event)
-        return {"duplicate": False, "delivered_to": len(self.state["subscribers"])}
+        subscribers = int(await self.plugins.members.count())
+        if subscribers:
+            self.plugins.commitments.fanout(event)
+        return {"duplicate": False, "delivered_to": subscribers}

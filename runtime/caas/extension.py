@@ -27,6 +27,7 @@ from troth.core.actor import CA
 from troth.core.keys import KeySpace
 from troth.core.plugin import PluginFactory
 from troth.extension import Extension, NodeContext
+from troth.plugins.members import MembersFactory
 from troth.plugins.send import SendFactory
 from troth.plugins.timers import TimersFactory
 
@@ -40,8 +41,14 @@ class CaaS(Extension):
         return {"commitment": Commitment, "cmbus": EventBus}
 
     def plugins(self) -> Mapping[str, type[PluginFactory]]:
-        # A commitment keeps its times with timers and its subscriptions with send.
-        return {"commitments": CommitmentsFactory, "timers": TimersFactory, "send": SendFactory}
+        # A commitment keeps its times with timers and (un)subscribes with send; a bus
+        # keeps its subscribers with members.
+        return {
+            "commitments": CommitmentsFactory,
+            "timers": TimersFactory,
+            "send": SendFactory,
+            "members": MembersFactory,
+        }
 
     def routes(self, node: NodeContext) -> APIRouter:
         return commitments_router(node)

@@ -7,7 +7,10 @@ Two outbox kinds, both performed after the commit that decided them:
   fulfils; timeouts, connection errors, 408, 429 and 5xx are retried; any other
   status fails at once. Targets on loopback or private networks are refused unless
   the settings allow them.
-* ``cmindex``: the commitment's summary for listings (:mod:`troth.caas.index`).
+* ``cmindex``: the commitment's summary for listings (:mod:`troth.caas.index`);
+* ``cmfanout``: an event, stored once, handed by its bus to every subscribed
+  commitment (``on_event``). A fan-out cut short by a crash starts again; a
+  commitment that has taken an event already ignores it (it remembers the ids).
 
 Signing secrets: ``signing_secrets`` maps principals to ``whsec_...`` secrets; a
 principal without one gets a random secret, kept in Redis, which the API shows to
@@ -16,6 +19,8 @@ that principal at ``GET /v1/commitments-secret``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any, ClassVar
 
@@ -24,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from troth.caas import delivery
 from troth.caas.index import CommitmentIndex
+from troth.core.access import Caller
+from troth.core.errors import CallTimeout, RetryableError, TrothError
 from troth.core.names import ActorName
 from troth.core.plugin import (
     ActorPlugin,
@@ -34,7 +41,10 @@ from troth.core.plugin import (
 )
 from troth.core.records import OutboxEntry
 from troth.core.retry import RetryPolicy
+from troth.plugins.members import scan_members
 from troth.plugins.outbound import AddressPolicy, OutboundClient, outcome_of
+
+log = logging.getLogger(__name__)
 
 
 class CommitmentSettings(BaseModel):
@@ -87,6 +97,16 @@ class Commitments(OutboxPlugin):
             idempotency_key=commitment_id,
             retry=retry,
             on_result=on_result,
+        )
+
+    def fanout(self, event: dict[str, Any]) -> str:
+        """Hand ``event`` to every commitment subscribed to this bus (its members)."""
+        return self._enqueue(
+            {"event": event},
+            idempotency_key=None,
+            retry=RetryPolicy(max_attempts=100, initial_delay_seconds=1, max_delay_seconds=30),
+            on_result=None,
+            kind="cmfanout",
         )
 
     def index(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> str:
@@ -143,6 +163,53 @@ class IndexExecutor:
         return ExecutionOutcome(ok=True)
 
 
+class FanoutExecutor:
+    """Pages through the bus's subscribers and calls ``on_event`` on each, at most
+    ``CONCURRENCY`` at once. A subscriber that cannot take it now (moving, busy)
+    makes the whole fan-out retried later; the others ignore the repeat."""
+
+    kind = "cmfanout"
+    idempotent = True
+    PAGE = 500
+    CONCURRENCY = 64
+
+    def __init__(self, context: PluginContext, timeout: float) -> None:
+        self.context = context
+        self.timeout = timeout
+
+    async def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+        bus = ActorName.parse(entry.origin)
+        event = entry.spec["event"]
+        caller = Caller.of_actor(entry.origin)
+        slots = asyncio.Semaphore(self.CONCURRENCY)
+        delivered, retry = 0, []
+
+        async def one(name: str) -> None:
+            nonlocal delivered
+            async with slots:
+                try:
+                    await self.context.deliver(
+                        name, "on_event", [event], {}, None, self.timeout, caller
+                    )
+                    delivered += 1
+                except (RetryableError, CallTimeout) as exc:
+                    retry.append(f"{name}: {exc}")
+                except TrothError as exc:  # gone, or refused: nothing to repeat
+                    log.info("event %s to %s: %s", event.get("event_id"), name, exc)
+
+        cursor = 0
+        while True:
+            cursor, page = await scan_members(self.context, bus, cursor, self.PAGE)
+            await asyncio.gather(*(one(name) for name in page))
+            if cursor == 0:
+                break
+        if retry:
+            return ExecutionOutcome(
+                ok=False, retryable=True, error=f"{len(retry)} not reached: {retry[0]}"
+            )
+        return ExecutionOutcome(ok=True, value={"delivered": delivered})
+
+
 class CommitmentsFactory(PluginFactory):
     name: ClassVar[str] = "commitments"
     settings_model = CommitmentSettings
@@ -182,7 +249,8 @@ class CommitmentsFactory(PluginFactory):
         return Commitments(actor, pstate, self.settings.retention_seconds)
 
     def executors(self) -> list[Any]:
-        return [self._webhook, IndexExecutor(self.index)]
+        fanout = FanoutExecutor(self.context, self.settings.timeout_seconds)
+        return [self._webhook, IndexExecutor(self.index), fanout]
 
     async def aclose(self) -> None:
         await self._webhook.client.aclose()

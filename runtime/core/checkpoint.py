@@ -188,6 +188,7 @@ class CheckpointStore:
             sk.timer_data,
             sk.autonomous,
             sk.notifications(name),
+            sk.members(name),
         ]
 
     def _payload(self, req: CommitRequest) -> bytes:
@@ -212,6 +213,10 @@ class CheckpointStore:
                 rmax=str(self.reply_cache_max),
                 cut=str(now - self.reply_cache_ms),
             )
+        if req.ops.members_remove:
+            payload["mr"] = req.ops.members_remove
+        if req.ops.members_add:
+            payload["ma"] = req.ops.members_add
         if req.autonomous:
             payload["au"] = 1
         if req.fired_timer is not None:

@@ -85,6 +85,10 @@ class ShardKeys:
     def notifications(self, name: str) -> str:
         return f"{self.tag}:nt:{name}"
 
+    def members(self, name: str) -> str:
+        """The actor's member set (``self.plugins.members``)."""
+        return f"{self.tag}:mb:{name}"
+
 
 @dataclass(frozen=True, slots=True)
 class KeySpace:

@@ -127,8 +127,11 @@ class Executor(Protocol):
 
 #: Delivers a message to an actor wherever it lives and returns its reply after the
 #: receiver's commit: ``(target, method, args, kwargs, request_id, timeout, caller)``.
-#: A coroutine of the node's event loop (where outbox executors run).
-Deliver = Callable[[str, str, list[Any], dict[str, Any], str, float, "Caller"], Awaitable[Any]]
+#: A coroutine of the node's event loop (where outbox executors run). With
+#: ``request_id`` None no reply is kept for de-duplication.
+Deliver = Callable[
+    [str, str, list[Any], dict[str, Any], str | None, float, "Caller"], Awaitable[Any]
+]
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,19 @@ class CommitOps:
     timers_set: list[TimerRecord] = field(default_factory=list)
     timers_cancel: list[str] = field(default_factory=list)
     notifications: list[bytes] = field(default_factory=list)
+    members_add: list[str] = field(default_factory=list)
+    members_remove: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        """Whether there is nothing to commit besides the state."""
+        return not (
+            self.outbox
+            or self.timers_set
+            or self.timers_cancel
+            or self.notifications
+            or self.members_add
+            or self.members_remove
+        )
 
 
 @dataclass(slots=True)

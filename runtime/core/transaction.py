@@ -285,7 +285,7 @@ class ActorRuntime:
         unchanged = (
             state == self._state
             and pstate == self._pstate
-            and not (ops.outbox or ops.timers_set or ops.timers_cancel or ops.notifications)
+            and ops.empty()
             and msg.timer is None
             and msg.settles is None
             and not (self.needs_init or self.needs_write or self.deleting)

@@ -3,12 +3,12 @@
 -- A fired timer (p.tf) or a settled outbox entry (p.od: its result was handed to
 -- this actor) is consumed in the same step, and the commit is refused if it is gone.
 -- With p.del the actor deletes itself instead: its outbox entries are still written
--- (effects it promised), and its checkpoint, reply cache, notification stream, set
--- memberships and the timers named in p.tc go.
+-- (effects it promised), and its checkpoint, reply cache, notification stream, member
+-- set, set memberships and the timers named in p.tc go.
 --
 -- KEYS: 1 lease  2 checkpoint  3 replies  4 reply times  5 shard actors
 --       6 outbox  7 outbox queue  8 timer index  9 timer data  10 autonomous actors
---       11 notification stream
+--       11 notification stream  12 member set
 -- ARGV: 1 node id  2 epoch  3 expected seq  4 msgpack payload
 -- Returns {1, seq} or {0, reason, detail}.
 local lease = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
@@ -43,7 +43,7 @@ for _, k in ipairs(p.tc) do
   redis.call('ZREM', KEYS[8], k)
 end
 if p.del then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[11])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[11], KEYS[12])
   redis.call('SREM', KEYS[5], p.n)
   redis.call('SREM', KEYS[10], p.n)
   return {1, 0}
@@ -74,6 +74,12 @@ end
 for _, t in ipairs(p.ts) do
   redis.call('HSET', KEYS[9], t[1], t[2])
   redis.call('ZADD', KEYS[8], t[3], t[1])
+end
+if p.mr then
+  redis.call('SREM', KEYS[12], unpack(p.mr))
+end
+if p.ma then
+  redis.call('SADD', KEYS[12], unpack(p.ma))
 end
 for _, n in ipairs(p.nt) do
   redis.call('XADD', KEYS[11], 'MAXLEN', '~', p.ntmax, '*', 'd', n)
