@@ -3,8 +3,11 @@
 * ``create``: commitments created per second, one per request (8 concurrent
   clients) and in batches of 100 (4 concurrent clients);
 * ``due_together``: N commitments due in the same second (default 10,000): firing
-  lateness p50/p99/max measured at a local receiver (arrival - due time), and the
-  drain time until the last one arrived. The node's outbox runs 64 workers.
+  lateness p50/p99/max measured at a local receiver (arrival - due time), the
+  drain time until the last one arrived, and Redis memory per pending commitment
+  (``used_memory`` growth over the creation / N). The outbox runs 64 attempts at once;
+* ``fanout``: N commitments waiting for one event type (default 10,000); one event
+  fires them all: how long the publish took and until the last delivery arrived.
 
 Run:  python benchmarks/bench_commitments.py [--due 10000]
 Prints JSON. The receiver and the node share this 2-core machine.
@@ -25,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import redis
 from aiohttp import web
 from common import emit, machine, redis_server, start_node, stop_node
 
@@ -113,18 +117,30 @@ def bench_create(url: str, target: str, single: int, batches: int) -> dict[str, 
     return asyncio.run(run())
 
 
-def bench_due(url: str, receiver: Receiver, n: int, batch_rate: float) -> dict[str, Any]:
+def create_batches(url: str, body: dict[str, Any], n: int) -> list[str]:
+    """``n`` commitments like ``body``, in batches of 100 (4 requests at once)."""
+    with httpx.Client(base_url=url, timeout=120) as api:
+
+        def one(_: int) -> list[str]:
+            resp = api.post("/v1/commitments/batch", json={"commitments": [body] * 100})
+            resp.raise_for_status()
+            return [c["id"] for c in resp.json()["commitments"]]
+
+        with ThreadPoolExecutor(4) as pool:
+            return [cid for ids in pool.map(one, range(n // 100)) for cid in ids]
+
+
+def bench_due(
+    url: str, redis_url: str, receiver: Receiver, n: int, batch_rate: float
+) -> dict[str, Any]:
     # Creation slows as active actors (threads) accumulate: leave a wide margin.
     due = time.time() + n / max(batch_rate, 1) * 3 + 10
     body = spec(receiver.url, timestamp=due)
-    with httpx.Client(base_url=url, timeout=120) as api:
-
-        def one(_: int) -> None:
-            api.post("/v1/commitments/batch", json={"commitments": [body] * 100}).raise_for_status()
-
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(one, range(n // 100)))
+    rclient = redis.Redis.from_url(redis_url)
+    before = int(rclient.info("memory")["used_memory"])
+    create_batches(url, body, n)
     created_by = time.time()
+    per_pending = (int(rclient.info("memory")["used_memory"]) - before) / n
     while len(receiver.arrivals) < n and time.time() < due + 600:
         time.sleep(0.2)
     late = sorted(a - due for a in receiver.arrivals.values())
@@ -133,10 +149,34 @@ def bench_due(url: str, receiver: Receiver, n: int, batch_rate: float) -> dict[s
         "commitments": n,
         "delivered": len(late),
         "created_before_due_s": round(due - created_by, 1),
+        "redis_bytes_per_pending": round(per_pending),
         "lateness_p50_s": round(q[49], 2),
         "lateness_p99_s": round(q[98], 2),
         "lateness_max_s": round(late[-1], 2) if late else None,
         "drain_s": round(late[-1] - max(0.0, late[0]), 2) if late else None,
+    }
+
+
+def bench_fanout(url: str, receiver: Receiver, n: int) -> dict[str, Any]:
+    """``n`` commitments waiting for one event type; one event fires them all."""
+    receiver.arrivals.clear()
+    body = {
+        "trigger": {"type": "webhook", "event_type": "go"},
+        "obligation": {"target": receiver.url},
+    }
+    ids = set(create_batches(url, body, n))
+    started = time.time()
+    with httpx.Client(base_url=url, timeout=60) as api:
+        resp = api.post("/v1/events", json={"event_type": "go", "payload": {}})
+        resp.raise_for_status()
+    published = time.time() - started
+    while len(receiver.arrivals) < n and time.time() < started + 600:
+        time.sleep(0.1)
+    return {
+        "commitments": n,
+        "delivered": len(ids & receiver.arrivals.keys()),
+        "publish_s": round(published, 3),
+        "all_delivered_s": round(max(receiver.arrivals.values()) - started, 2),
     }
 
 
@@ -145,16 +185,26 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=500)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--due", type=int, default=10000)
+    ap.add_argument("--fanout", type=int, default=10000)
     args = ap.parse_args()
     receiver = Receiver()
     with redis_server() as redis_url, tempfile.TemporaryDirectory() as tmp:
         proc, url = start_node(node_config(Path(tmp)), redis_url, "c1")
         try:
             create = bench_create(url, receiver.url, args.single, args.batches)
-            due = bench_due(url, receiver, args.due, create["batch_per_s"])
+            due = bench_due(url, redis_url, receiver, args.due, create["batch_per_s"])
+            fanout = bench_fanout(url, receiver, args.fanout)
         finally:
             stop_node(proc)
-    emit({"benchmark": "commitments", "machine": machine(), "create": create, "due_together": due})
+    emit(
+        {
+            "benchmark": "commitments",
+            "machine": machine(),
+            "create": create,
+            "due_together": due,
+            "fanout": fanout,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Outbox executors of extensions: a plain ``def`` executor runs off the event loop
-(one that blocks never stalls other actors), and its outcome reaches the actor once."""
+(one that blocks never stalls other actors), its outcome reaches the actor once, and
+a replaceable entry is performed in its newest version only."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -10,7 +12,7 @@ from typing import Any, ClassVar
 
 from conftest import wait_until
 from troth.core.actor import CA
-from troth.core.names import ActorName
+from troth.core.names import ActorName, shard_of
 from troth.core.plugin import (
     ActorPlugin,
     ExecutionOutcome,
@@ -95,3 +97,87 @@ def test_a_blocking_sync_executor_runs_off_the_loop_and_reports_once(
     assert node.call(worker, "results").result(5) == [[True, "A", 1]]
     outbox = node.client.hlen(node.keys.shard(node.engine.cells["worker/alice-w"].shard).outbox)
     assert outbox == 0  # the result's commit deleted the entry
+
+
+# -- replaceable entries --------------------------------------------------------------
+
+GATE = threading.Event()
+SEEN: list[str] = []
+
+
+class LatestNote(OutboxPlugin):
+    kind: ClassVar[str] = "note"
+
+    def note(self, value: str, delay: float) -> str:
+        return self._enqueue(
+            {"value": value},
+            idempotency_key=None,
+            retry=None,
+            on_result=None,
+            replace_id=f"{self.actor}:note",
+            delay_seconds=delay,
+        )
+
+
+class NoteExecutor:
+    kind = "note"
+    idempotent = True
+    records_attempts = False
+
+    async def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+        SEEN.append(entry.spec["value"])
+        await asyncio.to_thread(GATE.wait, 10)
+        return ExecutionOutcome(ok=True)
+
+
+class NoteFactory(PluginFactory):
+    name: ClassVar[str] = "note"
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        return LatestNote(actor, pstate)
+
+    def executors(self) -> list[Any]:
+        return [NoteExecutor()]
+
+
+class Noter(CA):
+    async def note(self, value: str, delay: float) -> None:
+        self.plugins.note.note(value, delay)
+
+
+class Notes(Extension):
+    name: ClassVar[str] = "notes"
+
+    def actor_types(self) -> Mapping[str, type[CA]]:
+        return {"noter": Noter}
+
+    def plugins(self) -> Mapping[str, type[PluginFactory]]:
+        return {"note": NoteFactory}
+
+
+def test_a_replaceable_entry_is_performed_in_its_newest_version_only(
+    make_node: Callable[..., Node],
+) -> None:
+    GATE.set()
+    SEEN.clear()
+    node = make_node("n1", extensions=["troth.caas:CaaS", "test_outbox_executors:Notes"])
+    noter = ActorName("noter", "alice-n")
+    outbox = node.keys.shard(shard_of(noter, node.keys.shard_count)).outbox
+
+    def settled() -> bool:
+        return node.dispatcher.in_flight == 0 and node.client.hlen(outbox) == 0
+
+    # Replaced before it fell due: only the newest is performed.
+    node.call(noter, "note", ["a", 0.5]).result(5)
+    node.call(noter, "note", ["b", 0.5]).result(5)
+    wait_until(settled)
+    assert SEEN == ["b"]
+    # Replaced while being performed: that attempt ends without touching the newer
+    # version, which is performed next.
+    GATE.clear()
+    node.call(noter, "note", ["c", 0]).result(5)
+    wait_until(lambda: SEEN == ["b", "c"])
+    node.call(noter, "note", ["d", 0]).result(5)
+    GATE.set()
+    wait_until(settled)
+    assert SEEN == ["b", "c", "d"]

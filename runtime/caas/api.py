@@ -87,10 +87,15 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     async def on_commitment(principal: str, cid: str, method: str) -> dict[str, Any]:
         """Call a commitment's method; 404 for an id that is not one of ``principal``'s
-        commitments (the actor refuses and writes nothing), saying so if it was retired."""
+        commitments (the actor refuses and writes nothing), saying so if it was retired.
+        After a change (cancel, retry) the index is updated before the reply, so that
+        the caller's next listing shows it (the commitment's outbox updates it too)."""
         if _ID.match(cid):
             try:
-                return dict(await call(principal, actor(principal, cid), method))
+                view = dict(await call(principal, actor(principal, cid), method))
+                if method != "get":
+                    await index.apply(principal, summary(view))
+                return view
             except NotFoundError:
                 retired = await asyncio.to_thread(index.retired_at, principal, cid)
                 if retired is not None:
@@ -141,9 +146,9 @@ def commitments_router(node: NodeContext) -> APIRouter:
         except AppError:
             await call(principal, name, "cancel")  # it could never hear its events: do not keep it
             raise
-        # The commitment's outbox indexes it too (durably, after a crash); doing it here
-        # as well, in a round trip shared with others, means a listing or the pending
-        # quota sees it as soon as this reply is sent. The second one changes nothing.
+        # The commitment's outbox indexes it too (durably, after a crash, a second
+        # later); doing it here as well, in a round trip shared with others, means a
+        # listing or the pending quota sees it as soon as this reply is sent.
         await index.apply(principal, summary(view))
         return view, not repeated
 

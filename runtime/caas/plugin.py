@@ -46,6 +46,11 @@ from troth.plugins.outbound import AddressPolicy, OutboundClient, outcome_of
 
 log = logging.getLogger(__name__)
 
+#: Seconds between a commitment's transition and its index update. Listings lag that
+#: much behind transitions nobody asked for (firing, delivery, expiry); a GET by id
+#: never lags, and the API updates the index at once after a create, cancel or retry.
+INDEX_DELAY = 1.0
+
 
 class CommitmentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -111,13 +116,18 @@ class Commitments(OutboxPlugin):
 
     def index(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> str:
         """Send the summary to the index; a ``retired`` one removes the commitment from
-        it and leaves a tombstone for ``tombstone_ms``."""
+        it and leaves a tombstone for ``tombstone_ms``, at once. Any other is sent
+        ``INDEX_DELAY`` seconds after the commit, and a newer summary replaces one not
+        sent yet: a commitment triggered and fulfilled within that time costs one
+        update."""
         return self._enqueue(
             {"principal": principal, "summary": summary, "tombstone_ms": tombstone_ms},
             idempotency_key=None,
             retry=RetryPolicy(max_attempts=100, initial_delay_seconds=1, max_delay_seconds=30),
             on_result=None,
             kind="cmindex",
+            replace_id=f"{self.actor}:cmindex",
+            delay_seconds=0 if summary.get("status") == "retired" else INDEX_DELAY,
         )
 
 

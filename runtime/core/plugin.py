@@ -217,8 +217,11 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
         on_result: str | None,
         delay_seconds: float = 0.0,
         kind: str | None = None,
+        replace_id: str | None = None,
     ) -> str:
-        """Buffer one effect; returns its entry id (stable if the message is re-run)."""
+        """Buffer one effect; returns its entry id (stable if the message is re-run).
+        With ``replace_id`` the entry has that id and replaces one with the same id
+        that is buffered or committed and not yet performed (see OutboxEntry)."""
         kind = kind or self.kind
         txn = self._require_txn()
         if len(self._buffer) >= self.max_per_txn:
@@ -233,7 +236,9 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
             if retry is not None
             else self.default_retry
         )
-        entry_id = txn.next_id(kind)
+        entry_id = replace_id or txn.next_id(kind)
+        if replace_id is not None:
+            self._buffer[:] = [e for e in self._buffer if e.id != replace_id]
         self._buffer.append(
             OutboxEntry(
                 id=entry_id,
@@ -245,6 +250,7 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
                 on_result=on_result,
                 created_ms=txn.now_ms,
                 next_ms=txn.now_ms + int(max(0.0, delay_seconds) * 1000),
+                replaceable=replace_id is not None,
             )
         )
         return entry_id

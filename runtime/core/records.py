@@ -48,6 +48,11 @@ class OutboxEntry:
     (the result is being handed back to the origin actor) and ends by deletion,
     or in ``dead`` (attempts exhausted, no callback) or ``uncertain`` (a crash hid
     the outcome of an attempt at a non-idempotent effect).
+
+    A ``replaceable`` entry has a stable id: a later commit that buffers an entry
+    with the same id replaces it if it has not been performed yet, so only the
+    newest is (an index row that changes several times in a second, say). The
+    dispatcher then writes it only while it is still the version it attempted.
     """
 
     id: str
@@ -63,6 +68,7 @@ class OutboxEntry:
     next_ms: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     result: dict[str, Any] | None = None
+    replaceable: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return _fields(self)

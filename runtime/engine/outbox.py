@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 
 HISTORY_KEPT = 20
 CALLBACK_RETRY_MS = 2000
+#: An entry that falls due while it is being attempted (a retry pushed from inside
+#: the attempt, a replaceable entry replaced meanwhile) is looked at again this
+#: much later, never dropped.
+BUSY_RETRY_MS = 100
 
 
 def outcome_result(entry: OutboxEntry, outcome: ExecutionOutcome | None) -> dict[str, Any]:
@@ -121,6 +125,8 @@ class OutboxDispatcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[str] = set()
+        #: The version (stored bytes) of each replaceable entry being attempted.
+        self._versions: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._tasks = Background()
         self.queue = DueQueue("outbox", self._due, clock)
@@ -151,7 +157,7 @@ class OutboxDispatcher:
             except Exception:
                 log.exception("outbox: stopping the attempts in flight failed")
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=grace > 0, cancel_futures=True)
 
     async def _close(self, grace: float) -> None:
         tasks = self._tasks.pending()
@@ -185,9 +191,12 @@ class OutboxDispatcher:
     def _due(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
         """From the due queue's thread: hand the entry to the loop."""
         with self._lock:
-            if entry_id in self._inflight:
-                return
-            self._inflight.add(entry_id)
+            busy = entry_id in self._inflight
+            if not busy:
+                self._inflight.add(entry_id)
+        if busy:
+            self.queue.push(self.clock.now_ms() + BUSY_RETRY_MS, shard, entry_id, committed)
+            return
         try:
             self.loop.call_soon_threadsafe(self._begin, shard, entry_id, committed)
         except RuntimeError:  # the loop is closed: the node is stopping
@@ -208,6 +217,7 @@ class OutboxDispatcher:
             log.exception("outbox %s: unexpected failure", entry_id)
             self.queue.push(self.clock.now_ms() + CALLBACK_RETRY_MS, shard, entry_id)
         finally:
+            self._versions.pop(entry_id, None)
             with self._lock:
                 self._inflight.discard(entry_id)
 
@@ -220,7 +230,12 @@ class OutboxDispatcher:
         (raw,) = await self.batcher.run(add)
         if isinstance(raw, Exception):
             raise raw
-        return None if raw is None else OutboxEntry.from_dict(codec.unpack(raw))
+        if raw is None:
+            return None
+        entry = OutboxEntry.from_dict(codec.unpack(raw))
+        if entry.replaceable:
+            self._versions[entry.id] = raw
+        return entry
 
     async def _execute(self, executor: Executor, entry: OutboxEntry) -> ExecutionOutcome:
         if executor.kind in self._async_kinds:
@@ -234,7 +249,11 @@ class OutboxDispatcher:
         epoch = self.epoch_of(shard)
         if epoch is None:
             return
-        entry = committed if committed is not None else await self._read(shard, entry_id)
+        entry = committed
+        if entry is None:
+            entry = await self._read(shard, entry_id)
+        elif entry.replaceable:  # as the commit wrote it
+            self._versions[entry.id] = codec.pack(entry.to_dict())
         if entry is None or entry.status in ("dead", "uncertain"):
             return
         if entry.status == "callback":
@@ -370,14 +389,17 @@ class OutboxDispatcher:
         self, shard: int, epoch: str, entry: OutboxEntry, due_ms: int | None, delete: bool = False
     ) -> bool:
         """Write the entry to the ledger (fenced by the shard's epoch); False when the
-        shard was taken over or the entry is gone."""
+        shard was taken over, the entry is gone, or (replaceable) a newer version of it
+        was committed meanwhile, which is then due in its own right."""
         sk = self.keys.shard(shard)
+        packed = b"" if delete else codec.pack(entry.to_dict())
         args = [
             self.node_id,
             epoch,
             entry.id,
-            b"" if delete else codec.pack(entry.to_dict()),
+            packed,
             "" if due_ms is None else str(due_ms),
+            self._versions.get(entry.id, b"") if entry.replaceable else b"",
         ]
 
         def add(commands: list[Command]) -> None:
@@ -392,4 +414,6 @@ class OutboxDispatcher:
                 entry.id,
                 shard,
             )
+        if res == 1 and entry.replaceable and not delete:
+            self._versions[entry.id] = packed
         return bool(res == 1)
