@@ -298,6 +298,12 @@ class Received:
     raw: bytes = b""
 
 
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog (5) drops connections when a fan-out sends a few
+    # hundred deliveries at once, and the senders' retries then look like duplicates.
+    request_queue_size = 1024
+
+
 class Receiver:
     """Records requests; answers with scripted statuses (then 200). ``hang`` blocks one."""
 
@@ -333,7 +339,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         # A short poll interval: shutdown() waits for the loop's next poll.

@@ -84,6 +84,10 @@ class Commitment(CA):
 
     state_version = "1.0.0"
 
+    #: The bus whose fan-out is delivering the event being handled (it prunes this
+    #: commitment from its subscribers when the reply says it no longer waits).
+    _pruned_by: str | None = None
+
     # -- creation and reads ------------------------------------------------------------
 
     @internal
@@ -206,14 +210,27 @@ class Commitment(CA):
 
     @internal
     async def on_event(self, event: dict[str, Any]) -> bool:
-        """An event from the principal's bus; True if it advanced this commitment. An
-        event taken once is ignored if it comes again (a fan-out that restarted)."""
+        """An event from the principal's bus; True while this commitment still waits
+        for events of that type (False: the bus may forget it; it does not unsubscribe
+        from that bus itself when the event ends its wait). An event taken once is
+        ignored if it comes again (a fan-out that restarted)."""
         if self.state.get("status") != "pending":
             return False
         event_id = event.get("event_id")
         taken = self.state.get("events_taken", [])
         if event_id is not None and event_id in taken:
-            return False
+            return True
+        self._pruned_by = bus_name(self.state["principal"], str(event.get("event_type")))
+        try:
+            hit = self._take_event(event)
+        finally:
+            self._pruned_by = None
+        if hit and event_id is not None:
+            self.state["events_taken"] = [*taken, event_id][-EVENTS_REMEMBERED:]
+        return bool(self.state["status"] == "pending")
+
+    def _take_event(self, event: dict[str, Any]) -> bool:
+        """Apply ``event`` to every leaf it matches; True if any."""
         hit = False
         for path, leaf in leaves(self.state["trigger"]):
             if not self._matches(leaf, event):
@@ -235,8 +252,6 @@ class Commitment(CA):
                 )
             if self.state["status"] != "pending":
                 break
-        if hit and event_id is not None:
-            self.state["events_taken"] = [*taken, event_id][-EVENTS_REMEMBERED:]
         return hit
 
     @internal
@@ -336,9 +351,9 @@ class Commitment(CA):
         for name in list(timers.pending()):
             timers.cancel(name)
         for event_type in event_types(self.state["trigger"]):
-            self.plugins.send.tell(
-                bus_name(self.state["principal"], event_type), "unsubscribe", str(self.name)
-            )
+            bus = bus_name(self.state["principal"], event_type)
+            if bus != self._pruned_by:  # that bus's fan-out forgets this commitment
+                self.plugins.send.tell(bus, "unsubscribe", str(self.name))
 
     def _move(self, status: str) -> None:
         now = self.now_ms
@@ -425,11 +440,14 @@ class EventBus(CA):
         return int(await members.count())
 
     @internal
-    async def unsubscribe(self, commitment: str) -> int:
-        members = self.plugins.members
-        if await members.contains(self._own(commitment)):
-            members.remove(commitment)
-        return int(await members.count())
+    async def unsubscribe(self, commitment: str) -> None:
+        self.plugins.members.remove(self._own(commitment))
+
+    @internal
+    async def forget(self, commitments: list[str]) -> None:
+        """The subscribers a fan-out found no longer waiting: one commit for a page."""
+        for commitment in commitments:
+            self.plugins.members.remove(self._own(commitment))
 
     @internal
     async def publish(self, event: dict[str, Any]) -> dict[str, Any]:

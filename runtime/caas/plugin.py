@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from troth.caas import delivery
 from troth.caas.index import CommitmentIndex
-from troth.core.access import Caller
+from troth.core.access import SYSTEM, Caller
 from troth.core.errors import CallTimeout, RetryableError, TrothError
 from troth.core.names import ActorName
 from troth.core.plugin import (
@@ -175,13 +175,15 @@ class IndexExecutor:
 
 class FanoutExecutor:
     """Pages through the bus's subscribers and calls ``on_event`` on each, at most
-    ``CONCURRENCY`` at once. A subscriber that cannot take it now (moving, busy)
-    makes the whole fan-out retried later; the others ignore the repeat."""
+    ``CONCURRENCY`` at once; after each page, the bus forgets in one commit those that
+    answered they no longer wait. A subscriber that cannot take the event now
+    (moving, busy) makes the whole fan-out retried later; the others ignore the
+    repeat."""
 
     kind = "cmfanout"
     idempotent = True
     PAGE = 500
-    CONCURRENCY = 64
+    CONCURRENCY = 256
 
     def __init__(self, context: PluginContext, timeout: float) -> None:
         self.context = context
@@ -194,23 +196,31 @@ class FanoutExecutor:
         slots = asyncio.Semaphore(self.CONCURRENCY)
         delivered, retry = 0, []
 
-        async def one(name: str) -> None:
+        async def one(name: str) -> str | None:
+            """``name`` if it no longer waits (or is gone)."""
             nonlocal delivered
             async with slots:
                 try:
-                    await self.context.deliver(
+                    waiting = await self.context.deliver(
                         name, "on_event", [event], {}, None, self.timeout, caller
                     )
                     delivered += 1
+                    return None if waiting else name
                 except (RetryableError, CallTimeout) as exc:
                     retry.append(f"{name}: {exc}")
                 except TrothError as exc:  # gone, or refused: nothing to repeat
                     log.info("event %s to %s: %s", event.get("event_id"), name, exc)
+                    return name
+                return None
 
         cursor = 0
         while True:
             cursor, page = await scan_members(self.context, bus, cursor, self.PAGE)
-            await asyncio.gather(*(one(name) for name in page))
+            done = [n for n in await asyncio.gather(*(one(name) for name in page)) if n]
+            if done:
+                await self.context.deliver(
+                    entry.origin, "forget", [done], {}, None, self.timeout, SYSTEM
+                )
             if cursor == 0:
                 break
         if retry:
