@@ -175,6 +175,7 @@ class Commitment(CA):
                 "error",
                 "transitions",
                 "rev",
+                "retires_ms",
             )
         }
 
@@ -361,10 +362,13 @@ class Commitment(CA):
         self.state["updated_ms"] = now
         self.state["rev"] += 1
         self.state["transitions"].append({"status": status, "at_ms": now})
-        self._index()
         if status in TERMINAL:
             keep = self.plugins.commitments.retention_seconds
+            self.state["retires_ms"] = now + int(keep * 1000)
             self.plugins.timers.after(keep, "retire", name="retire")
+        else:
+            self.state.pop("retires_ms", None)  # running again (a retry)
+        self._index()
 
     @internal
     async def retire(self) -> None:
@@ -398,6 +402,7 @@ def summary(state: dict[str, Any]) -> dict[str, Any]:
         "attempts": len(state.get("attempts", [])),
         "rev": state["rev"],
         "ended_ms": state["updated_ms"] if state["status"] in TERMINAL else None,
+        "retires_ms": state.get("retires_ms") if state["status"] in TERMINAL else None,
     }
 
 

@@ -47,7 +47,7 @@ _CONCURRENCY = 16
 def public(view: dict[str, Any]) -> dict[str, Any]:
     """The JSON shape of a commitment: times as ISO 8601 UTC."""
     out = {k: v for k, v in view.items() if not k.endswith("_ms") and k != "rev"}
-    for k in ("created", "updated", "due", "fired", "expires"):
+    for k in ("created", "updated", "due", "fired", "expires", "retires"):
         if f"{k}_ms" in view:
             out[f"{k}_at"] = iso(view[f"{k}_ms"])
     if "attempts" in view and isinstance(view["attempts"], list):

@@ -4,7 +4,8 @@ Enabled by ``"extensions": ["troth.caas:CaaS"]`` (the default): the ``commitment
 and ``cmbus`` actor types, the ``commitments`` plugin (signed webhook deliveries and
 the listing index), the ``/v1/commitments`` and ``/v1/events`` routes, the
 ``troth_commitments`` gauge, and the commitments section of ``troth status`` (by
-status, and the finished ones retained until their retention ends).
+status, the finished ones retained until their retention ends, and when the next
+of them is retired).
 """
 
 from __future__ import annotations
@@ -58,17 +59,17 @@ class CaaS(Extension):
 
     def status(self, client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
         """Commitments by status over every principal; ``retained``: the finished ones
-        still kept, and when the earliest of them ended (each is retired
-        ``retention_seconds`` after it ended)."""
+        still kept, and ``next_retirement_at``: when the next of them is deleted (each
+        is retired ``retention_seconds`` after it ended)."""
         index = CommitmentIndex(client, keys)
         totals: Counter[str] = Counter()
         for (_, status), n in index.counts().items():
             totals[status] += n
         section: dict[str, Any] = {k: v for k, v in sorted(totals.items()) if v}
-        retained, first_ended = index.retained()
+        retained, next_retirement = index.retained()
         if retained:
             section["retained"] = retained
-            section["oldest_ended_at"] = iso(first_ended)
+            section["next_retirement_at"] = iso(next_retirement)
         return section
 
 

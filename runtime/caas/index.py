@@ -10,7 +10,7 @@ P:{cm:p}:s:STATUS          zset    commitment id -> created (ms), one per status
 P:{cm:p}:sum               hash    commitment id -> summary JSON (with ``rev``)
 P:{cm:p}:count             hash    status -> number of commitments
 P:{cm:p}:dedup             hash    dedup_key -> commitment id
-P:{cm:p}:ended             zset    finished commitment id -> when it ended (ms)
+P:{cm:p}:ended             zset    finished commitment id -> when it is retired (ms)
 P:{cm:p}:gone:ID           string  a retired commitment's tombstone (expires)
 P:principals               set     principals that have commitments (for metrics)
 =========================  ======  ================================================
@@ -85,7 +85,7 @@ class CommitmentIndex:
 
     def retained(self) -> tuple[int, int | None]:
         """How many finished commitments are kept, over every principal, and when the
-        earliest of them ended (ms; None if none)."""
+        next of them is retired (ms; None if none)."""
         principals = sorted(p.decode() for p in self.client.smembers(f"{self.prefix}:principals"))
         pipe = self.client.pipeline(transaction=False)
         for p in principals:

@@ -3,7 +3,7 @@
 -- A summary whose status is "retired" removes the commitment from the index (and
 -- its dedup_key binding) and leaves a tombstone that expires after ARGV[4] ms.
 -- KEYS: 1 all (zset)  2 summaries (hash)  3 counts (hash)  4 dedup (hash)
---       5 ended (zset)  6 this id's tombstone (string)
+--       5 ended (zset: finished id -> when it is retired)  6 this id's tombstone (string)
 --       7.. one zset per status, in the order of ARGV[5..]
 -- ARGV: 1 id  2 rev  3 summary JSON  4 tombstone ms  5.. the status names
 local id, rev = ARGV[1], tonumber(ARGV[2])
@@ -43,7 +43,9 @@ if retired then
   redis.call('SET', KEYS[6], tostring(new.updated_ms), 'PX', tonumber(ARGV[4]))
   return 1
 end
-if type(new.ended_ms) == 'number' then
+if type(new.retires_ms) == 'number' then
+  redis.call('ZADD', KEYS[5], new.retires_ms, id)
+elseif type(new.ended_ms) == 'number' then -- from a node before retires_ms
   redis.call('ZADD', KEYS[5], new.ended_ms, id)
 else
   redis.call('ZREM', KEYS[5], id) -- running again (a retry of a failed one)
