@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from troth.edge.embedded_redis import redis_binary
+from troth.edge.embedded_redis import MEMORY_SETTINGS, redis_binary
 
 
 @contextlib.contextmanager
@@ -39,6 +39,7 @@ def redis_server() -> Iterator[str]:
                 "",
                 "--appendonly",
                 "no",
+                *MEMORY_SETTINGS,  # as troth serve's embedded Redis
             ],
             stdout=subprocess.DEVNULL,
         )

@@ -61,7 +61,8 @@ class CommitmentIndex:
             for what in ("all", "sum", "count", "dedup", "ended", f"gone:{summary['id']}")
         ]
         keys += [self._k(principal, f"s:{st}") for st in STATUSES]
-        args = [summary["id"], summary["rev"], json.dumps(summary), tombstone_ms, *STATUSES]
+        packed = json.dumps(summary, separators=(",", ":"))
+        args = [summary["id"], summary["rev"], packed, tombstone_ms, *STATUSES]
         new_principal = principal not in self._known
         if self.batcher is None:
             raise RuntimeError("CommitmentIndex.apply needs the node's batcher")

@@ -96,14 +96,20 @@ class TimerRecord:
         return timer_key(self.actor, self.name)
 
     def encode(self) -> bytes:
-        """The stored form: the 32-character id, then msgpack (the commit guard reads the id)."""
+        """The stored form: the 32-character id (the commit guard reads it), then the
+        other fields in msgpack, without the defaults."""
         if len(self.id) != TIMER_ID_LEN:
             raise ValueError(f"timer id must be {TIMER_ID_LEN} characters")
-        return self.id.encode() + codec.pack(_fields(self))
+        fields = _fields(self)
+        del fields["id"]
+        if self.every_seconds is None:
+            del fields["every_seconds"]
+        return self.id.encode() + codec.pack(fields)
 
     @classmethod
     def decode(cls, raw: bytes) -> TimerRecord:
         data = codec.unpack(raw[TIMER_ID_LEN:])
+        data["id"] = raw[:TIMER_ID_LEN].decode()
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
