@@ -57,6 +57,9 @@ class CallFn(Protocol):
     Without a ``request_id`` one is made, so that retries across a handoff never
     apply the call twice, and the reply is kept for it; ``reply_cache=False`` skips
     both for a method that is idempotent by itself (it saves a write per call).
+    ``fresh=True`` says the actor cannot exist yet (its name was just made from a
+    random id), so activating it reads no checkpoint; use it only for a call that
+    commits.
     """
 
     def __call__(
@@ -69,6 +72,7 @@ class CallFn(Protocol):
         caller: Caller,
         *,
         reply_cache: bool = True,
+        fresh: bool = False,
     ) -> Awaitable[Any]: ...
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from conftest import wait_until
+from troth.core.access import OPERATOR
 from troth.core.actor import CA
 from troth.core.names import ActorName, shard_of
 from troth.core.plugin import (
@@ -181,3 +182,22 @@ def test_a_replaceable_entry_is_performed_in_its_newest_version_only(
     GATE.set()
     wait_until(settled)
     assert SEEN == ["b", "c", "d"]
+
+
+def test_a_call_said_fresh_to_an_actor_that_exists_still_sees_its_state(
+    make_node: Callable[..., Node],
+) -> None:
+    """``fresh`` skips the checkpoint read on activation; were the actor there after
+    all, its commit is refused (seq) and the call retried with a read: nothing of the
+    stored state is lost."""
+    extensions = ["troth.caas:CaaS", EXT]
+    first = make_node("n1", extensions=extensions, plugins={"slow": {}})
+    worker = ActorName("worker", "alice-fresh")
+    for n in range(2):
+        first.call(worker, "done", [{"ok": True, "value": n, "attempts": 1}]).result(5)
+    first.stop()
+    second = make_node("n2", extensions=extensions, plugins={"slow": {}})
+    result = {"ok": True, "value": 2, "attempts": 1}
+    call = second.router.call(worker, "done", [result], {}, None, OPERATOR, fresh=True)
+    asyncio.run_coroutine_threadsafe(call, second.loop).result(10)
+    assert [v for _, v, _ in second.call(worker, "results").result(5)] == [0, 1, 2]

@@ -78,11 +78,12 @@ def commitments_router(node: NodeContext) -> APIRouter:
         *args: Any,
         request_id: str | None = None,
         reply_cache: bool = True,
+        fresh: bool = False,
     ) -> Any:
         """Call a built-in actor's internal method for ``principal`` (who asked)."""
         caller = Caller(principal, internal=True)
         return await node.call(
-            name, method, list(args), {}, request_id, caller, reply_cache=reply_cache
+            name, method, list(args), {}, request_id, caller, reply_cache=reply_cache, fresh=fresh
         )
 
     async def on_commitment(principal: str, cid: str, method: str) -> dict[str, Any]:
@@ -134,8 +135,14 @@ def commitments_router(node: NodeContext) -> APIRouter:
         name = actor(principal, bound)
         # create needs no cached reply (a second create returns the commitment as it
         # is): that saves about 1 KB of Redis per commitment.
+        # A new id names no actor yet: its activation reads no checkpoint.
         view = await call(
-            principal, name, "create", spec.model_dump(mode="json"), reply_cache=False
+            principal,
+            name,
+            "create",
+            spec.model_dump(mode="json"),
+            reply_cache=False,
+            fresh=not repeated,
         )
         # The commitment subscribed itself through its outbox; subscribing here as well
         # (idempotent) means every event POSTed after this reply reaches it.

@@ -132,13 +132,15 @@ class Router:
         timeout: float | None = None,
         new_id: bool = False,
         reply_cache: bool = True,
+        fresh: bool = False,
     ) -> Any:
         """Run the call on the owner of the actor's shard; see the module docstring.
 
         The access rule is applied here, at the entry, before anything is forwarded,
         and again by the owner's engine. ``reply_cache=False`` (for methods that are
         idempotent by themselves) sends a call with no ``request_id`` as it is: its
-        reply is not kept, and a retry may run it again.
+        reply is not kept, and a retry may run it again. ``fresh`` says the actor is
+        new (a name just made up from a random id): see :meth:`Engine.call`.
         """
         leases = self.leases
         check_method(method)
@@ -159,7 +161,14 @@ class Router:
                 if owner == self.node_id:
                     return await asyncio.wait_for(
                         self.engine.call(
-                            name, method, args, kwargs, request_id, caller, new_id=new_id
+                            name,
+                            method,
+                            args,
+                            kwargs,
+                            request_id,
+                            caller,
+                            new_id=new_id,
+                            fresh=fresh,
                         ),
                         remaining,
                     )
@@ -189,7 +198,7 @@ class Router:
                     raise
             except TimeoutError:
                 raise CallTimeout(f"{name}.{method}: no reply in time") from None
-            new_id = False  # a retry may follow an attempt whose commit went through
+            new_id = fresh = False  # a retry may follow an attempt whose commit went through
             await asyncio.sleep(backoff)
             backoff = min(BACKOFF_MAX, backoff * 2)
             try:

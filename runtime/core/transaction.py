@@ -81,6 +81,8 @@ class Message:
     #: For a result: the outbox entry it settles, deleted by the same commit, which is
     #: refused (:class:`AlreadySettled`) when the entry is gone, so it applies once.
     settles: str | None = None
+    #: The actor cannot exist yet: activate it without reading a checkpoint.
+    fresh: bool = False
 
 
 _ASYNC: dict[Any, bool] = {}

@@ -245,7 +245,7 @@ class Cell:
             raise self.failure
         if self.runtime is None:
             try:
-                self.runtime = await self._activate()
+                self.runtime = await self._activate(msg.fresh)
             except TrothError as exc:
                 keep = isinstance(exc, RetryableError | QuotaExceeded)
                 self._fail(exc if keep else ActivationError(str(exc)))
@@ -332,10 +332,13 @@ class Cell:
                 await rt.execute(consume, _nothing)
             return False
 
-    async def _activate(self) -> ActorRuntime:
+    async def _activate(self, fresh: bool = False) -> ActorRuntime:
         host, name = self.host, str(self.name)
         owner = self.name.owner if self.atype.counted else None
-        stored, created = await host.store.load(self.shard, name, owner)
+        if fresh and owner is None:  # see Engine.call (the quota count needs a read)
+            stored, created = None, 0
+        else:
+            stored, created = await host.store.load(self.shard, name, owner)
         pstates = stored.pstate if stored else {}
         plugins = {  # the others are made on first use
             pname: host.plugin_factories[pname].for_actor(self.name, pstate)

@@ -142,9 +142,16 @@ class Engine:
         caller: Caller,
         *,
         new_id: bool = False,
+        fresh: bool = False,
     ) -> Any:
         """Run a call on this node and return its reply after its commit. ``new_id``
         says no earlier attempt used ``request_id`` (the replay look-up is skipped).
+        ``fresh`` says the actor cannot exist yet: an actor not active here is then
+        activated without reading its checkpoint (one round trip less). It is an
+        optimistic shortcut, never a risk to what is stored: were the actor there
+        after all, its commit would find the checkpoint's seq moved and be refused,
+        and the call retried (the router retries without ``fresh``). Only for calls
+        that commit: a read would answer from an empty state.
 
         Raises NotFoundError or ForbiddenError (the access rule), and RetryableError
         when this node does not serve the actor's shard.
@@ -153,7 +160,7 @@ class Engine:
         check_access(caller, name, method, atype.methods, atype.internal_methods)
         if request_id is not None and not (0 < len(request_id) <= 200):
             raise BadRequestError("request_id must be 1 to 200 characters")
-        msg = Message("call", method, args, kwargs, request_id, None, caller, new_id)
+        msg = Message("call", method, args, kwargs, request_id, None, caller, new_id, fresh=fresh)
         return await self.post(name, msg)
 
     def post(self, name: ActorName, msg: Message) -> asyncio.Future[Any]:
