@@ -31,8 +31,8 @@ class EmbeddedRedisError(TrothError):
 
 #: Checkpoints are small hashes whose state field is a few hundred bytes: kept as one
 #: compact listpack up to 1 KB values instead of a hash table, an actor's checkpoint
-#: takes about half the memory (a pending commitment: about 2.0 KB of Redis in all
-#: instead of 2.5). The README recommends the same for a Redis you run yourself.
+#: takes about half the memory (a pending commitment: about 1.6 KB of Redis in all
+#: instead of 2.4). The README recommends the same for a Redis you run yourself.
 MEMORY_SETTINGS = ("--hash-max-ziplist-value", "1024")
 
 

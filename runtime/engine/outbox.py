@@ -171,11 +171,17 @@ class OutboxDispatcher:
         return len(self.queue)
 
     def submit(self, shard: int, entries: list[OutboxEntry]) -> None:
-        """Entries just committed by a transaction on this node. They travel with their
-        id, so their first attempt need not read them back from Redis (the ledger
-        script still refuses to write one that no longer exists there)."""
+        """Entries just committed by a transaction on this node (called on the loop).
+        They travel with their id, so their first attempt need not read them back
+        from Redis (the ledger script still refuses to write one that no longer
+        exists there); one due now starts at once, without a trip through the due
+        queue's thread."""
+        now = self.clock.now_ms()
         for e in entries:
-            self.queue.push(e.next_ms, shard, e.id, e)
+            if e.next_ms <= now and self._claim(shard, e.id, e):
+                self._begin(shard, e.id, e)
+            elif e.next_ms > now:
+                self.queue.push(e.next_ms, shard, e.id, e)
 
     def load_shards(self, shards: list[int]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -188,14 +194,19 @@ class OutboxDispatcher:
     def drop_shards(self, shards: set[int]) -> None:
         self.queue.drop_shards(shards)
 
-    def _due(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
-        """From the due queue's thread: hand the entry to the loop."""
+    def _claim(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> bool:
+        """Mark the entry as being attempted; if it is already, look again later."""
         with self._lock:
             busy = entry_id in self._inflight
             if not busy:
                 self._inflight.add(entry_id)
         if busy:
             self.queue.push(self.clock.now_ms() + BUSY_RETRY_MS, shard, entry_id, committed)
+        return not busy
+
+    def _due(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
+        """From the due queue's thread: hand the entry to the loop."""
+        if not self._claim(shard, entry_id, committed):
             return
         try:
             self.loop.call_soon_threadsafe(self._begin, shard, entry_id, committed)
