@@ -32,7 +32,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-import httpx
+import aiohttp
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,7 +106,7 @@ class Router:
         self.node_id = leases.node_id
         self.call_timeout = call_timeout
         self.secret = secret
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
 
     def verify(self, body: bytes, signature: str | None) -> ForwardedCall | None:
         """The forwarded call in ``body`` if ``signature`` is its HMAC and it is fresh."""
@@ -207,32 +207,34 @@ class Router:
                 raise RedisUnavailable(f"{name}: Redis unavailable: {exc}") from None
 
     async def _forward(self, url: str, call: ForwardedCall) -> Any:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        # aiohttp, as for webhooks: httpx's pool slows down with many connections
+        # (docs/design.md, *Execution*).
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256), trust_env=False
             )
         body = json.dumps(call.model_dump(mode="json"), separators=(",", ":")).encode()
+        headers = {CLUSTER_HEADER: sign(self.secret, body), "content-type": "application/json"}
         try:
-            resp = await self._http.post(
+            async with self._http.post(
                 f"{url}{CLUSTER_PATH}",
-                content=body,
-                headers={
-                    CLUSTER_HEADER: sign(self.secret, body),
-                    "content-type": "application/json",
-                },
-                timeout=call.timeout,
-            )
-        except httpx.HTTPError as exc:
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=call.timeout),
+                allow_redirects=False,
+            ) as resp:
+                status, raw = resp.status, await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UnavailableError(f"owner at {url} unreachable: {exc!r}") from exc
         try:
-            data = resp.json()
+            data = json.loads(raw)
         except ValueError:
-            raise UnavailableError(f"owner at {url} answered {resp.status_code}") from None
-        if resp.status_code == 200:
+            raise UnavailableError(f"owner at {url} answered {status}") from None
+        if status == 200:
             return data["result"]
-        raise error_from_dict(data.get("error", {}), resp.status_code)
+        raise error_from_dict(data.get("error", {}), status)
 
     async def close(self) -> None:
         if self._http is not None:
-            await self._http.aclose()
+            await self._http.close()
             self._http = None
