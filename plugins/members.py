@@ -96,11 +96,7 @@ async def read_members(
         for name, *args in reads:
             commands.append((name, key, *args))
 
-    replies = await context.batcher.run(add, len(reads))
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies
+    return await context.batcher.results(add, len(reads))
 
 
 async def scan_members(

@@ -50,6 +50,11 @@ class CommitmentIndex:
         self._apply = Script(load_lua("cmindex.lua", "troth.caas"))
         self._known: set[str] = set()  # principals already in P:principals
 
+    def _writer(self) -> Batcher:
+        if self.batcher is None:
+            raise RuntimeError("updating the commitments index needs the node's batcher")
+        return self.batcher
+
     def _k(self, principal: str, what: str) -> str:
         return f"{self.prefix}:{{cm:{principal}}}:{what}"
 
@@ -64,18 +69,13 @@ class CommitmentIndex:
         packed = json.dumps(summary, separators=(",", ":"))
         args = [summary["id"], summary["rev"], packed, tombstone_ms, *STATUSES]
         new_principal = principal not in self._known
-        if self.batcher is None:
-            raise RuntimeError("CommitmentIndex.apply needs the node's batcher")
 
         def add(commands: list[Command]) -> None:
             self._apply.queue(commands, keys, args)
             if new_principal:
                 commands.append(("SADD", f"{self.prefix}:principals", principal))
 
-        replies = await self.batcher.run(add, 2 if new_principal else 1, self._apply)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        replies = await self._writer().results(add, 2 if new_principal else 1, self._apply)
         self._known.add(principal)
         return bool(replies[0])
 
@@ -160,8 +160,6 @@ class CommitmentIndex:
         """For a creation: the principal's pending count, and the commitment id its
         ``dedup_key`` is bound to (binding it to ``cid`` unless it is bound already;
         ``cid`` without a key). One round trip, shared with the engine's."""
-        if self.batcher is None:
-            raise RuntimeError("CommitmentIndex.admit needs the node's batcher")
         count, dedup = self._k(principal, "count"), self._k(principal, "dedup")
 
         def add(commands: list[Command]) -> None:
@@ -170,10 +168,7 @@ class CommitmentIndex:
                 commands.append(("HSETNX", dedup, dedup_key, cid))
                 commands.append(("HGET", dedup, dedup_key))
 
-        replies = await self.batcher.run(add, 1 if dedup_key is None else 3)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        replies = await self._writer().results(add, 1 if dedup_key is None else 3)
         bound = replies[2].decode() if dedup_key is not None and replies[2] else cid
         return int(replies[0] or 0), bound
 

@@ -46,6 +46,9 @@ from troth.plugins.outbound import AddressPolicy, OutboundClient, outcome_of
 
 log = logging.getLogger(__name__)
 
+#: Retries of the service's own effects (fan-outs, index updates): they must happen.
+INTERNAL_RETRY = RetryPolicy(max_attempts=100, initial_delay_seconds=1, max_delay_seconds=30)
+
 #: Seconds between a commitment's transition and its index update. Listings lag that
 #: much behind transitions nobody asked for (firing, delivery, expiry); a GET by id
 #: never lags, and the API updates the index at once after a create, cancel or retry.
@@ -109,7 +112,7 @@ class Commitments(OutboxPlugin):
         return self._enqueue(
             {"event": event},
             idempotency_key=None,
-            retry=RetryPolicy(max_attempts=100, initial_delay_seconds=1, max_delay_seconds=30),
+            retry=INTERNAL_RETRY,
             on_result=None,
             kind="cmfanout",
         )
@@ -123,7 +126,7 @@ class Commitments(OutboxPlugin):
         return self._enqueue(
             {"principal": principal, "summary": summary, "tombstone_ms": tombstone_ms},
             idempotency_key=None,
-            retry=RetryPolicy(max_attempts=100, initial_delay_seconds=1, max_delay_seconds=30),
+            retry=INTERNAL_RETRY,
             on_result=None,
             kind="cmindex",
             replace_id=f"{self.actor}:cmindex",

@@ -95,6 +95,15 @@ class Batcher:
             loop.call_soon(self._flush)
         return await request.future
 
+    async def results(self, add: Queue, count: int = 1, *scripts: Script) -> list[Any]:
+        """:meth:`run`, raising the first error reply (a refused command) instead of
+        returning it, for requests whose commands all must succeed."""
+        replies = await self.run(add, count, *scripts)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
     def _flush(self) -> None:
         self._scheduled = False
         while self._pending and self._inflight < self.concurrency:

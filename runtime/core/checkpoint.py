@@ -112,10 +112,7 @@ class CheckpointStore:
             if quota:
                 commands.append(("HGET", quota, "actors"))
 
-        replies = await self.batcher.run(add, 2 if quota else 1)
-        for r in replies:
-            if isinstance(r, Exception):
-                raise r
+        replies = await self.batcher.results(add, 2 if quota else 1)
         reply = replies[0]
         created_count = int(replies[1] or 0) if quota else 0
         if reply[0] is None:
@@ -134,18 +131,16 @@ class CheckpointStore:
     async def committed_reply(self, shard: int, name: str, request_id: str) -> tuple[Any] | None:
         """``(reply,)`` as committed for ``request_id``, or ``None`` if there is none."""
         key = self.keys.shard(shard).replies(name)
-        (data,) = await self.batcher.run(lambda c: c.append(("HGET", key, request_id)))
-        if isinstance(data, Exception):
-            raise data
+        (data,) = await self.batcher.results(lambda c: c.append(("HGET", key, request_id)))
         return None if data is None else (codec.unpack(data)[0],)
 
     async def holds(self, shard: int, epoch: str) -> str | None:
         """None while this node holds ``shard`` at ``epoch``; else who does (a read that
         writes nothing: how a read-only message is fenced)."""
         lease = self.keys.shard(shard).lease
-        (reply,) = await self.batcher.run(lambda c: c.append(("HMGET", lease, "owner", "epoch")))
-        if isinstance(reply, Exception):
-            raise reply
+        (reply,) = await self.batcher.results(
+            lambda c: c.append(("HMGET", lease, "owner", "epoch"))
+        )
         owner, held = (_text(v) if v is not None else "" for v in reply)
         return None if (owner, held) == (self.node_id, epoch) else f"{owner}@{held}"
 

@@ -238,9 +238,7 @@ class OutboxDispatcher:
         def add(commands: list[Command]) -> None:
             commands.append(("HGET", key, entry_id))
 
-        (raw,) = await self.batcher.run(add)
-        if isinstance(raw, Exception):
-            raise raw
+        (raw,) = await self.batcher.results(add)
         if raw is None:
             return None
         entry = OutboxEntry.from_dict(codec.unpack(raw))
@@ -416,9 +414,7 @@ class OutboxDispatcher:
         def add(commands: list[Command]) -> None:
             self._script.queue(commands, [sk.lease, sk.outbox, sk.outbox_queue], args)
 
-        (res,) = await self.batcher.run(add, 1, self._script)
-        if isinstance(res, Exception):
-            raise res
+        (res,) = await self.batcher.results(add, 1, self._script)
         if res == -1:
             log.info(
                 "outbox %s: shard %d was taken over; leaving the entry to its owner",
