@@ -23,6 +23,7 @@ here is enforced by troth, not left to the tenant:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
@@ -124,8 +125,10 @@ def check_headers(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
+@functools.lru_cache(maxsize=4096)
 def classify(address: str) -> AddressKind:
-    """What connecting to ``address`` reaches (see the module docstring)."""
+    """What connecting to ``address`` reaches (see the module docstring). Cached: a
+    delivery to the same target must not parse its address again."""
     addr = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.ipv4_mapped is not None:
@@ -193,6 +196,7 @@ class _GuardedResolver(AbstractResolver):
         pass
 
 
+@functools.lru_cache(maxsize=4096)
 def _literal_address(host: str) -> str | None:
     """The address a URL's host names literally, or None for a host name. A host that
     looks like an address but is not one in canonical form (``127.1``, ``0``) is

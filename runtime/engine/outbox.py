@@ -67,10 +67,6 @@ log = logging.getLogger(__name__)
 
 HISTORY_KEPT = 20
 CALLBACK_RETRY_MS = 2000
-#: An entry that falls due while it is being attempted (a retry pushed from inside
-#: the attempt, a replaceable entry replaced meanwhile) is looked at again this
-#: much later, never dropped.
-BUSY_RETRY_MS = 100
 
 
 def outcome_result(entry: OutboxEntry, outcome: ExecutionOutcome | None) -> dict[str, Any]:
@@ -125,6 +121,10 @@ class OutboxDispatcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[str] = set()
+        #: Entries that fell due while being attempted (a retry pushed from inside the
+        #: attempt, a replaceable entry replaced meanwhile): taken up again as soon as
+        #: that attempt ends, never dropped, and never polled for meanwhile.
+        self._again: dict[str, tuple[int, OutboxEntry | None]] = {}
         #: The version (stored bytes) of each replaceable entry being attempted.
         self._versions: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -195,14 +195,13 @@ class OutboxDispatcher:
         self.queue.drop_shards(shards)
 
     def _claim(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> bool:
-        """Mark the entry as being attempted; if it is already, look again later."""
+        """Mark the entry as being attempted; if it is already, mark it due again."""
         with self._lock:
-            busy = entry_id in self._inflight
-            if not busy:
-                self._inflight.add(entry_id)
-        if busy:
-            self.queue.push(self.clock.now_ms() + BUSY_RETRY_MS, shard, entry_id, committed)
-        return not busy
+            if entry_id in self._inflight:
+                self._again[entry_id] = (shard, committed)
+                return False
+            self._inflight.add(entry_id)
+            return True
 
     def _due(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
         """From the due queue's thread: hand the entry to the loop."""
@@ -231,6 +230,9 @@ class OutboxDispatcher:
             self._versions.pop(entry_id, None)
             with self._lock:
                 self._inflight.discard(entry_id)
+                again = self._again.pop(entry_id, None)
+            if again is not None and self._claim(again[0], entry_id, again[1]):
+                self._begin(again[0], entry_id, again[1])
 
     async def _read(self, shard: int, entry_id: str) -> OutboxEntry | None:
         key = self.keys.shard(shard).outbox
