@@ -17,7 +17,7 @@ import re
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from troth.caas.actor import bus_name, event_types, summary
@@ -162,22 +162,23 @@ def commitments_router(node: NodeContext) -> APIRouter:
     @api.post(
         "/commitments",
         status_code=201,
+        response_model=dict[str, Any],
         openapi_extra=body_schema(CommitmentCreate),
         summary="Create a commitment (200 with the existing one for a known dedup_key)",
     )
-    async def create(request: Request, response: Response, who: Principal) -> dict[str, Any]:
+    async def create(request: Request, who: Principal) -> JSONResponse:
         spec = await json_body(request, CommitmentCreate)
         view, created = await create_one(who or LOCAL_PRINCIPAL, spec)
-        response.status_code = 201 if created else 200
-        return public(view)
+        return JSONResponse(public(view), status_code=201 if created else 200)
 
     @api.post(
         "/commitments/batch",
         status_code=201,
+        response_model=dict[str, Any],
         openapi_extra=body_schema(BatchCreate),
         summary=f"Create up to {MAX_BATCH} commitments; all are validated first",
     )
-    async def create_batch(request: Request, who: Principal) -> dict[str, Any]:
+    async def create_batch(request: Request, who: Principal) -> JSONResponse:
         batch = await json_body(request, BatchCreate)
         principal = who or LOCAL_PRINCIPAL
         first, *rest = batch.commitments
@@ -190,14 +191,15 @@ def commitments_router(node: NodeContext) -> APIRouter:
                 return public((await create_one(principal, spec, 0))[0])
 
         made += await asyncio.gather(*(one(s) for s in rest))
-        return {"commitments": made}
+        return JSONResponse({"commitments": made}, status_code=201)
 
     @api.post(
         "/commitments/batch/cancel",
+        response_model=dict[str, Any],
         openapi_extra=body_schema(BatchCancel),
         summary="Cancel several commitments; each gets its own result",
     )
-    async def cancel_batch(request: Request, who: Principal) -> dict[str, Any]:
+    async def cancel_batch(request: Request, who: Principal) -> JSONResponse:
         ids = (await json_body(request, BatchCancel)).ids
         principal = who or LOCAL_PRINCIPAL
 
@@ -208,16 +210,18 @@ def commitments_router(node: NodeContext) -> APIRouter:
                 return {"id": cid, "error": exc.to_dict()}
             return {"id": cid, "status": view["status"]}
 
-        return {"results": await asyncio.gather(*(one(c) for c in ids))}
+        return JSONResponse({"results": await asyncio.gather(*(one(c) for c in ids))})
 
-    @api.get("/commitments", summary="List commitments, newest first")
+    @api.get(
+        "/commitments", response_model=dict[str, Any], summary="List commitments, newest first"
+    )
     async def list_(
         who: Principal,
         status: str | None = Query(None, description=f"One of {', '.join(STATUSES)}"),
         trigger_type: str | None = Query(None, description=f"One of {', '.join(TRIGGER_TYPES)}"),
         limit: int = Query(50, ge=1, le=500),
         cursor: str | None = Query(None, max_length=200, pattern=r"^\d+:cm_[0-9a-f]{32}$"),
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         if status is not None and status not in STATUSES:
             raise BadRequestError(f"status must be one of {list(STATUSES)}")
         if trigger_type is not None and trigger_type not in TRIGGER_TYPES:
@@ -225,19 +229,31 @@ def commitments_router(node: NodeContext) -> APIRouter:
         items, nxt = await asyncio.to_thread(
             index.page, who or LOCAL_PRINCIPAL, status, trigger_type, limit, cursor
         )
-        return {"items": [public(i) for i in items], "next_cursor": nxt}
+        return JSONResponse({"items": [public(i) for i in items], "next_cursor": nxt})
 
-    @api.get("/commitments/{cid}", summary="A commitment with its delivery attempts")
-    async def get(cid: str, who: Principal) -> dict[str, Any]:
-        return public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "get"))
+    @api.get(
+        "/commitments/{cid}",
+        response_model=dict[str, Any],
+        summary="A commitment with its delivery attempts",
+    )
+    async def get(cid: str, who: Principal) -> JSONResponse:
+        return JSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "get")))
 
-    @api.delete("/commitments/{cid}", summary="Cancel a pending commitment (409 if not)")
-    async def cancel(cid: str, who: Principal) -> dict[str, Any]:
-        return public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "cancel"))
+    @api.delete(
+        "/commitments/{cid}",
+        response_model=dict[str, Any],
+        summary="Cancel a pending commitment (409 if not)",
+    )
+    async def cancel(cid: str, who: Principal) -> JSONResponse:
+        return JSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "cancel")))
 
-    @api.post("/commitments/{cid}/retry", summary="Re-drive a failed commitment (409 if not)")
-    async def retry(cid: str, who: Principal) -> dict[str, Any]:
-        return public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "retry"))
+    @api.post(
+        "/commitments/{cid}/retry",
+        response_model=dict[str, Any],
+        summary="Re-drive a failed commitment (409 if not)",
+    )
+    async def retry(cid: str, who: Principal) -> JSONResponse:
+        return JSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "retry")))
 
     @api.post(
         "/events",

@@ -400,7 +400,7 @@ def create_app(
         return JSONResponse({"result": result})
 
     @app.post(CLUSTER_PATH, include_in_schema=False)
-    async def cluster_call(request: Request) -> CallReply:
+    async def cluster_call(request: Request) -> JSONResponse:
         """A call another node forwarded (see :mod:`troth.cluster.routing`): runs here or not
         at all, for the caller the signed body names."""
         raw = await request.body()
@@ -422,7 +422,7 @@ def create_app(
             new_id=call.new_id,
             reply_cache=call.request_id is not None,
         )
-        return CallReply(result=result)
+        return JSONResponse({"result": result})  # checked by the transaction, as above
 
     app.add_middleware(BodyLimit, max_bytes=config.node.max_body_bytes)
     if not config.auth.api_keys:
