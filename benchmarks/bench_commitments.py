@@ -1,4 +1,5 @@
-"""Commitment throughput and firing lateness on one `troth serve` node.
+"""Commitment throughput and firing lateness on `troth serve` (one node, or
+``--nodes N`` sharing one Redis; requests go to the first, which forwards).
 
 * ``create``: commitments created per second, one per request (8 concurrent
   clients) and in batches of 100 (4 concurrent clients);
@@ -9,7 +10,7 @@
 * ``fanout``: N commitments waiting for one event type (default 10,000); one event
   fires them all: how long the publish took and until the last delivery arrived.
 
-Run:  python benchmarks/bench_commitments.py [--due 10000]
+Run:  python benchmarks/bench_commitments.py [--due 10000] [--nodes 2]
 Prints JSON. The receiver and the node share this 2-core machine.
 """
 
@@ -30,7 +31,7 @@ import aiohttp
 import httpx
 import redis
 from aiohttp import web
-from common import emit, machine, redis_server, start_node, stop_node
+from common import emit, machine, redis_server, start_nodes, stop_node
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,14 +41,21 @@ class Receiver:
     receiver is not what limits the drain."""
 
     def __init__(self) -> None:
-        self.arrivals: dict[str, float] = {}
+        self.arrivals: dict[str, float] = {}  # Idempotency-Key -> first arrival
+        self.repeats = 0  # deliveries of a key already received
+        self.foreign_keys = 0  # repeats whose key is not their commitment's id
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self.url = ""
 
         async def hook(request: web.Request) -> web.Response:
-            await request.read()
-            self.arrivals.setdefault(request.headers["idempotency-key"], time.time())
+            body = await request.read()
+            key = request.headers["idempotency-key"]
+            if key in self.arrivals:
+                self.repeats += 1
+                self.foreign_keys += json.loads(body)["commitment_id"] != key
+            else:
+                self.arrivals[key] = time.time()
             return web.Response(text="ok")
 
         async def serve() -> None:
@@ -155,6 +163,9 @@ def bench_due(
         "lateness_p99_s": round(q[98], 2),
         "lateness_max_s": round(late[-1], 2) if late else None,
         "drain_s": round(late[-1] - max(0.0, late[0]), 2) if late else None,
+        # from the due time until the last arrival, as the peers' harness counts it
+        "deliveries_per_s": round(len(late) / late[-1]) if late and late[-1] > 0 else None,
+        "repeats": receiver.repeats,
     }
 
 
@@ -187,20 +198,24 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--due", type=int, default=10000)
     ap.add_argument("--fanout", type=int, default=10000)
+    ap.add_argument("--nodes", type=int, default=1, help="nodes sharing one Redis")
     args = ap.parse_args()
     receiver = Receiver()
     with redis_server() as redis_url, tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_node(node_config(Path(tmp)), redis_url, "c1")
+        nodes = start_nodes(node_config(Path(tmp)), redis_url, args.nodes, prefix="c")
+        url = nodes[0][1]  # the first node takes every request, and forwards
         try:
             create = bench_create(url, receiver.url, args.single, args.batches)
             due = bench_due(url, redis_url, receiver, args.due, create["batch_per_s"])
             fanout = bench_fanout(url, receiver, args.fanout)
         finally:
-            stop_node(proc)
+            for proc, _ in nodes:
+                stop_node(proc)
     emit(
         {
             "benchmark": "commitments",
             "machine": machine(),
+            "nodes": args.nodes,
             "create": create,
             "due_together": due,
             "fanout": fanout,

@@ -119,6 +119,24 @@ def start_node(config: str, redis_url: str, node_id: str) -> tuple[subprocess.Po
     raise RuntimeError(f"node {node_id} did not start")
 
 
+def start_nodes(
+    config: str, redis_url: str, count: int, prefix: str = "n"
+) -> list[tuple[subprocess.Popen[bytes], str]]:
+    """``count`` nodes on one Redis; returns once every one owns its share of shards."""
+    import httpx
+
+    nodes = [start_node(config, redis_url, f"{prefix}{i + 1}") for i in range(count)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        owned = [httpx.get(f"{url}/health", timeout=5).json().get("shards", 0) for _, url in nodes]
+        if max(owned) - min(owned) <= 1:
+            return nodes
+        time.sleep(0.25)
+    for proc, _ in nodes:
+        proc.kill()
+    raise RuntimeError(f"{count} nodes did not share the shards within a minute: {owned}")
+
+
 def stop_node(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM, and SIGKILL if the graceful stop takes over a minute."""
     proc.terminate()

@@ -139,6 +139,7 @@ class Node:
             self.keys,
             self._fire_timer,
             owns=lambda shard: self.leases.epoch_of(shard) is not None,
+            loop=self.loop,
             clock=clock,
         )
         self.dispatcher = OutboxDispatcher(
@@ -398,8 +399,10 @@ class Node:
         for timer in ops.timers_set:
             self.scheduler.add(shard, timer)
 
-    def _fire_timer(self, shard: int, timer: TimerRecord) -> Future[Any]:
-        return self.post(ActorName.parse(timer.actor), Message("timer", timer.method, timer=timer))
+    def _fire_timer(self, shard: int, timer: TimerRecord) -> asyncio.Future[Any]:
+        """On the loop: the timer's firing message, resolved after its commit."""
+        msg = Message("timer", timer.method, timer=timer)
+        return self.engine.post(ActorName.parse(timer.actor), msg)
 
     # -- shard ownership changes (from the lease thread) ---------------------------------------
 

@@ -61,7 +61,7 @@ from troth.core.records import OutboxEntry
 from troth.core.retry import RetryPolicy
 from troth.core.scripts import load_lua
 from troth.core.transaction import Message
-from troth.engine.duequeue import DueQueue
+from troth.engine.duequeue import Due, DueQueue
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +203,20 @@ class OutboxDispatcher:
             self._inflight.add(entry_id)
             return True
 
-    def _due(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
-        """From the due queue's thread: hand the entry to the loop."""
-        if not self._claim(shard, entry_id, committed):
+    def _due(self, items: Due) -> None:
+        """From the due queue's thread: hand the entries to the loop, in one hop."""
+        claimed = [item for item in items if self._claim(*item)]
+        if not claimed:
             return
         try:
-            self.loop.call_soon_threadsafe(self._begin, shard, entry_id, committed)
+            self.loop.call_soon_threadsafe(self._begin_all, claimed)
         except RuntimeError:  # the loop is closed: the node is stopping
             with self._lock:
-                self._inflight.discard(entry_id)
+                self._inflight.difference_update(entry_id for _, entry_id, _ in claimed)
+
+    def _begin_all(self, items: Due) -> None:
+        for shard, entry_id, committed in items:
+            self._begin(shard, entry_id, committed)
 
     def _begin(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
         self._tasks.spawn(self._process(shard, entry_id, committed))

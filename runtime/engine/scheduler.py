@@ -7,14 +7,20 @@ same atomic step as its handler's state and refuses a firing whose timer no
 longer exists with the same id. A firing refused for a transient reason
 (the actor moving, Redis down) is retried a second later while this node still
 owns the shard; otherwise the shard's new owner fires it.
+
+Timers due together reach the node's event loop in one hop (see
+:mod:`troth.engine.duequeue`) and wait there in due order; at most
+``MAX_IN_FLIGHT`` firings are handed to the engine at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import redis
@@ -23,15 +29,19 @@ from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.errors import RetryableError
 from troth.core.keys import KeySpace
 from troth.core.records import TimerRecord
-from troth.engine.duequeue import DueQueue
+from troth.engine.duequeue import Due, DueQueue
 
 log = logging.getLogger(__name__)
 
 RETRY_MS = 1000
 #: Firings handed to the engine and not yet committed, at most. When many timers fall
-#: due at once, the rest wait in the queue: their transactions, and the deliveries they
-#: cause, then flow through the node in step instead of all firings first.
+#: due at once, the rest wait: their transactions, and the deliveries they cause,
+#: then flow through the node in step instead of all firings first.
 MAX_IN_FLIGHT = 256
+
+#: Sends a timer's firing message on the node's loop; the future resolves after its
+#: commit (or raises why it was refused).
+Fire = Callable[[int, TimerRecord], "asyncio.Future[Any]"]
 
 
 class TimerScheduler:
@@ -39,8 +49,9 @@ class TimerScheduler:
         self,
         client: redis.Redis,
         keys: KeySpace,
-        fire: Callable[[int, TimerRecord], Future[Any]],
+        fire: Fire,
         owns: Callable[[int], bool],
+        loop: asyncio.AbstractEventLoop,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.clock = clock
@@ -48,17 +59,17 @@ class TimerScheduler:
         self.keys = keys
         self.fire = fire
         self.owns = owns
+        self.loop = loop
         self.queue = DueQueue("timers", self._due, clock)
-        self._firing = 0
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
-        self._stopped = False
+        self._waiting: deque[tuple[int, str, TimerRecord]] = deque()  # on the loop
+        self._handed = 0  # items between the queue's thread and the loop
+        self._firing = 0
 
     def start(self) -> None:
         self.queue.start()
 
     def stop(self) -> None:
-        self._stopped = True
         self.queue.stop()
 
     def __len__(self) -> int:
@@ -83,36 +94,46 @@ class TimerScheduler:
 
     @property
     def in_flight(self) -> int:
-        """Firings handed to the engine whose transaction has not ended yet."""
+        """Timers due and not yet fired: on their way to the loop, waiting there, or
+        handed to the engine with their transaction not ended yet."""
         with self._lock:
-            return self._firing + self.queue.handing_over
+            return self._handed + len(self._waiting) + self._firing + self.queue.handing_over
 
-    def _due(self, shard: int, key: str, timer: TimerRecord) -> None:
-        """From the due queue's thread, which waits here while the node is busy with
-        ``MAX_IN_FLIGHT`` firings."""
-        while not self._slots.acquire(timeout=0.5):
-            if self._stopped:
-                return  # the timer stays in Redis for the shard's next owner
+    def _due(self, items: Due) -> None:
+        """From the due queue's thread: hand the due timers to the loop."""
         with self._lock:
-            self._firing += 1
-
-        def done(f: Future[Any]) -> None:
-            try:
-                exc = f.exception()
-                if isinstance(exc, RetryableError) and self.owns(shard):
-                    log.info("timer %r of %s deferred: %s", timer.name, timer.actor, exc)
-                    retry_at = self.clock.now_ms() + RETRY_MS
-                    self.queue.push(retry_at, shard, key, timer)
-            finally:
-                with self._lock:
-                    self._firing -= 1
-                self._slots.release()
-
+            self._handed += len(items)
         try:
-            fired = self.fire(shard, timer)
-        except BaseException:
+            self.loop.call_soon_threadsafe(self._take, items)
+        except RuntimeError:  # the loop is closed: the node is stopping; Redis keeps them
             with self._lock:
-                self._firing -= 1
-            self._slots.release()
-            raise
-        fired.add_done_callback(done)
+                self._handed -= len(items)
+
+    def _take(self, items: Due) -> None:
+        with self._lock:
+            self._handed -= len(items)
+            self._waiting.extend(items)
+        self._start()
+
+    def _start(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting or self._firing >= MAX_IN_FLIGHT:
+                    return
+                shard, key, timer = self._waiting.popleft()
+                self._firing += 1
+            try:
+                fired = self.fire(shard, timer)
+            except Exception as exc:  # refused before it was queued (shard moved, full)
+                fired = self.loop.create_future()
+                fired.set_exception(exc)
+            fired.add_done_callback(partial(self._done, shard, key, timer))
+
+    def _done(self, shard: int, key: str, timer: TimerRecord, fired: asyncio.Future[Any]) -> None:
+        exc = None if fired.cancelled() else fired.exception()
+        if isinstance(exc, RetryableError) and self.owns(shard):
+            log.info("timer %r of %s deferred: %s", timer.name, timer.actor, exc)
+            self.queue.push(self.clock.now_ms() + RETRY_MS, shard, key, timer)
+        with self._lock:
+            self._firing -= 1
+        self._start()
