@@ -35,7 +35,7 @@ from troth.caas.plugin import CommitmentsFactory
 from troth.core.access import Caller
 from troth.core.errors import AppError, BadRequestError, NotFoundError, QuotaExceeded, TrothError
 from troth.core.names import ActorName
-from troth.edge.http_api import Principal, body_schema, json_body, resolve_principal
+from troth.edge.http_api import Principal, body_schema, hot, json_body, resolve_principal
 from troth.extension import NodeContext
 
 #: The principal of every call when the node has no API keys (loopback only).
@@ -166,6 +166,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         openapi_extra=body_schema(CommitmentCreate),
         summary="Create a commitment (200 with the existing one for a known dedup_key)",
     )
+    @hot
     async def create(request: Request) -> JSONResponse:
         who = resolve_principal(request)  # not a dependency: see path_parameters
         spec = await json_body(request, CommitmentCreate)
@@ -179,6 +180,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         openapi_extra=body_schema(BatchCreate),
         summary=f"Create up to {MAX_BATCH} commitments; all are validated first",
     )
+    @hot
     async def create_batch(request: Request) -> JSONResponse:
         who = resolve_principal(request)
         batch = await json_body(request, BatchCreate)
@@ -263,6 +265,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         openapi_extra=body_schema(EventIn),
         summary="Record an event and fan it out to the commitments waiting for it",
     )
+    @hot
     async def event(request: Request) -> JSONResponse:
         who = resolve_principal(request)
         ev = await json_body(request, EventIn)

@@ -28,8 +28,8 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -149,7 +149,7 @@ class Router:
         # An id made here is new on the first attempt: no committed reply can exist for
         # it, so the owner skips the replay look-up (one Redis read less per call).
         if request_id is None and reply_cache:
-            new_id, request_id = True, f"rt-{uuid.uuid4().hex}"
+            new_id, request_id = True, f"rt-{os.urandom(16).hex()}"
         total = timeout or self.call_timeout
         deadline = time.monotonic() + total
         shard = shard_of(name, leases.keys.shard_count)
@@ -159,8 +159,8 @@ class Router:
             try:
                 owner = leases.owner_of(shard)
                 if owner == self.node_id:
-                    return await asyncio.wait_for(
-                        self.engine.call(
+                    async with asyncio.timeout(remaining):  # no task of its own, as wait_for
+                        return await self.engine.call(
                             name,
                             method,
                             args,
@@ -169,9 +169,7 @@ class Router:
                             caller,
                             new_id=new_id,
                             fresh=fresh,
-                        ),
-                        remaining,
-                    )
+                        )
                 if forwarded:
                     raise UnavailableError(f"{name}: shard {shard} is not on {self.node_id}")
                 url = leases.urls.get(owner)

@@ -15,6 +15,7 @@ in an actor (logged with its traceback). Both 429 and 503 carry ``Retry-After``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,10 +27,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import HTTPConnection
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from troth import __version__
@@ -201,6 +205,48 @@ def path_parameters(*names: str) -> dict[str, Any]:
     }
 
 
+Endpoint = TypeVar("Endpoint", bound=Callable[[Request], Awaitable[Response]])
+
+
+def hot(endpoint: Endpoint) -> Endpoint:
+    """Marks an endpoint that takes nothing but the request (it parses its body, path
+    parameters and principal itself): :class:`HotRoutes` then serves it directly."""
+    endpoint.__dict__["troth_hot"] = True
+    return endpoint
+
+
+class HotRoutes:
+    """Serves the endpoints marked :func:`hot` with Starlette's plain routing, inside
+    every middleware of the app but before FastAPI's own routing.
+
+    FastAPI spends about 45 us of every request in its routing and endpoint machinery
+    (exit stacks, dependency solving, response handling), an eighth of an actor call;
+    a hot endpoint needs none of it. Its FastAPI route stays: it documents the
+    endpoint (OpenAPI). Errors go through the app's exception handlers, as FastAPI's
+    would: the answers are the same either way.
+    """
+
+    def __init__(self, app: ASGIApp, source: FastAPI) -> None:
+        self.app = app
+        handlers = {k: v for k, v in source.exception_handlers.items() if k not in (500, Exception)}
+        plain = [
+            Route(route.path, route.endpoint, methods=sorted(route.methods or ()))
+            for route in source.routes
+            if isinstance(route, APIRoute) and route.endpoint.__dict__.get("troth_hot")
+        ]
+        self.routes = [(r, ExceptionMiddleware(r.handle, handlers=handlers)) for r in plain]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for route, serve in self.routes:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    await serve(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 #: Error answers every endpoint may give; each is an :class:`ErrorReply`.
 ERROR_STATUSES = {
     401: "Missing or unknown API key",
@@ -261,9 +307,11 @@ def _host_of(value: str) -> str:
     return value.rpartition(":")[0] if value.count(":") == 1 else value
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback_host(value: str) -> bool:
     """Whether a ``Host`` (or origin's host) names this machine: ``localhost`` or a
-    loopback address literal, never a DNS name that merely starts like one."""
+    loopback address literal, never a DNS name that merely starts like one. Cached:
+    every request asks, nearly always about the same few values."""
     host = _host_of(value.strip().lower())
     if host == "localhost":
         return True
@@ -405,6 +453,7 @@ def create_app(
             **path_parameters("actor_type", "actor_id", "method"),
         },
     )
+    @hot
     async def call_actor(request: Request) -> Response:
         who = resolve_principal(request)
         path = request.path_params
@@ -418,6 +467,7 @@ def create_app(
         return JSONResponse({"result": result})
 
     @app.post(CLUSTER_PATH, include_in_schema=False)
+    @hot
     async def cluster_call(request: Request) -> JSONResponse:
         """A call another node forwarded (see :mod:`troth.cluster.routing`): runs here or not
         at all, for the caller the signed body names."""
@@ -446,6 +496,7 @@ def create_app(
     # actor calls are the hottest.
     for extra in routes:
         app.include_router(extra)
+    app.add_middleware(HotRoutes, source=app)  # innermost: after the body limit
     app.add_middleware(BodyLimit, max_bytes=config.node.max_body_bytes)
     if not config.auth.api_keys:
         app.add_middleware(LocalOnly)

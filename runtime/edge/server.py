@@ -121,6 +121,9 @@ def _uvicorn(app: FastAPI, cfg: NodeConfig) -> uvicorn.Server:
             log_level="warning",
             lifespan="off",
             access_log=False,
+            # No X-Forwarded-* rewriting: nothing here reads the client's address, and
+            # uvicorn's middleware for it costs every request.
+            proxy_headers=False,
             http=protocol,
             timeout_graceful_shutdown=5,
             timeout_keep_alive=int(max(1, cfg.keep_alive_seconds)),
