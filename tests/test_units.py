@@ -1,16 +1,21 @@
-"""Pure logic: names and shards, configuration, codec."""
+"""Pure logic: names and shards, configuration, codec, hot HTTP routes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import pytest
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from conftest import REPO
 from troth.core import codec
 from troth.core.config import ConfigError, load_config, parse_config
-from troth.core.errors import BadRequestError, SerializationError
+from troth.core.errors import BadRequestError, NotFoundError, SerializationError, TrothError
 from troth.core.names import ActorName, shard_of
+from troth.edge.http_api import HotRoutes, hot
 
 
 def test_names_and_owner() -> None:
@@ -72,3 +77,49 @@ def test_the_package_has_no_import_cycles() -> None:
         if a != b and graph.find_shortest_chain(importer=b, imported=a)
     }
     assert cycles == set()
+
+
+def test_hot_routes_skip_fastapi_routing_and_keep_its_answers() -> None:
+    """Endpoints marked hot, on the app or in an included router, are served before
+    FastAPI's routing (no FastAPI scope keys), their errors still go through the app's
+    handlers, and other methods on the same path still reach FastAPI."""
+    app = FastAPI()
+    api = APIRouter(prefix="/v1")
+
+    @app.exception_handler(TrothError)
+    async def _troth(_request: Request, exc: TrothError) -> JSONResponse:
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
+    def seen(request: Request) -> JSONResponse:
+        return JSONResponse({"fastapi": "fastapi_middleware_astack" in request.scope})
+
+    @api.post("/things")
+    @hot
+    async def make(request: Request) -> JSONResponse:
+        if (await request.body()) == b"missing":
+            raise NotFoundError("no such thing")
+        return seen(request)
+
+    @api.get("/things")
+    async def list_things(request: Request) -> JSONResponse:
+        return seen(request)
+
+    @app.post("/v1/calls/{name}")
+    @hot
+    async def call(request: Request) -> JSONResponse:
+        return JSONResponse({"name": request.path_params["name"]})
+
+    app.include_router(api)
+    app.add_middleware(HotRoutes, source=app, routers=[app.router, api])
+
+    async def check() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            assert (await http.post("/v1/things")).json() == {"fastapi": False}
+            assert (await http.get("/v1/things")).json() == {"fastapi": True}
+            assert (await http.post("/v1/calls/x")).json() == {"name": "x"}
+            missing = await http.post("/v1/things", content=b"missing")
+            assert missing.status_code == 404
+            assert missing.json()["error"]["type"] == "NotFoundError"
+
+    asyncio.run(check())

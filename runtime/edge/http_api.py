@@ -226,12 +226,13 @@ class HotRoutes:
     would: the answers are the same either way.
     """
 
-    def __init__(self, app: ASGIApp, source: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, source: FastAPI, routers: Sequence[APIRouter]) -> None:
         self.app = app
         handlers = {k: v for k, v in source.exception_handlers.items() if k not in (500, Exception)}
         plain = [
             Route(route.path, route.endpoint, methods=sorted(route.methods or ()))
-            for route in source.routes
+            for router in routers
+            for route in router.routes
             if isinstance(route, APIRoute) and route.endpoint.__dict__.get("troth_hot")
         ]
         self.routes = [(r, ExceptionMiddleware(r.handle, handlers=handlers)) for r in plain]
@@ -496,7 +497,8 @@ def create_app(
     # actor calls are the hottest.
     for extra in routes:
         app.include_router(extra)
-    app.add_middleware(HotRoutes, source=app)  # innermost: after the body limit
+    # innermost: after the body limit
+    app.add_middleware(HotRoutes, source=app, routers=[app.router, *routes])
     app.add_middleware(BodyLimit, max_bytes=config.node.max_body_bytes)
     if not config.auth.api_keys:
         app.add_middleware(LocalOnly)
