@@ -58,12 +58,18 @@ class _Server(uvicorn.Server):
 class _HeadTimeout:
     """A deadline for each request head, mixed into uvicorn's HTTP/1.1 protocol: a
     client that opens a connection (or starts a new request on a kept-alive one) and
-    does not finish sending its headers in time is disconnected (no slowloris)."""
+    does not finish sending its headers in time is disconnected (no slowloris).
+
+    One timer a connection, moved along when a response completes, rather than one
+    a request: at thousands of requests a second those were tens of thousands of
+    timers pending on the loop."""
 
     head_timeout = 10.0
     cycle: object
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_waiting: tuple[object, float]  # (the cycle then current, deadline)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -74,17 +80,21 @@ class _HeadTimeout:
         self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
-        waiting_for = self.cycle
-        self.loop.call_later(self.head_timeout, self._head_deadline, waiting_for)
+        self._head_waiting = (self.cycle, self.loop.time() + self.head_timeout)
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_waiting[1], self._head_deadline)
 
-    def _head_deadline(self, waiting_for: object) -> None:
+    def _head_deadline(self) -> None:
+        self._head_timer = None
+        waiting_for, deadline = self._head_waiting
+        if self.cycle is not waiting_for:
+            return  # a request is under way; its response arms the timer again
+        if self.loop.time() < deadline:  # a later response moved the deadline
+            self._head_timer = self.loop.call_at(deadline, self._head_deadline)
+            return
         transport = self.transport
-        if (
-            self.cycle is waiting_for
-            and not transport.is_closing()
-            and transport.get_protocol() is cast(object, self)  # not upgraded to a WebSocket
-        ):
-            transport.close()
+        if not transport.is_closing() and transport.get_protocol() is cast(object, self):
+            transport.close()  # (a connection upgraded to a WebSocket is not ours)
 
 
 def _http_protocol() -> type:
