@@ -132,6 +132,8 @@ def test_subscriptions_are_bounded_per_node(make_node: Callable[..., Node]) -> N
             json.loads(ws.recv())
         for i in range(3):
             one.send(json.dumps({"op": "subscribe", "actor": f"counter/s{i}"}))
+        full = "troth_subscriptions 3.0"  # the other session's are taken first
+        wait_until(lambda: full in httpx.get(f"{node.url}/metrics").text, timeout=10)
         two.send(json.dumps({"op": "subscribe", "actor": "counter/s9"}))
         err = json.loads(two.recv())
         assert err["op"] == "error" and "3 subscriptions" in err["error"]["message"]
