@@ -106,6 +106,10 @@ def commitments_router(node: NodeContext) -> APIRouter:
                     ) from None
         raise NotFoundError(f"no commitment {cid!r}")
 
+    async def answer(who: str | None, cid: str, method: str) -> JSONResponse:
+        """The JSON of a commitment after ``method`` (see :func:`on_commitment`)."""
+        return JSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, method)))
+
     def check_pending_quota(principal: str, pending: int, adding: int) -> None:
         limit = node.config.quotas.of(principal).pending_commitments
         if pending + adding > limit:
@@ -241,7 +245,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary="A commitment with its delivery attempts",
     )
     async def get(cid: str, who: Principal) -> JSONResponse:
-        return JSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "get")))
+        return await answer(who, cid, "get")
 
     @api.delete(
         "/commitments/{cid}",
@@ -249,7 +253,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary="Cancel a pending commitment (409 if not)",
     )
     async def cancel(cid: str, who: Principal) -> JSONResponse:
-        return JSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "cancel")))
+        return await answer(who, cid, "cancel")
 
     @api.post(
         "/commitments/{cid}/retry",
@@ -257,7 +261,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary="Re-drive a failed commitment (409 if not)",
     )
     async def retry(cid: str, who: Principal) -> JSONResponse:
-        return JSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, "retry")))
+        return await answer(who, cid, "retry")
 
     @api.post(
         "/events",
