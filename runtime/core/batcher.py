@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,7 +168,9 @@ class Batcher:
                 replies: list[Any] = []
                 for _ in commands:
                     try:
-                        replies.append(await conn.read_response())
+                        # The round trip as a whole is bounded above: no timer a reply
+                        # (redis-py's own per-read timeout more than doubles its cost).
+                        replies.append(await conn.read_response(timeout=math.inf))
                     except ResponseError as exc:  # a reply, not a broken connection
                         replies.append(exc)
             return replies
