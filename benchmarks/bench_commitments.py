@@ -2,11 +2,13 @@
 ``--nodes N`` sharing one Redis; requests go to the first, which forwards).
 
 * ``create``: commitments created per second, one per request (8 concurrent
-  clients) and in batches of 100 (4 concurrent clients);
+  clients) and in batches of 100 (4 concurrent clients), with the nodes' CPU time
+  per creation (steadier than rates on a shared machine);
 * ``due_together``: N commitments due in the same second (default 10,000): firing
   lateness p50/p99/max measured at a local receiver (arrival - due time), the
   drain time until the last one arrived, and Redis memory per pending commitment
-  (``used_memory`` growth over the creation / N). The outbox runs 64 attempts at once;
+  (``used_memory`` growth over the creation / N), and the nodes' CPU time per
+  delivery (firing, delivery, index). The outbox runs 64 attempts at once;
 * ``fanout``: N commitments waiting for one event type (default 10,000); one event
   fires them all: how long the publish took and until the last delivery arrived.
 
@@ -31,7 +33,7 @@ import aiohttp
 import httpx
 import redis
 from aiohttp import web
-from common import emit, machine, redis_server, start_nodes, stop_node
+from common import cpu_seconds, emit, machine, redis_server, start_nodes, stop_node
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +98,9 @@ def spec(target: str, **trigger: Any) -> dict[str, Any]:
     return {"trigger": {"type": "time_after", **trigger}, "obligation": {"target": target}}
 
 
-def bench_create(url: str, target: str, single: int, batches: int) -> dict[str, Any]:
+def bench_create(
+    url: str, target: str, single: int, batches: int, pids: list[int]
+) -> dict[str, Any]:
     """8 concurrent clients (tasks of one aiohttp client, so the load generator is not
     what limits the rate), one commitment per request; then batches of 100, 4 at once."""
     body = spec(target, delay_seconds=3600)
@@ -111,16 +115,25 @@ def bench_create(url: str, target: str, single: int, batches: int) -> dict[str, 
                         await resp.read()
 
             await post("/v1/commitments", body, 50)  # warm up
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), cpu_seconds(pids)
             await asyncio.gather(*(post("/v1/commitments", body, single // 8) for _ in range(8)))
             single_rate = single // 8 * 8 / (time.perf_counter() - t)
+            single_cpu = (cpu_seconds(pids) - cpu) / (single // 8 * 8)
             batch = {"commitments": [body] * 100}
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), cpu_seconds(pids)
             await asyncio.gather(
                 *(post("/v1/commitments/batch", batch, batches // 4) for _ in range(4))
             )
             batch_rate = batches // 4 * 4 * 100 / (time.perf_counter() - t)
-        return {"single_per_s": round(single_rate), "batch_per_s": round(batch_rate)}
+            batch_cpu = (cpu_seconds(pids) - cpu) / (batches // 4 * 4 * 100)
+        return {
+            "single_per_s": round(single_rate),
+            "batch_per_s": round(batch_rate),
+            # steadier than the rates on a shared machine; index updates a second after
+            # each creation may fall in the next phase
+            "node_cpu_us_per_single": round(single_cpu * 1e6),
+            "node_cpu_us_per_batched": round(batch_cpu * 1e6),
+        }
 
     return asyncio.run(run())
 
@@ -139,7 +152,7 @@ def create_batches(url: str, body: dict[str, Any], n: int) -> list[str]:
 
 
 def bench_due(
-    url: str, redis_url: str, receiver: Receiver, n: int, batch_rate: float
+    url: str, redis_url: str, receiver: Receiver, n: int, batch_rate: float, pids: list[int]
 ) -> dict[str, Any]:
     # Creation slows as active actors (threads) accumulate: leave a wide margin.
     due = time.time() + n / max(batch_rate, 1) * 3 + 10
@@ -150,8 +163,10 @@ def bench_due(
     created_by = time.time()
     time.sleep(2)  # the index updates of the creations leave the outbox after a second
     per_pending = (int(rclient.info("memory")["used_memory"]) - before) / n
+    cpu = cpu_seconds(pids)  # from here on the nodes only fire and deliver
     while len(receiver.arrivals) < n and time.time() < due + 600:
         time.sleep(0.2)
+    cpu = cpu_seconds(pids) - cpu
     late = sorted(a - due for a in receiver.arrivals.values())
     q = statistics.quantiles(late, n=100) if len(late) > 1 else [0.0] * 99
     return {
@@ -166,6 +181,7 @@ def bench_due(
         # from the due time until the last arrival, as the peers' harness counts it
         "deliveries_per_s": round(len(late) / late[-1]) if late and late[-1] > 0 else None,
         "repeats": receiver.repeats,
+        "node_cpu_us_per_delivery": round(cpu / max(len(late), 1) * 1e6),
     }
 
 
@@ -205,8 +221,9 @@ def main() -> None:
         nodes = start_nodes(node_config(Path(tmp)), redis_url, args.nodes, prefix="c")
         url = nodes[0][1]  # the first node takes every request, and forwards
         try:
-            create = bench_create(url, receiver.url, args.single, args.batches)
-            due = bench_due(url, redis_url, receiver, args.due, create["batch_per_s"])
+            pids = [proc.pid for proc, _ in nodes]
+            create = bench_create(url, receiver.url, args.single, args.batches, pids)
+            due = bench_due(url, redis_url, receiver, args.due, create["batch_per_s"], pids)
             fanout = bench_fanout(url, receiver, args.fanout)
         finally:
             for proc, _ in nodes:
