@@ -50,9 +50,16 @@ log = logging.getLogger(__name__)
 INTERNAL_RETRY = RetryPolicy(max_attempts=100, initial_delay_seconds=1, max_delay_seconds=30)
 
 #: Seconds between a commitment's transition and its index update. Listings lag that
-#: much behind transitions nobody asked for (firing, delivery, expiry); a GET by id
-#: never lags, and the API updates the index at once after a create, cancel or retry.
+#: much behind transitions nobody asked for (delivery, expiry); a GET by id never
+#: lags, and the API updates the index at once after a create, cancel or retry.
 INDEX_DELAY = 1.0
+#: The same for ``triggered``, which usually lasts only until the delivery: its
+#: update waits longer, so that the outcome's replaces it. When 10,000 fire at once
+#: and the last is delivered seconds later, each then costs one index update, not two.
+TRIGGERED_INDEX_DELAY = 5.0
+
+
+_INDEX_DELAYS = {"retired": 0.0, "triggered": TRIGGERED_INDEX_DELAY}
 
 
 class CommitmentSettings(BaseModel):
@@ -120,9 +127,9 @@ class Commitments(OutboxPlugin):
     def index(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> str:
         """Send the summary to the index; a ``retired`` one removes the commitment from
         it and leaves a tombstone for ``tombstone_ms``, at once. Any other is sent
-        ``INDEX_DELAY`` seconds after the commit, and a newer summary replaces one not
-        sent yet: a commitment triggered and fulfilled within that time costs one
-        update."""
+        ``INDEX_DELAY`` seconds after the commit (``TRIGGERED_INDEX_DELAY`` for a
+        ``triggered`` one), and a newer summary replaces one not sent yet: a
+        commitment triggered and fulfilled within that time costs one update."""
         return self._enqueue(
             {"principal": principal, "summary": summary, "tombstone_ms": tombstone_ms},
             idempotency_key=None,
@@ -130,7 +137,7 @@ class Commitments(OutboxPlugin):
             on_result=None,
             kind="cmindex",
             replace_id=f"{self.actor}:cmindex",
-            delay_seconds=0 if summary.get("status") == "retired" else INDEX_DELAY,
+            delay_seconds=_INDEX_DELAYS.get(summary["status"], INDEX_DELAY),
         )
 
 
