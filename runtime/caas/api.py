@@ -172,7 +172,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
     )
     @hot
     async def create(request: Request) -> JSONResponse:
-        who = resolve_principal(request)  # not a dependency: see path_parameters
+        who = resolve_principal(request)  # not a dependency: see HotRoutes
         spec = await json_body(request, CommitmentCreate)
         view, created = await create_one(who or LOCAL_PRINCIPAL, spec)
         return JSONResponse(public(view), status_code=201 if created else 200)
