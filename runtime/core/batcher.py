@@ -14,7 +14,10 @@ This is the engine's hot path, so it speaks to Redis through redis-py's connecti
 API directly: the commands are packed by hiredis in one buffer, written at once and
 their replies read in order, with one deadline (``timeout``) for the whole round
 trip. A round trip that misses it, or fails, closes its connection, so no late reply
-can ever be read as another request's.
+can ever be read as another request's. A connection that just finished a round trip
+is kept for the next (used again within ``REUSE_SECONDS``), without going through
+the pool, whose checks (a lock, a read attempt, metrics) cost about as much as
+reading the replies; an older one goes back to the pool, which checks it.
 
 Lua scripts are sent as ``EVALSHA`` (:class:`Script`). After a ``NOSCRIPT`` (a
 restarted or flushed Redis) the script is loaded again and only the requests that
@@ -65,6 +68,10 @@ class _Request:
     scripts: tuple[Script, ...] = field(default=())
 
 
+#: A connection that finished a round trip this recently is used again unchecked.
+REUSE_SECONDS = 1.0
+
+
 class Batcher:
     def __init__(
         self,
@@ -81,6 +88,7 @@ class Batcher:
         self._inflight = 0
         self._scheduled = False
         self._background = Background()
+        self._idle: list[tuple[Any, float]] = []  # (connection, when it was last used)
 
     async def run(self, add: Queue, count: int = 1, *scripts: Script) -> list[Any]:
         """Queue ``count`` commands (added by ``add``) and return their results.
@@ -158,10 +166,20 @@ class Batcher:
                 return
             await self._execute(retry, reloaded=True)
 
+    async def _connection(self) -> Any:
+        pool = self.client.connection_pool
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            conn, used = self._idle.pop()
+            if now - used < REUSE_SECONDS:
+                return conn
+            await pool.release(conn)
+        return await pool.get_connection()
+
     async def _round_trip(self, commands: list[Command]) -> list[Any]:
         pool = self.client.connection_pool
         packed = b"".join(hiredis.pack_command(c) for c in commands)
-        conn = await pool.get_connection()
+        conn = await self._connection()
         try:
             async with asyncio.timeout(self.timeout):
                 await conn.send_packed_command(packed, check_health=False)
@@ -173,15 +191,14 @@ class Batcher:
                         replies.append(await conn.read_response(timeout=math.inf))
                     except ResponseError as exc:  # a reply, not a broken connection
                         replies.append(exc)
-            return replies
-        except TimeoutError:
+        except BaseException as exc:
             await conn.disconnect(nowait=True)
-            raise RedisTimeout(f"Redis did not answer within {self.timeout}s") from None
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
             await pool.release(conn)
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeout(f"Redis did not answer within {self.timeout}s") from None
+            raise
+        self._idle.append((conn, asyncio.get_running_loop().time()))
+        return replies
 
     async def _reload(self, scripts: set[Script]) -> None:
         for script in scripts:
