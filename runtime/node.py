@@ -12,8 +12,8 @@ every part and hands each one only what it uses (nothing else holds the node). I
 then follows the lease manager (on gaining shards it loads their outbox and timers
 and wakes their autonomous actors; on losing shards the engine forgets their cells
 at once; on surplus it drains them before releasing), and hands every commit's
-side effects to the dispatcher and scheduler. Its :meth:`call` and :meth:`post` may
-be used from any thread.
+side effects to the dispatcher and scheduler. Its :meth:`call` may be used from any
+thread.
 """
 
 from __future__ import annotations
@@ -333,14 +333,6 @@ class Node:
         return self._on_loop(
             self.engine.call(name, method, list(args or []), dict(kwargs or {}), request_id, caller)
         )
-
-    def post(self, name: ActorName, msg: Message) -> Future[Any]:
-        """Queue ``msg`` from any thread; resolves after the message's commit."""
-
-        async def post() -> Any:
-            return await self.engine.post(name, msg)
-
-        return self._on_loop(post())
 
     async def deliver(
         self,
