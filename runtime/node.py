@@ -46,7 +46,7 @@ from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName
 from troth.core.plugin import PluginContext, PluginFactory
 from troth.core.records import CommitOps, TimerRecord
-from troth.core.redis_clients import async_redis_client, redis_client
+from troth.core.redis_clients import async_redis_client, cluster_url, redis_client
 from troth.core.transaction import Message
 from troth.engine.engine import Engine
 from troth.engine.outbox import OutboxDispatcher
@@ -100,16 +100,22 @@ class Node:
         required_plugins = _extension_plugins(self.extensions)
         self.node_id = node_id or config.node.node_id or default_node_id()
         self.redis_url = redis_url
-        self.client = redis_client(redis_url, config.redis.timeout_seconds)
+        #: The seed node's URL when Redis is a cluster (every client routes by slot).
+        self.cluster = cluster_url(redis_url)
+        timeout = config.redis.timeout_seconds
+        self.client = redis_client(redis_url, timeout, cluster=self.cluster)
         #: A separate, small client for /health, so a busy pool never delays the answer.
-        self._probe = redis_client(redis_url, min(2.0, config.redis.timeout_seconds), 2)
+        self._probe = redis_client(redis_url, min(2.0, timeout), 2, cluster=self.cluster)
         self.keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
         self.metrics = NodeMetrics()
         self.loop_thread = LoopThread(f"troth-engine-{self.node_id}")
         self.loop = self.loop_thread.loop
-        self.aclient = async_redis_client(redis_url, config.redis.timeout_seconds)
+        self.aclient = async_redis_client(redis_url, timeout, cluster=self.cluster)
         self.batcher = Batcher(
-            self.aclient, config.runtime.commit_batch_max, timeout=config.redis.timeout_seconds
+            self.aclient,
+            config.runtime.commit_batch_max,
+            timeout=timeout,
+            wait_replicas=config.redis.wait_replicas,
         )
         self.store = CheckpointStore(
             self.batcher,

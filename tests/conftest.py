@@ -23,7 +23,9 @@ import pytest
 import redis
 
 from troth.core.config import parse_config
+from troth.core.redis_clients import redis_client
 from troth.edge.embedded_redis import redis_binary
+from troth.edge.local_cluster import LocalCluster
 from troth.edge.server import ServerThread
 from troth.node import Node
 
@@ -67,12 +69,31 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+#: The Redis the suite runs against: ``single`` (one redis-server, the default) or
+#: ``cluster`` (a local Redis Cluster of 3 masters, each with a replica). The server
+#: binary is ``TROTH_REDIS_SERVER`` when set (the version matrix: see the README).
+TEST_REDIS = os.environ.get("TROTH_TEST_REDIS", "single")
+
+#: Runs a test on one Redis and again on a Redis Cluster (3 masters, 3 replicas).
+on_cluster_too = pytest.mark.parametrize("redis_url", ["single", "cluster"], indirect=True)
+
+
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real redis-server for the session; tests isolate themselves by key prefix."""
-    if os.environ.get("TROTH_TEST_REDIS_URL"):
+def redis_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One real Redis for the session (per kind: see ``on_cluster_too``); tests isolate
+    themselves by key prefix."""
+    kind = getattr(request, "param", TEST_REDIS)
+    if os.environ.get("TROTH_TEST_REDIS_URL") and kind == TEST_REDIS:
         yield os.environ["TROTH_TEST_REDIS_URL"]
         return
+    if kind == "cluster":
+        with LocalCluster(masters=3, replicas=1) as cluster:
+            yield cluster.url
+        return
+    if kind != "single":
+        raise pytest.UsageError(f"TROTH_TEST_REDIS must be single or cluster, not {kind!r}")
     port = free_port()
     data = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
@@ -112,7 +133,8 @@ def pings(client: redis.Redis) -> bool:
 
 @pytest.fixture
 def rclient(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    """A client of the test's Redis (a cluster client on a cluster)."""
+    client = redis_client(redis_url)
     yield client
     client.close()
 

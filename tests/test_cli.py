@@ -164,10 +164,10 @@ def test_bad_config_is_reported(tmp_path: Path) -> None:
 def test_serve_nodes_runs_and_restarts_several_node_processes(
     tmp_path: Path, redis_url: str, prefix: str
 ) -> None:
-    import redis as redis_lib
 
     from conftest import base_config
     from troth.core.keys import KeySpace
+    from troth.core.redis_clients import redis_client
 
     config = tmp_path / "ca.json"
     config.write_text(json.dumps(base_config(prefix)))
@@ -194,7 +194,7 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    client = redis_lib.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     keys = KeySpace(prefix, 64)
     try:
         for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"):

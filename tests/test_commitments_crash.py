@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from conftest import NodeProcess, Receiver, wait_until
+from conftest import NodeProcess, Receiver, on_cluster_too, wait_until
 
 N = 2000
 #: Attempts in flight at once (runtime.outbox_workers): only those may be repeated.
@@ -16,6 +16,7 @@ IN_FLIGHT = 64
 
 
 @pytest.mark.slow
+@on_cluster_too
 def test_every_commitment_delivered_through_a_kill9(
     spawn: Callable[..., NodeProcess], receiver: Receiver
 ) -> None:

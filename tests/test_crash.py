@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import NodeProcess, Receiver, wait_until
+from conftest import NodeProcess, Receiver, on_cluster_too, wait_until
 from troth.core.keys import KeySpace
 from troth.core.names import ActorName
 from troth.edge import admin
@@ -26,6 +26,7 @@ def post(
 
 
 @pytest.mark.slow
+@on_cluster_too
 def test_kill9_under_increments_loses_and_doubles_nothing(
     spawn: Callable[..., NodeProcess],
 ) -> None:

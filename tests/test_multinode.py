@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import NodeProcess, Receiver, wait_until
+from conftest import NodeProcess, Receiver, on_cluster_too, wait_until
 from troth.client import AsyncClient, Client, Notification
 from troth.core import codec
 from troth.core.keys import KeySpace
@@ -114,6 +114,7 @@ def test_kill9_churn_over_200_counters_loses_and_doubles_nothing(
 
 
 @pytest.mark.slow
+@on_cluster_too
 def test_paused_node_commits_nothing_and_sends_nothing(
     spawn: Callable[..., NodeProcess], rclient: redis.Redis, prefix: str, receiver: Receiver
 ) -> None:

@@ -32,9 +32,9 @@ from typing import Any
 import redis
 
 from troth.caas.models import STATUSES
-from troth.core.batcher import Batcher, Command, Script
+from troth.core.batcher import Batcher, Command
 from troth.core.keys import KeySpace
-from troth.core.scripts import load_lua
+from troth.core.scripts import Script, load_lua
 
 
 class CommitmentIndex:

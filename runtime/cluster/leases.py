@@ -43,7 +43,7 @@ import redis
 
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.keys import KeySpace
-from troth.core.scripts import load_lua
+from troth.core.scripts import Script, load_lua
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class LeaseManager:
         self.on_lost = on_lost
         self.on_surplus = on_surplus
         self.node_info = node_info
-        self._claim = client.register_script(load_lua("claim.lua"))
-        self._release = client.register_script(load_lua("release.lua"))
+        self._claim = Script(load_lua("claim.lua"))
+        self._release = Script(load_lua("release.lua"))
         self._owned: dict[int, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -229,15 +229,12 @@ class LeaseManager:
             self.on_surplus(surplus)
 
     def _claim_many(self, shards: list[int], leases: list[LeaseView]) -> dict[int, str]:
-        pipe = self.client.pipeline(transaction=False)
-        for s in shards:
-            self._claim(
-                keys=[self.keys.shard(s).lease],
-                args=[self.node_id, leases[s].owner, leases[s].epoch],
-                client=pipe,
-            )
+        calls = [
+            ([self.keys.shard(s).lease], [self.node_id, leases[s].owner, leases[s].epoch])
+            for s in shards
+        ]
         gained = {}
-        for s, res in zip(shards, pipe.execute(), strict=True):
+        for s, res in zip(shards, self._claim.run_many(self.client, calls), strict=True):
             if res is not None:
                 gained[s] = str(int(res))
         return gained
@@ -252,11 +249,9 @@ class LeaseManager:
             return
         for shard in held:
             self.owners[shard] = ""
-        pipe = self.client.pipeline(transaction=False)
-        for s, epoch in held.items():
-            self._release(keys=[self.keys.shard(s).lease], args=[self.node_id, epoch], client=pipe)
+        calls = [([self.keys.shard(s).lease], [self.node_id, e]) for s, e in held.items()]
         try:
-            pipe.execute()
+            self._release.run_many(self.client, calls)
         except redis.RedisError as exc:
             log.warning(
                 "releasing %d shards failed (they expire with the lease): %s", len(held), exc

@@ -23,12 +23,17 @@ Lua scripts are sent as ``EVALSHA`` (:class:`Script`). After a ``NOSCRIPT`` (a
 restarted or flushed Redis) the script is loaded again and only the requests that
 hit it are re-sent; a ``NOSCRIPT`` reply means the script did not run, so re-sending
 is safe.
+
+On Redis Cluster the batch is split by the master that owns each command's slot and
+the parts travel at once, one round trip per master. Commands of one slot keep their
+order; a request's commands on different slots are not ordered with each other
+(none of troth's requests needs it: what must be atomic is one script on one slot).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import logging
 import math
 from collections import deque
@@ -37,27 +42,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
-import redis.asyncio as aredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import ConnectionPool
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from troth.core.aio import Background
+from troth.core.redis_clients import AsyncClient
+from troth.core.scripts import Script
 
 log = logging.getLogger(__name__)
 
 Command = tuple[Any, ...]
 Queue = Callable[[list[Command]], None]  # appends a request's commands
-
-
-class Script:
-    """A Lua script called by digest, loaded on demand."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    def queue(self, commands: list[Command], keys: list[str], args: list[Any]) -> None:
-        commands.append(("EVALSHA", self.sha, len(keys), *keys, *args))
 
 
 @dataclass(eq=False)
@@ -70,17 +77,147 @@ class _Request:
 
 #: A connection that finished a round trip this recently is used again unchecked.
 REUSE_SECONDS = 1.0
+#: Redirections (MOVED, ASK, TRYAGAIN) one command follows within a round trip.
+MAX_REDIRECTS = 5
+#: The slot map is read again at most this often after a cluster master failed.
+REFRESH_SECONDS = 0.5
+
+
+class NotReplicated(RedisError):  # type: ignore[misc]  # redis-py is untyped here
+    """Fewer replicas than ``wait_replicas`` acknowledged a round trip's writes in
+    time: they ran on the master, but a failover could still lose them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """In place of a reply: the command went to a cluster master that failed before
+    answering, so whether it ran is unknown (the request fails with ``error``)."""
+
+    error: Exception
+
+
+class _Endpoint:
+    """The connections to one server: the pool of a single Redis, or those redis-py's
+    cluster client keeps for one master. A connection that just finished a round trip
+    is used again without the pool's checks; one idle for over ``REUSE_SECONDS`` goes
+    back to the pool, which checks it."""
+
+    def __init__(self, source: ConnectionPool | ClusterNode | None) -> None:
+        self.pool = source if isinstance(source, ConnectionPool) else None
+        self.node = source if isinstance(source, ClusterNode) else None
+        self._idle: list[tuple[Any, float]] = []  # (connection, when it was last used)
+
+    async def _acquire(self) -> Any:
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            conn, used = self._idle.pop()
+            if now - used < REUSE_SECONDS:
+                return conn
+            await self._release(conn)
+        if self.node is not None:
+            return self.node.acquire_connection()
+        assert self.pool is not None
+        return await self.pool.get_connection()
+
+    async def _release(self, conn: Any) -> None:
+        if self.node is not None:
+            self.node.release(conn)
+        else:
+            assert self.pool is not None
+            await self.pool.release(conn)
+
+    async def round_trip(
+        self, commands: list[Command], timeout: float, wait_replicas: int = 0
+    ) -> list[Any]:
+        """Write ``commands`` at once and read their replies in order, within
+        ``timeout``; an error reply is returned as its exception. A failure or a missed
+        deadline closes the connection, so no late reply is ever read as another's.
+
+        With ``wait_replicas``, a ``WAIT`` follows the commands: the replies are
+        returned only once that many replicas have the writes, else
+        :class:`NotReplicated` is raised (the writes' fate is then unknown)."""
+        if wait_replicas:
+            # WAIT blocks the connection: give it half the round trip's time.
+            commands = [*commands, ("WAIT", wait_replicas, max(1, int(timeout * 500)))]
+        packed = b"".join(hiredis.pack_command(c) for c in commands)
+        conn = await self._acquire()
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.send_packed_command(packed, check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        # The round trip as a whole is bounded above: no timer a reply
+                        # (redis-py's own per-read timeout more than doubles its cost).
+                        replies.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:  # a reply, not a broken connection
+                        replies.append(exc)
+        except BaseException as exc:
+            await conn.disconnect(nowait=True)
+            await self._release(conn)
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeout(f"Redis did not answer within {timeout}s") from None
+            raise
+        self._idle.append((conn, asyncio.get_running_loop().time()))
+        if wait_replicas:
+            acked = replies.pop()
+            if isinstance(acked, Exception) and all(isinstance(r, AskError) for r in replies):
+                return replies  # a replica now (WAIT refused): nothing ran, follow MOVED
+            if isinstance(acked, Exception) or acked < wait_replicas:
+                raise NotReplicated(
+                    f"{acked} of {wait_replicas} replicas acknowledged the writes in time"
+                )
+        return replies
+
+
+def _slot(command: Command) -> int:
+    """The slot a command is routed by: that of a script's first key, of a stream
+    read's first stream, else of its first argument (every command batched names one
+    key, or keys of one slot)."""
+    name = command[0]
+    if name == "EVALSHA":
+        key = command[3]
+    elif name == "XREAD":
+        key = command[command.index("STREAMS") + 1]
+    else:
+        key = command[1]
+    text = key.decode() if isinstance(key, bytes) else str(key)
+    start = text.find("{")
+    if start >= 0:
+        end = text.find("}", start + 1)
+        if end > start + 1:  # a hash tag: the slot is the tag's (and cached)
+            return _tag_slot(text[start + 1 : end])
+    return int(key_slot(text.encode()))
+
+
+@functools.lru_cache(maxsize=65536)
+def _tag_slot(tag: str) -> int:
+    return int(key_slot(tag.encode()))
+
+
+async def _refresh_slots(cluster: AsyncRedisCluster, failed: str) -> None:
+    try:
+        await cluster.nodes_manager.initialize(last_failed_node_name=failed)
+    except Exception as exc:  # the next failure tries again
+        log.warning("reading the Redis Cluster slot map failed: %s", exc)
 
 
 class Batcher:
     def __init__(
         self,
-        client: aredis.Redis,
+        client: AsyncClient,
         batch_max: int = 256,
         concurrency: int = 4,
         timeout: float = 5.0,
+        wait_replicas: int = 0,
     ) -> None:
         self.client = client
+        self.wait_replicas = wait_replicas
+        #: On Redis Cluster, commands are routed by key slot; else all go to one server.
+        self._cluster = client if isinstance(client, AsyncRedisCluster) else None
+        self._single = _Endpoint(client.connection_pool if self._cluster is None else None)
+        self._endpoints: dict[str, _Endpoint] = {}  # cluster node name -> its connections
+        self._refreshed = -math.inf
         self.timeout = timeout
         self.batch_max = batch_max
         self.concurrency = concurrency
@@ -88,7 +225,6 @@ class Batcher:
         self._inflight = 0
         self._scheduled = False
         self._background = Background()
-        self._idle: list[tuple[Any, float]] = []  # (connection, when it was last used)
 
     async def run(self, add: Queue, count: int = 1, *scripts: Script) -> list[Any]:
         """Queue ``count`` commands (added by ``add``) and return their results.
@@ -153,7 +289,13 @@ class Batcher:
         for request in live:
             mine = results[offset : offset + request.count]
             offset += request.count
-            if not reloaded and request.scripts and any(isinstance(r, NoScriptError) for r in mine):
+            lost = next((r for r in mine if isinstance(r, Lost)), None)
+            if lost is not None:  # a cluster master failed: nothing is known of these
+                if not request.future.done():
+                    request.future.set_exception(lost.error)
+            elif (
+                not reloaded and request.scripts and any(isinstance(r, NoScriptError) for r in mine)
+            ):
                 retry.append(request)
             elif not request.future.done():
                 request.future.set_result(mine)
@@ -166,39 +308,99 @@ class Batcher:
                 return
             await self._execute(retry, reloaded=True)
 
-    async def _connection(self) -> Any:
-        pool = self.client.connection_pool
-        now = asyncio.get_running_loop().time()
-        while self._idle:
-            conn, used = self._idle.pop()
-            if now - used < REUSE_SECONDS:
-                return conn
-            await pool.release(conn)
-        return await pool.get_connection()
-
     async def _round_trip(self, commands: list[Command]) -> list[Any]:
-        pool = self.client.connection_pool
-        packed = b"".join(hiredis.pack_command(c) for c in commands)
-        conn = await self._connection()
-        try:
-            async with asyncio.timeout(self.timeout):
-                await conn.send_packed_command(packed, check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        # The round trip as a whole is bounded above: no timer a reply
-                        # (redis-py's own per-read timeout more than doubles its cost).
-                        replies.append(await conn.read_response(timeout=math.inf))
-                    except ResponseError as exc:  # a reply, not a broken connection
-                        replies.append(exc)
-        except BaseException as exc:
-            await conn.disconnect(nowait=True)
-            await pool.release(conn)
-            if isinstance(exc, TimeoutError):
-                raise RedisTimeout(f"Redis did not answer within {self.timeout}s") from None
-            raise
-        self._idle.append((conn, asyncio.get_running_loop().time()))
+        if self._cluster is None:
+            return await self._single.round_trip(commands, self.timeout, self.wait_replicas)
+        return await self._cluster_round_trip(self._cluster, commands)
+
+    async def _cluster_round_trip(
+        self, cluster: AsyncRedisCluster, commands: list[Command]
+    ) -> list[Any]:
+        """Send each command to the master that owns its key's slot, one round trip per
+        master, all at once. A ``MOVED`` (the slot has a new master: a failover, a
+        resharding) or ``ASK`` (the key is being migrated) reply means the command did
+        not run: it is sent again where Redis says, as are ``TRYAGAIN`` and
+        ``CLUSTERDOWN`` replies (a slot in the middle of a failover) after a short
+        wait, within the round trip's deadline. A master that cannot be reached makes
+        its commands :class:`Lost` (nothing is known of them) and the slot map is
+        read again."""
+        await cluster.initialize()
+        manager = cluster.nodes_manager
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        replies: list[Any] = [None] * len(commands)
+        asking: dict[int, tuple[str, int]] = {}
+        todo = list(range(len(commands)))
+        for attempt in range(MAX_REDIRECTS + 1):
+            groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i in todo:
+                if i in asking:
+                    host, port = asking[i]
+                    node = manager.get_node(host=host, port=port) or ClusterNode(
+                        host, port, **manager.connection_kwargs
+                    )
+                else:
+                    node = manager.get_node_from_slot(_slot(commands[i]))
+                groups.setdefault(node.name, (node, []))[1].append(i)
+            sends = []
+            for node, indices in groups.values():
+                sent: list[Command] = []
+                for i in indices:
+                    if i in asking:
+                        sent.append(("ASKING",))
+                    sent.append(commands[i])
+                sends.append(
+                    self._endpoint(node).round_trip(sent, self.timeout, self.wait_replicas)
+                )
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            again: list[int] = []
+            wait = False
+            for (node, indices), result in zip(groups.values(), results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result
+                    for i in indices:
+                        replies[i] = Lost(result)
+                    if not isinstance(result, NotReplicated):
+                        self._refresh(cluster, node)
+                    continue
+                it = iter(result)
+                for i in indices:
+                    if i in asking:
+                        next(it)  # the ASKING's OK
+                        del asking[i]
+                    reply = next(it)
+                    replies[i] = reply
+                    if isinstance(reply, MovedError):
+                        await manager.move_slot(reply)
+                        again.append(i)
+                    elif isinstance(reply, AskError):
+                        asking[i] = (reply.host, int(reply.port))
+                        again.append(i)
+                    elif isinstance(reply, TryAgainError | ClusterDownError):
+                        again.append(i)
+                        wait = True
+            if not again or loop.time() >= deadline:
+                break
+            todo = again
+            if wait:
+                await asyncio.sleep(min(0.05 * (attempt + 1), max(0.0, deadline - loop.time())))
         return replies
+
+    def _endpoint(self, node: ClusterNode) -> _Endpoint:
+        endpoint = self._endpoints.get(node.name)
+        if endpoint is None or endpoint.node is not node:
+            endpoint = self._endpoints[node.name] = _Endpoint(node)
+        return endpoint
+
+    def _refresh(self, cluster: AsyncRedisCluster, failed: ClusterNode) -> None:
+        """Read the slot map again (at most twice a second), after a master failed."""
+        now = asyncio.get_running_loop().time()
+        if now - self._refreshed < REFRESH_SECONDS:
+            return
+        self._refreshed = now
+        log.warning("Redis Cluster node %s failed; reading the slot map again", failed.name)
+        self._background.spawn(_refresh_slots(cluster, failed.name))
 
     async def _reload(self, scripts: set[Script]) -> None:
         for script in scripts:

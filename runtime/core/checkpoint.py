@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from troth.core import codec
-from troth.core.batcher import Batcher, Command, Script
+from troth.core.batcher import Batcher, Command
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.keys import KeySpace, ShardKeys
 from troth.core.records import CommitOps
-from troth.core.scripts import load_lua
+from troth.core.scripts import Script, load_lua
 
 
 @dataclass(slots=True)

@@ -68,6 +68,13 @@ class RedisConfig(_Model):
         pattern=r"^(always|everysec|no)$",
         description="AOF fsync policy of the embedded Redis.",
     )
+    wait_replicas: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="Replicas that must have every commit before it is acknowledged "
+        "(WAIT); 0: acknowledge once the master has it.",
+    )
 
 
 class ClusterConfig(_Model):

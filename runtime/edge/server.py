@@ -214,7 +214,10 @@ class ServerThread:
         node.url = node.url or self.url
         runtime = node.config.runtime
         hub = NotificationHub(
-            node.redis_url, runtime.max_subscriptions, node.config.redis.timeout_seconds
+            node.redis_url,
+            runtime.max_subscriptions,
+            node.config.redis.timeout_seconds,
+            node.batcher if node.cluster else None,
         )
         self.sessions = SessionServer(node.router, hub, node.metrics, runtime.max_sessions)
         self.server = _uvicorn(node_app(node, self.sessions), node.config.node)

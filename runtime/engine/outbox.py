@@ -51,7 +51,7 @@ from redis.exceptions import RedisError
 from troth.core import codec
 from troth.core.access import SYSTEM
 from troth.core.aio import Background
-from troth.core.batcher import Batcher, Command, Script
+from troth.core.batcher import Batcher, Command
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.errors import CallTimeout, RetryableError, TrothError
 from troth.core.keys import KeySpace
@@ -59,7 +59,7 @@ from troth.core.metrics import NodeMetrics
 from troth.core.plugin import Deliver, ExecutionOutcome, Executor
 from troth.core.records import OutboxEntry
 from troth.core.retry import RetryPolicy
-from troth.core.scripts import load_lua
+from troth.core.scripts import Script, load_lua
 from troth.core.transaction import Message
 from troth.engine.duequeue import Due, DueQueue
 
