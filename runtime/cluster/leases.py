@@ -36,10 +36,11 @@ import logging
 import math
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
+from redis.cluster import RedisCluster
 
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.keys import KeySpace
@@ -174,28 +175,61 @@ class LeaseManager:
             pipe.hset(self.keys.node_urls, self.node_id, url)
         pipe.zrangebyscore(self.keys.nodes, now, "+inf")
         pipe.hgetall(self.keys.node_urls)
-        for shard in range(self.keys.shard_count):
-            pipe.hmget(self.keys.shard(shard).lease, ["owner", "epoch"])
         results = pipe.execute()
+        leases = self._read_leases()
         self.last_beat_ok = self.clock.monotonic()
         head = 4 if url else 3
         live = sorted(n.decode() for n in results[head])
         urls = {k.decode(): v.decode() for k, v in results[head + 1].items()}
-        leases = [
-            LeaseView((o or b"").decode(), (e or b"0").decode()) for o, e in results[head + 2 :]
-        ]
         self.live_nodes = live
         self.urls = {n: urls[n] for n in live if urls.get(n)}
-        self.owners = [lv.owner for lv in leases]
+        self.owners = [
+            lv.owner if lv is not None else self.owners[s] for s, lv in enumerate(leases)
+        ]
         self._reconcile(leases, set(live))
 
-    def _reconcile(self, leases: list[LeaseView], live: set[str]) -> None:
+    def _read_leases(self) -> list[LeaseView | None]:
+        """Every shard's lease, one pipelined read per Redis master; None for the
+        shards of a master that did not answer (on Redis Cluster, one failing master
+        leaves the others' shards to be served, claimed and released as usual)."""
+        leases: list[LeaseView | None] = [None] * self.keys.shard_count
+        for shards in self._by_master(range(self.keys.shard_count)):
+            pipe = self.client.pipeline(transaction=False)
+            for shard in shards:
+                pipe.hmget(self.keys.shard(shard).lease, ["owner", "epoch"])
+            try:
+                replies = pipe.execute()
+            except redis.RedisError as exc:
+                if len(shards) == self.keys.shard_count:
+                    raise
+                log.warning("heartbeat: %d shards' leases unread: %s", len(shards), exc)
+                continue
+            for shard, (o, e) in zip(shards, replies, strict=True):
+                leases[shard] = LeaseView((o or b"").decode(), (e or b"0").decode())
+        return leases
+
+    def _by_master(self, shards: Iterable[int]) -> list[list[int]]:
+        """``shards`` grouped by the Redis master that holds their lease (one group on a
+        single Redis)."""
+        if not isinstance(self.client, RedisCluster):
+            return [list(shards)]
+        groups: dict[str, list[int]] = {}
+        for shard in shards:
+            node = self.client.get_node_from_key(self.keys.shard(shard).lease)
+            groups.setdefault(node.name, []).append(shard)
+        return list(groups.values())
+
+    def _reconcile(self, leases: list[LeaseView | None], live: set[str]) -> None:
+        """Keep, lose, adopt or claim shards from what the beat read. A shard whose
+        lease could not be read (its master is failing over) is left as it is: kept if
+        this node held it (its commits are still fenced by Redis), not claimed."""
         with self._lock:
             mine_before = dict(self._owned)
         still_mine = {
-            s: lv.epoch
+            s: mine_before[s] if lv is None else lv.epoch
             for s, lv in enumerate(leases)
-            if lv.owner == self.node_id and mine_before.get(s) == lv.epoch
+            if s in mine_before
+            and (lv is None or (lv.owner, lv.epoch) == (self.node_id, mine_before[s]))
         }
         lost = set(mine_before) - set(still_mine)
         if lost:
@@ -206,18 +240,23 @@ class LeaseManager:
             self.on_lost(lost)
         share = math.ceil(self.keys.shard_count / max(1, len(live | {self.node_id})))
         adopt = [
-            s for s, lv in enumerate(leases) if lv.owner == self.node_id and s not in still_mine
+            s
+            for s, lv in enumerate(leases)
+            if lv is not None and lv.owner == self.node_id and s not in still_mine
         ]
         free = [
             s
             for s, lv in enumerate(leases)
-            if s not in still_mine and lv.owner != self.node_id and (lv.owner not in live)
+            if lv is not None
+            and s not in still_mine
+            and lv.owner != self.node_id
+            and lv.owner not in live
         ]
         random.shuffle(free)
         room = share - len(still_mine) - len(adopt)
         claim = adopt + free[: max(0, room)]
         if claim:
-            gained = self._claim_many(claim, leases)
+            gained = self._claim_many({s: lv for s in claim if (lv := leases[s]) is not None})
             if gained:
                 with self._lock:
                     self._owned.update(gained)
@@ -228,13 +267,14 @@ class LeaseManager:
             surplus = sorted(still_mine)[: min(-room, HANDOFF_PER_BEAT)]
             self.on_surplus(surplus)
 
-    def _claim_many(self, shards: list[int], leases: list[LeaseView]) -> dict[int, str]:
+    def _claim_many(self, seen: dict[int, LeaseView]) -> dict[int, str]:
+        """Claim each shard from the owner and epoch its lease had (compare-and-set)."""
         calls = [
-            ([self.keys.shard(s).lease], [self.node_id, leases[s].owner, leases[s].epoch])
-            for s in shards
+            ([self.keys.shard(s).lease], [self.node_id, lv.owner, lv.epoch])
+            for s, lv in seen.items()
         ]
         gained = {}
-        for s, res in zip(shards, self._claim.run_many(self.client, calls), strict=True):
+        for s, res in zip(seen, self._claim.run_many(self.client, calls), strict=True):
             if res is not None:
                 gained[s] = str(int(res))
         return gained

