@@ -116,6 +116,7 @@ class Node:
             config.runtime.commit_batch_max,
             timeout=timeout,
             wait_replicas=config.redis.wait_replicas,
+            on_redirect=lambda reply: self.metrics.redis_redirects.labels(reply).inc(),
         )
         self.store = CheckpointStore(
             self.batcher,

@@ -16,10 +16,12 @@ from functools import partial
 
 import httpx
 import pytest
+from redis.crc import key_slot
 
 from conftest import NodeProcess, base_config, wait_until
 from troth.core.config import parse_config
-from troth.core.names import ActorName
+from troth.core.keys import KeySpace
+from troth.core.names import ActorName, shard_of
 from troth.core.redis_clients import cluster_url, redis_client
 from troth.edge import admin
 from troth.edge.local_cluster import LocalCluster
@@ -171,3 +173,34 @@ def test_a_plain_url_of_any_cluster_node_is_enough(cluster: LocalCluster, prefix
         client.close()
     finally:
         node.stop()
+
+
+@pytest.mark.slow
+def test_resharding_under_load_loses_nothing(
+    cluster: LocalCluster, spawn: Callable[..., NodeProcess], prefix: str
+) -> None:
+    """Slots move between masters while counters are called: commands meet the slots
+    half moved (``ASK``, ``TRYAGAIN``) and then moved (``MOVED``), and every
+    acknowledged increment is there once."""
+    node = spawn("p1").start()
+    load = Load(node.url)
+    try:
+        wait_until(partial(load.grew, 50), timeout=30)
+        masters = cluster.master_ports()
+        for i, counter in enumerate(COUNTERS[:3]):
+            name = ActorName("counter", counter)
+            key = KeySpace(prefix, 64).shard(shard_of(name, 64)).checkpoint(str(name))
+            slot = key_slot(key.encode())
+            target = masters[i % len(masters)]
+            with redis_client(cluster.url) as rc:
+                if rc.get_node_from_key(key).port == target:
+                    target = masters[(i + 1) % len(masters)]
+            moved = cluster.migrate_slot(slot, target, pause=0.05)
+            assert moved >= 1
+            wait_until(partial(load.grew, load.total() + 30), timeout=30)
+    finally:
+        load.finish()
+    assert values(node.url) == {c: load.acked[c] for c in COUNTERS}
+    metrics = httpx.get(f"{node.url}/metrics").text
+    assert 'troth_redis_redirects_total{reply="ASK"}' in metrics, "no command met a slot half moved"
+    assert 'troth_redis_redirects_total{reply="MOVED"}' in metrics

@@ -176,6 +176,19 @@ class _Endpoint:
         return replies
 
 
+def _redirect(reply: Any) -> str | None:
+    """The cluster reply that sent a command elsewhere or later, by name."""
+    for cls, name in (
+        (MovedError, "MOVED"),
+        (AskError, "ASK"),
+        (TryAgainError, "TRYAGAIN"),
+        (ClusterDownError, "CLUSTERDOWN"),
+    ):
+        if isinstance(reply, cls):
+            return name
+    return None
+
+
 def _slot(command: Command) -> int:
     """The slot a command is routed by: that of a script's first key, of a stream
     read's first stream, else of its first argument (every command batched names one
@@ -216,9 +229,13 @@ class Batcher:
         concurrency: int = 4,
         timeout: float = 5.0,
         wait_replicas: int = 0,
+        on_redirect: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_redirect(reply)`` counts the cluster replies that sent a command
+        elsewhere or later (``MOVED``, ``ASK``, ``TRYAGAIN``, ``CLUSTERDOWN``)."""
         self.client = client
         self.wait_replicas = wait_replicas
+        self.on_redirect = on_redirect
         #: On Redis Cluster, commands are routed by key slot; else all go to one server.
         self._cluster = client if isinstance(client, AsyncRedisCluster) else None
         self._single = _Endpoint(client.connection_pool if self._cluster is None else None)
@@ -377,6 +394,8 @@ class Batcher:
                         del asking[i]
                     reply = next(it)
                     replies[i] = reply
+                    if self.on_redirect is not None and (kind := _redirect(reply)):
+                        self.on_redirect(kind)
                     if isinstance(reply, MovedError):
                         await manager.move_slot(reply)
                         again.append(i)

@@ -70,6 +70,13 @@ class NodeMetrics:
             ["kind", "outcome"],
             registry=r,
         )
+        self.redis_redirects = Counter(
+            "troth_redis_redirects",
+            "Redis Cluster replies that sent a command elsewhere or later, by reply "
+            "(MOVED, ASK, TRYAGAIN, CLUSTERDOWN): failovers and resharding.",
+            ["reply"],
+            registry=r,
+        )
         self.timers_fired = Counter("troth_timers_fired", "Timers handled.", registry=r)
         self.timer_lateness = Histogram(
             "troth_timer_lateness_seconds",

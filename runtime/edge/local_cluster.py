@@ -172,6 +172,33 @@ class LocalCluster:
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(timeout=10)
 
+    def migrate_slot(self, slot: int, to_port: int, pause: float = 0.0) -> int:
+        """Move ``slot`` to the master on ``to_port`` as ``redis-cli --cluster
+        reshard`` does: mark it importing and migrating, ``MIGRATE`` its keys one at a
+        time (``pause`` seconds apart, so clients meet the slot half moved and get
+        ``ASK`` and ``TRYAGAIN``), then give it to the target. Returns the keys moved."""
+        target = self.server(to_port)
+        with target.client() as c:
+            owner = next((p for lo, hi, p in _slot_ranges(c) if lo <= slot <= hi), None)
+        if owner is None or owner == to_port:
+            raise EmbeddedRedisError(f"slot {slot} is not on another master than {to_port}")
+        source = self.server(owner)
+        with target.client() as t, source.client() as src:
+            t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+            moved = 0
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
+                src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                time.sleep(pause)
+            for server in self.servers:
+                if server.process.poll() is None:
+                    with server.client() as c:
+                        role = c.info("replication").get("role")
+                        if role == "master":
+                            c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+        return moved
+
     def restart(self, port: int, timeout: float = 30.0) -> None:
         """Start a killed node again on its port: it rejoins from its cluster file
         (persistence is off, so it has no data) and, if a replica took its slots
@@ -222,6 +249,11 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _slot_ranges(c: redis.Redis) -> list[tuple[int, int, int]]:
+    """(first slot, last slot, master port) of every range, as ``c`` sees them."""
+    return [(int(r[0]), int(r[1]), int(r[2][1])) for r in c.execute_command("CLUSTER", "SLOTS")]
 
 
 def _nodes(c: redis.Redis) -> list[str]:
