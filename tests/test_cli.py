@@ -176,6 +176,7 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
     port = free_port_run(2)
     client = redis_client(redis_url)
     keys = KeySpace(prefix, 64)
+    log = (tmp_path / "sup.log").open("wb")  # the supervisor's and its nodes' logs
     sup = subprocess.Popen(
         [
             sys.executable,
@@ -194,8 +195,8 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
             "sup",
         ],
         cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -209,10 +210,13 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
         wait_until(lambda: _healthy(f"http://127.0.0.1:{port + 1}"), timeout=30)
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/actors/counter/alice-s/increment", json={})
         assert resp.json() == {"result": 1}
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; logs:\n{(tmp_path / 'sup.log').read_text()[-3000:]}") from exc
     finally:
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=60) == 0
         client.close()
+        log.close()
     assert not _healthy(f"http://127.0.0.1:{port}")
 
 

@@ -108,7 +108,7 @@ class _Endpoint:
     is used again without the pool's checks; one idle for over ``REUSE_SECONDS`` goes
     back to the pool, which checks it."""
 
-    def __init__(self, source: ConnectionPool | ClusterNode | None) -> None:
+    def __init__(self, source: ConnectionPool | ClusterNode) -> None:
         self.pool = source if isinstance(source, ConnectionPool) else None
         self.node = source if isinstance(source, ClusterNode) else None
         self._idle: list[tuple[Any, float]] = []  # (connection, when it was last used)
@@ -238,7 +238,7 @@ class Batcher:
         self.on_redirect = on_redirect
         #: On Redis Cluster, commands are routed by key slot; else all go to one server.
         self._cluster = client if isinstance(client, AsyncRedisCluster) else None
-        self._single = _Endpoint(client.connection_pool if self._cluster is None else None)
+        self._single = None if self._cluster is not None else _Endpoint(client.connection_pool)
         self._endpoints: dict[str, _Endpoint] = {}  # cluster node name -> its connections
         self._refreshed = -math.inf
         self.timeout = timeout
@@ -332,8 +332,9 @@ class Batcher:
             await self._execute(retry, reloaded=True)
 
     async def _round_trip(self, commands: list[Command]) -> list[Any]:
-        if self._cluster is None:
+        if self._single is not None:
             return await self._single.round_trip(commands, self.timeout, self.wait_replicas)
+        assert self._cluster is not None
         return await self._cluster_round_trip(self._cluster, commands)
 
     async def _cluster_round_trip(
