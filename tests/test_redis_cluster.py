@@ -195,12 +195,15 @@ def test_resharding_under_load_loses_nothing(
             with redis_client(cluster.url) as rc:
                 if rc.get_node_from_key(key).port == target:
                     target = masters[(i + 1) % len(masters)]
-            moved = cluster.migrate_slot(slot, target, pause=0.05)
+            moved = cluster.migrate_slot(slot, target, pause=0.2)
             assert moved >= 1
             wait_until(partial(load.grew, load.total() + 30), timeout=30)
     finally:
         load.finish()
     assert values(node.url) == {c: load.acked[c] for c in COUNTERS}
     metrics = httpx.get(f"{node.url}/metrics").text
-    assert 'troth_redis_redirects_total{reply="ASK"}' in metrics, "no command met a slot half moved"
+    half_moved = ('reply="ASK"', 'reply="TRYAGAIN"')  # one key moved, or some of a script's
+    assert any(f"troth_redis_redirects_total{{{r}}}" in metrics for r in half_moved), (
+        "no command met a slot half moved"
+    )
     assert 'troth_redis_redirects_total{reply="MOVED"}' in metrics

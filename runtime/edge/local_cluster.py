@@ -5,8 +5,9 @@ trying troth's cluster mode without a deployment.
 ``redis-server`` (or ``valkey-server``) processes on consecutive loopback ports,
 assigns the 16,384 slots evenly to the masters, makes each replica follow its
 master and waits until every node agrees the cluster is up: a few seconds.
-Persistence is off (a test cluster is thrown away); ``kill_master`` and
-``failover`` exercise what a real cluster does when a master dies or is moved.
+Persistence is off (a test cluster is thrown away); ``kill``, ``restart``,
+``failover`` and ``migrate_slot`` do what happens to a real cluster when a server
+dies, comes back, hands its slots to its replica, or is resharded.
 
 It is not a way to run production: there, use the cluster your platform manages.
 """
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -58,10 +60,6 @@ class LocalCluster:
     def url(self) -> str:
         """The cluster URL troth takes: one seed node; the rest is discovered."""
         return f"redis+cluster://127.0.0.1:{self.servers[0].port}"
-
-    @property
-    def ports(self) -> list[int]:
-        return [s.port for s in self.servers]
 
     def start(self, timeout: float = 30.0) -> LocalCluster:
         count = self.masters * (1 + self.replicas)
@@ -275,8 +273,7 @@ def _pings(server: _Server) -> bool:
         return False
 
 
-def _until(predicate: object, deadline: float, what: str) -> None:
-    assert callable(predicate)
+def _until(predicate: Callable[[], bool], deadline: float, what: str) -> None:
     while not predicate():
         if time.monotonic() > deadline:
             raise EmbeddedRedisError(f"timed out waiting for {what}")
