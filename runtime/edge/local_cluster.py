@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import redis
 
@@ -104,7 +105,7 @@ class LocalCluster:
     def _form(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for server in self.servers:
-            _until(lambda s=server: _pings(s), deadline, f"redis-server on port {server.port}")
+            _until(partial(_pings, server), deadline, f"redis-server on port {server.port}")
             with server.client() as c:
                 raw = c.execute_command("CLUSTER", "MYID")
                 server.node_id = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -206,7 +207,7 @@ class LocalCluster:
             raise EmbeddedRedisError(f"the node on port {port} is running")
         server.process = self._spawn(self._binary, port)
         deadline = time.monotonic() + timeout
-        _until(lambda: _pings(server), deadline, f"redis-server on port {port}")
+        _until(partial(_pings, server), deadline, f"redis-server on port {port}")
         for other in self.servers:
             if other.master_port == port and other is not server:
                 server.master_port, other.master_port = other.port, None
