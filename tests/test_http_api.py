@@ -13,6 +13,21 @@ from troth.edge.server import ServerThread, bind
 from troth.node import Node
 
 
+def test_ready_needs_redis_and_shards(make_node: Callable[..., Node]) -> None:
+    """/ready (readiness) is 200 only on a node that owns shards; /health (liveness)
+    is 200 on both, so a load balancer skips the second without restarting it."""
+    first = make_node("a", serve=True, cluster={"shards": 1})
+    second = make_node("b", serve=True, cluster={"shards": 1})  # the one shard is taken
+    with httpx.Client(timeout=10) as http:
+        ok = http.get(f"{first.url}/ready")
+        assert ok.status_code == 200 and ok.json()["status"] == "ready"
+        assert ok.json()["shards"] == 1
+        idle = http.get(f"{second.url}/ready")
+        assert idle.status_code == 503 and "owns no shards" in idle.json()["error"]
+        assert idle.headers["retry-after"] == "1"
+        assert http.get(f"{second.url}/health").status_code == 200
+
+
 def test_health_and_metrics(api: httpx.Client) -> None:
     h = api.get("/health")
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["shards"] == 64

@@ -16,6 +16,7 @@ import uuid
 
 import httpx
 
+from troth import __version__
 from troth.core.config import Config, load_config
 from troth.core.errors import TrothError, error_from_dict
 from troth.core.keys import KeySpace
@@ -190,6 +191,7 @@ def parser() -> argparse.ArgumentParser:
             "more; the README and docs/design.md say why."
         ),
     )
+    p.add_argument("--version", action="version", version=f"troth {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:

@@ -438,6 +438,25 @@ def create_app(
             )
         return JSONResponse({"status": "ok", **figures})
 
+    @app.get("/ready", response_model=Health)
+    async def ready() -> Response:
+        """Readiness, apart from liveness (``/health``): 200 when this node can serve
+        calls now, that is Redis answers and the node owns shards; 503 otherwise (it
+        is starting, handing its shards off, or cut off from Redis), so that a load
+        balancer sends its traffic elsewhere without restarting it."""
+        figures = await health_probe()
+        if figures is None:
+            reason = "Redis did not answer"
+        elif not figures["shards"]:
+            reason = "this node owns no shards (starting, draining, or more nodes than shards)"
+        else:
+            return JSONResponse({"status": "ready", **figures})
+        return JSONResponse(
+            {"status": "unavailable", "error": reason, **(figures or {})},
+            status_code=503,
+            headers={"retry-after": "1"},
+        )
+
     @app.get(
         "/metrics",
         response_class=PlainTextResponse,
