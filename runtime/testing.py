@@ -52,7 +52,7 @@ from troth.core.config import DEFAULT_EXTENSIONS, parse_config
 from troth.core.keys import KeySpace
 from troth.core.names import ActorName, shard_of
 from troth.core.records import OutboxEntry, TimerRecord
-from troth.core.redis_clients import cluster_url, redis_client
+from troth.core.redis_clients import discovered_client
 from troth.edge.admin import inspect
 from troth.edge.embedded_redis import redis_binary
 from troth.edge.server import ServerThread
@@ -152,7 +152,7 @@ class ActorTestEnv:
         }
         self.config = parse_config(raw)
         self.keys = KeySpace(self.config.redis.key_prefix, self.config.cluster.shards)
-        self.client = redis_client(self.redis_url, cluster=cluster_url(self.redis_url))
+        self.client = discovered_client(self.redis_url)
         self.node_id = f"test-{uuid.uuid4().hex[:6]}"
         self.serve = serve
         self.server: ServerThread | None = None

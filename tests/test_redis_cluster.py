@@ -22,7 +22,7 @@ from conftest import NodeProcess, base_config, wait_until
 from troth.core.config import parse_config
 from troth.core.keys import KeySpace
 from troth.core.names import ActorName, shard_of
-from troth.core.redis_clients import cluster_url, redis_client
+from troth.core.redis_clients import cluster_url, discovered_client, redis_client
 from troth.edge import admin
 from troth.edge.local_cluster import LocalCluster
 from troth.node import Node
@@ -158,7 +158,7 @@ def test_a_plain_url_of_any_cluster_node_is_enough(cluster: LocalCluster, prefix
         for i in range(30):
             name = ActorName("counter", f"alice-u{i}")
             assert node.call(name, "increment", [i + 1]).result(10) == i + 1
-        client = redis_client(plain, cluster=cluster_url(plain))
+        client = discovered_client(plain)
         # (a shard counts as served once its owner's next heartbeat says so)
         status = wait_until(
             lambda: (s := admin.status(client, node.keys))["unserved_shards"] == 0 and s

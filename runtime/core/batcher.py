@@ -39,7 +39,6 @@ answered, and callers retry under the same request id.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 from collections import deque
@@ -200,18 +199,7 @@ def _slot(command: Command) -> int:
         key = command[command.index("STREAMS") + 1]
     else:
         key = command[1]
-    text = key.decode() if isinstance(key, bytes) else str(key)
-    start = text.find("{")
-    if start >= 0:
-        end = text.find("}", start + 1)
-        if end > start + 1:  # a hash tag: the slot is the tag's (and cached)
-            return _tag_slot(text[start + 1 : end])
-    return int(key_slot(text.encode()))
-
-
-@functools.lru_cache(maxsize=65536)
-def _tag_slot(tag: str) -> int:
-    return int(key_slot(tag.encode()))
+    return int(key_slot(key if isinstance(key, bytes) else str(key).encode()))
 
 
 async def _refresh_slots(cluster: AsyncRedisCluster, failed: str) -> None:
@@ -395,16 +383,17 @@ class Batcher:
                         del asking[i]
                     reply = next(it)
                     replies[i] = reply
-                    if self.on_redirect is not None and (kind := _redirect(reply)):
+                    kind = _redirect(reply)
+                    if kind is None:
+                        continue
+                    if self.on_redirect is not None:
                         self.on_redirect(kind)
-                    if isinstance(reply, MovedError):
+                    again.append(i)
+                    if kind == "MOVED":
                         await manager.move_slot(reply)
-                        again.append(i)
-                    elif isinstance(reply, AskError):
+                    elif kind == "ASK":
                         asking[i] = (reply.host, int(reply.port))
-                        again.append(i)
-                    elif isinstance(reply, TryAgainError | ClusterDownError):
-                        again.append(i)
+                    else:  # TRYAGAIN, CLUSTERDOWN: the same place, a little later
                         wait = True
             if not again or loop.time() >= deadline:
                 break

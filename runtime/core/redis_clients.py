@@ -31,6 +31,7 @@ __all__ = [
     "SyncClient",
     "async_redis_client",
     "cluster_url",
+    "discovered_client",
     "redis_client",
 ]
 
@@ -103,6 +104,12 @@ def redis_client(
         retry=_retry(),
     )
     return redis.Redis.from_pool(pool)  # closing the client closes its connections
+
+
+def discovered_client(url: str, timeout: float = 5.0) -> SyncClient:
+    """:func:`redis_client` for ``url``, a cluster client when the server says it is in
+    a cluster (for the operator commands and tools, which are given any URL)."""
+    return redis_client(url, timeout, cluster=cluster_url(url))
 
 
 def async_redis_client(

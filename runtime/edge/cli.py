@@ -21,7 +21,7 @@ from troth.core.config import Config, load_config
 from troth.core.errors import TrothError, error_from_dict
 from troth.core.keys import KeySpace
 from troth.core.names import ActorName, check_method, shard_of
-from troth.core.redis_clients import SyncClient, cluster_url, redis_client
+from troth.core.redis_clients import discovered_client
 from troth.edge import admin, embedded_redis
 from troth.edge.logs import setup_logging
 from troth.extension import load_extensions
@@ -42,11 +42,6 @@ def redis_url(args: argparse.Namespace, config: Config, start: bool) -> str:
             "(give --redis or TROTH_REDIS_URL, or start a node first)"
         )
     return embedded_redis.url_for(data_dir)
-
-
-def _client(url: str) -> SyncClient:
-    """A client of ``url``, of every master when it names a Redis Cluster."""
-    return redis_client(url, cluster=cluster_url(url))
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
@@ -70,7 +65,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    client = _client(redis_url(args, config, start=False))
+    client = discovered_client(redis_url(args, config, start=False))
     extensions = load_extensions(config)
     keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
     data = admin.status(client, keys, extensions)
@@ -102,7 +97,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, config: Config) -> int:
-    client = _client(redis_url(args, config, start=False))
+    client = discovered_client(redis_url(args, config, start=False))
     keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
     data = admin.inspect(client, keys, ActorName.parse(args.actor))
     if data is None:
@@ -154,7 +149,7 @@ def cmd_call(args: argparse.Namespace, config: Config) -> int:
 
 def _live_node_url(url: str, config: Config, name: ActorName) -> str | None:
     """The URL of the owner of the actor's shard if it is live, else of any live node."""
-    client = _client(url)
+    client = discovered_client(url)
     keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
     data = admin.status(client, keys)
     live = {n["id"]: n["url"] for n in data["nodes"] if n["live"] and n["url"]}
