@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -33,6 +34,7 @@ import redis
 
 from troth.cluster.leases import LeaseManager
 from troth.cluster.routing import Router
+from troth.core import tracing
 from troth.core.access import OPERATOR, Caller
 from troth.core.actor import CA
 from troth.core.aio import LoopThread
@@ -95,6 +97,7 @@ class Node:
     ) -> None:
         self.config = config
         self.clock = clock
+        tracing.from_env()
         self.extensions = load_extensions(config)
         self.catalog = Catalog.from_config(config, _extension_types(self.extensions))
         required_plugins = _extension_plugins(self.extensions)
@@ -140,6 +143,7 @@ class Node:
             on_lost=self._shards_lost,
             on_surplus=self._shards_surplus,
             node_info=self._node_info,
+            on_commands=self._commands,
         )
         self.scheduler = TimerScheduler(
             self.client,
@@ -382,6 +386,7 @@ class Node:
             "node": self.node_id,
             "shards": len(self.leases.owned),
             "active_actors": self.active_actors,
+            "draining": self.leases.draining,
         }
 
     @property
@@ -402,6 +407,19 @@ class Node:
         """On the loop: the timer's firing message, resolved after its commit."""
         msg = Message("timer", timer.method, timer=timer)
         return self.engine.post(ActorName.parse(timer.actor), msg)
+
+    def _commands(self, commands: list[bytes]) -> None:
+        """Operator commands from the node's inbox (from the lease thread; see
+        :mod:`troth.edge.admin`). A command for a shard this node no longer owns is
+        dropped: its next owner loads the shard's outbox queue anyway."""
+        for raw in commands:
+            try:
+                command = json.loads(raw)
+                shard = command["shard"]
+                if command.get("op") == "redrive" and self.leases.epoch_of(shard):
+                    self.dispatcher.queue.push(self.clock.now_ms(), shard, command["entry"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("node %s: ignored a malformed inbox command: %s", self.node_id, exc)
 
     # -- shard ownership changes (from the lease thread) ---------------------------------------
 

@@ -54,6 +54,10 @@ class Probe(troth.CA):
         self.state["waits"] = self.state.get("waits", 0) + 1
         return {"timeout": timeout, "request_id": request_id, "waits": self.state["waits"]}
 
+    def boom(self) -> None:
+        """A bug in an actor: logged with its traceback, answered 500."""
+        raise ZeroDivisionError("boom")
+
     def whoami(self) -> dict[str, Any]:
         return self.caller.to_dict()
 

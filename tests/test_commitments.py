@@ -400,7 +400,7 @@ def test_metrics(cs: httpx.Client, receiver: Receiver) -> None:
     text = wait_until(
         lambda: (
             (t := cs.get("/metrics").text)
-            and 'troth_commitments{principal="local",status="fulfilled"} 1.0' in t
+            and 'troth_commitments{status="fulfilled"} 1.0' in t
             and t
         )
     )

@@ -1,9 +1,10 @@
 """Escalation: assign at 5 min, escalate at 15, page at 30, unless acknowledged.
 
-One batch creates the three promises; acknowledging cancels what has not fired.
-``--scale`` shrinks minutes for a demo (the default turns 5 min into 0.5 s).
+One batch creates the three promises; the on-call engineer acknowledges once
+assigned, which cancels what has not fired. ``--scale`` shrinks minutes for a demo
+(the default turns 5 min into 1 s, 15 into 3 s).
 
-    python examples/commitments/escalation.py [--scale 0.0016] [--ack-after 0.8]
+    python examples/commitments/escalation.py [--scale 0.0033] [--ack-after 0.2]
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ LADDER = [("assign", 5), ("escalate", 15), ("page", 30)]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scale", type=float, default=0.1 / 60, help="seconds per minute")
-    ap.add_argument("--ack-after", type=float, default=1.0, help="seconds until the ack")
+    ap.add_argument("--scale", type=float, default=0.2 / 60, help="seconds per minute")
+    ap.add_argument(
+        "--ack-after", type=float, default=0.0, help="seconds from the assignment to the ack"
+    )
     args = ap.parse_args()
     client, receiver = api(), Receiver()
     batch = client.post(
@@ -39,6 +42,9 @@ def main() -> None:
     )
     batch.raise_for_status()
     ids = [c["id"] for c in batch.json()["commitments"]]
+    deadline = time.monotonic() + LADDER[1][1] * 60 * args.scale
+    while not receiver.deliveries and time.monotonic() < deadline:
+        time.sleep(0.02)
     time.sleep(args.ack_after)
     print("incident acknowledged: cancelling the rest of the ladder")
     results = client.post("/v1/commitments/batch/cancel", json={"ids": ids}).json()["results"]

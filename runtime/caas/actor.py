@@ -183,7 +183,8 @@ class Commitment(CA):
 
     @internal
     async def cancel(self) -> dict[str, Any]:
-        self._require("pending", "cancel")
+        """Pending: it will never fire. Failed (a dead letter): it will not be re-driven."""
+        self._require(("pending", "failed"), "cancel")
         self._finish_waiting("cancelled")
         return self.view()
 
@@ -280,11 +281,11 @@ class Commitment(CA):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _require(self, status: str, action: str) -> None:
+    def _require(self, status: str | tuple[str, ...], action: str) -> None:
         current = self.state.get("status")
         if current is None:
             raise NotFoundError("no such commitment")
-        if current != status:
+        if current not in ((status,) if isinstance(status, str) else status):
             raise AppError(f"cannot {action} a commitment that is {current}", {"status": current})
 
     @staticmethod
@@ -403,6 +404,8 @@ def summary(state: dict[str, Any]) -> dict[str, Any]:
         "rev": state["rev"],
         "ended_ms": state["updated_ms"] if state["status"] in TERMINAL else None,
         "retires_ms": state.get("retires_ms") if state["status"] in TERMINAL else None,
+        # for the console's search by metadata (absent when empty: no bytes spent)
+        **({"metadata": state["metadata"]} if state.get("metadata") else {}),
     }
 
 

@@ -35,13 +35,24 @@ from troth.caas.plugin import CommitmentsFactory
 from troth.core.access import Caller
 from troth.core.errors import AppError, BadRequestError, NotFoundError, QuotaExceeded, TrothError
 from troth.core.names import ActorName
-from troth.edge.http_api import Principal, body_schema, hot, json_body, resolve_principal
+from troth.edge.http_api import (
+    Principal,
+    ReadOperator,
+    WriteOperator,
+    body_schema,
+    hot,
+    json_body,
+    resolve_principal,
+)
 from troth.extension import NodeContext
 
 #: The principal of every call when the node has no API keys (loopback only).
 LOCAL_PRINCIPAL = "local"
 _ID = re.compile(r"^cm_[0-9a-f]{32}$")
 _CONCURRENCY = 16
+_PRINCIPAL = r"^[a-z0-9][a-z0-9_]{0,62}$"
+#: Summaries one search by metadata reads at most (it is a scan).
+SEARCH_BUDGET = 100_000
 
 
 def public(view: dict[str, Any]) -> dict[str, Any]:
@@ -250,7 +261,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
     @api.delete(
         "/commitments/{cid}",
         response_model=dict[str, Any],
-        summary="Cancel a pending commitment (409 if not)",
+        summary="Cancel a pending or failed commitment (409 if not)",
     )
     async def cancel(cid: str, who: Principal) -> JSONResponse:
         return await answer(who, cid, "cancel")
@@ -293,6 +304,76 @@ def commitments_router(node: NodeContext) -> APIRouter:
         return JSONResponse(
             {"event_id": event_id, "event_type": ev.event_type, **result}, status_code=202
         )
+
+    # -- operators: every principal's commitments (the console) ---------------------------
+
+    @api.get("/admin/commitments/principals", tags=["operators"], summary="Principals, counts")
+    async def admin_principals(_: ReadOperator) -> dict[str, Any]:
+        counts = await asyncio.to_thread(index.counts)
+        by: dict[str, dict[str, int]] = {}
+        for (principal, status), n in counts.items():
+            by.setdefault(principal, {})[status] = n
+        principals = await asyncio.to_thread(index.principals)
+        return {"principals": [{"principal": p, "counts": by.get(p, {})} for p in principals]}
+
+    @api.get(
+        "/admin/commitments",
+        tags=["operators"],
+        summary="One principal's commitments by status, or found by id, dedup_key or metadata",
+    )
+    async def admin_list(
+        _: ReadOperator,
+        principal: str = Query(LOCAL_PRINCIPAL, pattern=_PRINCIPAL),
+        status: str | None = Query(None, description=f"One of {', '.join(STATUSES)}"),
+        q: str | None = Query(None, max_length=200, description="A commitment id or dedup_key"),
+        meta: str | None = Query(None, max_length=400, description="KEY=VALUE of its metadata"),
+        limit: int = Query(50, ge=1, le=500),
+        cursor: str | None = Query(None, max_length=200, pattern=r"^\d+:cm_[0-9a-f]{32}$"),
+    ) -> dict[str, Any]:
+        if status is not None and status not in STATUSES:
+            raise BadRequestError(f"status must be one of {list(STATUSES)}")
+        truncated, nxt = False, None
+        if q:
+            items = await asyncio.to_thread(index.find, principal, q)
+        elif meta:
+            key, sep, value = meta.partition("=")
+            if not sep or not key:
+                raise BadRequestError("meta must be KEY=VALUE")
+            items, truncated = await asyncio.to_thread(
+                index.search_metadata, principal, key, value, status, limit, SEARCH_BUDGET
+            )
+        else:
+            items, nxt = await asyncio.to_thread(index.page, principal, status, None, limit, cursor)
+        return {"items": [public(i) for i in items], "next_cursor": nxt, "truncated": truncated}
+
+    def checked(principal: str) -> str:
+        if not re.match(_PRINCIPAL, principal):
+            raise BadRequestError(f"principal must match {_PRINCIPAL}")
+        return principal
+
+    @api.get(
+        "/admin/commitments/{principal}/{cid}",
+        tags=["operators"],
+        summary="A commitment with its transitions and delivery attempts",
+    )
+    async def admin_get(principal: str, cid: str, _: ReadOperator) -> JSONResponse:
+        return JSONResponse(public(await on_commitment(checked(principal), cid, "get")))
+
+    @api.post(
+        "/admin/commitments/{principal}/{cid}/retry",
+        tags=["operators"],
+        summary="Re-drive a failed commitment (a dead letter)",
+    )
+    async def admin_retry(principal: str, cid: str, _: WriteOperator) -> JSONResponse:
+        return JSONResponse(public(await on_commitment(checked(principal), cid, "retry")))
+
+    @api.post(
+        "/admin/commitments/{principal}/{cid}/cancel",
+        tags=["operators"],
+        summary="Cancel a pending or failed commitment",
+    )
+    async def admin_cancel(principal: str, cid: str, _: WriteOperator) -> JSONResponse:
+        return JSONResponse(public(await on_commitment(checked(principal), cid, "cancel")))
 
     @api.get("/commitments-secret", summary="This principal's webhook signing secret")
     async def secret(who: Principal) -> dict[str, str]:

@@ -55,7 +55,8 @@ class CaaS(Extension):
         return commitments_router(node)
 
     def collectors(self, node: NodeContext) -> list[Collector]:
-        return [StatusCollector(CommitmentIndex(node.client, node.keys))]
+        index = CommitmentIndex(node.client, node.keys)
+        return [StatusCollector(index, node.config.metrics.principal_labels)]
 
     def status(self, client: redis.Redis, keys: KeySpace) -> dict[str, Any]:
         """Commitments by status over every principal; ``retained``: the finished ones
@@ -74,24 +75,31 @@ class CaaS(Extension):
 
 
 class StatusCollector(Collector):
-    """``troth_commitments{principal, status}``, read from the index at scrape time."""
+    """``troth_commitments{status}``, read from the index at scrape time; with
+    ``metrics.principal_labels`` per principal too (``{principal, status}``): tenant
+    names reach the metrics only when the operator asks for them."""
 
-    def __init__(self, index: CommitmentIndex) -> None:
+    def __init__(self, index: CommitmentIndex, principal_labels: bool = False) -> None:
         self.index = index
+        self.principal_labels = principal_labels
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        gauge = GaugeMetricFamily(
-            "troth_commitments",
-            "Commitments by principal and status.",
-            labels=["principal", "status"],
-        )
+        labels = ["principal", "status"] if self.principal_labels else ["status"]
+        gauge = GaugeMetricFamily("troth_commitments", "Commitments by status.", labels=labels)
         try:
             counts = self.index.counts()
         except redis.RedisError:
             counts = {}
-        for (principal, status), n in sorted(counts.items()):
-            gauge.add_metric([principal, status], n)
+        if self.principal_labels:
+            for (principal, status), n in sorted(counts.items()):
+                gauge.add_metric([principal, status], n)
+        else:
+            totals: Counter[str] = Counter()
+            for (_, status), n in counts.items():
+                totals[status] += n
+            for status, n in sorted(totals.items()):
+                gauge.add_metric([status], n)
         yield gauge

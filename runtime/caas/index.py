@@ -87,7 +87,7 @@ class CommitmentIndex:
     def retained(self) -> tuple[int, int | None]:
         """How many finished commitments are kept, over every principal, and when the
         next of them is retired (ms; None if none)."""
-        principals = sorted(p.decode() for p in self.client.smembers(f"{self.prefix}:principals"))
+        principals = self.principals()
         pipe = self.client.pipeline(transaction=False)
         for p in principals:
             pipe.zcard(self._k(p, "ended"))
@@ -144,9 +144,40 @@ class CommitmentIndex:
                     return items, f"{created}:{cid}"
         return items, None
 
+    def principals(self) -> list[str]:
+        return sorted(p.decode() for p in self.client.smembers(f"{self.prefix}:principals"))
+
+    def find(self, principal: str, text: str) -> list[dict[str, Any]]:
+        """The commitment whose id or ``dedup_key`` is ``text`` (none, or one)."""
+        cid = text
+        if not text.startswith("cm_"):
+            bound = self.client.hget(self._k(principal, "dedup"), text)
+            cid = bound.decode() if bound else ""
+        found = self.get(principal, cid) if cid else None
+        return [found] if found else []
+
+    def search_metadata(
+        self, principal: str, key: str, value: str, status: str | None, limit: int, budget: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Commitments whose ``metadata[key]`` reads ``value`` (compared as text), newest
+        first; looks at ``budget`` summaries at most and says whether it stopped
+        there (a search is a scan: metadata is not indexed)."""
+        found: list[dict[str, Any]] = []
+        seen = 0
+        for _, raw in self.client.hscan_iter(self._k(principal, "sum"), count=1000):
+            seen += 1
+            if seen > budget:
+                break
+            s = json.loads(raw)
+            meta = s.get("metadata") or {}
+            if key in meta and str(meta[key]) == value and (not status or s["status"] == status):
+                found.append(s)
+        found.sort(key=lambda s: (s["created_ms"], s["id"]), reverse=True)
+        return found[:limit], seen > budget
+
     def counts(self) -> dict[tuple[str, str], int]:
         """(principal, status) -> count, over every principal."""
-        principals = sorted(p.decode() for p in self.client.smembers(f"{self.prefix}:principals"))
+        principals = self.principals()
         pipe = self.client.pipeline(transaction=False)
         for p in principals:
             pipe.hgetall(self._k(p, "count"))

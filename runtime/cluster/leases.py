@@ -26,6 +26,17 @@ Each beat also publishes the set of shards the node serves (``served``, a hex
 bitmap in its node entry), so that ``troth status`` counts a shard as served only
 when its owner says it serves it.
 
+**Draining** (``troth drain NODE``): a node named in ``P:draining`` has a fair share
+of zero and counts for no one's share, so it hands every shard off
+(``DRAIN_PER_BEAT`` a beat, each drained of its actors first) and the other nodes
+claim them; it keeps serving what it holds while no other live node could take it.
+It stays up, answers ``/ready`` with 503 once it owns nothing, and takes shards
+again when it is removed from the set (``troth drain --undo``, or its own graceful
+stop: a restart after maintenance serves again).
+
+Each beat also takes the node's **inbox** (``P:inbox:ID``, operator commands such as
+"an outbox entry was re-driven") and hands the commands to the node.
+
 The lease manager knows nothing of actors: it reports gains and losses to the
 node's callbacks.
 """
@@ -37,11 +48,13 @@ import math
 import random
 import threading
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import redis
 from redis.cluster import RedisCluster
 
+from troth.core import tracing
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.keys import KeySpace
 from troth.core.scripts import Script, load_lua
@@ -50,6 +63,10 @@ log = logging.getLogger(__name__)
 
 #: At most this many shards are handed off per heartbeat when above fair share.
 HANDOFF_PER_BEAT = 32
+#: ... and when draining (an operator is waiting; the other nodes take them at once).
+DRAIN_PER_BEAT = 256
+#: Operator commands taken from the inbox per beat.
+INBOX_PER_BEAT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +87,7 @@ class LeaseManager:
         on_lost: Callable[[set[int]], None],
         on_surplus: Callable[[list[int]], None],
         node_info: Callable[[], dict[str, str]],
+        on_commands: Callable[[list[bytes]], None] | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.client = client
@@ -84,6 +102,9 @@ class LeaseManager:
         self.on_lost = on_lost
         self.on_surplus = on_surplus
         self.node_info = node_info
+        self.on_commands = on_commands
+        #: This node was told to hand its shards off (``P:draining``), as of the last beat.
+        self.draining = False
         self._claim = Script(load_lua("claim.lua"))
         self._release = Script(load_lua("release.lua"))
         self._owned: dict[int, str] = {}
@@ -145,6 +166,8 @@ class LeaseManager:
             try:
                 self.client.zrem(self.keys.nodes, self.node_id)
                 self.client.hdel(self.keys.node_urls, self.node_id)
+                # Drained for maintenance, stopped: a restart under this id serves again.
+                self.client.srem(self.keys.draining, self.node_id)
             except redis.RedisError as exc:
                 log.warning("could not deregister node %s: %s", self.node_id, exc)
 
@@ -160,6 +183,10 @@ class LeaseManager:
     # -- one heartbeat -------------------------------------------------------------------
 
     def beat(self) -> None:
+        with tracing.quiet():
+            self._beat()
+
+    def _beat(self) -> None:
         now = self.clock.now_ms()
         if self.last_beat_ok and self.clock.monotonic() - self.last_beat_ok > self.ttl_ms / 1000:
             # We were silent past our own lease (paused, or cut off from Redis):
@@ -175,18 +202,25 @@ class LeaseManager:
             pipe.hset(self.keys.node_urls, self.node_id, url)
         pipe.zrangebyscore(self.keys.nodes, now, "+inf")
         pipe.hgetall(self.keys.node_urls)
+        pipe.smembers(self.keys.draining)
+        inbox = self.keys.inbox(self.node_id)
+        pipe.lrange(inbox, 0, INBOX_PER_BEAT - 1)
+        pipe.ltrim(inbox, INBOX_PER_BEAT, -1)
         results = pipe.execute()
         leases = self._read_leases()
         self.last_beat_ok = self.clock.monotonic()
         head = 4 if url else 3
         live = sorted(n.decode() for n in results[head])
         urls = {k.decode(): v.decode() for k, v in results[head + 1].items()}
+        draining = {n.decode() for n in results[head + 2]}
         self.live_nodes = live
         self.urls = {n: urls[n] for n in live if urls.get(n)}
         self.owners = [
             lv.owner if lv is not None else self.owners[s] for s, lv in enumerate(leases)
         ]
-        self._reconcile(leases, set(live))
+        self._reconcile(leases, set(live), draining)
+        if results[head + 3] and self.on_commands is not None:
+            self.on_commands(results[head + 3])
 
     def _read_leases(self) -> list[LeaseView | None]:
         """Every shard's lease, one pipelined read per Redis master; None for the
@@ -219,10 +253,16 @@ class LeaseManager:
             groups.setdefault(node.name, []).append(shard)
         return list(groups.values())
 
-    def _reconcile(self, leases: list[LeaseView | None], live: set[str]) -> None:
+    def _reconcile(
+        self,
+        leases: list[LeaseView | None],
+        live: set[str],
+        draining: AbstractSet[str] = frozenset(),
+    ) -> None:
         """Keep, lose, adopt or claim shards from what the beat read. A shard whose
         lease could not be read (its master is failing over) is left as it is: kept if
-        this node held it (its commits are still fenced by Redis), not claimed."""
+        this node held it (its commits are still fenced by Redis), not claimed.
+        Draining nodes take no share (see the module docstring)."""
         with self._lock:
             mine_before = dict(self._owned)
         still_mine = {
@@ -238,12 +278,21 @@ class LeaseManager:
                     self._owned.pop(s, None)
             log.warning("node %s lost %d shards to other nodes", self.node_id, len(lost))
             self.on_lost(lost)
-        share = math.ceil(self.keys.shard_count / max(1, len(live | {self.node_id})))
         adopt = [
             s
             for s, lv in enumerate(leases)
             if lv is not None and lv.owner == self.node_id and s not in still_mine
         ]
+        takers = (live | {self.node_id}) - draining
+        was_draining, self.draining = self.draining, self.node_id in draining
+        if self.draining != was_draining:
+            log.info("node %s: %s", self.node_id, "draining" if self.draining else "serving")
+        if not self.draining:
+            share = math.ceil(self.keys.shard_count / len(takers))
+        elif takers:
+            share = 0
+        else:  # no other live node could take them: keep serving
+            share = len(still_mine) + len(adopt)
         free = [
             s
             for s, lv in enumerate(leases)
@@ -264,7 +313,8 @@ class LeaseManager:
                     self.owners[shard] = self.node_id
                 self.on_gained(gained)
         elif room < 0:
-            surplus = sorted(still_mine)[: min(-room, HANDOFF_PER_BEAT)]
+            per_beat = DRAIN_PER_BEAT if self.draining else HANDOFF_PER_BEAT
+            surplus = sorted(still_mine)[: min(-room, per_beat)]
             self.on_surplus(surplus)
 
     def _claim_many(self, seen: dict[int, LeaseView]) -> dict[int, str]:

@@ -6,7 +6,8 @@ atomic step (``checkpoint``, ``scripts``, ``lua/``), the group round trips to
 Redis (``batcher``), the plugin protocol and the records a commit carries
 (``plugin``, ``records``, ``retry``), and the vocabulary everything above shares:
 ``clock``, ``config``, ``catalog``, ``names``, ``keys``, ``errors``, ``codec``,
-``jsonsafe``, ``metrics``, ``redis_clients``, ``versioning``, ``aio``. Nothing
+``jsonsafe``, ``metrics``, ``redis_clients``, ``versioning``, ``aio``, and what
+observability needs (``logcontext``, ``tracing``). Nothing
 here knows about nodes, shards changing hands or HTTP.
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "errors",
     "jsonsafe",
     "keys",
+    "logcontext",
     "metrics",
     "names",
     "plugin",
@@ -30,6 +32,7 @@ __all__ = [
     "redis_clients",
     "retry",
     "scripts",
+    "tracing",
     "transaction",
     "versioning",
 ]

@@ -45,6 +45,10 @@ class Caller:
         return {"principal": self.principal, "actor": self.actor, "internal": self.internal}
 
 
+#: The message that deletes an actor on an operator's order (``troth delete``): the
+#: actor's last transaction, reserved to the runtime (:data:`SYSTEM`).
+DELETE_ACTOR = "__troth_delete__"
+
 #: The operator's own code: public methods of any actor (embedding, CLI, no API keys).
 OPERATOR = Caller(None)
 #: The runtime itself: outbox callbacks and built-in extensions.
@@ -63,6 +67,8 @@ def check_access(
     The method check comes first, so an unknown or internal method is a 404 whoever
     asks, and a 403 never confirms that a method exists.
     """
+    if method == DELETE_ACTOR and caller == SYSTEM:
+        return
     if method not in public and not (caller.internal and method in hidden):
         raise NotFoundError(f"actor type {name.type!r} has no public method {method!r}")
     if caller.principal is not None and name.owner != caller.principal:

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -51,6 +51,9 @@ class NodeConfig(_Model):
     )
     keep_alive_seconds: float = Field(
         5.0, gt=0, le=300, description="An idle kept-alive HTTP connection is closed after this."
+    )
+    access_log: bool = Field(
+        False, description="Log every HTTP request (also: troth serve --access-log)."
     )
 
 
@@ -128,6 +131,19 @@ class AuthConfig(_Model):
     api_keys: dict[str, str] = Field(
         default_factory=dict, description="Bearer key -> principal. Empty: no auth (loopback)."
     )
+    operators: dict[str, Literal["read", "write"]] = Field(
+        default_factory=dict,
+        description="Principal -> what it may do as an operator (the console, /v1/admin): "
+        "read, or write (re-drive, cancel, purge, delete, drain). Without API keys the "
+        "loopback caller is a write operator.",
+    )
+
+    @model_validator(mode="after")
+    def _operators_are_principals(self) -> AuthConfig:
+        unknown = set(self.operators) - set(self.api_keys.values())
+        if unknown:
+            raise ValueError(f"operators {sorted(unknown)} are no principal of api_keys")
+        return self
 
     @field_validator("api_keys")
     @classmethod
@@ -169,6 +185,18 @@ class QuotaConfig(Quota):
         )
 
 
+class MetricsConfig(_Model):
+    require_key: bool = Field(
+        False,
+        description="With API keys, /metrics answers only an operator's key (read is enough).",
+    )
+    principal_labels: bool = Field(
+        False,
+        description="Label per-principal metrics (troth_commitments) with the principal's "
+        "name; off: summed over principals, so no tenant name reaches the metrics.",
+    )
+
+
 class Config(_Model):
     node: NodeConfig = Field(default_factory=NodeConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
@@ -176,6 +204,7 @@ class Config(_Model):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     quotas: QuotaConfig = Field(default_factory=QuotaConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     python_path: list[str] = Field(
         default_factory=list, description="Directories (relative to the config) to import from."
     )

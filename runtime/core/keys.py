@@ -12,6 +12,8 @@ P:nodes                   zset     node id -> heartbeat expiry (ms)
 P:node:ID                 hash     node info: url, pid, started, active actors
 P:urls                    hash     node id -> URL other nodes forward calls to
 P:secret                  string   cluster secret authenticating node-to-node calls
+P:draining                set      nodes told to hand their shards off (troth drain)
+P:inbox:ID                list     operator commands for a node (JSON), read each beat
 P:quota:PRINCIPAL         hash     actors created by the principal (quotas)
 P:rate:PRINCIPAL:SECOND   string   events posted in that second (expires after 2 s)
 P:{sN}:lease              hash     owner (node id), epoch (fencing token)
@@ -111,6 +113,13 @@ class KeySpace:
     @property
     def secret(self) -> str:
         return f"{self.prefix}:secret"
+
+    @property
+    def draining(self) -> str:
+        return f"{self.prefix}:draining"
+
+    def inbox(self, node_id: str) -> str:
+        return f"{self.prefix}:inbox:{node_id}"
 
     def quota(self, principal: str) -> str:
         return f"{self.prefix}:quota:{principal}"

@@ -77,6 +77,20 @@ class NodeMetrics:
             ["reply"],
             registry=r,
         )
+        self.http_requests = Counter(
+            "troth_http_requests",
+            "HTTP requests answered, by method, route (the path template) and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "troth_http_request_duration_seconds",
+            "Time to answer an HTTP request, by method and route.",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.timers_fired = Counter("troth_timers_fired", "Timers handled.", registry=r)
         self.timer_lateness = Histogram(
             "troth_timer_lateness_seconds",
@@ -92,6 +106,18 @@ class NodeMetrics:
         if child is None:
             child = self._message_children[key] = self.messages.labels(actor_type, kind)
         return child
+
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request (children cached, as for messages)."""
+        key = (method, route, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = self._http_children[key] = (
+                self.http_requests.labels(method, route, str(status)),
+                self.http_latency.labels(method, route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def bind_gauges(
         self,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from troth.core import codec
+from troth.core import codec, tracing
 from troth.core.records import Checkpoint, CommitOps, OutboxEntry, TxnInfo
 from troth.core.retry import RetryPolicy
 
@@ -251,6 +251,7 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
                 created_ms=txn.now_ms,
                 next_ms=txn.now_ms + int(max(0.0, delay_seconds) * 1000),
                 replaceable=replace_id is not None,
+                trace=tracing.traceparent(),
             )
         )
         return entry_id

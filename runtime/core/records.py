@@ -69,6 +69,9 @@ class OutboxEntry:
     history: list[dict[str, Any]] = field(default_factory=list)
     result: dict[str, Any] | None = None
     replaceable: bool = False
+    #: The W3C ``traceparent`` of the transaction that committed it (tracing on), so
+    #: that its attempts continue that trace, on whichever node makes them.
+    trace: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _fields(self)

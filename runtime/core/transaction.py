@@ -24,6 +24,7 @@ snapshot, every plugin ``abort``\\ s, and the error propagates.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -32,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from troth.core import codec
+from troth.core import codec, tracing
 from troth.core.access import OPERATOR, Caller
 from troth.core.actor import CA
 from troth.core.checkpoint import CheckpointStore, CommitRequest
@@ -66,8 +67,9 @@ class StaleActivation(UnavailableError):
 
 @dataclass(slots=True)
 class Message:
-    """A unit of work for one actor; ``kind`` is call, init, resume, pulse, timer or
-    result (an outbox entry's outcome, handed back to the actor that made it)."""
+    """A unit of work for one actor; ``kind`` is call, init, resume, pulse, timer,
+    result (an outbox entry's outcome, handed back to the actor that made it) or
+    delete (an operator's order: the actor deletes itself)."""
 
     kind: str
     method: str
@@ -113,7 +115,9 @@ class Invoker:
         if is_async(fn):
             return await fn(*args, **kwargs)
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+        # in the message's context (log context, trace): run_in_executor drops it
+        context = contextvars.copy_context()
+        result = await loop.run_in_executor(self.pool, lambda: context.run(fn, *args, **kwargs))
         if inspect.isawaitable(result):  # a plain function that returned a coroutine
             return await result
         return result
@@ -232,7 +236,8 @@ class ActorRuntime:
                 return reply
             commit_started = time.perf_counter()
             try:
-                result = await self.store.commit(request)
+                with tracing.span("troth.commit"):
+                    result = await self.store.commit(request)
             except Exception as exc:
                 raise StaleActivation(f"commit of {self.name} failed: {exc}") from exc
             self.metrics.commit_latency.observe(time.perf_counter() - commit_started)

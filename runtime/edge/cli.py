@@ -3,6 +3,7 @@ Commitment-as-a-Service built on it.
 
 ``troth serve`` runs a node (``--nodes N`` runs N of them, one process each, to use
 N cores); ``status``, ``inspect`` and ``call`` read or reach a running deployment;
+``actors``, ``delete``, ``outbox`` and ``drain`` are the operators' commands;
 ``redis`` manages the embedded Redis. Each command's ``--help`` says more.
 """
 
@@ -12,11 +13,13 @@ import argparse
 import json
 import os
 import sys
+import time
 import uuid
 
 import httpx
 
 from troth import __version__
+from troth.core.access import DELETE_ACTOR, SYSTEM
 from troth.core.config import Config, load_config
 from troth.core.errors import TrothError, error_from_dict
 from troth.core.keys import KeySpace
@@ -48,6 +51,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from troth.edge.server import serve_forever
 
     setup_logging(args.log_level, args.log_format)
+    if args.access_log:
+        config.node.access_log = True
     url = redis_url(args, config, start=True)
     if args.nodes > 1:
         from troth.edge.supervisor import supervise
@@ -147,6 +152,103 @@ def cmd_call(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _keys(config: Config) -> KeySpace:
+    return KeySpace(config.redis.key_prefix, config.cluster.shards)
+
+
+def cmd_actors(args: argparse.Namespace, config: Config) -> int:
+    client = discovered_client(redis_url(args, config, start=False))
+    names: list[str] = []
+    cursor: str | None = None
+    while len(names) < args.limit:
+        page, cursor = admin.list_actors(
+            client, _keys(config), args.type, cursor, min(1000, args.limit - len(names))
+        )
+        names += page
+        if cursor is None:
+            break
+    if args.json:
+        print(json.dumps({"actors": names, "more": cursor is not None}, indent=2))
+    else:
+        print("\n".join(names))
+        if cursor is not None:
+            print(f"(more than {len(names)}: raise --limit)", file=sys.stderr)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, config: Config) -> int:
+    """Through a node: the actor's last transaction runs where it lives."""
+    name = ActorName.parse(args.actor)
+    url = redis_url(args, config, start=False)
+    node_url = args.url or _live_node_url(url, config, name)
+    if node_url:
+        resp = httpx.delete(
+            f"{node_url}/v1/admin/actors/{name.type}/{name.id}",
+            headers={"authorization": f"Bearer {args.token}"} if args.token else None,
+            timeout=config.node.call_timeout_seconds + 5,
+        )
+        if resp.status_code != 200:
+            raise error_from_dict(resp.json().get("error", {}), resp.status_code)
+    else:  # no node runs: host the deletion in a short-lived node of our own
+        node = Node(config, url)
+        node.start()
+        try:
+            deleted = node.call(name, DELETE_ACTOR, caller=SYSTEM).result(
+                timeout=config.node.call_timeout_seconds
+            )
+        finally:
+            node.stop()
+        if not deleted:
+            raise TrothError(f"{name} has no checkpoint")
+    print(f"deleted {name}")
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace, config: Config) -> int:
+    client = discovered_client(redis_url(args, config, start=False))
+    keys = _keys(config)
+    if args.action == "list":
+        actor = ActorName.parse(args.actor) if args.actor else None
+        entries = admin.failed_entries(client, keys, actor=actor, limit=args.limit)
+        if args.json:
+            print(json.dumps(entries, indent=2, default=str))
+        for e in [] if args.json else entries:
+            print(
+                f"{e['status']:9} {e['kind']:6} {e['id']}  attempts={e['attempts']}  {e['error']}"
+            )
+        return 0
+    if not args.ids:
+        raise TrothError(
+            f"outbox {args.action}: name at least one entry id (outbox list shows them)"
+        )
+    change = admin.redrive if args.action == "redrive" else admin.purge
+    for entry_id in args.ids:
+        result = change(client, keys, entry_id)
+        print(f"{result['status']:8} {entry_id}")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace, config: Config) -> int:
+    client = discovered_client(redis_url(args, config, start=False))
+    keys = _keys(config)
+    admin.drain(client, keys, args.node, undo=args.undo, force=args.force)
+    if args.undo:
+        print(f"{args.node} takes its share of shards again")
+        return 0
+    deadline = time.monotonic() + args.wait
+    while True:
+        node = next((n for n in admin.status(client, keys)["nodes"] if n["id"] == args.node), None)
+        owned = node["shards"] if node else 0
+        print(f"{args.node}: {owned} shards left", flush=True)
+        if owned == 0:
+            print(f"{args.node} is drained: it serves nothing and can be stopped")
+            return 0
+        if time.monotonic() >= deadline:
+            print(f"{args.node} still owns {owned} shards after {args.wait:g} s", file=sys.stderr)
+            return 1
+        time.sleep(1)
+
+
 def _live_node_url(url: str, config: Config, name: ActorName) -> str | None:
     """The URL of the owner of the actor's shard if it is live, else of any live node."""
     client = discovered_client(url)
@@ -182,7 +284,8 @@ def parser() -> argparse.ArgumentParser:
             "Commitment-as-a-Service built on it. 'troth serve' runs a node ('--nodes N' "
             "runs N, one process each, to use N cores); 'status' and 'inspect' read Redis "
             "directly; 'call' reaches a running deployment (or hosts the call itself when "
-            "none runs); 'redis' manages the embedded Redis. Each command's --help says "
+            "none runs); 'actors', 'delete', 'outbox' and 'drain' are the operators' "
+            "commands; 'redis' manages the embedded Redis. Each command's --help says "
             "more; the README and docs/design.md say why."
         ),
     )
@@ -208,6 +311,7 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--log-format", choices=["text", "json"], default="text")
+    s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("status", help="nodes, shards, backlogs (reads Redis)")
@@ -231,6 +335,45 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--url", help="node URL (default: a live node found in Redis)")
     s.add_argument("--token", default=os.environ.get("TROTH_TOKEN"), help="API key")
     s.set_defaults(func=cmd_call)
+
+    s = sub.add_parser("actors", help="list actors, of one type or all (reads Redis)")
+    common(s)
+    s.add_argument("--type", help="only this actor type")
+    s.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_actors)
+
+    s = sub.add_parser(
+        "delete",
+        help="delete an actor: its last transaction, run by the node that owns it, removes "
+        "its checkpoint, timers, cached replies and notifications",
+    )
+    common(s)
+    s.add_argument("actor", help="TYPE/ID")
+    s.add_argument("--url", help="node URL (default: a live node found in Redis)")
+    s.add_argument("--token", default=os.environ.get("TROTH_TOKEN"), help="operator API key")
+    s.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser(
+        "outbox", help="dead or uncertain side effects of any actor: list, re-drive, purge"
+    )
+    common(s)
+    s.add_argument("action", choices=["list", "redrive", "purge"])
+    s.add_argument("ids", nargs="*", help="entry ids (redrive, purge)")
+    s.add_argument("--actor", help="list: only this actor's entries (TYPE/ID)")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_outbox)
+
+    s = sub.add_parser(
+        "drain", help="hand a node's shards off to the others before maintenance, and wait"
+    )
+    common(s)
+    s.add_argument("node", help="node id (troth status lists them)")
+    s.add_argument("--undo", action="store_true", help="let the node take shards again")
+    s.add_argument("--force", action="store_true", help="even the last live node that serves")
+    s.add_argument("--wait", type=float, default=60, help="seconds to wait (default 60)")
+    s.set_defaults(func=cmd_drain)
 
     s = sub.add_parser("redis", help="manage the embedded Redis")
     common(s)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
@@ -38,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from troth import __version__
 from troth.cluster.routing import CLUSTER_HEADER, CLUSTER_PATH, Router
-from troth.core import jsonsafe
+from troth.core import jsonsafe, tracing
 from troth.core.access import Caller
 from troth.core.config import Config
 from troth.core.errors import AuthError, ForbiddenError, QuotaExceeded, TrothError
@@ -70,6 +71,7 @@ class Health(BaseModel):
     node: str | None = None
     shards: int | None = None
     active_actors: int | None = None
+    draining: bool | None = None
     error: str | None = None
 
 
@@ -139,6 +141,62 @@ class _TooLarge(Exception):
     pass
 
 
+class HttpMetrics:
+    """Per-route rate, latency and status (``troth_http_requests_total``,
+    ``troth_http_request_duration_seconds``). The route label is the matched path
+    template (``/v1/actors/{actor_type}/{actor_id}/{method}``), never the raw path,
+    and ``unmatched`` for a path no route knows: the label set stays bounded
+    whatever clients send. With ``access_log``, one line per request on the
+    ``troth.access`` logger (method, path, status, milliseconds, the client's
+    ``X-Request-ID`` if it sent one)."""
+
+    def __init__(self, app: ASGIApp, metrics: NodeMetrics, access_log: bool = False) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            seconds = time.perf_counter() - started
+            self.metrics.http_request(method, route, status, seconds)
+            if self.access_log:
+                _access_log(scope, status, seconds)
+
+
+def _access_log(scope: Scope, status: int, seconds: float) -> None:
+    request_id = Headers(scope=scope).get("x-request-id")
+    client = scope.get("client") or ("-", 0)
+    access_log.info(
+        "%s %s %s %d %.1f ms",
+        client[0],
+        scope["method"],
+        scope["path"],
+        status,
+        seconds * 1000,
+        extra={"request_id": request_id[:200] if request_id else None},
+    )
+
+
+access_log = logging.getLogger("troth.access")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def resolve_principal(conn: HTTPConnection) -> str | None:
     """The caller's principal; ``None`` when no API keys are configured (the node then
     serves loopback clients only, see :class:`LocalOnly`). WebSocket clients that
@@ -159,6 +217,36 @@ async def principal(request: Request) -> str | None:
 
 
 Principal = Annotated[str | None, Depends(principal)]
+
+
+def operator_role(conn: HTTPConnection) -> str:
+    """What the caller may do as an operator: ``read`` or ``write``
+    (``auth.operators``). Without API keys the (loopback) caller may do everything;
+    with them, a key whose principal is no operator gets 403."""
+    who = resolve_principal(conn)
+    if who is None:
+        return "write"
+    role: str | None = conn.app.state.operators.get(who)
+    if role is None:
+        raise ForbiddenError(f"principal {who!r} is not an operator (auth.operators)")
+    return role
+
+
+async def _read_operator(request: Request) -> str:
+    return operator_role(request)
+
+
+async def _write_operator(request: Request) -> str:
+    role = operator_role(request)
+    if role != "write":
+        raise ForbiddenError("this operator may only read (auth.operators gives it 'read')")
+    return role
+
+
+#: Endpoints for operators (the console, ``/v1/admin``): any operator reads ...
+ReadOperator = Annotated[str, Depends(_read_operator)]
+#: ... and only a ``write`` operator changes anything.
+WriteOperator = Annotated[str, Depends(_write_operator)]
 
 
 async def json_body(request: Request, model: type[BodyT]) -> BodyT:
@@ -243,6 +331,7 @@ class HotRoutes:
                 match, child = route.matches(scope)
                 if match is Match.FULL:
                     scope.update(child)
+                    scope["route"] = route  # as Starlette's router records it
                     await serve(scope, receive, send)
                     return
         await self.app(scope, receive, send)
@@ -387,6 +476,7 @@ def create_app(
         description="Actor calls and Commitment-as-a-Service on a troth node.",
     )
     app.state.api_keys = config.auth.api_keys
+    app.state.operators = config.auth.operators
     app.openapi = lambda: _openapi(app, bool(config.auth.api_keys))  # type: ignore[method-assign]
 
     @app.exception_handler(TrothError)
@@ -462,7 +552,11 @@ def create_app(
         response_class=PlainTextResponse,
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        """Prometheus text. With ``metrics.require_key`` (and API keys), an operator's
+        key only."""
+        if config.metrics.require_key:
+            operator_role(request)
         return Response(node_metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post(
@@ -521,4 +615,6 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=config.node.max_body_bytes)
     if not config.auth.api_keys:
         app.add_middleware(LocalOnly)
+    app.add_middleware(HttpMetrics, metrics=node_metrics, access_log=config.node.access_log)
+    tracing.instrument_app(app)  # outermost: the request's span covers everything
     return app

@@ -15,9 +15,12 @@ from typing import cast
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from troth.core.config import Config, ConfigError, NodeConfig
+from troth.edge.admin_api import admin_router
 from troth.edge.http_api import create_app, is_loopback_host
 from troth.edge.notify_hub import NotificationHub
 from troth.edge.sessions import SessionServer
@@ -107,16 +110,28 @@ def _http_protocol() -> type:
 
 
 def node_app(node: Node, sessions: SessionServer) -> FastAPI:
-    """The HTTP face of ``node``: its own routes and its extensions'."""
+    """The HTTP face of ``node``: its own routes, its extensions', the operators' API
+    and the console (``/ui``, static files: the data comes from ``/v1/admin``)."""
     routes = [r for ext in node.extensions if (r := ext.routes(node.context)) is not None]
-    return create_app(
+    app = create_app(
         config=node.config,
         router=node.router,
         sessions=sessions,
         health_probe=node.health,
         node_metrics=node.metrics,
-        routes=routes,
+        routes=[*routes, admin_router(node)],
     )
+
+    @app.get("/ui", include_in_schema=False)
+    async def console() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    app.mount(
+        "/ui",
+        StaticFiles(packages=[("troth.edge", "console")], html=True, follow_symlink=True),
+        name="ui",
+    )
+    return app
 
 
 def _uvicorn(app: FastAPI, cfg: NodeConfig) -> uvicorn.Server:

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import redis
 
+from troth.core import logcontext, tracing
 from troth.core.actor import CA, Plugins
 from troth.core.catalog import ActorType
 from troth.core.checkpoint import CheckpointStore
@@ -109,6 +110,8 @@ class Envelope:
     message: Message
     future: asyncio.Future[Any] | None = None
     enqueued: float = field(default_factory=time.monotonic)
+    #: The sender's trace context (None while tracing is off), for the message's span.
+    trace: Any = None
 
 
 class CellHost(Protocol):
@@ -197,8 +200,17 @@ class Cell:
         while self.mailbox:
             envelope = self.mailbox.popleft()
             msg = envelope.message
+            logcontext.bind(self.host.store.node_id, str(self.name), msg.request_id)
             try:
-                reply = await self._handle(msg)
+                if envelope.trace is None:
+                    reply = await self._handle(msg)
+                else:
+                    with tracing.span(
+                        f"{self.name.type}.{msg.method}",
+                        envelope.trace,
+                        {"troth.actor": str(self.name), "troth.kind": msg.kind},
+                    ):
+                        reply = await self._handle(msg)
             except TrothError as exc:
                 self._settle(envelope, error=exc)
             except redis.RedisError as exc:
@@ -260,6 +272,8 @@ class Cell:
                 reply = await self._fire(rt, msg)
             elif msg.kind == "result":
                 reply = await self._take_result(rt, msg)
+            elif msg.kind == "delete":  # an operator's order: the actor's last transaction
+                reply = await self._delete(rt, msg)
             else:
                 raise BadRequestError(f"unknown message kind {msg.kind!r}")
             return reply
@@ -287,6 +301,14 @@ class Cell:
         except TypeError as exc:
             raise BadRequestError(f"{self.name.type}.{msg.method}: {exc}") from None
         return await rt.execute(msg, fn, msg.args, msg.kwargs)
+
+    async def _delete(self, rt: ActorRuntime, msg: Message) -> bool:
+        """Delete the actor in a transaction of its own; False (and nothing written,
+        no ``init`` run) when it has no checkpoint."""
+        if rt.needs_init:
+            return False
+        await rt.execute(msg, rt.ca.delete_self)
+        return True
 
     async def _fire(self, rt: ActorRuntime, msg: Message) -> Any:
         timer = msg.timer

@@ -24,7 +24,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from troth.core.access import Caller, check_access
+from troth.core import tracing
+from troth.core.access import DELETE_ACTOR, Caller, check_access
 from troth.core.aio import Background
 from troth.core.catalog import Catalog
 from troth.core.checkpoint import CheckpointStore
@@ -160,7 +161,8 @@ class Engine:
         check_access(caller, name, method, atype.methods, atype.internal_methods)
         if request_id is not None and not (0 < len(request_id) <= 200):
             raise BadRequestError("request_id must be 1 to 200 characters")
-        msg = Message("call", method, args, kwargs, request_id, None, caller, new_id, fresh=fresh)
+        kind = "delete" if method == DELETE_ACTOR else "call"
+        msg = Message(kind, method, args, kwargs, request_id, None, caller, new_id, fresh=fresh)
         return await self.post(name, msg)
 
     def post(self, name: ActorName, msg: Message) -> asyncio.Future[Any]:
@@ -169,7 +171,7 @@ class Engine:
         cell = self._cell_for(name)
         if cell.queued >= self.settings.max_mailbox:
             raise UnavailableError(f"{name}: mailbox full ({cell.queued} queued)")
-        cell.post(Envelope(msg, fut))
+        cell.post(Envelope(msg, fut, trace=tracing.current()))
         return fut
 
     def _cell_for(self, name: ActorName) -> Cell:

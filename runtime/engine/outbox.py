@@ -48,7 +48,7 @@ from typing import Any, cast
 import redis
 from redis.exceptions import RedisError
 
-from troth.core import codec
+from troth.core import codec, logcontext, tracing
 from troth.core.access import SYSTEM
 from troth.core.aio import Background
 from troth.core.batcher import Batcher, Command
@@ -272,6 +272,7 @@ class OutboxDispatcher:
             self._versions[entry.id] = codec.pack(entry.to_dict())
         if entry is None or entry.status in ("dead", "uncertain"):
             return
+        logcontext.bind(self.node_id, entry.origin, entry.idempotency_key)
         if entry.status == "callback":
             await self._callback(shard, epoch, entry)
             return
@@ -301,7 +302,14 @@ class OutboxDispatcher:
             return
         started = time.perf_counter()
         try:
-            outcome = await self._execute(executor, entry)
+            if entry.trace is None:
+                outcome = await self._execute(executor, entry)
+            else:
+                attributes = {"troth.outbox.entry": entry.id, "troth.actor": entry.origin}
+                with tracing.span(
+                    f"troth.outbox {entry.kind}", tracing.parent(entry.trace), attributes
+                ):
+                    outcome = await self._execute(executor, entry)
         except TrothError as exc:
             outcome = ExecutionOutcome(
                 ok=False, retryable=isinstance(exc, RetryableError), error=str(exc)
