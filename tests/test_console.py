@@ -85,6 +85,19 @@ def test_console_navigates_and_redrives_a_dead_letter(
     def text() -> str:
         return str(browser.find_element(By.ID, "view").text)
 
+    def act(do: Callable[[], object]) -> None:
+        """Do something to the page; the page re-renders itself every 2 s, so an
+        element found just before may be replaced: find it again and retry."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        for _ in range(20):
+            try:
+                do()
+                return
+            except StaleElementReferenceException:
+                continue
+        raise AssertionError("the page kept changing under the test")
+
     with httpx.Client(base_url=node.url, timeout=15) as api:
         for i in range(3):
             call(api, f"counter/c{i}", "increment")
@@ -106,48 +119,52 @@ def test_console_navigates_and_redrives_a_dead_letter(
 
     # Nodes: the node, its shards' leases.
     browser.get(f"{node.url}/ui")
-    wait_until(lambda: "n1 (this node)" in text(), timeout=15)
+    # (a shard counts as served once its owner's heartbeat says so)
+    wait_until(lambda: "n1 (this node)" in text() and "64/64 served" in text(), timeout=15)
     assert len(browser.find_elements(By.CSS_SELECTOR, ".grid div")) == 64
-    assert "64/64 served" in text()
     shot("nodes")
 
     # Actors by type, then one actor's checkpoint.
-    browser.find_element(By.ID, "nav-actors").click()
+    act(lambda: browser.find_element(By.ID, "nav-actors").click())
     wait_until(lambda: "counter/c2" in text(), timeout=10)
-    Select(browser.find_element(By.ID, "actor-type")).select_by_value("probe")
+    act(lambda: Select(browser.find_element(By.ID, "actor-type")).select_by_value("probe"))
     wait_until(lambda: "probe/alice-p" in text() and "counter/c0" not in text(), timeout=10)
-    browser.find_element(By.LINK_TEXT, "probe/alice-p").click()
+    act(lambda: browser.find_element(By.LINK_TEXT, "probe/alice-p").click())
     wait_until(lambda: '"note": "hello"' in text(), timeout=10)
     shot("actor")
 
     # Commitments: found by dedup_key, by metadata.
-    browser.find_element(By.ID, "nav-commitments").click()
+    submit = "form.filters button[type=submit]"
+    act(lambda: browser.find_element(By.ID, "nav-commitments").click())
     wait_until(lambda: cid in text(), timeout=10)
-    browser.find_element(By.ID, "q").send_keys("order-17")
-    browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
+    act(lambda: browser.find_element(By.ID, "q").send_keys("order-17"))
+    act(lambda: browser.find_element(By.CSS_SELECTOR, submit).click())
     wait_until(lambda: cid in text() and "failed" in text(), timeout=10)
-    browser.find_element(By.ID, "q").clear()
-    browser.find_element(By.ID, "meta").send_keys("customer=c-9")
-    browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
+    act(lambda: browser.find_element(By.ID, "q").clear())
+    act(lambda: browser.find_element(By.ID, "meta").send_keys("customer=c-9"))
+    act(lambda: browser.find_element(By.CSS_SELECTOR, submit).click())
     wait_until(lambda: cid in text(), timeout=10)
     shot("commitments")
 
     # Dead letters: re-drive it; the page shows it delivered without a reload.
-    browser.find_element(By.ID, "nav-dead").click()
+    act(lambda: browser.find_element(By.ID, "nav-dead").click())
     row = f"tr[data-commitment='{cid}']"
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, row), timeout=10)
     shot("dead-letters")
-    rendered = browser.find_element(By.TAG_NAME, "body").get_attribute("data-rendered")
-    browser.find_element(By.CSS_SELECTOR, f"{row} button").click()  # Re-drive
+    browser.execute_script("window.notReloaded = true")
+    act(lambda: browser.find_element(By.CSS_SELECTOR, f"{row} button").click())  # Re-drive
     wait_until(lambda: not browser.find_elements(By.CSS_SELECTOR, row), timeout=15)
-    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-rendered") != rendered
+    assert browser.execute_script("return window.notReloaded") is True
     assert receiver.count() == 2
     assert {r.headers["idempotency-key"] for r in receiver.requests} == {
         receiver.requests[0].headers["idempotency-key"]
     }
     browser.get(f"{node.url}/ui/#commitment/local/{cid}")
     wait_until(
-        lambda: browser.find_element(By.ID, "commitment-status").text == "fulfilled", timeout=10
+        lambda: (
+            [e.text for e in browser.find_elements(By.ID, "commitment-status")] == ["fulfilled"]
+        ),
+        timeout=10,
     )
     assert "Delivery attempts" in text()
     shot("commitment")

@@ -259,3 +259,21 @@ def test_log_lines_carry_node_actor_and_request_id(
     line = json.loads(JsonFormatter().format(record))
     assert line["node"] == "n1" and line["actor"] == "probe/alice-l"
     assert line["request_id"] == "req-42" and "trace_id" not in line  # tracing is off
+
+
+def test_grafana_dashboard_reads_only_metrics_the_nodes_export(
+    served: tuple[Node, httpx.Client],
+) -> None:
+    import re
+
+    from conftest import REPO
+
+    _, api = served
+    text = api.get("/metrics").text
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "troth.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"\btroth_[a-z_]+", e)}
+    assert len(names) >= 15
+    for name in names:
+        base = name.removesuffix("_bucket")
+        assert re.search(rf"^# HELP {base} ", text, re.M), f"{name} is not exported"

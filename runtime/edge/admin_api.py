@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from troth.core.access import DELETE_ACTOR, SYSTEM
 from troth.core.errors import NotFoundError
 from troth.core.names import ActorName
 from troth.edge import admin
-from troth.edge.http_api import ReadOperator, WriteOperator
+from troth.edge.http_api import ReadOperator, WriteOperator, body_schema, json_body
 
 if TYPE_CHECKING:
     from troth.node import Node
@@ -116,18 +116,33 @@ def admin_router(node: Node) -> APIRouter:
         origin = ActorName.parse(actor) if actor else None
         return {"items": await off_loop(admin.failed_entries, None, origin, limit)}
 
-    @api.post("/outbox/redrive", summary="Attempt a dead or uncertain entry again")
-    async def redrive(ref: EntryRef, _: WriteOperator) -> dict[str, Any]:
+    @api.post(
+        "/outbox/redrive",
+        openapi_extra=body_schema(EntryRef),
+        summary="Attempt a dead or uncertain entry again",
+    )
+    async def redrive(request: Request, _: WriteOperator) -> dict[str, Any]:
+        ref = await json_body(request, EntryRef)
         result: dict[str, Any] = await off_loop(admin.redrive, ref.id)
         return result
 
-    @api.post("/outbox/purge", summary="Forget a dead or uncertain entry")
-    async def purge(ref: EntryRef, _: WriteOperator) -> dict[str, Any]:
+    @api.post(
+        "/outbox/purge",
+        openapi_extra=body_schema(EntryRef),
+        summary="Forget a dead or uncertain entry",
+    )
+    async def purge(request: Request, _: WriteOperator) -> dict[str, Any]:
+        ref = await json_body(request, EntryRef)
         result: dict[str, Any] = await off_loop(admin.purge, ref.id)
         return result
 
-    @api.post("/nodes/{node_id}/drain", summary="Hand a node's shards off (or undo)")
-    async def drain(node_id: str, order: DrainOrder, _: WriteOperator) -> dict[str, Any]:
+    @api.post(
+        "/nodes/{node_id}/drain",
+        openapi_extra=body_schema(DrainOrder),
+        summary="Hand a node's shards off (or undo)",
+    )
+    async def drain(node_id: str, request: Request, _: WriteOperator) -> dict[str, Any]:
+        order = await json_body(request, DrainOrder)
         result: dict[str, Any] = await off_loop(admin.drain, node_id, order.undo, order.force)
         return result
 

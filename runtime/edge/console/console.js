@@ -366,10 +366,10 @@ async function commitmentView(principal, id) {
     table(["status", "at"], (c.transitions || []).map((t) =>
       h("tr", {}, statusCell(t.status), h("td", {}, t.at)))),
     h("h2", {}, "Delivery attempts"),
-    table(["attempt", "at", "ok", "status code", "error"], (c.attempts || []).map((a, i) =>
+    table(["attempt", "at", "outcome", "status code", "ms", "error"], (c.attempts || []).map((a, i) =>
       h("tr", {}, h("td", { class: "num" }, a.attempt || i + 1), h("td", {}, a.at),
-        h("td", {}, a.ok ? "yes" : "no"), h("td", {}, a.status_code ?? ""),
-        h("td", {}, a.error || "")))),
+        statusCell(a.error ? "failed" : "fulfilled"), h("td", {}, a.status_code ?? ""),
+        h("td", { class: "num" }, a.duration_ms ?? ""), h("td", {}, a.error || "")))),
     h("h2", {}, "Commitment"),
     json(c),
   );
