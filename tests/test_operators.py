@@ -277,3 +277,29 @@ def test_grafana_dashboard_reads_only_metrics_the_nodes_export(
     for name in names:
         base = name.removesuffix("_bucket")
         assert re.search(rf"^# HELP {base} ", text, re.M), f"{name} is not exported"
+
+
+def test_access_log_and_tenant_labels_when_asked(
+    make_node: Callable[..., Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    node = make_node("n1", node={"access_log": True, "port": 0}, metrics={"principal_labels": True})
+    server = ServerThread(node).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=15) as api, caplog.at_level(logging.INFO):
+            body = {
+                "trigger": {"type": "time_after", "delay_seconds": 60},
+                "obligation": {"target": "http://127.0.0.1:9/x"},
+            }
+            assert api.post("/v1/commitments", json=body).status_code == 201
+            api.get("/health", headers={"x-request-id": "abc-1"})
+            text = wait_until(
+                lambda: (
+                    (t := api.get("/metrics").text)
+                    and 'troth_commitments{principal="local",status="pending"} 1.0' in t
+                )
+            )
+            assert text
+    finally:
+        server.stop()
+    [line] = [r for r in caplog.records if r.name == "troth.access" and "/health" in r.getMessage()]
+    assert "GET /health 200" in line.getMessage() and line.__dict__["request_id"] == "abc-1"
