@@ -116,25 +116,18 @@ def admin_router(node: Node) -> APIRouter:
         origin = ActorName.parse(actor) if actor else None
         return {"items": await off_loop(admin.failed_entries, None, origin, limit)}
 
-    @api.post(
-        "/outbox/redrive",
-        openapi_extra=body_schema(EntryRef),
-        summary="Attempt a dead or uncertain entry again",
-    )
-    async def redrive(request: Request, _: WriteOperator) -> dict[str, Any]:
-        ref = await json_body(request, EntryRef)
-        result: dict[str, Any] = await off_loop(admin.redrive, ref.id)
-        return result
+    def entry_change(path: str, change: Any, summary: str) -> None:
+        """``POST /outbox/PATH {"id": ...}``: one operator change to one ledger entry."""
 
-    @api.post(
-        "/outbox/purge",
-        openapi_extra=body_schema(EntryRef),
-        summary="Forget a dead or uncertain entry",
-    )
-    async def purge(request: Request, _: WriteOperator) -> dict[str, Any]:
-        ref = await json_body(request, EntryRef)
-        result: dict[str, Any] = await off_loop(admin.purge, ref.id)
-        return result
+        async def endpoint(request: Request, _: WriteOperator) -> dict[str, Any]:
+            ref = await json_body(request, EntryRef)
+            result: dict[str, Any] = await off_loop(change, ref.id)
+            return result
+
+        api.post(f"/outbox/{path}", openapi_extra=body_schema(EntryRef), summary=summary)(endpoint)
+
+    entry_change("redrive", admin.redrive, "Attempt a dead or uncertain entry again")
+    entry_change("purge", admin.purge, "Forget a dead or uncertain entry")
 
     @api.post(
         "/nodes/{node_id}/drain",
