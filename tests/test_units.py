@@ -9,9 +9,11 @@ import httpx
 import pytest
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import REPO
-from troth.core import codec
+from troth.core import codec, jsonsafe
 from troth.core.config import ConfigError, load_config, parse_config
 from troth.core.errors import BadRequestError, NotFoundError, SerializationError, TrothError
 from troth.core.names import ActorName, shard_of
@@ -148,3 +150,41 @@ def test_cluster_urls_are_recognised_without_a_server() -> None:
     assert cluster_url("redis+cluster://127.0.0.1:7000") == "redis://127.0.0.1:7000"
     assert cluster_url("rediss+cluster://h:7000/0") == "rediss://h:7000/0"
     assert cluster_url("unix:///tmp/redis.sock") is None  # never asks a Unix socket
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**65), max_value=2**65)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_strict_json_fast_path_agrees_with_the_exact_parser(value: object) -> None:
+    """orjson parses the bodies; the standard library with exact checks is the
+    reference: both accept the same documents and read the same values."""
+    raw = json.dumps(value).encode()
+    exact: object
+    try:
+        exact = jsonsafe._exact(raw, "body")
+    except BadRequestError:
+        exact = BadRequestError
+    try:
+        fast: object = jsonsafe.loads(raw)
+    except BadRequestError:
+        fast = BadRequestError
+    assert fast == exact
+
+
+def test_strict_json_refusals() -> None:
+    deep = b"[" * 65 + b"]" * 65
+    for raw in (b"[NaN]", b"[1e400]", b'"\\ud800"', b"[-9223372036854775809]", deep, b"{"):
+        with pytest.raises(BadRequestError):
+            jsonsafe.loads(raw)
+    assert jsonsafe.loads(b"[18446744073709551615, -9223372036854775808]") == [2**64 - 1, -(2**63)]
+    assert jsonsafe.loads(b"[" * 63 + b"]" * 63) is not None

@@ -28,7 +28,7 @@ import hashlib
 from typing import Any
 
 from troth.caas import filters
-from troth.caas.models import TERMINAL, TOOL_EVENT, CommitmentCreate
+from troth.caas.models import TERMINAL, TOOL_EVENT, CommitmentCreate, Compound, TimeAfter
 from troth.core.actor import CA, internal
 from troth.core.errors import AppError, NotFoundError
 from troth.core.names import ActorName
@@ -68,6 +68,37 @@ def event_types(trigger: dict[str, Any]) -> set[str]:
     return types
 
 
+def creation(spec: CommitmentCreate) -> dict[str, Any]:
+    """A checked creation as :meth:`Commitment.create` takes it: JSON, with the due time
+    of every ``time_after`` leaf at a timestamp resolved (one after a delay is fixed by
+    the actor, at its transaction's time). The API sends this, so the actor does not
+    validate the creation a second time."""
+    trigger = spec.trigger.model_dump(mode="json")
+    models = dict(_model_leaves(spec.trigger))
+    for path, leaf in leaves(trigger):
+        model = models[path]
+        if isinstance(model, TimeAfter) and model.timestamp is not None:
+            leaf["due_ms"] = model.due_ms(0)
+    return {
+        "trigger": trigger,
+        "obligation": spec.obligation.model_dump(mode="json"),
+        "retry_policy": spec.retry_policy.model_dump(),
+        "expires_ms": spec.expires_ms(),
+        "dedup_key": spec.dedup_key,
+        "metadata": spec.metadata,
+    }
+
+
+def _model_leaves(trigger: Any, path: str = "r") -> list[tuple[str, Any]]:
+    """:func:`leaves` of a trigger model (the same paths)."""
+    if isinstance(trigger, Compound):
+        out: list[tuple[str, Any]] = []
+        for i, child in enumerate(trigger.triggers):
+            out.extend(_model_leaves(child, f"{path}.{i}"))
+        return out
+    return [(path, trigger)]
+
+
 def split_commitment(name: ActorName) -> tuple[str, str]:
     """``commitment/PRINCIPAL-cm_...`` -> (principal, commitment id)."""
     principal, _, cid = name.id.partition("-")
@@ -92,26 +123,31 @@ class Commitment(CA):
 
     @internal
     async def create(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Idempotent: a second create of the same commitment returns it unchanged."""
+        """Idempotent: a second create of the same commitment returns it unchanged.
+        ``spec`` is :func:`creation` of a checked :class:`CommitmentCreate` (what the
+        API sends), or the JSON a client wrote, which is checked here."""
         if self.state.get("id"):
             return self.view()
         principal, cid = split_commitment(self.name)
         if self.name.owner is None or not cid:
             raise AppError(f"{self.name} is not a commitment name (commitment/PRINCIPAL-ID)")
-        model = CommitmentCreate.model_validate(spec)
+        if "expires_ms" not in spec:  # not prepared by the API (no such field in the JSON)
+            spec = creation(CommitmentCreate.model_validate(spec))
         created = self.now_ms
-        trigger = model.trigger.model_dump(mode="json")
-        self._resolve_times(trigger, created)
+        trigger = spec["trigger"]
+        for _, leaf in leaves(trigger):  # fixed now: a retry of create must not move it
+            if leaf["type"] == "time_after" and "due_ms" not in leaf:
+                leaf["due_ms"] = created + int(leaf["delay_seconds"] * 1000)
         self.state.update(
             id=cid,
             principal=principal,
             status="pending",
             trigger=trigger,
-            obligation=model.obligation.model_dump(mode="json"),
-            retry_policy=model.retry_policy.model_dump(),
-            expires_ms=model.expires_ms(),
-            dedup_key=model.dedup_key,
-            metadata=model.metadata,
+            obligation=spec["obligation"],
+            retry_policy=spec["retry_policy"],
+            expires_ms=spec["expires_ms"],
+            dedup_key=spec["dedup_key"],
+            metadata=spec["metadata"],
             created_ms=created,
             updated_ms=created,
             due_ms=trigger.get("due_ms"),
@@ -135,15 +171,6 @@ class Commitment(CA):
             self.plugins.send.tell(bus_name(principal, event_type), "subscribe", str(self.name))
         self._index()
         return self.view()
-
-    @staticmethod
-    def _resolve_times(trigger: dict[str, Any], created: int) -> None:
-        """Fix every relative time at creation: a retry of create must not move it."""
-        from troth.caas.models import TimeAfter
-
-        for _, leaf in leaves(trigger):
-            if leaf["type"] == "time_after":
-                leaf["due_ms"] = TimeAfter.model_validate(leaf).due_ms(created)
 
     @internal
     async def get(self) -> dict[str, Any]:

@@ -18,9 +18,8 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 
-from troth.caas.actor import bus_name, event_types, summary
+from troth.caas.actor import bus_name, creation, event_types, summary
 from troth.caas.delivery import iso
 from troth.caas.models import (
     MAX_BATCH,
@@ -36,6 +35,7 @@ from troth.core.access import Caller
 from troth.core.errors import AppError, BadRequestError, NotFoundError, QuotaExceeded, TrothError
 from troth.core.names import ActorName
 from troth.edge.http_api import (
+    FastJSONResponse,
     Principal,
     ReadOperator,
     WriteOperator,
@@ -117,9 +117,9 @@ def commitments_router(node: NodeContext) -> APIRouter:
                     ) from None
         raise NotFoundError(f"no commitment {cid!r}")
 
-    async def answer(who: str | None, cid: str, method: str) -> JSONResponse:
+    async def answer(who: str | None, cid: str, method: str) -> FastJSONResponse:
         """The JSON of a commitment after ``method`` (see :func:`on_commitment`)."""
-        return JSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, method)))
+        return FastJSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, method)))
 
     def check_pending_quota(principal: str, pending: int, adding: int) -> None:
         limit = node.config.quotas.of(principal).pending_commitments
@@ -129,50 +129,55 @@ def commitments_router(node: NodeContext) -> APIRouter:
                 60,
             )
 
-    async def create_one(
-        principal: str, spec: CommitmentCreate, adding: int = 1
-    ) -> tuple[dict[str, Any], bool]:
-        """One creation: one commit of the new commitment. ``adding``: how many this
-        request creates, for the pending quota (checked once per request)."""
-        cid = f"cm_{uuid.uuid4().hex}"
-        pending, bound = await index.admit(principal, spec.dedup_key, cid)
+    async def create_many(
+        principal: str, specs: list[CommitmentCreate]
+    ) -> list[tuple[dict[str, Any], bool]]:
+        """The creations of one request, each one commit of its commitment, and whether
+        it is new. Their ``dedup_key`` bindings with the pending quota check, then their
+        index updates, travel in one request each."""
+        cids = [f"cm_{uuid.uuid4().hex}" for _ in specs]
+        pending, bound = await index.admit(
+            principal, [(spec.dedup_key, cid) for spec, cid in zip(specs, cids, strict=True)]
+        )
         # A known dedup_key names a commitment that exists, or whose creation is under
         # way (a concurrent request) or was interrupted (a crash): create is idempotent,
         # so creating it again returns it as it is, or finishes it. Either way: 200.
-        repeated = bound != cid
-        if adding:
-            try:
-                check_pending_quota(principal, pending, adding)
-            except QuotaExceeded:
-                if spec.dedup_key is not None and not repeated:  # bound just now: unbind
-                    await asyncio.to_thread(index.unbind_dedup, principal, spec.dedup_key, cid)
-                raise
-        name = actor(principal, bound)
-        # create needs no cached reply (a second create returns the commitment as it
-        # is): that saves about 1 KB of Redis per commitment.
-        # A new id names no actor yet: its activation reads no checkpoint.
-        view = await call(
-            principal,
-            name,
-            "create",
-            spec.model_dump(mode="json"),
-            reply_cache=False,
-            fresh=not repeated,
-        )
-        # The commitment subscribed itself through its outbox; subscribing here as well
-        # (idempotent) means every event POSTed after this reply reaches it.
         try:
-            for event_type in event_types(view["trigger"]):
-                bus = ActorName.parse(bus_name(principal, event_type))
-                await call(principal, bus, "subscribe", str(name))
-        except AppError:
-            await call(principal, name, "cancel")  # it could never hear its events: do not keep it
+            check_pending_quota(principal, pending, len(specs))
+        except QuotaExceeded:
+            for spec, cid, got in zip(specs, cids, bound, strict=True):
+                if spec.dedup_key is not None and got == cid:  # bound just now: unbind
+                    await asyncio.to_thread(index.unbind_dedup, principal, spec.dedup_key, cid)
             raise
+        slots = asyncio.Semaphore(_CONCURRENCY)
+
+        async def one(spec: CommitmentCreate, cid: str, got: str) -> tuple[dict[str, Any], bool]:
+            name = actor(principal, got)
+            async with slots:
+                # create needs no cached reply (a second create returns the commitment
+                # as it is): that saves about 1 KB of Redis per commitment. A new id
+                # names no actor yet: its activation reads no checkpoint.
+                view = await call(
+                    principal, name, "create", creation(spec), reply_cache=False, fresh=got == cid
+                )
+            # The commitment subscribed itself through its outbox; subscribing here as
+            # well (idempotent) means every event POSTed after this reply reaches it.
+            try:
+                for event_type in event_types(view["trigger"]):
+                    bus = ActorName.parse(bus_name(principal, event_type))
+                    await call(principal, bus, "subscribe", str(name))
+            except AppError:
+                await call(principal, name, "cancel")  # it could never hear its events
+                raise
+            return view, got == cid
+
+        work = [one(*c) for c in zip(specs, cids, bound, strict=True)]
+        made = [await work[0]] if len(work) == 1 else await asyncio.gather(*work)
         # The commitment's outbox indexes it too (durably, after a crash, a second
-        # later); doing it here as well, in a round trip shared with others, means a
-        # listing or the pending quota sees it as soon as this reply is sent.
-        await index.apply(principal, summary(view))
-        return view, not repeated
+        # later); doing it here as well means a listing or the pending quota sees it as
+        # soon as this reply is sent.
+        await index.apply_many(principal, [summary(view) for view, _ in made])
+        return made
 
     @api.post(
         "/commitments",
@@ -182,11 +187,11 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary="Create a commitment (200 with the existing one for a known dedup_key)",
     )
     @hot
-    async def create(request: Request) -> JSONResponse:
+    async def create(request: Request) -> FastJSONResponse:
         who = resolve_principal(request)  # not a dependency: see HotRoutes
         spec = await json_body(request, CommitmentCreate)
-        view, created = await create_one(who or LOCAL_PRINCIPAL, spec)
-        return JSONResponse(public(view), status_code=201 if created else 200)
+        ((view, created),) = await create_many(who or LOCAL_PRINCIPAL, [spec])
+        return FastJSONResponse(public(view), status_code=201 if created else 200)
 
     @api.post(
         "/commitments/batch",
@@ -196,21 +201,11 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary=f"Create up to {MAX_BATCH} commitments; all are validated first",
     )
     @hot
-    async def create_batch(request: Request) -> JSONResponse:
+    async def create_batch(request: Request) -> FastJSONResponse:
         who = resolve_principal(request)
         batch = await json_body(request, BatchCreate)
-        principal = who or LOCAL_PRINCIPAL
-        first, *rest = batch.commitments
-        # The first creation checks the pending quota for the whole batch.
-        made = [public((await create_one(principal, first, len(batch.commitments)))[0])]
-        sem = asyncio.Semaphore(_CONCURRENCY)
-
-        async def one(spec: CommitmentCreate) -> dict[str, Any]:
-            async with sem:
-                return public((await create_one(principal, spec, 0))[0])
-
-        made += await asyncio.gather(*(one(s) for s in rest))
-        return JSONResponse({"commitments": made}, status_code=201)
+        made = await create_many(who or LOCAL_PRINCIPAL, batch.commitments)
+        return FastJSONResponse({"commitments": [public(v) for v, _ in made]}, status_code=201)
 
     @api.post(
         "/commitments/batch/cancel",
@@ -218,7 +213,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         openapi_extra=body_schema(BatchCancel),
         summary="Cancel several commitments; each gets its own result",
     )
-    async def cancel_batch(request: Request, who: Principal) -> JSONResponse:
+    async def cancel_batch(request: Request, who: Principal) -> FastJSONResponse:
         ids = (await json_body(request, BatchCancel)).ids
         principal = who or LOCAL_PRINCIPAL
 
@@ -229,7 +224,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
                 return {"id": cid, "error": exc.to_dict()}
             return {"id": cid, "status": view["status"]}
 
-        return JSONResponse({"results": await asyncio.gather(*(one(c) for c in ids))})
+        return FastJSONResponse({"results": await asyncio.gather(*(one(c) for c in ids))})
 
     @api.get(
         "/commitments", response_model=dict[str, Any], summary="List commitments, newest first"
@@ -240,7 +235,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         trigger_type: str | None = Query(None, description=f"One of {', '.join(TRIGGER_TYPES)}"),
         limit: int = Query(50, ge=1, le=500),
         cursor: str | None = Query(None, max_length=200, pattern=r"^\d+:cm_[0-9a-f]{32}$"),
-    ) -> JSONResponse:
+    ) -> FastJSONResponse:
         if status is not None and status not in STATUSES:
             raise BadRequestError(f"status must be one of {list(STATUSES)}")
         if trigger_type is not None and trigger_type not in TRIGGER_TYPES:
@@ -248,14 +243,14 @@ def commitments_router(node: NodeContext) -> APIRouter:
         items, nxt = await asyncio.to_thread(
             index.page, who or LOCAL_PRINCIPAL, status, trigger_type, limit, cursor
         )
-        return JSONResponse({"items": [public(i) for i in items], "next_cursor": nxt})
+        return FastJSONResponse({"items": [public(i) for i in items], "next_cursor": nxt})
 
     @api.get(
         "/commitments/{cid}",
         response_model=dict[str, Any],
         summary="A commitment with its delivery attempts",
     )
-    async def get(cid: str, who: Principal) -> JSONResponse:
+    async def get(cid: str, who: Principal) -> FastJSONResponse:
         return await answer(who, cid, "get")
 
     @api.delete(
@@ -263,7 +258,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         response_model=dict[str, Any],
         summary="Cancel a pending or failed commitment (409 if not)",
     )
-    async def cancel(cid: str, who: Principal) -> JSONResponse:
+    async def cancel(cid: str, who: Principal) -> FastJSONResponse:
         return await answer(who, cid, "cancel")
 
     @api.post(
@@ -271,7 +266,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         response_model=dict[str, Any],
         summary="Re-drive a failed commitment (409 if not)",
     )
-    async def retry(cid: str, who: Principal) -> JSONResponse:
+    async def retry(cid: str, who: Principal) -> FastJSONResponse:
         return await answer(who, cid, "retry")
 
     @api.post(
@@ -281,7 +276,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary="Record an event and fan it out to the commitments waiting for it",
     )
     @hot
-    async def event(request: Request) -> JSONResponse:
+    async def event(request: Request) -> FastJSONResponse:
         who = resolve_principal(request)
         ev = await json_body(request, EventIn)
         principal = who or LOCAL_PRINCIPAL
@@ -301,7 +296,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
             body,
             request_id=event_id,
         )
-        return JSONResponse(
+        return FastJSONResponse(
             {"event_id": event_id, "event_type": ev.event_type, **result}, status_code=202
         )
 
@@ -356,24 +351,24 @@ def commitments_router(node: NodeContext) -> APIRouter:
         tags=["operators"],
         summary="A commitment with its transitions and delivery attempts",
     )
-    async def admin_get(principal: str, cid: str, _: ReadOperator) -> JSONResponse:
-        return JSONResponse(public(await on_commitment(checked(principal), cid, "get")))
+    async def admin_get(principal: str, cid: str, _: ReadOperator) -> FastJSONResponse:
+        return FastJSONResponse(public(await on_commitment(checked(principal), cid, "get")))
 
     @api.post(
         "/admin/commitments/{principal}/{cid}/retry",
         tags=["operators"],
         summary="Re-drive a failed commitment (a dead letter)",
     )
-    async def admin_retry(principal: str, cid: str, _: WriteOperator) -> JSONResponse:
-        return JSONResponse(public(await on_commitment(checked(principal), cid, "retry")))
+    async def admin_retry(principal: str, cid: str, _: WriteOperator) -> FastJSONResponse:
+        return FastJSONResponse(public(await on_commitment(checked(principal), cid, "retry")))
 
     @api.post(
         "/admin/commitments/{principal}/{cid}/cancel",
         tags=["operators"],
         summary="Cancel a pending or failed commitment",
     )
-    async def admin_cancel(principal: str, cid: str, _: WriteOperator) -> JSONResponse:
-        return JSONResponse(public(await on_commitment(checked(principal), cid, "cancel")))
+    async def admin_cancel(principal: str, cid: str, _: WriteOperator) -> FastJSONResponse:
+        return FastJSONResponse(public(await on_commitment(checked(principal), cid, "cancel")))
 
     @api.get("/commitments-secret", summary="This principal's webhook signing secret")
     async def secret(who: Principal) -> dict[str, str]:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 SECRET_PREFIX = "whsec_"
 TOLERANCE_SECONDS = 300
@@ -73,7 +74,7 @@ def iso(ms: int | None) -> str | None:
 def build(spec: dict[str, Any], attempt: int, secret: str) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one attempt of a delivery."""
     due, fired = spec.get("due_ms"), spec["fired_ms"]
-    body = json.dumps(
+    body = orjson.dumps(
         {
             "commitment_id": spec["commitment_id"],
             "payload": spec.get("payload"),
@@ -82,9 +83,8 @@ def build(spec: dict[str, Any], attempt: int, secret: str) -> tuple[bytes, dict[
             "fired_at": iso(fired),
             "lateness_seconds": round(max(0, fired - (due or fired)) / 1000, 3),
             "attempt": attempt,
-        },
-        separators=(",", ":"),
-    ).encode()
+        }
+    )
     ts = int(time.time())
     headers = {
         **spec.get("headers", {}),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import redis
 
 from troth.caas.models import STATUSES
@@ -61,23 +62,28 @@ class CommitmentIndex:
     async def apply(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> bool:
         """Apply ``summary`` unless the index holds a newer one (``rev``); True if
         applied."""
-        keys = [
-            self._k(principal, what)
-            for what in ("all", "sum", "count", "dedup", "ended", f"gone:{summary['id']}")
-        ]
-        keys += [self._k(principal, f"s:{st}") for st in STATUSES]
-        packed = json.dumps(summary, separators=(",", ":"))
-        args = [summary["id"], summary["rev"], packed, tombstone_ms, *STATUSES]
+        return (await self.apply_many(principal, [summary], tombstone_ms))[0]
+
+    async def apply_many(
+        self, principal: str, summaries: list[dict[str, Any]], tombstone_ms: int = 0
+    ) -> list[bool]:
+        """:meth:`apply` for several commitments of ``principal``, in one request."""
+        common = [self._k(principal, what) for what in ("all", "sum", "count", "dedup", "ended")]
+        statuses = [self._k(principal, f"s:{st}") for st in STATUSES]
         new_principal = principal not in self._known
 
         def add(commands: list[Command]) -> None:
-            self._apply.queue(commands, keys, args)
+            for summary in summaries:
+                keys = [*common, self._k(principal, f"gone:{summary['id']}"), *statuses]
+                args = [summary["id"], summary["rev"], orjson.dumps(summary), tombstone_ms]
+                self._apply.queue(commands, keys, [*args, *STATUSES])
             if new_principal:
                 commands.append(("SADD", f"{self.prefix}:principals", principal))
 
-        replies = await self._writer().results(add, 2 if new_principal else 1, self._apply)
+        count = len(summaries) + (1 if new_principal else 0)
+        replies = await self._writer().results(add, count, self._apply)
         self._known.add(principal)
-        return bool(replies[0])
+        return [bool(r) for r in replies[: len(summaries)]]
 
     def retired_at(self, principal: str, cid: str) -> int | None:
         """When ``cid`` was retired (ms), while its tombstone lasts."""
@@ -187,21 +193,28 @@ class CommitmentIndex:
                 out[(p, st.decode())] = int(n)
         return out
 
-    async def admit(self, principal: str, dedup_key: str | None, cid: str) -> tuple[int, str]:
-        """For a creation: the principal's pending count, and the commitment id its
-        ``dedup_key`` is bound to (binding it to ``cid`` unless it is bound already;
-        ``cid`` without a key). One round trip, shared with the engine's."""
+    async def admit(
+        self, principal: str, creations: list[tuple[str | None, str]]
+    ) -> tuple[int, list[str]]:
+        """For creations, each ``(dedup_key, new id)``: the principal's pending count, and
+        the commitment id each ``dedup_key`` is bound to (binding it to the new id
+        unless it is bound already; the new id without a key). One request, sharing
+        the engine's round trips."""
         count, dedup = self._k(principal, "count"), self._k(principal, "dedup")
+        keyed = [(key, cid) for key, cid in creations if key is not None]
 
         def add(commands: list[Command]) -> None:
             commands.append(("HGET", count, "pending"))
-            if dedup_key is not None:
-                commands.append(("HSETNX", dedup, dedup_key, cid))
-                commands.append(("HGET", dedup, dedup_key))
+            for key, cid in keyed:
+                commands.append(("HSETNX", dedup, key, cid))
+                commands.append(("HGET", dedup, key))
 
-        replies = await self._writer().results(add, 1 if dedup_key is None else 3)
-        bound = replies[2].decode() if dedup_key is not None and replies[2] else cid
-        return int(replies[0] or 0), bound
+        replies = await self._writer().results(add, 1 + 2 * len(keyed))
+        bound = iter(replies[2::2])
+        ids = [
+            cid if key is None else (next(bound) or cid.encode()).decode() for key, cid in creations
+        ]
+        return int(replies[0] or 0), ids
 
     def unbind_dedup(self, principal: str, dedup_key: str, cid: str) -> None:
         """Undo a binding of ``dedup_key`` to ``cid`` whose creation was refused."""

@@ -6,10 +6,10 @@ than a silently ignored option.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from troth.caas import filters as _filters
@@ -126,7 +126,11 @@ def depth(trigger: Any) -> int:
 
 
 def _bounded(value: Any, what: str) -> Any:
-    if len(json.dumps(value, separators=(",", ":"))) > MAX_PAYLOAD_BYTES:
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:  # e.g. an integer beyond 64 bits, given from Python
+        raise ValueError(f"{what} is not storable JSON: {exc}") from None
+    if size > MAX_PAYLOAD_BYTES:
         raise ValueError(f"{what} may be at most {MAX_PAYLOAD_BYTES} bytes of JSON")
     return value
 

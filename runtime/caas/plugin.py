@@ -31,6 +31,7 @@ from troth.caas import delivery
 from troth.caas.index import CommitmentIndex
 from troth.core.access import SYSTEM, Caller
 from troth.core.errors import CallTimeout, RetryableError, TrothError
+from troth.core.metrics import Children
 from troth.core.names import ActorName
 from troth.core.plugin import (
     ActorPlugin,
@@ -160,11 +161,11 @@ class WebhookExecutor:
         resp = await self.client.attempt("POST", spec["target"], content=body, headers=headers)
         m.latency.observe(time.perf_counter() - started)
         if isinstance(resp, ExecutionOutcome):
-            m.deliveries.labels("error" if resp.retryable else "refused").inc()
+            m.deliveries("error" if resp.retryable else "refused").inc()
             return resp
         outcome = outcome_of(resp.status_code)
         label = "ok" if outcome.ok else "retryable" if outcome.retryable else "rejected"
-        m.deliveries.labels(label).inc()
+        m.deliveries(label).inc()
         return outcome
 
 
@@ -248,8 +249,14 @@ class CommitmentsFactory(PluginFactory):
         super().__init__(context, settings)
         self.index = CommitmentIndex(context.client, context.keys, context.batcher)
         r = context.metrics.registry
-        self.deliveries = Counter(
-            "troth_commitment_deliveries", "Delivery attempts by outcome.", ["outcome"], registry=r
+        #: ``deliveries(outcome)``: the cached child of ``troth_commitment_deliveries``.
+        self.deliveries = Children(
+            Counter(
+                "troth_commitment_deliveries",
+                "Delivery attempts by outcome.",
+                ["outcome"],
+                registry=r,
+            )
         )
         self.latency = Histogram(
             "troth_commitment_delivery_latency_seconds",

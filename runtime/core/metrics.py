@@ -14,10 +14,25 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+class Children:
+    """The labelled children of one metric, cached: prometheus-client's ``labels()``
+    takes a lock and checks its arguments on every call, which the hot paths (one
+    count per message, per outbox attempt) need not pay again."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._message_children: dict[tuple[str, str], Any] = {}
         r = self.registry
         self.messages = Counter(
             "troth_messages",
@@ -91,6 +106,9 @@ class NodeMetrics:
             registry=r,
         )
         self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._message_children = Children(self.messages)
+        #: ``outbox_attempt(kind, outcome)``: the cached child of ``outbox_attempts``.
+        self.outbox_attempt = Children(self.outbox_attempts)
         self.timers_fired = Counter("troth_timers_fired", "Timers handled.", registry=r)
         self.timer_lateness = Histogram(
             "troth_timer_lateness_seconds",
@@ -100,12 +118,7 @@ class NodeMetrics:
         )
 
     def message_counter(self, actor_type: str, kind: str) -> Any:
-        """The labelled child, cached: ``labels()`` takes a lock on every call."""
-        key = (actor_type, kind)
-        child = self._message_children.get(key)
-        if child is None:
-            child = self._message_children[key] = self.messages.labels(actor_type, kind)
-        return child
+        return self._message_children(actor_type, kind)
 
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request (children cached, as for messages)."""

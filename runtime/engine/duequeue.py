@@ -8,7 +8,10 @@ the same key supersedes the older one.
 
 Everything due is handed over at once (up to ``HAND_OVER_MAX`` items a call), so
 that a herd of 10,000 timers due in the same second costs a few hops to the node's
-event loop, not one each.
+event loop, not one each. With ``coalesce_ms`` the queue also waits that long after
+its earliest item falls due, so that items due at nearby times travel together: a
+stream of work each delayed by a second (the outbox's index updates) then wakes the
+thread and the loop ``1000 / coalesce_ms`` times a second, not once per item.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,11 +36,18 @@ Due = list[tuple[int, str, Any]]
 
 class DueQueue:
     def __init__(
-        self, name: str, on_due: Callable[[Due], None], clock: Clock = SYSTEM_CLOCK
+        self,
+        name: str,
+        on_due: Callable[[Due], None],
+        clock: Clock = SYSTEM_CLOCK,
+        coalesce_ms: int = 0,
     ) -> None:
         self.name = name
         self.on_due = on_due
         self.clock = clock
+        #: How late an item may be handed over, to travel with those due soon after it.
+        self.coalesce_ms = coalesce_ms
+        self._gather_until: float | None = None  # monotonic end of a coalescing pause
         self._heap: list[tuple[int, int, int, str]] = []
         self._tokens: dict[str, tuple[int, Any, int]] = {}  # key -> (shard, token, tie)
         self._tie = itertools.count()
@@ -97,9 +108,9 @@ class DueQueue:
             for key in [k for k, (s, _, _) in self._tokens.items() if s in shards]:
                 del self._tokens[key]
 
-    def _take_due(self) -> Due:
-        """Pop every live item due now (at most ``HAND_OVER_MAX``); call with the lock."""
-        now = self.clock.now_ms()
+    def _take_due(self, now: int) -> Due:
+        """Pop every live item due at ``now`` (at most ``HAND_OVER_MAX``); call with the
+        lock."""
         items: Due = []
         while self._heap and len(items) < HAND_OVER_MAX:
             due, tie, shard, key = self._heap[0]
@@ -113,21 +124,38 @@ class DueQueue:
                 break
         return items
 
+    def _next(self) -> Due | float | None:
+        """With the lock: the items to hand over now, else how long to wait (seconds;
+        None: until something is pushed). The coalescing pause is real time, so that a
+        test's clock that stands still does not hold items back for ever."""
+        while self._heap and not self._live(self._heap[0][3], self._heap[0][1]):
+            heapq.heappop(self._heap)  # superseded or dropped
+        if not self._heap:
+            return None
+        now = self.clock.now_ms()
+        early = self._heap[0][0] - now
+        if early > 0:
+            return min(early / 1000, 1.0)
+        if self.coalesce_ms:
+            real = time.monotonic()
+            if self._gather_until is None:
+                self._gather_until = real + self.coalesce_ms / 1000
+            if real < self._gather_until:
+                return self._gather_until - real
+            self._gather_until = None
+        return self._take_due(now)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                items: Due = []
-                while not items:
+                while True:
                     if self._stopped:
                         return
-                    items = self._take_due()
-                    if items:
+                    found = self._next()
+                    if isinstance(found, list):
+                        items = found
                         break
-                    if not self._heap:
-                        self._cond.wait()
-                    else:
-                        wait = (self._heap[0][0] - self.clock.now_ms()) / 1000
-                        self._cond.wait(timeout=min(max(wait, 0.0), 1.0))
+                    self._cond.wait(timeout=found)
                 self._handing += len(items)
             try:
                 self.on_due(items)

@@ -66,6 +66,8 @@ from troth.engine.duequeue import Due, DueQueue
 log = logging.getLogger(__name__)
 
 HISTORY_KEPT = 20
+#: How late a delayed entry may start, to start with others due about then.
+OUTBOX_COALESCE_MS = 50
 CALLBACK_RETRY_MS = 2000
 
 
@@ -129,7 +131,9 @@ class OutboxDispatcher:
         self._versions: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._tasks = Background()
-        self.queue = DueQueue("outbox", self._due, clock)
+        # Entries due now start without the queue (submit); what waits in it is delayed
+        # work (index updates, retries after a back-off) that may start 50 ms late.
+        self.queue = DueQueue("outbox", self._due, clock, coalesce_ms=OUTBOX_COALESCE_MS)
 
     @property
     def in_flight(self) -> int:
@@ -292,7 +296,7 @@ class OutboxDispatcher:
                 entry.id,
                 entry.attempts,
             )
-            self.metrics.outbox_attempts.labels(entry.kind, "uncertain").inc()
+            self.metrics.outbox_attempt(entry.kind, "uncertain").inc()
             await self._finish(shard, epoch, entry, None, repeatable)
             return
         entry.status = "attempting"
@@ -331,7 +335,7 @@ class OutboxDispatcher:
         ][-HISTORY_KEPT:]
         policy = RetryPolicy.model_validate(entry.retry)
         if not outcome.ok and outcome.retryable and entry.attempts < policy.max_attempts:
-            self.metrics.outbox_attempts.labels(entry.kind, "retry").inc()
+            self.metrics.outbox_attempt(entry.kind, "retry").inc()
             entry.status = "pending"
             entry.next_ms = self.clock.now_ms() + int(
                 policy.delay_before(entry.attempts + 1) * 1000
@@ -339,7 +343,7 @@ class OutboxDispatcher:
             if await self._store(shard, epoch, entry, entry.next_ms):
                 self.queue.push(entry.next_ms, shard, entry.id)
             return
-        self.metrics.outbox_attempts.labels(entry.kind, "ok" if outcome.ok else "failed").inc()
+        self.metrics.outbox_attempt(entry.kind, "ok" if outcome.ok else "failed").inc()
         await self._finish(shard, epoch, entry, outcome, repeatable)
 
     async def _finish(
