@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -14,10 +16,12 @@ from hypothesis import strategies as st
 
 from conftest import REPO
 from troth.core import codec, jsonsafe
+from troth.core.clock import Clock, ManualClock, SystemClock
 from troth.core.config import ConfigError, load_config, parse_config
 from troth.core.errors import BadRequestError, NotFoundError, SerializationError, TrothError
 from troth.core.names import ActorName, shard_of
 from troth.edge.http_api import HotRoutes, hot
+from troth.engine.duequeue import DueQueue
 
 
 def test_names_and_owner() -> None:
@@ -188,3 +192,33 @@ def test_strict_json_refusals() -> None:
             jsonsafe.loads(raw)
     assert jsonsafe.loads(b"[18446744073709551615, -9223372036854775808]") == [2**64 - 1, -(2**63)]
     assert jsonsafe.loads(b"[" * 63 + b"]" * 63) is not None
+
+
+@pytest.mark.parametrize("clock", [SystemClock(), ManualClock()], ids=["system", "manual"])
+def test_due_queue_hands_nearby_items_over_together_and_never_early(clock: Clock) -> None:
+    """Items due within the coalescing pause travel in one hand-over, none leaves the
+    queue before its due time, and a test clock that stands still holds nothing back."""
+    handed: list[tuple[int, list[str]]] = []
+    arrived = threading.Event()
+
+    def on_due(items: list[tuple[int, str, object]]) -> None:
+        handed.append((clock.now_ms(), [key for _, key, _ in items]))
+        arrived.set()
+
+    queue = DueQueue("test", on_due, clock, coalesce_ms=300)
+    queue.start()
+    try:
+        now = clock.now_ms()
+        due = {f"k{i}": now + 200 + i * 50 for i in range(5)}  # over 200 ms
+        for key, at in due.items():
+            queue.push(at, 0, key)
+        queue.push(now + 60_000, 0, "later")
+        if isinstance(clock, ManualClock):
+            assert not arrived.wait(0.5)  # not due: nothing, however long one waits
+            clock.advance(0.5)  # all five are due; the clock then stands still
+        assert arrived.wait(5)
+        time.sleep(0.5)
+        assert [keys for _, keys in handed] == [list(due)]
+        assert all(handed[0][0] >= at for at in due.values())
+    finally:
+        queue.stop()

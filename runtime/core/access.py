@@ -41,6 +41,12 @@ class Caller:
         """The caller of a message an actor sent: it acts for its own owner."""
         return cls(ActorName.parse(sender).owner, actor=sender, internal=True)
 
+    @property
+    def builtin(self) -> bool:
+        """Troth's own code (the runtime, a built-in API acting for a principal): an
+        internal caller that is not an actor."""
+        return self.internal and self.actor is None
+
     def to_dict(self) -> dict[str, Any]:
         return {"principal": self.principal, "actor": self.actor, "internal": self.internal}
 
