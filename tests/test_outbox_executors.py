@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import pytest
+
 from conftest import wait_until
 from troth.core.access import OPERATOR
 from troth.core.actor import CA
@@ -21,6 +23,7 @@ from troth.core.plugin import (
     PluginFactory,
 )
 from troth.core.records import OutboxEntry
+from troth.engine.outbox import OutboxDispatcher
 from troth.extension import Extension
 from troth.node import Node
 
@@ -201,3 +204,90 @@ def test_a_call_said_fresh_to_an_actor_that_exists_still_sees_its_state(
     call = second.router.call(worker, "done", [result], {}, None, OPERATOR, fresh=True)
     asyncio.run_coroutine_threadsafe(call, second.loop).result(10)
     assert [v for _, v, _ in second.call(worker, "results").result(5)] == [0, 1, 2]
+
+
+# -- executors that take many entries at once ------------------------------------------
+
+BATCHES: list[list[str]] = []
+ALONE: list[str] = []
+
+
+class Tally(OutboxPlugin):
+    kind: ClassVar[str] = "tally"
+
+    def add(self, value: str) -> str:
+        return self._enqueue(
+            {"value": value}, idempotency_key=None, retry=None, on_result=None, delay_seconds=0.5
+        )
+
+
+class TallyExecutor:
+    """Takes the entries due together in one call; refuses "bad" there, which then
+    succeeds on its own."""
+
+    kind = "tally"
+    idempotent = True
+    records_attempts = False
+
+    async def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+        ALONE.append(entry.spec["value"])
+        return ExecutionOutcome(ok=True)
+
+    async def execute_many(self, entries: list[OutboxEntry]) -> list[ExecutionOutcome]:
+        BATCHES.append([e.spec["value"] for e in entries])
+        return [ExecutionOutcome(ok=e.spec["value"] != "bad") for e in entries]
+
+
+class TallyFactory(PluginFactory):
+    name: ClassVar[str] = "tally"
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        return Tally(actor, pstate)
+
+    def executors(self) -> list[Any]:
+        return [TallyExecutor()]
+
+
+class Tallier(CA):
+    async def add(self, value: str) -> None:
+        self.plugins.tally.add(value)
+
+
+class Tallies(Extension):
+    name: ClassVar[str] = "tallies"
+
+    def actor_types(self) -> Mapping[str, type[CA]]:
+        return {"tallier": Tallier}
+
+    def plugins(self) -> Mapping[str, type[PluginFactory]]:
+        return {"tally": TallyFactory}
+
+
+def test_entries_due_together_take_one_call_and_a_refused_one_goes_alone(
+    make_node: Callable[..., Node],
+) -> None:
+    BATCHES.clear()
+    ALONE.clear()
+    node = make_node("n1", extensions=["troth.caas:CaaS", "test_outbox_executors:Tallies"])
+    values = [f"v{i}" for i in range(30)] + ["bad"]
+    names = [ActorName("tallier", f"alice-{v}") for v in values]
+    calls = [node.call(name, "add", [v]) for name, v in zip(names, values, strict=True)]
+    for call in calls:
+        call.result(5)
+    outboxes = {node.keys.shard(shard_of(n, node.keys.shard_count)).outbox for n in names}
+    wait_until(lambda: all(node.client.hlen(o) == 0 for o in outboxes) and ALONE)
+    assert sorted(v for batch in BATCHES for v in batch) == sorted(values)
+    assert len(BATCHES) <= 10  # due within a few ms of each other: they travel together
+    assert ALONE == ["bad"]  # refused in the group, done on its own
+
+
+def test_only_idempotent_executors_without_attempt_records_take_many() -> None:
+    class Counting(TallyExecutor):
+        records_attempts = True
+
+    dispatcher = OutboxDispatcher.__new__(OutboxDispatcher)
+    dispatcher.executors, dispatcher._async_kinds, dispatcher._group_kinds = {}, set(), set()
+    with pytest.raises(ValueError, match="execute_many"):
+        dispatcher.register(Counting())
+    dispatcher.register(TallyExecutor())
+    assert dispatcher._group_kinds == {"tally"}

@@ -183,6 +183,17 @@ class IndexExecutor:
         )
         return ExecutionOutcome(ok=True)
 
+    async def execute_many(self, entries: list[OutboxEntry]) -> list[ExecutionOutcome]:
+        """The updates of many commitments, one request per principal and tombstone."""
+        groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for entry in entries:
+            key = (entry.spec["principal"], entry.spec.get("tombstone_ms", 0))
+            groups.setdefault(key, []).append(entry.spec["summary"])
+        await asyncio.gather(
+            *(self.index.apply_many(p, sums, tomb) for (p, tomb), sums in groups.items())
+        )
+        return [ExecutionOutcome(ok=True)] * len(entries)
+
 
 class FanoutExecutor:
     """Pages through the bus's subscribers and calls ``on_event`` on each, at most

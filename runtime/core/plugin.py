@@ -114,6 +114,12 @@ class Executor(Protocol):
     write each). Only for idempotent effects whose attempt count nobody reads (an
     index update, say): after a crash such an entry is simply performed again.
 
+    Such an executor may also define ``async def execute_many(entries)`` returning
+    one outcome per entry: the entries of its kind that fall due together then take
+    one call, one task and one ledger write between them (an index update of every
+    commitment of a batch). One that fails is then attempted on its own, with its
+    retries.
+
     ``execute`` is best a coroutine (``async def``): it runs on the node's event
     loop, where thousands of attempts cost a task each. A plain ``def`` is accepted
     and runs on a small thread pool, so one that blocks never stalls the loop.

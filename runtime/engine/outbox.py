@@ -119,6 +119,7 @@ class OutboxDispatcher:
         self.concurrency = concurrency
         self.executors: dict[str, Executor] = {}
         self._async_kinds: set[str] = set()
+        self._group_kinds: set[str] = set()  # executors with execute_many
         self._script = Script(load_lua("outbox.lua"))
         self._slots = asyncio.Semaphore(concurrency)
         self._pool: ThreadPoolExecutor | None = None
@@ -145,6 +146,14 @@ class OutboxDispatcher:
         self.executors[executor.kind] = executor
         if inspect.iscoroutinefunction(executor.execute):
             self._async_kinds.add(executor.kind)
+        many = getattr(executor, "execute_many", None)
+        if many is not None and inspect.iscoroutinefunction(many):
+            if not executor.idempotent or getattr(executor, "records_attempts", True):
+                raise ValueError(
+                    f"executor {executor.kind!r}: execute_many is for idempotent executors "
+                    "that record no attempts"
+                )
+            self._group_kinds.add(executor.kind)
 
     def start(self) -> None:
         self.queue.start()
@@ -219,8 +228,78 @@ class OutboxDispatcher:
                 self._inflight.difference_update(entry_id for _, entry_id, _ in claimed)
 
     def _begin_all(self, items: Due) -> None:
+        groups: dict[str, Due] = {}
         for shard, entry_id, committed in items:
-            self._begin(shard, entry_id, committed)
+            if (
+                committed is not None
+                and committed.kind in self._group_kinds
+                and committed.on_result is None
+            ):
+                groups.setdefault(committed.kind, []).append((shard, entry_id, committed))
+            else:
+                self._begin(shard, entry_id, committed)
+        for kind, group in groups.items():
+            self._tasks.spawn(self._process_group(kind, group))
+
+    async def _process_group(self, kind: str, group: Due) -> None:
+        """Entries just committed of an executor with ``execute_many`` (idempotent, no
+        attempt records): one call and one ledger write for all of them. Any that
+        fails is attempted on its own at once, with its retries; after a Redis error,
+        every one is, a little later."""
+        alone: list[tuple[int, str, OutboxEntry | None]] = []
+        try:
+            live = [(shard, entry) for shard, _, entry in group if self.epoch_of(shard)]
+            entries = [entry for _, entry in live]
+            for entry in entries:
+                if entry.replaceable:  # as the commit wrote it
+                    self._versions[entry.id] = codec.pack(entry.to_dict())
+            executor = cast(Any, self.executors[kind])
+            try:
+                outcomes = await executor.execute_many(entries)
+            except Exception as exc:  # attempted again one by one, with retries
+                log.warning("outbox: %d %s entries at once failed: %s", len(live), kind, exc)
+                outcomes = [ExecutionOutcome(ok=False, retryable=True)] * len(live)
+            done = [(s, e) for (s, e), o in zip(live, outcomes, strict=True) if o.ok]
+            alone = [(s, e.id, e) for (s, e), o in zip(live, outcomes, strict=True) if not o.ok]
+            if done:
+                await self._delete(done)
+                self.metrics.outbox_attempt(kind, "ok").inc(len(done))
+        except RedisError as exc:  # each is read again and attempted on its own, later
+            log.warning("outbox: Redis error ending %d %s entries: %s", len(group), kind, exc)
+            alone = []
+            for shard, entry_id, _ in group:
+                self.queue.push(self.clock.now_ms() + CALLBACK_RETRY_MS, shard, entry_id)
+        finally:
+            # a newer version committed meanwhile begins now, in place of the old one
+            renewed = {entry_id for _, entry_id, _ in group if self._ended(entry_id)}
+        for shard, entry_id, entry in alone:
+            if entry_id not in renewed and self._claim(shard, entry_id, entry):
+                self._begin(shard, entry_id, entry)
+
+    async def _delete(self, done: list[tuple[int, OutboxEntry]]) -> None:
+        """End entries that succeeded, in one request (each fenced by its shard's epoch,
+        and left alone if a newer version replaced it meanwhile)."""
+
+        def add(commands: list[Command]) -> None:
+            for shard, entry in done:
+                sk = self.keys.shard(shard)
+                version = self._versions.get(entry.id, b"") if entry.replaceable else b""
+                args = [self.node_id, self.epoch_of(shard) or "", entry.id, b"", "", version]
+                self._script.queue(commands, [sk.lease, sk.outbox, sk.outbox_queue], args)
+
+        await self.batcher.run(add, len(done), self._script)
+
+    def _ended(self, entry_id: str) -> bool:
+        """An entry's attempt ended: let it be claimed again, and begin at once the
+        version of it that fell due meanwhile, if any (True then)."""
+        self._versions.pop(entry_id, None)
+        with self._lock:
+            self._inflight.discard(entry_id)
+            again = self._again.pop(entry_id, None)
+        if again is not None and self._claim(again[0], entry_id, again[1]):
+            self._begin(again[0], entry_id, again[1])
+            return True
+        return False
 
     def _begin(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
         self._tasks.spawn(self._process(shard, entry_id, committed))
@@ -236,12 +315,7 @@ class OutboxDispatcher:
             log.exception("outbox %s: unexpected failure", entry_id)
             self.queue.push(self.clock.now_ms() + CALLBACK_RETRY_MS, shard, entry_id)
         finally:
-            self._versions.pop(entry_id, None)
-            with self._lock:
-                self._inflight.discard(entry_id)
-                again = self._again.pop(entry_id, None)
-            if again is not None and self._claim(again[0], entry_id, again[1]):
-                self._begin(again[0], entry_id, again[1])
+            self._ended(entry_id)
 
     async def _read(self, shard: int, entry_id: str) -> OutboxEntry | None:
         key = self.keys.shard(shard).outbox
