@@ -261,3 +261,34 @@ def test_a_create_keeps_no_cached_reply(
     # A repeated create of the same commitment (a retry) changes nothing.
     again = env.call(name, "create", {}, caller=troth.Caller("local", internal=True))
     assert again["id"] == cid and again["rev"] == 1
+
+
+def test_a_commitment_the_api_did_not_subscribe_subscribes_itself_later(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver, rclient: Any
+) -> None:
+    """The API subscribes a new commitment before answering; if its node died before
+    that, a commitment still waiting 30 s later subscribes itself. One cancelled
+    meanwhile does not (its timer went with it)."""
+    spec = {
+        "trigger": {"type": "webhook", "event_type": "late"},
+        "obligation": {"target": f"{receiver.url}/hook"},
+    }
+    caller = troth.Caller("local", internal=True)
+    orphan, gone = (f"commitment/local-cm_{c * 32}" for c in "ab")
+    for name in (orphan, gone):  # created as if the API's node died right after
+        env.call(name, "create", dict(spec), caller=caller)
+    env.call(gone, "cancel", caller=caller)
+    event(api, "late")
+    env.settle()
+    assert receiver.count() == 0  # nobody subscribed yet
+    env.advance(30)
+    env.settle()
+    prefix = env.config.redis.key_prefix
+    (bus,) = rclient.scan_iter(match=f"{prefix}:*:mb:cmbus/local-*")
+    assert rclient.smembers(bus) == {orphan.encode()}
+    event(api, "late")
+    env.settle()
+    assert receiver.count() == 1
+    assert receiver.requests[0].body["commitment_id"] == "cm_" + "a" * 32
+    assert view(api, "cm_" + "a" * 32)["status"] == "fulfilled"
+    assert view(api, "cm_" + "b" * 32)["status"] == "cancelled"

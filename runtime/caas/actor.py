@@ -24,6 +24,7 @@ events never reach another principal's commitments.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -39,6 +40,14 @@ MAX_ATTEMPTS_KEPT = 100
 #: Ids of the events a pending commitment took, kept to ignore a fan-out's repeat.
 EVENTS_REMEMBERED = 20
 
+
+#: The API subscribes a new commitment to its buses before it answers the create; a
+#: commitment still waiting this much later subscribes itself again (a timer), in case
+#: the API's node died in between (its creator then got no answer, so no event it sent
+#: was promised to reach it). Not at once: that would only repeat the API's subscribe
+#: on the bus's serialized mailbox in the middle of a burst of creations, and most
+#: commitments waiting for an event are done before (the timer goes with them).
+SUBSCRIBE_BACKSTOP_SECONDS = 30.0
 
 #: How long a GET of a retired commitment still says it was retired (then: plain 404).
 TOMBSTONE_MS = 7 * 86_400_000
@@ -167,10 +176,18 @@ class Commitment(CA):
                 timers.after(leaf["interval_seconds"], "on_time", path, name=f"t:{path}")
         if self.state["expires_ms"] is not None:
             timers.at(self.state["expires_ms"] / 1000, "expire", name="expire")
-        for event_type in event_types(trigger):
-            self.plugins.send.tell(bus_name(principal, event_type), "subscribe", str(self.name))
+        if event_types(trigger):  # the backstop of the API's own subscribe
+            timers.after(SUBSCRIBE_BACKSTOP_SECONDS, "subscribe_again", name="subscribe")
         self._index()
         return self.view()
+
+    @internal
+    async def subscribe_again(self) -> None:
+        """The backstop (a timer, cancelled with the others once it stops waiting)."""
+        if self.state.get("status") == "pending":
+            for event_type in event_types(self.state["trigger"]):
+                bus = bus_name(self.state["principal"], event_type)
+                self.plugins.send.tell(bus, "subscribe", str(self.name))
 
     @internal
     async def get(self) -> dict[str, Any]:
@@ -467,12 +484,18 @@ class EventBus(CA):
 
     @internal
     async def subscribe(self, commitment: str) -> int:
+        """Idempotent; a repeat writes nothing (the member check and count share one
+        round trip)."""
         members = self.plugins.members
-        if not await members.contains(self._own(commitment)):
-            if await members.count() >= MAX_SUBSCRIBERS:
+        known, count = await asyncio.gather(
+            members.contains(self._own(commitment)), members.count()
+        )
+        if not known:
+            if count >= MAX_SUBSCRIBERS:
                 raise AppError(f"at most {MAX_SUBSCRIBERS} pending commitments per event type")
             members.add(commitment)
-        return int(await members.count())
+            count += 1
+        return int(count)
 
     @internal
     async def unsubscribe(self, commitment: str) -> None:
