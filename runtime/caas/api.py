@@ -160,8 +160,8 @@ def commitments_router(node: NodeContext) -> APIRouter:
                 view = await call(
                     principal, name, "create", creation(spec), reply_cache=False, fresh=got == cid
                 )
-            # The commitment subscribed itself through its outbox; subscribing here as
-            # well (idempotent) means every event POSTed after this reply reaches it.
+            # Subscribed before the reply: every event POSTed after it reaches the
+            # commitment (whose own subscribe, 30 s later, is only a backstop).
             try:
                 for event_type in event_types(view["trigger"]):
                     bus = ActorName.parse(bus_name(principal, event_type))
