@@ -352,7 +352,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary="A commitment with its transitions and delivery attempts",
     )
     async def admin_get(principal: str, cid: str, _: ReadOperator) -> FastJSONResponse:
-        return FastJSONResponse(public(await on_commitment(checked(principal), cid, "get")))
+        return await answer(checked(principal), cid, "get")
 
     @api.post(
         "/admin/commitments/{principal}/{cid}/retry",
@@ -360,7 +360,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary="Re-drive a failed commitment (a dead letter)",
     )
     async def admin_retry(principal: str, cid: str, _: WriteOperator) -> FastJSONResponse:
-        return FastJSONResponse(public(await on_commitment(checked(principal), cid, "retry")))
+        return await answer(checked(principal), cid, "retry")
 
     @api.post(
         "/admin/commitments/{principal}/{cid}/cancel",
@@ -368,7 +368,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary="Cancel a pending or failed commitment",
     )
     async def admin_cancel(principal: str, cid: str, _: WriteOperator) -> FastJSONResponse:
-        return FastJSONResponse(public(await on_commitment(checked(principal), cid, "cancel")))
+        return await answer(checked(principal), cid, "cancel")
 
     @api.get("/commitments-secret", summary="This principal's webhook signing secret")
     async def secret(who: Principal) -> dict[str, str]:

@@ -105,7 +105,8 @@ class NodeMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._http_requests = Children(self.http_requests)
+        self._http_latency = Children(self.http_latency)
         self._message_children = Children(self.messages)
         #: ``outbox_attempt(kind, outcome)``: the cached child of ``outbox_attempts``.
         self.outbox_attempt = Children(self.outbox_attempts)
@@ -121,16 +122,9 @@ class NodeMetrics:
         return self._message_children(actor_type, kind)
 
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Count one answered request (children cached, as for messages)."""
-        key = (method, route, status)
-        children = self._http_children.get(key)
-        if children is None:
-            children = self._http_children[key] = (
-                self.http_requests.labels(method, route, str(status)),
-                self.http_latency.labels(method, route),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count one answered request."""
+        self._http_requests(method, route, str(status)).inc()
+        self._http_latency(method, route).observe(seconds)
 
     def bind_gauges(
         self,
