@@ -129,8 +129,7 @@ def bench_raw(url: str, messages: int, sequential: bool) -> float:
                     state=state,
                     pstate=b"\x80",
                     version="1.0.0",
-                    request_id=f"r{i}",
-                    reply=codec.pack([i]),
+                    replies=[(f"r{i}", codec.pack([i]))],
                 )
             )
             assert result.ok, result

@@ -29,6 +29,8 @@ class LogSettings(BaseModel):
 
 
 class ActorLog(ActorPlugin):
+    groupable: ClassVar[bool] = True  # it writes log lines, and reads nothing
+
     def __init__(self, actor: ActorName, pstate: dict[str, Any], logger: logging.Logger) -> None:
         super().__init__(actor, pstate)
         self._logger = logger

@@ -31,13 +31,20 @@ MAX_MEMBER = 512
 
 
 class Members(ActorPlugin):
+    #: Its reads count the changes of the group's earlier calls (``_pending``).
+    groupable: ClassVar[bool] = True
+
     def __init__(self, actor: ActorName, pstate: dict[str, Any], context: PluginContext) -> None:
         super().__init__(actor, pstate)
         self.context = context
         self._changes: dict[str, bool] = {}  # member -> present after this transaction
+        #: The changes of the earlier calls of a group, not yet committed.
+        self._pending: dict[str, bool] = {}
 
     def begin(self, txn: TxnInfo) -> None:
         super().begin(txn)
+        # the call before (of the same group) succeeded: its changes await the commit
+        self._pending.update(self._changes)
         self._changes.clear()
 
     def add(self, member: str) -> None:
@@ -55,21 +62,22 @@ class Members(ActorPlugin):
         self._changes[member] = present
 
     async def contains(self, member: str) -> bool:
-        if member in self._changes:
-            return self._changes[member]
+        present = self._changes.get(member, self._pending.get(member))
+        if present is not None:
+            return present
         (found,) = await read_members(self.context, self.actor, [("SISMEMBER", member)])
         return bool(found)
 
     async def count(self) -> int:
-        changed = list(self._changes)
+        changes = {**self._pending, **self._changes}
         reads: list[tuple[Any, ...]] = [("SCARD",)]
-        if changed:
-            reads.append(("SMISMEMBER", *changed))
+        if changes:
+            reads.append(("SMISMEMBER", *changes))
         replies = await read_members(self.context, self.actor, reads)
         total = int(replies[0])
-        if changed:
-            for member, was in zip(changed, replies[1], strict=True):
-                total += int(self._changes[member]) - int(bool(was))
+        if changes:
+            for present, was in zip(changes.values(), replies[1], strict=True):
+                total += int(present) - int(bool(was))
         return total
 
     def prepare(self, ops: CommitOps) -> None:
@@ -79,9 +87,15 @@ class Members(ActorPlugin):
     def committed(self) -> None:
         super().committed()
         self._changes.clear()
+        self._pending.clear()
 
     def abort(self) -> None:
         super().abort()
+        self._changes.clear()
+        self._pending.clear()
+
+    def discard(self) -> None:
+        self.txn = None
         self._changes.clear()
 
 

@@ -24,6 +24,8 @@ MAX_BYTES = 64 * 1024
 
 
 class Session(BufferingPlugin[bytes]):
+    groupable: ClassVar[bool] = True  # notifications are only buffered
+
     def notify(self, data: Any) -> None:
         """Queue ``data`` (JSON-compatible, at most 64 KiB encoded) for subscribers."""
         self._require_txn()

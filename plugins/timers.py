@@ -56,6 +56,9 @@ class TimerFiring:
 class Timers(ActorPlugin):
     """pstate: ``{name: {"id", "due_ms", "method", "every"}}`` of the committed timers."""
 
+    #: It reads only its own plugin state, which a group carries from call to call.
+    groupable: ClassVar[bool] = True
+
     def __init__(self, actor: ActorName, pstate: dict[str, Any]) -> None:
         super().__init__(actor, pstate)
         self._set: dict[str, TimerRecord] = {}

@@ -8,6 +8,8 @@ from typing import Any
 
 import troth
 from examples.polls.extension import Polls
+from troth.core.names import ActorName
+from troth.core.plugin import ActorPlugin, PluginFactory
 
 
 class Probe(troth.CA):
@@ -154,6 +156,62 @@ class Probe(troth.CA):
 
     def tell(self, target: str, value: Any) -> str:
         return str(self.plugins.send.tell(target, "record", value, on_result="on_result"))
+
+
+class Ledger(troth.CA):
+    """Observes group commit: calls queued behind ``hold`` run one after another and
+    commit together."""
+
+    state_version = "1.0.0"
+
+    def init(self) -> None:
+        self.state["items"] = []
+
+    async def hold(self, seconds: float) -> None:
+        """Commits nothing; the calls that arrive meanwhile queue up."""
+        await asyncio.sleep(seconds)
+
+    async def add(self, item: Any, fail: bool = False) -> int:
+        self.state["items"].append(item)
+        self.plugins.session.notify({"added": item})
+        if fail:
+            raise troth.AppError("refused", {"item": item})
+        return len(self.state["items"])
+
+    async def items(self) -> list[Any]:
+        items: list[Any] = self.state["items"]
+        return items  # the state's own list, on purpose
+
+    async def remind(self, name: str) -> None:
+        self.plugins.timers.after(3600, "add", name, name=name)
+
+    async def forget(self, name: str) -> None:
+        self.plugins.timers.cancel(name)
+
+    async def join(self, member: str) -> int:
+        self.plugins.members.add(member)
+        return int(await self.plugins.members.count())
+
+    async def peek(self) -> int:
+        """Uses ``peek``, a plugin that cannot be grouped; returns how often it ran."""
+        self.scratch["runs"] = self.scratch.get("runs", 0) + 1
+        self.plugins.peek.look()
+        self.state["peeked"] = self.state.get("peeked", 0) + 1
+        return int(self.scratch["runs"])
+
+
+class Peek(ActorPlugin):
+    """A plugin that does not declare itself groupable (as a third party's would not)."""
+
+    def look(self) -> None:
+        self._require_txn()
+
+
+class PeekFactory(PluginFactory):
+    name = "peek"
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        return Peek(actor, pstate)
 
 
 class Streamer(troth.CA):

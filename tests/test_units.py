@@ -20,6 +20,7 @@ from troth.core.clock import Clock, ManualClock, SystemClock
 from troth.core.config import ConfigError, load_config, parse_config
 from troth.core.errors import BadRequestError, NotFoundError, SerializationError, TrothError
 from troth.core.names import ActorName, shard_of
+from troth.core.records import CommitOps, TimerRecord, timer_key
 from troth.edge.http_api import HotRoutes, hot
 from troth.engine.duequeue import DueQueue
 
@@ -222,3 +223,20 @@ def test_due_queue_hands_nearby_items_over_together_and_never_early(clock: Clock
         assert all(handed[0][0] >= at for at in due.values())
     finally:
         queue.stop()
+
+
+def _timer(name: str, due_ms: int = 1) -> TimerRecord:
+    return TimerRecord("a/b", name, "0" * 32, "m", [], {}, due_ms)
+
+
+def test_ops_of_later_calls_undo_earlier_ones_in_one_commit() -> None:
+    """Group commit appends each call's ops; the commit script applies timer cancels
+    before sets and member removals before additions, so a later op must replace an
+    earlier one of the other kind: the result is what the calls in order would leave."""
+    ops = CommitOps(timers_set=[_timer("a"), _timer("b")], members_add=["m1"])
+    ops.extend(CommitOps(timers_cancel=[timer_key("a/b", "a")], members_remove=["m1", "m2"]))
+    ops.extend(CommitOps(timers_set=[_timer("b", 2)], members_add=["m2"], notifications=[b"n"]))
+    assert [(t.name, t.due_ms) for t in ops.timers_set] == [("b", 2)]
+    assert ops.timers_cancel == [timer_key("a/b", "a")]
+    assert (ops.members_add, ops.members_remove) == (["m2"], ["m1"])
+    assert ops.notifications == [b"n"]

@@ -1,7 +1,7 @@
 """The checkpoint store: loading an actor and committing a transaction to Redis.
 
 The commit is one Lua script (``lua/commit.lua``) and therefore atomic: the new
-state, the state version, the message sequence number, the reply kept for
+state, the state version, the message sequence number, the replies kept for
 ``request_id`` de-duplication, the outbox entries and the timer changes are all
 written, or none is. The script first checks two guards:
 
@@ -50,8 +50,11 @@ class CommitRequest:
     state: bytes
     pstate: bytes
     version: str
-    request_id: str | None = None
-    reply: bytes = b""
+    #: ``(request_id, packed reply)`` of each message with a request id, kept for
+    #: de-duplication; several when messages are committed together.
+    replies: list[tuple[str, bytes]] = field(default_factory=list)
+    #: How many messages this commit settles: the checkpoint's ``seq`` moves by as many.
+    messages: int = 1
     ops: CommitOps = field(default_factory=CommitOps)
     fired_timer: tuple[str, str] | None = None
     #: The outbox entry whose result this commit takes in (it is deleted with it).
@@ -190,7 +193,7 @@ class CheckpointStore:
         now = self.clock.now_ms()
         payload: dict[str, Any] = {
             "n": req.name,
-            "seq": str(req.expected_seq + 1),
+            "seq": str(req.expected_seq + req.messages),
             "st": req.state,
             "ps": req.pstate,
             "v": req.version,
@@ -201,10 +204,9 @@ class CheckpointStore:
             "nt": req.ops.notifications,
             "ntmax": str(self.notify_max),
         }
-        if req.request_id is not None:
+        if req.replies:
             payload.update(
-                rid=req.request_id,
-                rep=req.reply,
+                rr=[list(r) for r in req.replies],
                 rmax=str(self.reply_cache_max),
                 cut=str(now - self.reply_cache_ms),
             )

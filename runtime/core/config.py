@@ -108,6 +108,13 @@ class RuntimeConfig(_Model):
         "the node's event loop.",
     )
     max_mailbox: int = Field(10_000, ge=1, description="Queued messages per actor before 503.")
+    group_commit_max: int = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="Queued calls of one actor run one after another and committed together "
+        "(each still its own transaction); 1: every call commits on its own.",
+    )
     outbox_workers: int = Field(
         64, ge=1, le=4096, description="Outbox attempts in flight at once (tasks on the loop)."
     )

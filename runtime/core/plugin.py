@@ -15,7 +15,9 @@ The transaction drives every actor plugin through::
 
 ``prepare`` adds the buffered effects to :class:`CommitOps`, which the commit
 writes atomically with the actor's state. ``committed`` runs only once that write
-returned; ``abort`` drops the buffers. A plugin may also keep a small msgpack
+returned; ``abort`` drops the buffers. A plugin that is
+:attr:`ActorPlugin.groupable` may see several ``begin`` .. ``prepare`` rounds, one a
+call, before one ``committed`` or ``abort``. A plugin may also keep a small msgpack
 dict in the checkpoint (``self.pstate``): it is snapshotted and rolled back
 together with the actor's state.
 """
@@ -57,6 +59,15 @@ T = TypeVar("T")
 class ActorPlugin:
     """Base of the per-actor half of a plugin. Every hook is a no-op by default."""
 
+    #: Whether an actor using this plugin may commit several queued calls together
+    #: (group commit, see :meth:`~troth.core.transaction.ActorRuntime.execute_group`).
+    #: Then ``begin`` and ``prepare`` run for each call, ``committed`` or ``abort``
+    #: once for the group, and ``discard`` for a call that failed. A plugin may say
+    #: yes when nothing it answers depends on Redis, or when its reads account for
+    #: the effects the group's earlier calls prepared (see ``members``). No, by
+    #: default: then an actor that uses it commits every call on its own.
+    groupable: ClassVar[bool] = False
+
     def __init__(self, actor: ActorName, pstate: dict[str, Any]) -> None:
         self.actor = actor
         self.pstate = pstate
@@ -79,6 +90,12 @@ class ActorPlugin:
     def abort(self) -> None:
         """Drop every buffered effect."""
         self.txn = None
+
+    def discard(self) -> None:
+        """One call of a group failed: drop what it buffered since its ``begin``, and
+        keep what the earlier calls of the group prepared (they commit or abort
+        together)."""
+        self.abort()
 
     def resume(self, checkpoint: Checkpoint) -> None:
         """Called on every (re)activation, inside the resume transaction."""
@@ -211,6 +228,8 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
     """Base of plugins whose effects go through the outbox (``send``, ``http``)."""
 
     kind: ClassVar[str] = ""
+    #: Entries are only buffered, and nothing is read back: calls may be grouped.
+    groupable: ClassVar[bool] = True
     default_retry: ClassVar[RetryPolicy] = RetryPolicy()
     max_per_txn: ClassVar[int] = 1000
 

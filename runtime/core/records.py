@@ -151,6 +151,31 @@ class CommitOps:
             or self.members_remove
         )
 
+    def extend(self, later: CommitOps) -> None:
+        """Append the ops of a later message of the same commit. The commit script
+        applies each kind of op in one place (timer cancels before timer sets, member
+        removals before additions), so a later op that undoes an earlier one of
+        another kind replaces it here: what is committed is what the messages, one
+        after another, would have left."""
+        self.outbox.extend(later.outbox)
+        if later.timers_cancel:
+            gone = set(later.timers_cancel)
+            self.timers_set[:] = [t for t in self.timers_set if t.key not in gone]
+            self.timers_cancel.extend(later.timers_cancel)
+        if later.timers_set:
+            reset = {t.key for t in later.timers_set}
+            self.timers_set[:] = [t for t in self.timers_set if t.key not in reset]
+            self.timers_set.extend(later.timers_set)
+        self.notifications.extend(later.notifications)
+        for mine, other, theirs in (
+            (self.members_add, self.members_remove, later.members_add),
+            (self.members_remove, self.members_add, later.members_remove),
+        ):
+            if theirs:
+                undone = set(theirs)
+                other[:] = [m for m in other if m not in undone]
+                mine.extend(theirs)
+
 
 @dataclass(slots=True)
 class TxnInfo:

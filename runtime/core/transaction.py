@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from troth.core import codec, tracing
+from troth.core import codec, logcontext, tracing
 from troth.core.access import OPERATOR, Caller
 from troth.core.actor import CA
 from troth.core.checkpoint import CheckpointStore, CommitRequest
@@ -65,6 +65,11 @@ class StaleActivation(UnavailableError):
     """The commit proved this activation stale (fenced, or seq moved on): reload it."""
 
 
+class GroupBreak(TrothError):
+    """Internal: a call of a group made a plugin that cannot be grouped (see
+    :meth:`ActorRuntime.execute_group`); it runs again at the head of a group."""
+
+
 @dataclass(slots=True)
 class Message:
     """A unit of work for one actor; ``kind`` is call, init, resume, pulse, timer,
@@ -85,6 +90,36 @@ class Message:
     settles: str | None = None
     #: The actor cannot exist yet: activate it without reading a checkpoint.
     fresh: bool = False
+
+
+@dataclass(slots=True)
+class Call:
+    """One call of a group (:meth:`ActorRuntime.execute_group`)."""
+
+    msg: Message
+    fn: Callable[..., Any]
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """A call's reply, or the error its caller gets."""
+
+    reply: Any = None
+    error: TrothError | None = None
+
+
+@dataclass(slots=True)
+class Prepared:
+    """What a transaction would commit; ``changed`` is False when it would write
+    nothing at all (then it commits nothing)."""
+
+    changed: bool
+    state: bytes
+    pstate: bytes
+    ops: CommitOps
+    reply: bytes
 
 
 _ASYNC: dict[Any, bool] = {}
@@ -171,6 +206,10 @@ class ActorRuntime:
         self._state = codec.pack(ca.state)
         self._pstate = self._pack_pstates()
         self._txn: TxnInfo | None = None
+        #: The current call is not the first of its group (see :meth:`execute_group`) ...
+        self._grouped = False
+        #: ... and made a plugin that cannot be grouped: it must run again.
+        self._broken = False
         ca._troth_runtime = self
 
     def now_ms(self) -> int:
@@ -178,7 +217,12 @@ class ActorRuntime:
         return self._txn.now_ms if self._txn is not None else self.store.clock.now_ms()
 
     def joined(self, plugin: ActorPlugin) -> None:
-        """A plugin made during a transaction takes part in it from now on."""
+        """A plugin made during a transaction takes part in it from now on (one that
+        cannot be grouped, made by a call that is not the first of its group, ends
+        the group there)."""
+        if self._grouped and not plugin.groupable:
+            self._broken = True
+            raise GroupBreak(f"{self.name}: plugin {type(plugin).__name__} ends the group")
         if self._txn is not None:
             plugin.begin(self._txn)
 
@@ -205,60 +249,169 @@ class ActorRuntime:
         )
         self.metrics.message_counter(self.name.type, msg.kind).inc()
         try:
-            self._txn = txn
-            for p in list(self.plugins.values()):
-                p.begin(txn)
-            self.ca.caller = msg.caller
-            self.deleting = False
-            try:
-                if self.needs_init and type(self.ca).init is not CA.init:
-                    await self.invoke(self.ca.init)
-                reply = await self.invoke(fn, *args, **(kwargs or {}))
-            except TrothError:
-                raise
-            except Exception as exc:
-                self.ca.log.exception("%s.%s raised", self.name, msg.method)
-                raise ActorError(type(exc).__name__, str(exc)) from exc
-            request = self._prepare(msg, reply)
-            if request is None:
+            reply = await self._run(txn, msg, fn, args, kwargs)
+            prepared = self._prepare(msg, reply, self._state, self._pstate)
+            if not prepared.changed:
                 # Nothing to write. A caller is answered only while this node still
                 # holds the shard (a paused node must not serve stale reads); a hook
                 # or pulse that changed nothing needs no check.
-                holder = None
                 if msg.kind == "call":
-                    holder = await self.store.holds(self.shard, self.epoch)
-                if holder is not None:
-                    raise FencedError(
-                        f"{self.name}: this node no longer owns shard {self.shard} "
-                        f"(lease is {holder}); retry the call"
-                    )
+                    await self._check_held()
                 self.metrics.reads.inc()
                 return reply
-            commit_started = time.perf_counter()
-            try:
-                with tracing.span("troth.commit"):
-                    result = await self.store.commit(request)
-            except Exception as exc:
-                raise StaleActivation(f"commit of {self.name} failed: {exc}") from exc
-            self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
-            if not result.ok:
-                if result.reason == "timer":
-                    raise TimerAlreadyHandled(result.detail)
-                if result.reason == "settled":
-                    raise AlreadySettled(result.detail)
-                if result.reason == "fenced":
-                    raise FencedError(
-                        f"{self.name}: this node no longer owns shard {self.shard} "
-                        f"(lease is {result.detail}); retry the call"
-                    )
-                raise StaleActivation(f"{self.name}: checkpoint moved to seq {result.detail}")
+            replies = [(msg.request_id, prepared.reply)] if msg.request_id is not None else []
+            request = self._request(msg, prepared, replies, 1)
+            await self._commit(request)
         except BaseException as exc:
             self._rollback()
             self.metrics.rollbacks.labels(self.name.type, type(exc).__name__).inc()
             raise
         finally:
             self._txn = None
-        self.seq += 1
+        self._committed(request)
+        self.metrics.message_latency.observe(time.perf_counter() - started)
+        return reply
+
+    async def execute_group(self, calls: list[Call]) -> list[Outcome]:
+        """Run plain calls one after another, each a transaction of its own over the
+        state the one before left, and commit all those that changed anything in one
+        commit (*group commit*: a busy actor's queue costs one round trip, not one a
+        message).
+
+        What holds for one message holds for each: it sees the effects of the ones
+        before it; one that fails is rolled back alone (its state, plugin state and
+        buffered effects), and its caller gets its error; the checkpoint's ``seq``
+        moves by one for every message that wrote. What is new: every outcome,
+        success or failure, is returned only once the common commit did; if that
+        commit fails, every message of the group fails with its error (a failure
+        seen on state that never committed is no answer) and the actor rolls back to
+        its last commit. A second call with the request_id of a call that wrote
+        earlier in the group gets that call's reply, as it would from the reply cache.
+
+        Returns the outcomes of the first calls (at least one); the rest did not run
+        and go back to the mailbox: a group ends early when the actor deletes itself,
+        or when a call makes a plugin that cannot be grouped (its reads would not see
+        the group's uncommitted effects: that call is rolled back and runs again at
+        the head of the next group). Only plugins that declare
+        :attr:`~troth.core.plugin.ActorPlugin.groupable` take part in groups.
+        """
+        started = time.perf_counter()
+        state, pstate = self._state, self._pstate  # what the calls so far left
+        ops = CommitOps()
+        replies: list[tuple[str, bytes]] = []
+        outcomes: list[Outcome] = []
+        writer_of: dict[str, int] = {}  # request_id -> outcome of the call that wrote it
+        writes = 0
+        last: tuple[Message, Prepared] | None = None
+        try:
+            for i, call in enumerate(calls):
+                msg = call.msg
+                if i and not self.groupable():
+                    break
+                if msg.request_id is not None and msg.request_id in writer_of:
+                    outcomes.append(outcomes[writer_of[msg.request_id]])
+                    continue
+                txn = TxnInfo(
+                    actor=self.name,
+                    seq=self.seq + writes + 1,
+                    now_ms=self.store.clock.now_ms(),
+                    kind=msg.kind,
+                    method=msg.method,
+                    request_id=msg.request_id,
+                )
+                self.metrics.message_counter(self.name.type, msg.kind).inc()
+                logcontext.bind(self.store.node_id, str(self.name), msg.request_id)
+                self._grouped = i > 0
+                try:
+                    reply = await self._run(txn, msg, call.fn, call.args, call.kwargs)
+                    if self._broken:
+                        raise GroupBreak(f"{self.name}: ends the group")
+                    prepared = self._prepare(msg, reply, state, pstate)
+                except Exception as exc:
+                    self._rollback(state, pstate, whole=False)
+                    if self._broken:
+                        break
+                    if not isinstance(exc, TrothError):  # a plugin's veto, or a bug of ours
+                        log.exception("%s: %s failed in a group", self.name, msg.method)
+                        exc = UnavailableError(f"internal error: {exc}")
+                    self.metrics.rollbacks.labels(self.name.type, type(exc).__name__).inc()
+                    outcomes.append(Outcome(error=exc))
+                    continue
+                finally:
+                    self._txn = None
+                    self._grouped = self._broken = False
+                if prepared.changed:
+                    writes += 1
+                    state, pstate = prepared.state, prepared.pstate
+                    ops.extend(prepared.ops)
+                    last = (msg, prepared)
+                    if msg.request_id is not None:
+                        replies.append((msg.request_id, prepared.reply))
+                        writer_of[msg.request_id] = len(outcomes)
+                # the next call gets a copy: a reply still waiting for the commit may
+                # share objects with the state (``return self.state["items"]``)
+                self.ca.state = codec.unpack(state)
+                outcomes.append(Outcome(reply))
+            if last is not None:
+                msg, prepared = last
+                prepared.ops = ops
+                request = self._request(msg, prepared, replies, writes)
+                await self._commit(request)
+            elif any(o.error is None for o in outcomes):
+                await self._check_held()
+        except BaseException as exc:
+            self._rollback()
+            self.metrics.rollbacks.labels(self.name.type, type(exc).__name__).inc()
+            raise
+        if last is not None:
+            self._committed(request)
+        else:
+            self.metrics.reads.inc()
+            for p in self.plugins.values():
+                p.committed()
+        elapsed = time.perf_counter() - started
+        for _ in outcomes:
+            self.metrics.message_latency.observe(elapsed)
+        return outcomes
+
+    def groupable(self) -> bool:
+        """Whether another call may join a group: not after a ``delete_self``, and
+        only while every plugin of the actor takes part in groups."""
+        return not self.deleting and all(p.groupable for p in self.plugins.values())
+
+    async def _check_held(self) -> None:
+        """Refuse a reply that commits nothing unless this node still holds the shard."""
+        holder = await self.store.holds(self.shard, self.epoch)
+        if holder is not None:
+            raise FencedError(
+                f"{self.name}: this node no longer owns shard {self.shard} "
+                f"(lease is {holder}); retry the call"
+            )
+
+    async def _commit(self, request: CommitRequest) -> None:
+        """The commit, or the error that says why it did not happen."""
+        commit_started = time.perf_counter()
+        try:
+            with tracing.span("troth.commit"):
+                result = await self.store.commit(request)
+        except Exception as exc:
+            raise StaleActivation(f"commit of {self.name} failed: {exc}") from exc
+        self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
+        if not result.ok:
+            if result.reason == "timer":
+                raise TimerAlreadyHandled(result.detail)
+            if result.reason == "settled":
+                raise AlreadySettled(result.detail)
+            if result.reason == "fenced":
+                raise FencedError(
+                    f"{self.name}: this node no longer owns shard {self.shard} "
+                    f"(lease is {result.detail}); retry the call"
+                )
+            raise StaleActivation(f"{self.name}: checkpoint moved to seq {result.detail}")
+
+    def _committed(self, request: CommitRequest) -> None:
+        """The commit returned: memory becomes what was committed, effects go out."""
+        self.seq += request.messages
         self.needs_init = self.needs_write = False
         self.deleted = request.delete
         self._state = request.state
@@ -268,11 +421,37 @@ class ActorRuntime:
         for p in self.plugins.values():
             p.committed()
         self.after_commit(self.shard, request.ops)
-        self.metrics.message_latency.observe(time.perf_counter() - started)
-        return reply
 
-    def _prepare(self, msg: Message, reply: Any) -> CommitRequest | None:
-        """The commit this transaction needs, or None when it changed nothing."""
+    async def _run(
+        self,
+        txn: TxnInfo,
+        msg: Message,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any] | None,
+    ) -> Any:
+        """Begin ``txn`` and run the message's code; any failure but a troth error
+        becomes :class:`ActorError` (logged with its traceback)."""
+        self._txn = txn
+        for p in list(self.plugins.values()):
+            p.begin(txn)
+        self.ca.caller = msg.caller
+        self.deleting = False
+        try:
+            if self.needs_init and type(self.ca).init is not CA.init:
+                await self.invoke(self.ca.init)
+            return await self.invoke(fn, *args, **(kwargs or {}))
+        except TrothError:
+            raise
+        except Exception as exc:
+            self.ca.log.exception("%s.%s raised", self.name, msg.method)
+            raise ActorError(type(exc).__name__, str(exc)) from exc
+
+    def _prepare(
+        self, msg: Message, reply: Any, state_before: bytes, pstate_before: bytes
+    ) -> Prepared:
+        """What this transaction would write, and whether it changed anything at all
+        since ``state_before``/``pstate_before``."""
         if not isinstance(self.ca.state, dict):
             raise SerializationError(
                 f"{self.name}: self.state must stay a dict, not {type(self.ca.state).__name__}"
@@ -292,31 +471,36 @@ class ActorRuntime:
         except SerializationError as exc:
             raise SerializationError(f"{self.name}: state {exc}") from exc
         pstate = self._pack_pstates()
-        unchanged = (
-            state == self._state
-            and pstate == self._pstate
+        changed = not (
+            state == state_before
+            and pstate == pstate_before
             and ops.empty()
             and msg.timer is None
             and msg.settles is None
             and not (self.needs_init or self.needs_write or self.deleting)
         )
-        if unchanged:
-            return None
-        try:
-            packed_reply = codec.pack([reply])  # boxed: a None reply is still a reply
-        except SerializationError as exc:
-            raise SerializationError(f"{self.name}.{msg.method}: reply {exc}") from exc
+        packed_reply = b""
+        if changed:
+            try:
+                packed_reply = codec.pack([reply])  # boxed: a None reply is still a reply
+            except SerializationError as exc:
+                raise SerializationError(f"{self.name}.{msg.method}: reply {exc}") from exc
+        return Prepared(changed, state, pstate, ops, packed_reply)
+
+    def _request(
+        self, msg: Message, prepared: Prepared, replies: list[tuple[str, bytes]], messages: int
+    ) -> CommitRequest:
         return CommitRequest(
             name=str(self.name),
             shard=self.shard,
             epoch=self.epoch,
             expected_seq=self.seq,
-            state=state,
-            pstate=pstate,
+            state=prepared.state,
+            pstate=prepared.pstate,
             version=self.version,
-            request_id=msg.request_id,
-            reply=packed_reply,
-            ops=ops,
+            replies=replies,
+            messages=messages,
+            ops=prepared.ops,
             fired_timer=(msg.timer.key, msg.timer.id) if msg.timer else None,
             settled_entry=msg.settles,
             autonomous=self.autonomous,
@@ -324,10 +508,17 @@ class ActorRuntime:
             count_for=self.count_for if self.needs_init else None,
         )
 
-    def _rollback(self) -> None:
+    def _rollback(
+        self, state: bytes | None = None, pstate: bytes | None = None, whole: bool = True
+    ) -> None:
+        """Back to the last commit (``whole``), or only the current message of a group
+        back to what the group's earlier calls left (``state``, ``pstate``)."""
         self.deleting = False
-        self.ca.state = codec.unpack(self._state)
-        pstates = codec.unpack(self._pstate)
+        self.ca.state = codec.unpack(self._state if state is None else state)
+        pstates = codec.unpack(self._pstate if pstate is None else pstate)
         for name, p in list(self.plugins.items()):
             p.pstate = pstates.get(name, {})
-            p.abort()
+            if whole:
+                p.abort()
+            else:
+                p.discard()

@@ -49,8 +49,10 @@ from troth.core.records import Checkpoint, CommitOps
 from troth.core.transaction import (
     ActorRuntime,
     AlreadySettled,
+    Call,
     Invoker,
     Message,
+    Outcome,
     StaleActivation,
     TimerAlreadyHandled,
 )
@@ -117,6 +119,8 @@ class Envelope:
 class CellHost(Protocol):
     """What a cell needs from its engine."""
 
+    #: The most calls one group commit takes (``runtime.group_commit_max``).
+    group_max: int
     store: CheckpointStore
     invoke: Invoker
     metrics: NodeMetrics
@@ -198,6 +202,9 @@ class Cell:
 
     async def _drain(self) -> None:
         while self.mailbox:
+            if self._groups():
+                await self._drain_group()
+                continue
             envelope = self.mailbox.popleft()
             msg = envelope.message
             logcontext.bind(self.host.store.node_id, str(self.name), msg.request_id)
@@ -227,6 +234,82 @@ class Cell:
                 self._settle(envelope, reply=reply)
             if self.runtime is not None and self.runtime.deleted:
                 self._fail(UnavailableError(f"{self.name} was deleted; call again"))
+
+    def _groups(self) -> bool:
+        """Whether the next calls in the mailbox may be committed together: plain
+        calls (not traced: a span each) to an activated actor whose plugins all take
+        part in groups."""
+        rt, box = self.runtime, self.mailbox
+        return (
+            len(box) > 1
+            and self.host.group_max > 1
+            and rt is not None
+            and self.failure is None
+            and not (rt.needs_init or rt.needs_write)
+            and _groupable(box[0])
+            and _groupable(box[1])
+            and rt.groupable()
+        )
+
+    async def _drain_group(self) -> None:
+        """Run the queued calls at the head of the mailbox as one group commit
+        (:meth:`ActorRuntime.execute_group`), and answer each once it committed."""
+        rt = self.runtime
+        assert rt is not None
+        group: list[Envelope] = []
+        while self.mailbox and len(group) < self.host.group_max and _groupable(self.mailbox[0]):
+            group.append(self.mailbox.popleft())
+        waiting: list[Envelope] = []
+        calls: list[Call] = []
+        resolving = 0
+        try:
+            for i, envelope in enumerate(group):
+                resolving = i  # a failure settles this one and those after it
+                try:
+                    resolved = await self._resolve(rt, envelope.message)
+                except TrothError as exc:
+                    self._settle(envelope, error=exc)
+                    continue
+                if isinstance(resolved, Outcome):  # a committed reply, replayed
+                    self._settle(envelope, reply=resolved.reply)
+                else:
+                    waiting.append(envelope)
+                    calls.append(resolved)
+            resolving = len(group)
+            outcomes = await rt.execute_group(calls) if calls else []
+        except BaseException as exc:
+            error = self._group_failed(exc)
+            for envelope in [*waiting, *group[resolving:]]:
+                self._settle(envelope, error=error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for envelope, outcome in zip(waiting, outcomes, strict=False):
+            self._settle(envelope, reply=outcome.reply, error=outcome.error)
+        self.mailbox.extendleft(reversed(waiting[len(outcomes) :]))  # they did not run
+        if rt.deleted:
+            self._fail(UnavailableError(f"{self.name} was deleted; call again"))
+
+    def _group_failed(self, exc: BaseException) -> TrothError:
+        """The error every call of a failed group gets, as :meth:`_handle` would give
+        it to one call (and the cell stops serving when it must)."""
+        if isinstance(exc, StaleActivation):
+            error: TrothError = UnavailableError(str(exc))
+            self._fail(error)
+        elif isinstance(exc, RetryableError):
+            self._fail(exc)
+            error = exc
+        elif isinstance(exc, TrothError):
+            error = exc
+        elif isinstance(exc, redis.RedisError):
+            error = RedisUnavailable(f"{self.name}: Redis unavailable: {exc}")
+            self._fail(error)
+        elif isinstance(exc, asyncio.CancelledError):
+            error = UnavailableError(f"{self.name}: stopped")
+        else:
+            log.exception("%s: internal error handling a group of calls", self.name)
+            error = UnavailableError(f"internal error: {exc}")
+        return error
 
     def _settle(
         self, envelope: Envelope, reply: Any = None, error: TrothError | None = None
@@ -286,13 +369,21 @@ class Cell:
             raise
 
     async def _call(self, rt: ActorRuntime, msg: Message) -> Any:
+        resolved = await self._resolve(rt, msg)
+        if isinstance(resolved, Outcome):
+            return resolved.reply
+        return await rt.execute(msg, resolved.fn, msg.args, msg.kwargs)
+
+    async def _resolve(self, rt: ActorRuntime, msg: Message) -> Call | Outcome:
+        """The call to run, or the reply committed for its ``request_id`` earlier;
+        raises for an unknown method or arguments that do not fit it."""
         if msg.request_id is not None and not msg.new_id:
             prior = await self.host.store.committed_reply(
                 self.shard, str(self.name), msg.request_id
             )
             if prior is not None:
                 self.host.metrics.dedup_hits.inc()
-                return prior[0]
+                return Outcome(prior[0])
         fn = getattr(rt.ca, msg.method, None)
         if fn is None:
             raise NotFoundError(f"{self.name.type} has no public method {msg.method!r}")
@@ -300,7 +391,7 @@ class Cell:
             argument_check(type(rt.ca), msg.method)(msg.args, msg.kwargs)
         except TypeError as exc:
             raise BadRequestError(f"{self.name.type}.{msg.method}: {exc}") from None
-        return await rt.execute(msg, fn, msg.args, msg.kwargs)
+        return Call(msg, fn, msg.args, msg.kwargs)
 
     async def _delete(self, rt: ActorRuntime, msg: Message) -> bool:
         """Delete the actor in a transaction of its own; False (and nothing written,
@@ -440,3 +531,7 @@ class Cell:
 
 async def _nothing() -> None:
     return None
+
+
+def _groupable(envelope: Envelope) -> bool:
+    return envelope.message.kind == "call" and envelope.trace is None

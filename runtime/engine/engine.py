@@ -65,6 +65,7 @@ class Engine:
         self.metrics = metrics
         self.quotas = quotas
         self.settings = settings
+        self.group_max = settings.group_commit_max
         self.shard_count = shard_count
         self.epoch_of = epoch_of
         self._after_commit = after_commit

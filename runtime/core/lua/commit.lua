@@ -1,5 +1,6 @@
--- One transaction's commit: state, reply, outbox entries and timer changes of one
--- actor, all or nothing, and only while this node holds the shard at this epoch.
+-- One transaction's commit (or several messages' of one actor, committed together):
+-- state, replies, outbox entries and timer changes, all or nothing, and only while
+-- this node holds the shard at this epoch.
 -- A fired timer (p.tf) or a settled outbox entry (p.od: its result was handed to
 -- this actor) is consumed in the same step, and the commit is refused if it is gone.
 -- With p.del the actor deletes itself instead: its outbox entries are still written
@@ -57,9 +58,11 @@ end
 if p.au then
   redis.call('SADD', KEYS[10], p.n)
 end
-if p.rid then
-  redis.call('HSET', KEYS[3], p.rid, p.rep)
-  redis.call('ZADD', KEYS[4], p.now, p.rid)
+if p.rr then
+  for _, r in ipairs(p.rr) do
+    redis.call('HSET', KEYS[3], r[1], r[2])
+    redis.call('ZADD', KEYS[4], p.now, r[1])
+  end
   local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. p.cut, 'LIMIT', 0, 64)
   local extra = redis.call('ZCARD', KEYS[4]) - #old - tonumber(p.rmax)
   if extra > 0 then
