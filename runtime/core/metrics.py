@@ -75,6 +75,11 @@ class NodeMetrics:
         self.reads = Counter(
             "troth_reads", "Messages that changed nothing and so committed nothing.", registry=r
         )
+        self.grouped = Counter(
+            "troth_grouped_calls",
+            "Calls run in a group commit with other queued calls of their actor.",
+            registry=r,
+        )
         self.sessions = Gauge("troth_sessions", "Client WebSocket sessions open.", registry=r)
         self.subscriptions = Gauge(
             "troth_subscriptions", "Notification subscriptions of the open sessions.", registry=r

@@ -369,6 +369,8 @@ class ActorRuntime:
             self.metrics.reads.inc()
             for p in self.plugins.values():
                 p.committed()
+        if len(outcomes) > 1:
+            self.metrics.grouped.inc(len(outcomes))
         elapsed = time.perf_counter() - started
         for _ in outcomes:
             self.metrics.message_latency.observe(elapsed)
