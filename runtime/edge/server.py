@@ -154,6 +154,9 @@ def _uvicorn(app: FastAPI, cfg: NodeConfig) -> uvicorn.Server:
             timeout_keep_alive=int(max(1, cfg.keep_alive_seconds)),
             limit_concurrency=cfg.max_connections,
             ws_max_size=cfg.max_body_bytes,
+            # Session frames are small JSON: compressing them cost more CPU than it
+            # saved bytes (on both ends; zlib also keeps a context per connection).
+            ws_per_message_deflate=False,
         )
     )
 
