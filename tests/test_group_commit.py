@@ -178,3 +178,6 @@ def test_group_commit_can_be_turned_off(make_node: Callable[..., Node]) -> None:
         5,
     ]
     assert commits(node) - before == 5
+    read, write = queued(node, name, ("items", []), ("add", ["x"]))
+    assert write.result(5) == 6
+    assert read.result(5) == [0, 1, 2, 3, 4]  # a read alone does not share the state either

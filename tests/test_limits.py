@@ -93,6 +93,7 @@ def served(make_node: Callable[..., Node]) -> Node:
 def test_websocket_frames_are_bounded_and_checked(served: Node) -> None:
     with connect(ws_url(served)) as ws:
         # offered, declined: no zlib context per session, no CPU spent on small frames
+        assert ws.response is not None
         assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
         json.loads(ws.recv())
         ws.send("{not json")

@@ -19,6 +19,10 @@
 On any failure (an :class:`AppError`, any other exception, unserializable state,
 a refused or failed commit) the state and plugin states are restored from the
 snapshot, every plugin ``abort``\\ s, and the error propagates.
+
+:meth:`ActorRuntime.execute_group` runs several queued calls of one actor this way,
+one after another, and commits them in one step 4 (group commit); its docstring says
+what that changes.
 """
 
 from __future__ import annotations
@@ -257,6 +261,9 @@ class ActorRuntime:
                 # or pulse that changed nothing needs no check.
                 if msg.kind == "call":
                     await self._check_held()
+                    # the next message gets a copy: the reply, answered later, may share
+                    # objects with the state (``return self.state["items"]``)
+                    self.ca.state = codec.unpack(prepared.state)
                 self.metrics.reads.inc()
                 return reply
             replies = [(msg.request_id, prepared.reply)] if msg.request_id is not None else []
@@ -301,7 +308,7 @@ class ActorRuntime:
         replies: list[tuple[str, bytes]] = []
         outcomes: list[Outcome] = []
         writer_of: dict[str, int] = {}  # request_id -> outcome of the call that wrote it
-        writes = 0
+        writes = reads = 0
         last: tuple[Message, Prepared] | None = None
         try:
             for i, call in enumerate(calls):
@@ -348,6 +355,8 @@ class ActorRuntime:
                     if msg.request_id is not None:
                         replies.append((msg.request_id, prepared.reply))
                         writer_of[msg.request_id] = len(outcomes)
+                else:
+                    reads += 1
                 # the next call gets a copy: a reply still waiting for the commit may
                 # share objects with the state (``return self.state["items"]``)
                 self.ca.state = codec.unpack(state)
@@ -357,7 +366,7 @@ class ActorRuntime:
                 prepared.ops = ops
                 request = self._request(msg, prepared, replies, writes)
                 await self._commit(request)
-            elif any(o.error is None for o in outcomes):
+            elif reads:
                 await self._check_held()
         except BaseException as exc:
             self._rollback()
@@ -366,9 +375,10 @@ class ActorRuntime:
         if last is not None:
             self._committed(request)
         else:
-            self.metrics.reads.inc()
             for p in self.plugins.values():
                 p.committed()
+        if reads:
+            self.metrics.reads.inc(reads)
         if len(outcomes) > 1:
             self.metrics.grouped.inc(len(outcomes))
         elapsed = time.perf_counter() - started
