@@ -169,7 +169,13 @@ class Node:
         )
         self.plugin_factories: dict[str, PluginFactory] = build_factories(
             PluginContext(
-                self.node_id, self.client, self.batcher, self.keys, self.metrics, self.deliver
+                self.node_id,
+                self.client,
+                self.batcher,
+                self.keys,
+                self.metrics,
+                self.deliver,
+                clock,
             ),
             config.plugins,
             required_plugins,
@@ -396,6 +402,8 @@ class Node:
     # -- commits ----------------------------------------------------------------------------
 
     def after_commit(self, shard: int, ops: CommitOps) -> None:
+        for entry_id in ops.outbox_withdraw:
+            self.dispatcher.queue.discard(entry_id)
         if ops.outbox:
             self.dispatcher.submit(shard, ops.outbox)
         for key in ops.timers_cancel:

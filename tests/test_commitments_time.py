@@ -12,6 +12,8 @@ import pytest
 
 import troth
 from conftest import Receiver
+from troth.core import codec
+from troth.core.records import OutboxEntry
 from troth.testing import ActorTestEnv
 
 
@@ -152,6 +154,82 @@ def test_a_crash_with_a_commitment_due_meanwhile_delivers_once(
     done = view(api, cid)
     assert done["status"] == "fulfilled" and receiver.count() == 1
     assert receiver.requests[0].body["lateness_seconds"] == 60
+
+
+def armed_delivery(rclient: Any, prefix: str, cid: str) -> tuple[bytes, bytes, dict[str, Any]]:
+    """A time-only commitment's armed delivery in its shard's outbox: key, field, entry."""
+    for key in rclient.scan_iter(match=f"{prefix}:*:ob", count=1000):
+        for entry_id, raw in rclient.hgetall(key).items():
+            entry = codec.unpack(raw)
+            if entry["kind"] == "webhook" and entry["spec"]["commitment_id"] == cid:
+                return key, entry_id, entry
+    raise AssertionError(f"no delivery of {cid} in the outbox")
+
+
+def test_a_time_only_commitment_is_armed_and_triggered_from_its_due_time(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver, rclient: Any
+) -> None:
+    """A time-only commitment commits its delivery at creation (armed) and keeps no
+    timer of its own; from its due time on it is triggered, and can no longer be
+    cancelled, even while the delivery waits for a retry."""
+    receiver.script = [503]
+    retry = {"max_attempts": 2, "initial_delay_seconds": 30}
+    cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 60}, retry_policy=retry)
+    prefix = env.config.redis.key_prefix
+    _, _, entry = armed_delivery(rclient, prefix, cid)
+    armed = OutboxEntry.from_dict(entry)
+    assert armed.attempts == 0 and armed.spec["fired_ms"] is None
+    timers = [f for k in rclient.scan_iter(match=f"{prefix}:*:td") for f in rclient.hkeys(k)]
+    assert not [f for f in timers if cid.encode() in f]
+    env.advance(60)  # the first attempt: 503, the next in 30 s
+    assert receiver.count() == 1
+    waiting = view(api, cid)
+    assert waiting["status"] == "triggered" and waiting["attempts"] == []
+    refused = api.delete(f"/v1/commitments/{cid}")
+    assert refused.status_code == 409 and refused.json()["error"]["data"]["status"] == "triggered"
+    env.advance(30)
+    done = view(api, cid)
+    assert done["status"] == "fulfilled" and receiver.count() == 2
+    assert [t["status"] for t in done["transitions"]] == ["pending", "triggered", "fulfilled"]
+    assert done["fired_at"] == done["due_at"] == done["transitions"][1]["at"]
+    assert done["fired_by"]["kind"] == "time" and done["fired_by"]["path"] == "r"
+    assert [a["status_code"] for a in done["attempts"]] == [503, 200]
+    bodies = [r.body for r in receiver.requests]
+    assert [b["fired_at"] for b in bodies] == [bodies[0]["fired_at"]] * 2  # fired once
+    assert [b["attempt"] for b in bodies] == [1, 2]
+
+
+def test_a_cancel_that_loses_the_race_to_the_delivery_is_refused_and_writes_nothing(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver, rclient: Any
+) -> None:
+    """The delivery may begin on another node whose clock is ahead, just before the
+    commitment's own clock says it is due: the cancel's commit sees the attempt the
+    dispatcher recorded (the ledger's intent) and is refused, so a commitment is never
+    both cancelled and delivered."""
+    cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 60})
+    key, entry_id, entry = armed_delivery(rclient, env.config.redis.key_prefix, cid)
+    rclient.hset(key, entry_id, codec.pack({**entry, "status": "attempting", "attempts": 1}))
+    before = view(api, cid)
+    refused = api.delete(f"/v1/commitments/{cid}")
+    assert refused.status_code == 409, refused.text
+    assert "its delivery began" in refused.json()["error"]["message"]
+    after = view(api, cid)
+    assert after == before and after["status"] == "pending"
+    assert rclient.hexists(key, entry_id)
+
+
+def test_a_time_only_commitment_that_expires_before_it_is_due_is_never_delivered(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver, rclient: Any
+) -> None:
+    expires = env.clock.now_ms() / 1000 + 30
+    trigger = {"type": "time_after", "delay_seconds": 60}
+    cid = commit(api, receiver, trigger, expires_at=expires)
+    env.advance(30)
+    assert view(api, cid)["status"] == "expired"
+    env.advance(3600)
+    assert receiver.count() == 0 and view(api, cid)["status"] == "expired"
+    with pytest.raises(AssertionError, match="no delivery"):
+        armed_delivery(rclient, env.config.redis.key_prefix, cid)
 
 
 def mentions(client: Any, prefix: str, needle: str) -> list[str]:

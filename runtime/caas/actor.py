@@ -169,8 +169,13 @@ class Commitment(CA):
             transitions=[{"status": "pending", "at_ms": created}],
         )
         timers = self.plugins.timers
+        if trigger["type"] == "time_after":  # armed: the delivery alone keeps the time
+            self.state["armed"] = self._deliver(
+                fired_by={"kind": "time", "path": "r", "due_ms": trigger["due_ms"]},
+                delay_seconds=max(0, trigger["due_ms"] - created) / 1000,
+            )
         for path, leaf in leaves(trigger):
-            if leaf["type"] == "time_after":
+            if leaf["type"] == "time_after" and "armed" not in self.state:
                 timers.at(leaf["due_ms"] / 1000, "on_time", path, name=f"t:{path}")
             elif leaf["type"] == "heartbeat":
                 timers.after(leaf["interval_seconds"], "on_time", path, name=f"t:{path}")
@@ -199,29 +204,39 @@ class Commitment(CA):
     def view(self) -> dict[str, Any]:
         s = self.state
         return {
-            k: s.get(k)
-            for k in (
-                "id",
-                "status",
-                "trigger",
-                "obligation",
-                "retry_policy",
-                "expires_ms",
-                "dedup_key",
-                "metadata",
-                "created_ms",
-                "updated_ms",
-                "due_ms",
-                "fired_ms",
-                "fired_by",
-                "progress",
-                "attempts",
-                "error",
-                "transitions",
-                "rev",
-                "retires_ms",
-            )
+            "status": self._status(),
+            **{
+                k: s.get(k)
+                for k in (
+                    "id",
+                    "trigger",
+                    "obligation",
+                    "retry_policy",
+                    "expires_ms",
+                    "dedup_key",
+                    "metadata",
+                    "created_ms",
+                    "updated_ms",
+                    "due_ms",
+                    "fired_ms",
+                    "fired_by",
+                    "progress",
+                    "attempts",
+                    "error",
+                    "transitions",
+                    "rev",
+                    "retires_ms",
+                )
+            },
         }
+
+    def _status(self) -> str | None:
+        """The status; an armed delivery makes a pending commitment triggered from its
+        due time on (the delivery may begin any moment, on any node)."""
+        s = self.state
+        if s.get("armed") and s["status"] == "pending" and self.now_ms >= s["due_ms"]:
+            return "triggered"
+        return s.get("status")
 
     # -- transitions -----------------------------------------------------------------------
 
@@ -234,7 +249,7 @@ class Commitment(CA):
 
     @internal
     async def expire(self) -> None:
-        if self.state.get("status") == "pending":
+        if self._status() == "pending":
             self._finish_waiting("expired")
 
     @internal
@@ -302,8 +317,18 @@ class Commitment(CA):
 
     @internal
     async def on_delivery(self, result: dict[str, Any]) -> None:
-        """The outbox's final word on the delivery: every attempt, and the outcome."""
-        if self.state.get("status") != "triggered":
+        """The outbox's final word on the delivery: every attempt, and the outcome. An
+        armed delivery's word also says when it fired."""
+        s = self.state
+        if s.get("armed") and s["status"] == "pending":
+            del s["armed"]
+            fired = (result.get("value") or {}).get("fired_ms") or self.now_ms
+            s["fired_ms"] = fired
+            s["fired_by"] = {"kind": "time", "path": "r", "due_ms": s["due_ms"]}
+            s["progress"]["r"] = {"at_ms": fired, **s["fired_by"]}
+            self._stop_waiting()
+            self._move("triggered", at_ms=fired)
+        if s.get("status") != "triggered":
             return
         offset = len(self.state["attempts"])
         for h in result.get("history", []):
@@ -326,7 +351,7 @@ class Commitment(CA):
     # -- internals -------------------------------------------------------------------------
 
     def _require(self, status: str | tuple[str, ...], action: str) -> None:
-        current = self.state.get("status")
+        current = self._status()
         if current is None:
             raise NotFoundError("no such commitment")
         if current not in ((status,) if isinstance(status, str) else status):
@@ -375,20 +400,29 @@ class Commitment(CA):
         self._move("triggered")
         self._deliver()
 
-    def _deliver(self) -> None:
+    def _deliver(self, fired_by: dict[str, Any] | None = None, delay_seconds: float = 0) -> str:
+        """The delivery, now; or with ``fired_by``, armed: performed at its due time
+        without another transaction of this commitment (a time-only commitment)."""
         s = self.state
-        self.plugins.commitments.deliver(
+        entry_id: str = self.plugins.commitments.deliver(
             commitment_id=s["id"],
             principal=s["principal"],
             obligation=s["obligation"],
-            trigger=s["fired_by"],
+            trigger=fired_by or s["fired_by"],
             due_ms=s["due_ms"],
-            fired_ms=s["fired_ms"],
+            fired_ms=None if fired_by else s["fired_ms"],
             retry=s["retry_policy"],
             on_result="on_delivery",
+            delay_seconds=delay_seconds,
         )
+        return entry_id
 
     def _finish_waiting(self, status: str) -> None:
+        armed = self.state.pop("armed", None)
+        if armed:  # this commit is refused if the delivery began meanwhile, on any node
+            verb = {"cancelled": "cancel", "expired": "expire"}[status]
+            began = f"cannot {verb} a commitment that is triggered: its delivery began"
+            self.plugins.commitments.withdraw(armed, AppError(began, {"status": "triggered"}))
         self._stop_waiting()
         self._move(status)
 
@@ -401,12 +435,12 @@ class Commitment(CA):
             if bus != self._pruned_by:  # that bus's fan-out forgets this commitment
                 self.plugins.send.tell(bus, "unsubscribe", str(self.name))
 
-    def _move(self, status: str) -> None:
+    def _move(self, status: str, at_ms: int | None = None) -> None:
         now = self.now_ms
         self.state["status"] = status
         self.state["updated_ms"] = now
         self.state["rev"] += 1
-        self.state["transitions"].append({"status": status, "at_ms": now})
+        self.state["transitions"].append({"status": status, "at_ms": at_ms or now})
         if status in TERMINAL:
             keep = self.plugins.commitments.retention_seconds
             self.state["retires_ms"] = now + int(keep * 1000)

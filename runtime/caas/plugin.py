@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from troth.caas import delivery
 from troth.caas.index import CommitmentIndex
 from troth.core.access import SYSTEM, Caller
-from troth.core.errors import CallTimeout, RetryableError, TrothError
+from troth.core.errors import AppError, CallTimeout, RetryableError, TrothError
 from troth.core.metrics import Children
 from troth.core.names import ActorName
 from troth.core.plugin import (
@@ -95,10 +95,14 @@ class Commitments(OutboxPlugin):
         obligation: dict[str, Any],
         trigger: Any,
         due_ms: int | None,
-        fired_ms: int,
+        fired_ms: int | None,
         retry: dict[str, Any],
         on_result: str,
+        delay_seconds: float = 0.0,
     ) -> str:
+        """The delivery; with ``delay_seconds`` (and ``fired_ms`` None) it is *armed*:
+        committed now, performed when due without another transaction of the
+        commitment, fired at its first attempt (see :meth:`withdraw`)."""
         return self._enqueue(
             {
                 "commitment_id": commitment_id,
@@ -113,7 +117,13 @@ class Commitments(OutboxPlugin):
             idempotency_key=commitment_id,
             retry=retry,
             on_result=on_result,
+            delay_seconds=delay_seconds,
         )
+
+    def withdraw(self, entry_id: str, refusal: AppError) -> None:
+        """Take back an armed delivery that has not begun; if it has, the transaction
+        is refused with ``refusal`` (see ``OutboxPlugin._withdraw``)."""
+        self._withdraw(entry_id, refusal)
 
     def fanout(self, event: dict[str, Any]) -> str:
         """Hand ``event`` to every commitment subscribed to this bus (its members)."""
@@ -153,17 +163,24 @@ class WebhookExecutor:
         self.client = OutboundClient(policy, s.timeout_seconds, "troth-commitments")
 
     async def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+        """One attempt. An armed delivery fires at its first attempt: that time is
+        kept in the entry (the next attempts' ``fired_at``; the dispatcher stores the
+        entry after an attempt) and returned as the outcome's ``fired_ms``, for the
+        commitment to record."""
         spec, m = entry.spec, self.factory
+        if spec["fired_ms"] is None:
+            spec["fired_ms"] = self.factory.context.clock.now_ms()
         if entry.attempts == 1 and spec.get("due_ms") is not None:
             m.lateness.observe(max(0, spec["fired_ms"] - spec["due_ms"]) / 1000)
         body, headers = delivery.build(spec, entry.attempts, self.factory.secret(spec["principal"]))
         started = time.perf_counter()
         resp = await self.client.attempt("POST", spec["target"], content=body, headers=headers)
         m.latency.observe(time.perf_counter() - started)
+        fired = {"fired_ms": spec["fired_ms"]}
         if isinstance(resp, ExecutionOutcome):
             m.deliveries("error" if resp.retryable else "refused").inc()
-            return resp
-        outcome = outcome_of(resp.status_code)
+            return resp.model_copy(update={"value": fired})
+        outcome = outcome_of(resp.status_code, fired)
         label = "ok" if outcome.ok else "retryable" if outcome.retryable else "rejected"
         m.deliveries(label).inc()
         return outcome

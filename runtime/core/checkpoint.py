@@ -210,6 +210,8 @@ class CheckpointStore:
                 rmax=str(self.reply_cache_max),
                 cut=str(now - self.reply_cache_ms),
             )
+        if req.ops.outbox_withdraw:
+            payload["ow"] = list(req.ops.outbox_withdraw)
         if req.ops.members_remove:
             payload["mr"] = req.ops.members_remove
         if req.ops.members_add:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import BaseModel
 
 from troth.core import codec, tracing
+from troth.core.clock import SYSTEM_CLOCK, Clock
+from troth.core.errors import AppError
 from troth.core.records import Checkpoint, CommitOps, OutboxEntry, TxnInfo
 from troth.core.retry import RetryPolicy
 
@@ -169,6 +171,8 @@ class PluginContext:
     keys: KeySpace
     metrics: NodeMetrics
     deliver: Deliver
+    #: The node's time (a test's clock stands still or jumps; executors follow it).
+    clock: Clock = SYSTEM_CLOCK
 
 
 class PluginFactory:
@@ -233,6 +237,10 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
     default_retry: ClassVar[RetryPolicy] = RetryPolicy()
     max_per_txn: ClassVar[int] = 1000
 
+    def __init__(self, actor: ActorName, pstate: dict[str, Any]) -> None:
+        super().__init__(actor, pstate)
+        self._withdrawn: dict[str, AppError] = {}
+
     def _enqueue(
         self,
         spec: dict[str, Any],
@@ -281,5 +289,26 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
         )
         return entry_id
 
+    def _withdraw(self, entry_id: str, refusal: AppError) -> None:
+        """Delete the committed entry ``entry_id`` in this commit, on one condition
+        checked by the commit itself: it was never attempted. If an attempt has begun
+        (on any node, however recently), the whole transaction is refused and its
+        caller gets ``refusal``; an entry already gone is no obstacle. So
+        an effect is either withdrawn or performed, never both: what a cancel of a
+        delayed delivery needs. An entry buffered in this transaction is dropped."""
+        self._require_txn()
+        self._buffer[:] = [e for e in self._buffer if e.id != entry_id]
+        self._withdrawn[entry_id] = refusal
+
+    def begin(self, txn: TxnInfo) -> None:
+        super().begin(txn)
+        self._withdrawn = {}
+
+    def abort(self) -> None:
+        super().abort()
+        self._withdrawn = {}
+
     def _flush(self, ops: CommitOps, buffer: list[OutboxEntry]) -> None:
+        if self._withdrawn:
+            ops.extend(CommitOps(outbox_withdraw=self._withdrawn))
         ops.outbox.extend(buffer)

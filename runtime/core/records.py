@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from troth.core import codec
 
 if TYPE_CHECKING:
+    from troth.core.errors import AppError
     from troth.core.names import ActorName
 
 __all__ = [
@@ -74,11 +75,28 @@ class OutboxEntry:
     trace: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _fields(self)
+        """The stored form, without the fields still at their defaults: pending entries
+        (an armed delivery waits for months) are most of the ledger's bytes."""
+        data = _fields(self)
+        for name, default in _OUTBOX_DEFAULTS:
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OutboxEntry:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+_OUTBOX_DEFAULTS = (
+    ("on_result", None),
+    ("status", "pending"),
+    ("attempts", 0),
+    ("history", []),
+    ("result", None),
+    ("replaceable", False),
+    ("trace", None),
+)
 
 
 @dataclass(slots=True)
@@ -139,11 +157,15 @@ class CommitOps:
     notifications: list[bytes] = field(default_factory=list)
     members_add: list[str] = field(default_factory=list)
     members_remove: list[str] = field(default_factory=list)
+    #: Committed outbox entries to delete, each only if it was never attempted: entry
+    #: id -> the error the caller gets when one was (the commit is then refused).
+    outbox_withdraw: dict[str, AppError] = field(default_factory=dict)
 
     def empty(self) -> bool:
         """Whether there is nothing to commit besides the state."""
         return not (
             self.outbox
+            or self.outbox_withdraw
             or self.timers_set
             or self.timers_cancel
             or self.notifications
@@ -157,6 +179,9 @@ class CommitOps:
         removals before additions), so a later op that undoes an earlier one of
         another kind replaces it here: what is committed is what the messages, one
         after another, would have left."""
+        if later.outbox_withdraw:  # an entry of this very commit is simply not written
+            self.outbox[:] = [e for e in self.outbox if e.id not in later.outbox_withdraw]
+            self.outbox_withdraw.update(later.outbox_withdraw)
         self.outbox.extend(later.outbox)
         if later.timers_cancel:
             gone = set(later.timers_cancel)

@@ -414,6 +414,8 @@ class ActorRuntime:
                 raise TimerAlreadyHandled(result.detail)
             if result.reason == "settled":
                 raise AlreadySettled(result.detail)
+            if result.reason == "started":  # see OutboxPlugin._withdraw
+                raise request.ops.outbox_withdraw[result.detail]
             if result.reason == "fenced":
                 raise FencedError(
                     f"{self.name}: this node no longer owns shard {self.shard} "

@@ -66,8 +66,9 @@ from troth.engine.duequeue import Due, DueQueue
 log = logging.getLogger(__name__)
 
 HISTORY_KEPT = 20
-#: How late a delayed entry may start, to start with others due about then.
-OUTBOX_COALESCE_MS = 50
+#: How late a delayed entry may start, to start with others due about then (as
+#: timers: an armed commitment's delivery is a delayed entry).
+OUTBOX_COALESCE_MS = 10
 CALLBACK_RETRY_MS = 2000
 
 

@@ -3,6 +3,8 @@
 -- this node holds the shard at this epoch.
 -- A fired timer (p.tf) or a settled outbox entry (p.od: its result was handed to
 -- this actor) is consumed in the same step, and the commit is refused if it is gone.
+-- An outbox entry named in p.ow is deleted if it was never attempted; if one was,
+-- the commit is refused ('started'): an effect is withdrawn or performed, not both.
 -- With p.del the actor deletes itself instead: its outbox entries are still written
 -- (effects it promised), and its checkpoint, reply cache, notification stream, member
 -- set, set memberships and the timers named in p.tc go.
@@ -21,6 +23,18 @@ if seq ~= ARGV[3] then
   return {0, 'seq', seq}
 end
 local p = cmsgpack.unpack(ARGV[4])
+if p.ow then  -- checked before anything is written
+  for _, id in ipairs(p.ow) do
+    local e = redis.call('HGET', KEYS[6], id)
+    if e and (cmsgpack.unpack(e).attempts or 0) > 0 then
+      return {0, 'started', id}
+    end
+  end
+  for _, id in ipairs(p.ow) do
+    redis.call('HDEL', KEYS[6], id)
+    redis.call('ZREM', KEYS[7], id)
+  end
+end
 if p.tf then
   local cur = redis.call('HGET', KEYS[9], p.tf[1])
   if not cur or string.sub(cur, 1, 32) ~= p.tf[2] then
