@@ -13,6 +13,8 @@ import pytest
 import redis
 
 from conftest import TESTS, wait_until
+from examples.helloworld.counter import Counter
+from troth.caas.actor import Commitment
 from troth.core.catalog import Catalog
 from troth.core.config import ConfigError, parse_config
 from troth.core.errors import AppError, FencedError, RetryableError
@@ -122,6 +124,17 @@ def test_generators_are_refused_at_registration() -> None:
     )
     with pytest.raises(ConfigError, match=r"Streamer\.events is a generator"):
         Catalog.from_config(config)
+
+
+def test_a_class_sets_its_idle_time_and_the_config_overrides_it() -> None:
+    """Commitments leave memory after 30 s idle (they are busy only when created and
+    when they fire), other types after the config's default; a type's config wins."""
+    types = {"slow": {"class": "support_actors:Ledger", "idle_seconds": 5}}
+    config = parse_config({"python_path": [str(TESTS)], "types": types})
+    catalog = Catalog.from_config(config, {"commitment": Commitment, "counter": Counter})
+    assert catalog.get("commitment").idle_seconds == 30
+    assert catalog.get("counter").idle_seconds == 300
+    assert catalog.get("slow").idle_seconds == 5
 
 
 def test_retryable_when_shard_not_owned(make_node: Callable[..., Node]) -> None:

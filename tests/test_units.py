@@ -18,9 +18,15 @@ from conftest import REPO
 from troth.core import codec, jsonsafe
 from troth.core.clock import Clock, ManualClock, SystemClock
 from troth.core.config import ConfigError, load_config, parse_config
-from troth.core.errors import BadRequestError, NotFoundError, SerializationError, TrothError
+from troth.core.errors import (
+    AppError,
+    BadRequestError,
+    NotFoundError,
+    SerializationError,
+    TrothError,
+)
 from troth.core.names import ActorName, shard_of
-from troth.core.records import CommitOps, TimerRecord, timer_key
+from troth.core.records import CommitOps, OutboxEntry, TimerRecord, timer_key
 from troth.edge.http_api import HotRoutes, hot
 from troth.engine.duequeue import DueQueue
 
@@ -240,3 +246,22 @@ def test_ops_of_later_calls_undo_earlier_ones_in_one_commit() -> None:
     assert ops.timers_cancel == [timer_key("a/b", "a")]
     assert (ops.members_add, ops.members_remove) == (["m2"], ["m1"])
     assert ops.notifications == [b"n"]
+
+
+def test_withdrawing_an_entry_of_the_same_commit_drops_it() -> None:
+    """The commit script checks withdrawals before it writes new entries: an entry that
+    a later call of the group withdraws must not be written at all."""
+    armed = OutboxEntry("e1", "webhook", "a/b", {}, "e1", {})
+    kept = OutboxEntry("e2", "webhook", "a/b", {}, "e2", {})
+    ops = CommitOps(outbox=[armed, kept])
+    refusal = AppError("began")
+    ops.extend(CommitOps(outbox_withdraw={"e1": refusal, "e0": refusal}))
+    assert [e.id for e in ops.outbox] == ["e2"]
+    assert ops.outbox_withdraw == {"e1": refusal, "e0": refusal} and not ops.empty()
+
+
+def test_an_outbox_entry_is_stored_without_its_defaults() -> None:
+    entry = OutboxEntry("e1", "webhook", "a/b", {"x": 1}, "e1", {}, on_result="done")
+    stored = entry.to_dict()
+    assert "attempts" not in stored and "history" not in stored and stored["on_result"] == "done"
+    assert OutboxEntry.from_dict(stored) == entry

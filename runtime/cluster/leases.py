@@ -107,6 +107,7 @@ class LeaseManager:
         self.draining = False
         self._claim = Script(load_lua("claim.lua"))
         self._release = Script(load_lua("release.lua"))
+        self._leases = Script(load_lua("leases.lua"))
         self._owned: dict[int, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -223,10 +224,18 @@ class LeaseManager:
             self.on_commands(results[head + 3])
 
     def _read_leases(self) -> list[LeaseView | None]:
-        """Every shard's lease, one pipelined read per Redis master; None for the
-        shards of a master that did not answer (on Redis Cluster, one failing master
-        leaves the others' shards to be served, claimed and released as usual)."""
+        """Every shard's lease: one script call on a single Redis (a pipeline of 1,024
+        reads cost the node ~20 ms of CPU a beat); on Redis Cluster one pipelined read
+        per master, None for the shards of a master that did not answer (one failing
+        master leaves the others' shards to be served, claimed and released as usual)."""
         leases: list[LeaseView | None] = [None] * self.keys.shard_count
+        if not isinstance(self.client, RedisCluster):
+            keys = [self.keys.shard(s).lease for s in range(self.keys.shard_count)]
+            (flat,) = self._leases.run_many(self.client, [(keys, [])])
+            for shard in range(self.keys.shard_count):
+                o, e = flat[2 * shard], flat[2 * shard + 1]
+                leases[shard] = LeaseView((o or b"").decode(), (e or b"0").decode())
+            return leases
         for shards in self._by_master(range(self.keys.shard_count)):
             pipe = self.client.pipeline(transaction=False)
             for shard in shards:

@@ -95,6 +95,9 @@ class CA:
     state_version: ClassVar[str] = "0.1.0"
     #: Default pulse interval; the type's ``pulse_seconds`` in the config overrides it.
     pulse_seconds: ClassVar[float | None] = None
+    #: Default time an idle activation stays in memory (else the config's default,
+    #: 300 s); the type's ``idle_seconds`` in the config overrides it.
+    idle_seconds: ClassVar[float | None] = None
 
     def __init__(self, name: ActorName, plugins: Plugins) -> None:
         self.name = name

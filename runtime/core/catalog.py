@@ -109,7 +109,11 @@ def build_type(name: str, ca_cls: type[CA], tc: ActorTypeConfig, counted: bool =
         cls=ca_cls,
         state_version=version,
         pulse_seconds=tc.pulse_seconds or ca_cls.pulse_seconds,
-        idle_seconds=tc.idle_seconds,
+        idle_seconds=(
+            tc.idle_seconds
+            if "idle_seconds" in tc.model_fields_set or ca_cls.idle_seconds is None
+            else ca_cls.idle_seconds
+        ),
         counted=counted,
         methods=ca_cls.public_methods(),
         internal_methods=ca_cls.internal_methods(),

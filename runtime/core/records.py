@@ -88,7 +88,7 @@ class OutboxEntry:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-_OUTBOX_DEFAULTS = (
+_OUTBOX_DEFAULTS: tuple[tuple[str, Any], ...] = (
     ("on_result", None),
     ("status", "pending"),
     ("attempts", 0),

@@ -70,6 +70,8 @@ HISTORY_KEPT = 20
 #: timers: an armed commitment's delivery is a delayed entry).
 OUTBOX_COALESCE_MS = 10
 CALLBACK_RETRY_MS = 2000
+#: Committed entries due within this long are kept in memory until they start.
+KEEP_MS = 60_000
 
 
 def outcome_result(entry: OutboxEntry, outcome: ExecutionOutcome | None) -> dict[str, Any]:
@@ -186,16 +188,17 @@ class OutboxDispatcher:
 
     def submit(self, shard: int, entries: list[OutboxEntry]) -> None:
         """Entries just committed by a transaction on this node (called on the loop).
-        They travel with their id, so their first attempt need not read them back
-        from Redis (the ledger script still refuses to write one that no longer
-        exists there); one due now starts at once, without a trip through the due
-        queue's thread."""
+        Those due within ``KEEP_MS`` travel with their id, so their first attempt need
+        not read them back from Redis (the ledger script still refuses to write one
+        that no longer exists there); one due now starts at once, without a trip
+        through the due queue's thread. One due later (an armed delivery due next
+        month) is only its id in memory until then."""
         now = self.clock.now_ms()
         for e in entries:
             if e.next_ms <= now and self._claim(shard, e.id, e):
                 self._begin(shard, e.id, e)
             elif e.next_ms > now:
-                self.queue.push(e.next_ms, shard, e.id, e)
+                self.queue.push(e.next_ms, shard, e.id, e if e.next_ms - now <= KEEP_MS else None)
 
     def load_shards(self, shards: list[int]) -> None:
         pipe = self.client.pipeline(transaction=False)
