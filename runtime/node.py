@@ -195,7 +195,11 @@ class Node:
             after_commit=self.after_commit,
         )
         self.router = Router(
-            self.catalog, self.engine, self.leases, config.node.call_timeout_seconds
+            self.catalog,
+            self.engine,
+            self.leases,
+            config.node.call_timeout_seconds,
+            max_batch_bytes=config.node.max_body_bytes,
         )
         #: What the extensions' routes may use of this node.
         self.context = NodeContext(

@@ -12,6 +12,7 @@ import pytest
 from conftest import wait_until
 from troth import AppError
 from troth.client import AsyncClient, CallTimeout, Client, Notification
+from troth.core.access import OPERATOR
 from troth.core.names import ActorName, shard_of
 from troth.edge.server import ServerThread
 from troth.node import Node
@@ -43,6 +44,55 @@ def test_any_node_accepts_any_call(make_node: Callable[..., Node]) -> None:
         err = api.post(url, json={"args": [0]})
         assert err.status_code == 409 and err.json()["error"]["type"] == "AppError"
     assert f"counter/{on_b}" in b.engine.cells and f"counter/{on_b}" not in a.engine.cells
+
+
+def test_calls_forwarded_together_travel_in_one_request_each_answered_alone(
+    make_node: Callable[..., Node],
+) -> None:
+    """Forty calls the entry node forwards in one loop turn reach the owner in one
+    request; each keeps its own outcome (a refusal among them fails only its caller),
+    and a request id still de-duplicates across batches."""
+    a = make_node("a", serve=True)
+    b = make_node("b", serve=True)
+    wait_until(lambda: balanced(a, b), timeout=10)
+    wait_until(lambda: len(a.leases.urls) == 2 and len(b.leases.urls) == 2, timeout=5)
+    names = []
+    for i in range(10_000):
+        name = ActorName("counter", f"alice-f{i}")
+        if b.leases.epoch_of(shard_of(name, b.keys.shard_count)) is not None:
+            names.append(name)
+        if len(names) == 40:
+            break
+    # the entry node's routing table (a heartbeat old) names the owner: no retries
+    wait_until(
+        lambda: all(a.leases.owner_of(shard_of(n, a.keys.shard_count)) == "b" for n in names),
+        timeout=5,
+    )
+
+    def sent_to_b(route: str) -> float:
+        return (
+            b.metrics.registry.get_sample_value(
+                "troth_http_requests_total", {"method": "POST", "route": route, "status": "200"}
+            )
+            or 0.0
+        )
+
+    async def forward_all() -> list[object]:
+        calls = [
+            a.router.call(n, "increment", [0 if i == 7 else 2], {}, f"r{i}", OPERATOR)
+            for i, n in enumerate(names)
+        ]
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    results = asyncio.run_coroutine_threadsafe(forward_all(), a.loop).result(20)
+    assert isinstance(results[7], AppError)
+    assert [r for i, r in enumerate(results) if i != 7] == [2] * 39
+    assert sent_to_b("/v1/cluster/calls") == 1 and sent_to_b("/v1/cluster/call") == 0
+    # sent again (a retry after a lost answer): the replies, not a second increment
+    again = asyncio.run_coroutine_threadsafe(forward_all(), a.loop).result(20)
+    assert [r for i, r in enumerate(again) if i != 7] == [2] * 39
+    assert sent_to_b("/v1/cluster/calls") == 2
+    assert b.call(names[0], "get").result(5) == 2
 
 
 def test_forged_cluster_header_gets_no_special_rights(make_node: Callable[..., Node]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -87,15 +88,24 @@ def test_console_navigates_and_redrives_a_dead_letter(
 
     def act(do: Callable[[], object]) -> None:
         """Do something to the page; the page re-renders itself every 2 s, so an
-        element found just before may be replaced: find it again and retry."""
-        from selenium.common.exceptions import StaleElementReferenceException
+        element found just before may be replaced, or not laid out yet: find it
+        again and retry."""
+        from selenium.common.exceptions import (
+            ElementClickInterceptedException,
+            ElementNotInteractableException,
+            StaleElementReferenceException,
+        )
 
-        for _ in range(20):
+        for _ in range(50):
             try:
                 do()
                 return
-            except StaleElementReferenceException:
-                continue
+            except (
+                StaleElementReferenceException,
+                ElementNotInteractableException,
+                ElementClickInterceptedException,
+            ):
+                time.sleep(0.1)
         raise AssertionError("the page kept changing under the test")
 
     with httpx.Client(base_url=node.url, timeout=15) as api:
@@ -164,7 +174,7 @@ def test_console_navigates_and_redrives_a_dead_letter(
         lambda: (
             [e.text for e in browser.find_elements(By.ID, "commitment-status")] == ["fulfilled"]
         ),
-        timeout=10,
+        timeout=20,
     )
     assert "Delivery attempts" in text()
     shot("commitment")

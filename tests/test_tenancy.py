@@ -15,7 +15,7 @@ import redis
 from websockets.sync.client import connect
 
 from conftest import Receiver, wait_until
-from troth.cluster.routing import CLUSTER_HEADER, CLUSTER_PATH, sign
+from troth.cluster.routing import CLUSTER_BATCH_PATH, CLUSTER_HEADER, CLUSTER_PATH, sign
 from troth.core.keys import KeySpace
 from troth.core.names import ActorName, shard_of
 from troth.node import Node
@@ -159,6 +159,20 @@ def test_forged_cluster_calls_are_refused(
     # correctly signed, but for principal a: the owner re-checks ownership
     resp = http.post(CLUSTER_PATH, content=raw, headers={CLUSTER_HEADER: sign(secret, raw)})
     assert resp.status_code == 403 and resp.json()["error"]["type"] == "ForbiddenError"
+    # the same in a batch: unsigned or with a stale call it is refused whole; signed,
+    # each call is checked on its own
+    batch = json.dumps({"calls": [body, {**body, "actor": "counter/a-own", "args": [1]}]})
+    stale_batch = json.dumps({"calls": [{**body, "sent_ms": body["sent_ms"] - 3_600_000}]})
+    for content, signature in (
+        (batch, "0" * 64),
+        (stale_batch, sign(secret, stale_batch.encode())),
+    ):
+        resp = http.post(CLUSTER_BATCH_PATH, content=content, headers={CLUSTER_HEADER: signature})
+        assert resp.status_code == 403, resp.text
+    signed = {CLUSTER_HEADER: sign(secret, batch.encode())}
+    results = http.post(CLUSTER_BATCH_PATH, content=batch, headers=signed).json()["results"]
+    assert results[0]["status"] == 403 and results[0]["error"]["type"] == "ForbiddenError"
+    assert results[1] == {"result": 1}
     assert http.post("/v1/actors/counter/b-victim/get", headers=bearer(KEY_B)).json() == {
         "result": 0
     }

@@ -4,6 +4,14 @@ The routing table is the lease manager's snapshot of shard owners and node URLs,
 at most one heartbeat old. A call for a shard this node owns runs here; any other
 call is forwarded once, over HTTP, to the owner's ``/v1/cluster/call`` endpoint.
 
+**Forwarding is batched.** The calls for one owner that a loop turn forwards (the
+creations of a batch request, many clients at the wrong node) travel together, up
+to ``MAX_FORWARD_BATCH`` calls and the body limit, in one request to
+``/v1/cluster/calls``; each gets its own result or error, as if sent alone. A call
+alone, a call with a trace context (its span travels in its request's headers) and
+every call to a node that does not know the batch endpoint (a rolling upgrade) go
+one a request.
+
 **Forwarding is signed.** The forwarded body names the actor, the method, the
 arguments, the request id and the :class:`~troth.core.access.Caller` (principal, sending
 actor, internal flag) exactly as the entry node authenticated them, and the header
@@ -30,17 +38,21 @@ import hmac
 import json
 import os
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from troth.core import tracing
 from troth.core.access import Caller, check_access
+from troth.core.aio import Background
 from troth.core.errors import (
     CallTimeout,
     RedisUnavailable,
     RetryableError,
+    TrothError,
     UnavailableError,
     error_from_dict,
 )
@@ -55,6 +67,10 @@ if TYPE_CHECKING:
 CLUSTER_HEADER = "x-troth-cluster"
 #: The endpoint of the owner that takes forwarded calls.
 CLUSTER_PATH = "/v1/cluster/call"
+#: The same for several calls in one request.
+CLUSTER_BATCH_PATH = "/v1/cluster/calls"
+#: At most this many calls travel in one forwarded request.
+MAX_FORWARD_BATCH = 100
 #: A forwarded body older than this (or this far in the future) is refused: a
 #: captured request cannot be replayed later.
 MAX_FORWARD_AGE_MS = 300_000
@@ -85,8 +101,25 @@ class ForwardedCall(BaseModel):
         return Caller(self.principal, actor=self.sender, internal=self.internal)
 
 
+class ForwardedBatch(BaseModel):
+    """The body of several forwarded calls to one owner; signed as a whole."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calls: list[ForwardedCall] = Field(min_length=1, max_length=MAX_FORWARD_BATCH)
+
+
+#: A call waiting to be forwarded: its JSON body, its timeout and its caller's future.
+_Queued = tuple[bytes, float, "asyncio.Future[Any]"]
+
+
 def sign(secret: str, body: bytes) -> str:
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _fresh(call: ForwardedCall) -> bool:
+    """Sent within ``MAX_FORWARD_AGE_MS`` of now: a captured body cannot be replayed."""
+    return abs(int(time.time() * 1000) - call.sent_ms) <= MAX_FORWARD_AGE_MS
 
 
 class Router:
@@ -99,6 +132,7 @@ class Router:
         leases: LeaseManager,
         call_timeout: float,
         secret: str = "",
+        max_batch_bytes: int = 1_048_576,
     ) -> None:
         self.catalog = catalog
         self.engine = engine
@@ -106,18 +140,53 @@ class Router:
         self.node_id = leases.node_id
         self.call_timeout = call_timeout
         self.secret = secret
+        #: The largest batch body (the owner's body limit is the same setting).
+        self.max_batch_bytes = max_batch_bytes
         self._http: aiohttp.ClientSession | None = None
+        self._queued: dict[str, list[_Queued]] = {}  # by owner URL, for this loop turn
+        self._single_only: set[str] = set()  # owners without the batch endpoint
+        self._sending = Background()
 
     def verify(self, body: bytes, signature: str | None) -> ForwardedCall | None:
         """The forwarded call in ``body`` if ``signature`` is its HMAC and it is fresh."""
-        if not signature or not self.secret:
+        if not self._signed(body, signature):
             return None
-        if not hmac.compare_digest(signature, sign(self.secret, body)):
+        try:
+            call = ForwardedCall.model_validate_json(body)
+        except ValidationError:
             return None
-        call = ForwardedCall.model_validate_json(body)
-        if abs(int(time.time() * 1000) - call.sent_ms) > MAX_FORWARD_AGE_MS:
+        return call if _fresh(call) else None
+
+    def verify_batch(self, body: bytes, signature: str | None) -> ForwardedBatch | None:
+        """The forwarded calls in ``body`` if ``signature`` is its HMAC and every one of
+        them is fresh."""
+        if not self._signed(body, signature):
             return None
-        return call
+        try:
+            batch = ForwardedBatch.model_validate_json(body)
+        except ValidationError:
+            return None
+        return batch if all(_fresh(call) for call in batch.calls) else None
+
+    def _signed(self, body: bytes, signature: str | None) -> bool:
+        return bool(
+            signature and self.secret and hmac.compare_digest(signature, sign(self.secret, body))
+        )
+
+    async def run_forwarded(self, call: ForwardedCall) -> Any:
+        """Run a call another node forwarded, here or not at all."""
+        return await self.call(
+            ActorName.parse(call.actor),
+            call.method,
+            call.args,
+            call.kwargs,
+            call.request_id,
+            call.caller,
+            forwarded=True,
+            timeout=call.timeout,
+            new_id=call.new_id,
+            reply_cache=call.request_id is not None,
+        )
 
     async def call(
         self,
@@ -205,20 +274,100 @@ class Router:
                 raise RedisUnavailable(f"{name}: Redis unavailable: {exc}") from None
 
     async def _forward(self, url: str, call: ForwardedCall) -> Any:
+        body = json.dumps(call.model_dump(mode="json"), separators=(",", ":")).encode()
+        if url in self._single_only or tracing.enabled():
+            return await self._forward_one(url, body, call.timeout)
+        loop = asyncio.get_running_loop()
+        queued = self._queued.get(url)
+        if queued is None:
+            queued = self._queued[url] = []
+            loop.call_soon(self._flush, url)
+        done: asyncio.Future[Any] = loop.create_future()
+        queued.append((body, call.timeout, done))
+        return await done
+
+    def _flush(self, url: str) -> None:
+        """Send what this loop turn forwarded to ``url``, in batches within the limits."""
+        batch: list[_Queued] = []
+        size = 64  # the batch's own bytes around the calls, and some room
+        for item in self._queued.pop(url, []):
+            if batch and (
+                len(batch) == MAX_FORWARD_BATCH or size + len(item[0]) > self.max_batch_bytes
+            ):
+                self._sending.spawn(self._send(url, batch))
+                batch, size = [], 64
+            batch.append(item)
+            size += len(item[0]) + 1
+        if batch:
+            self._sending.spawn(self._send(url, batch))
+
+    async def _send(self, url: str, batch: list[_Queued]) -> None:
+        if len(batch) == 1 or url in self._single_only:
+            await asyncio.gather(
+                *(self._settle(done, self._forward_one(url, b, t)) for b, t, done in batch)
+            )
+            return
+        body = b'{"calls":[' + b",".join(b for b, _, _ in batch) + b"]}"
+        try:
+            status, data = await self._post(
+                url + CLUSTER_BATCH_PATH, body, max(t for _, t, _ in batch)
+            )
+            if status == 404:  # an owner of an older version: one call a request
+                self._single_only.add(url)
+                await self._send(url, batch)
+                return
+            if status != 200:
+                raise error_from_dict(data.get("error", {}), status)
+            results = data.get("results")
+            if not isinstance(results, list) or len(results) != len(batch):
+                raise UnavailableError(f"owner at {url} answered a batch of {len(batch)} wrongly")
+        except TrothError as exc:
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (_, _, done), one in zip(batch, results, strict=True):
+            if done.done():  # its caller gave up meanwhile
+                continue
+            if isinstance(one, dict) and "result" in one:
+                done.set_result(one["result"])
+            else:
+                error = one.get("error", {}) if isinstance(one, dict) else {}
+                status = one.get("status", 500) if isinstance(one, dict) else 500
+                done.set_exception(error_from_dict(error, int(status)))
+
+    @staticmethod
+    async def _settle(done: asyncio.Future[Any], work: Awaitable[Any]) -> None:
+        try:
+            result = await work
+        except Exception as exc:
+            if not done.done():
+                done.set_exception(exc)
+        else:
+            if not done.done():
+                done.set_result(result)
+
+    async def _forward_one(self, url: str, body: bytes, timeout: float) -> Any:
+        status, data = await self._post(url + CLUSTER_PATH, body, timeout)
+        if status == 200:
+            return data["result"]
+        raise error_from_dict(data.get("error", {}), status)
+
+    async def _post(self, url: str, body: bytes, timeout: float) -> tuple[int, dict[str, Any]]:
+        """POST a signed body to another node: its status and JSON answer."""
         # aiohttp, as for webhooks: httpx's pool slows down with many connections
         # (docs/design.md, *Execution*).
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256), trust_env=False
             )
-        body = json.dumps(call.model_dump(mode="json"), separators=(",", ":")).encode()
         headers = {CLUSTER_HEADER: sign(self.secret, body), "content-type": "application/json"}
         try:
             async with self._http.post(
-                f"{url}{CLUSTER_PATH}",
+                url,
                 data=body,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=call.timeout),
+                timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
             ) as resp:
                 status, raw = resp.status, await resp.read()
@@ -228,11 +377,12 @@ class Router:
             data = json.loads(raw)
         except ValueError:
             raise UnavailableError(f"owner at {url} answered {status}") from None
-        if status == 200:
-            return data["result"]
-        raise error_from_dict(data.get("error", {}), status)
+        if not isinstance(data, dict):
+            raise UnavailableError(f"owner at {url} answered {status}")
+        return status, data
 
     async def close(self) -> None:
+        await asyncio.gather(*self._sending.pending(), return_exceptions=True)
         if self._http is not None:
             await self._http.close()
             self._http = None

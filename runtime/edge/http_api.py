@@ -15,6 +15,7 @@ in an actor (logged with its traceback). Both 429 and 503 carry ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -39,7 +40,13 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from troth import __version__
-from troth.cluster.routing import CLUSTER_HEADER, CLUSTER_PATH, Router
+from troth.cluster.routing import (
+    CLUSTER_BATCH_PATH,
+    CLUSTER_HEADER,
+    CLUSTER_PATH,
+    ForwardedCall,
+    Router,
+)
 from troth.core import jsonsafe, tracing
 from troth.core.access import Caller
 from troth.core.config import Config
@@ -438,7 +445,7 @@ class LocalOnly:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] == CLUSTER_PATH:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in CLUSTER_PATHS:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -463,6 +470,10 @@ class LocalOnly:
             await error_response(
                 status, "Forbidden" if status == 403 else "UnsupportedMediaType", problem
             )(scope, receive, send)
+
+
+#: Signed node-to-node endpoints: no loopback rule (nodes reach each other by address).
+CLUSTER_PATHS = (CLUSTER_PATH, CLUSTER_BATCH_PATH)
 
 
 def _is_json(content_type: str) -> bool:
@@ -604,26 +615,32 @@ def create_app(
     async def cluster_call(request: Request) -> JSONResponse:
         """A call another node forwarded (see :mod:`troth.cluster.routing`): runs here or not
         at all, for the caller the signed body names."""
-        raw = await request.body()
-        try:
-            call = router.verify(raw, request.headers.get(CLUSTER_HEADER))
-        except ValidationError:
-            call = None
+        call = router.verify(await request.body(), request.headers.get(CLUSTER_HEADER))
         if call is None:
             raise ForbiddenError("not a correctly signed call from a node of this cluster")
-        result = await router.call(
-            ActorName.parse(call.actor),
-            call.method,
-            call.args,
-            call.kwargs,
-            call.request_id,
-            call.caller,
-            forwarded=True,
-            timeout=call.timeout,
-            new_id=call.new_id,
-            reply_cache=call.request_id is not None,
-        )
+        result = await router.run_forwarded(call)
         return FastJSONResponse({"result": result})  # checked by the transaction, as above
+
+    @app.post(CLUSTER_BATCH_PATH, include_in_schema=False)
+    @hot
+    async def cluster_calls(request: Request) -> JSONResponse:
+        """Several forwarded calls: each runs as :func:`cluster_call` would run it, and
+        gets its own result or error."""
+        batch = router.verify_batch(await request.body(), request.headers.get(CLUSTER_HEADER))
+        if batch is None:
+            raise ForbiddenError("not a correctly signed batch from a node of this cluster")
+
+        async def one(call: ForwardedCall) -> dict[str, Any]:
+            try:
+                return {"result": await router.run_forwarded(call)}
+            except TrothError as exc:
+                return {"error": exc.to_dict(), "status": exc.http_status}
+            except Exception as exc:  # a bug of ours: this call fails, not its batch
+                log.exception("forwarded call %s.%s failed", call.actor, call.method)
+                return {"error": {"type": "InternalError", "message": repr(exc)}, "status": 500}
+
+        results = await asyncio.gather(*(one(call) for call in batch.calls))
+        return FastJSONResponse({"results": results})
 
     # The node's own routes first: a request is matched against routes in order, and
     # actor calls are the hottest.
