@@ -49,7 +49,6 @@ from troth.extension import NodeContext
 #: The principal of every call when the node has no API keys (loopback only).
 LOCAL_PRINCIPAL = "local"
 _ID = re.compile(r"^cm_[0-9a-f]{32}$")
-_CONCURRENCY = 16
 _PRINCIPAL = r"^[a-z0-9][a-z0-9_]{0,62}$"
 #: Summaries one search by metadata reads at most (it is a scan).
 SEARCH_BUDGET = 100_000
@@ -149,17 +148,15 @@ def commitments_router(node: NodeContext) -> APIRouter:
                 if spec.dedup_key is not None and got == cid:  # bound just now: unbind
                     await asyncio.to_thread(index.unbind_dedup, principal, spec.dedup_key, cid)
             raise
-        slots = asyncio.Semaphore(_CONCURRENCY)
 
         async def one(spec: CommitmentCreate, cid: str, got: str) -> tuple[dict[str, Any], bool]:
             name = actor(principal, got)
-            async with slots:
-                # create needs no cached reply (a second create returns the commitment
-                # as it is): that saves about 1 KB of Redis per commitment. A new id
-                # names no actor yet: its activation reads no checkpoint.
-                view = await call(
-                    principal, name, "create", creation(spec), reply_cache=False, fresh=got == cid
-                )
+            # create needs no cached reply (a second create returns the commitment as it
+            # is): that saves about 1 KB of Redis per commitment. A new id names no actor
+            # yet: its activation reads no checkpoint.
+            view = await call(
+                principal, name, "create", creation(spec), reply_cache=False, fresh=got == cid
+            )
             # Subscribed before the reply: every event POSTed after it reaches the
             # commitment (whose own subscribe, 30 s later, is only a backstop).
             try:
@@ -171,6 +168,8 @@ def commitments_router(node: NodeContext) -> APIRouter:
                 raise
             return view, got == cid
 
+        # All at once (at most MAX_BATCH): their commits share the batcher's round trips,
+        # and those of another node's commitments share one forwarded request.
         work = [one(*c) for c in zip(specs, cids, bound, strict=True)]
         made = [await work[0]] if len(work) == 1 else await asyncio.gather(*work)
         # The commitment's outbox indexes it too (durably, after a crash, a second
