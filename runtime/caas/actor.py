@@ -7,8 +7,10 @@ timers) is committed with it and performed after, through the outbox.
 
 Triggers form a tree. Each leaf has a path (``r``, ``r.0``, ``r.1.2``...):
 
-* ``time_after`` arms a durable timer; ``heartbeat`` arms one that every matching
-  event re-arms, so it fires only after ``interval_seconds`` of silence;
+* ``time_after`` arms a durable timer; alone (a time-only commitment) it arms the
+  delivery itself, committed with the creation and delayed to the due time, which
+  then fires without a transaction of its own; ``heartbeat`` arms a timer that every
+  matching event re-arms, so it fires only after ``interval_seconds`` of silence;
 * ``webhook``, ``tool_complete`` and ``heartbeat`` subscribe the commitment to its
   principal's event bus for their event type;
 * ``compound`` ``any`` is satisfied by any child; ``all`` by every child, which
@@ -174,7 +176,7 @@ class Commitment(CA):
         timers = self.plugins.timers
         if trigger["type"] == "time_after":  # armed: the delivery alone keeps the time
             self.state["armed"] = self._deliver(
-                fired_by={"kind": "time", "path": "r", "due_ms": trigger["due_ms"]},
+                fired_by=self._fired_by_time(),
                 delay_seconds=max(0, trigger["due_ms"] - created) / 1000,
             )
         for path, leaf in leaves(trigger):
@@ -232,6 +234,10 @@ class Commitment(CA):
                 )
             },
         }
+
+    def _fired_by_time(self) -> dict[str, Any]:
+        """What fired a time-only commitment (as ``on_time`` records it)."""
+        return {"kind": "time", "path": "r", "due_ms": self.state["due_ms"]}
 
     def _status(self) -> str | None:
         """The status; an armed delivery makes a pending commitment triggered from its
@@ -327,7 +333,7 @@ class Commitment(CA):
             del s["armed"]
             fired = (result.get("value") or {}).get("fired_ms") or self.now_ms
             s["fired_ms"] = fired
-            s["fired_by"] = {"kind": "time", "path": "r", "due_ms": s["due_ms"]}
+            s["fired_by"] = self._fired_by_time()
             s["progress"]["r"] = {"at_ms": fired, **s["fired_by"]}
             self._stop_waiting()
             self._move("triggered", at_ms=fired)

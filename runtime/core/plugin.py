@@ -293,9 +293,11 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
         """Delete the committed entry ``entry_id`` in this commit, on one condition
         checked by the commit itself: it was never attempted. If an attempt has begun
         (on any node, however recently), the whole transaction is refused and its
-        caller gets ``refusal``; an entry already gone is no obstacle. So
-        an effect is either withdrawn or performed, never both: what a cancel of a
-        delayed delivery needs. An entry buffered in this transaction is dropped."""
+        caller gets ``refusal``; an entry already gone is no obstacle. So an effect is
+        either withdrawn or performed, never both: what a cancel of a delayed delivery
+        needs. An entry buffered in this transaction is dropped. The check reads the
+        entry in Lua, which reads no msgpack bin type: an entry whose spec holds bytes
+        cannot be withdrawn (it counts as begun)."""
         self._require_txn()
         self._buffer[:] = [e for e in self._buffer if e.id != entry_id]
         self._withdrawn[entry_id] = refusal

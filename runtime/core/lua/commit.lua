@@ -26,8 +26,12 @@ local p = cmsgpack.unpack(ARGV[4])
 if p.ow then  -- checked before anything is written
   for _, id in ipairs(p.ow) do
     local e = redis.call('HGET', KEYS[6], id)
-    if e and (cmsgpack.unpack(e).attempts or 0) > 0 then
-      return {0, 'started', id}
+    if e then
+      -- cmsgpack reads no bin type: an entry holding bytes counts as started
+      local ok, entry = pcall(cmsgpack.unpack, e)
+      if not ok or (entry.attempts or 0) > 0 then
+        return {0, 'started', id}
+      end
     end
   end
   for _, id in ipairs(p.ow) do
