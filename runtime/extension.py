@@ -59,7 +59,9 @@ class CallFn(Protocol):
     both for a method that is idempotent by itself (it saves a write per call).
     ``fresh=True`` says the actor cannot exist yet (its name was just made from a
     random id), so activating it reads no checkpoint; use it only for a call that
-    commits.
+    commits. ``together=True`` lets the call travel with the other calls for the same
+    owner that this loop turn forwards, in one request answered when the slowest of
+    them is: for the calls of one request (a batch of creations).
     """
 
     def __call__(
@@ -73,6 +75,7 @@ class CallFn(Protocol):
         *,
         reply_cache: bool = True,
         fresh: bool = False,
+        together: bool = False,
     ) -> Awaitable[Any]: ...
 
 

@@ -49,9 +49,9 @@ def test_any_node_accepts_any_call(make_node: Callable[..., Node]) -> None:
 def test_calls_forwarded_together_travel_in_one_request_each_answered_alone(
     make_node: Callable[..., Node],
 ) -> None:
-    """Forty calls the entry node forwards in one loop turn reach the owner in one
-    request; each keeps its own outcome (a refusal among them fails only its caller),
-    and a request id still de-duplicates across batches."""
+    """Forty calls made together that the entry node forwards in one loop turn reach
+    the owner in one request; each keeps its own outcome (a refusal among them fails
+    only its caller), and a request id still de-duplicates across batches."""
     a = make_node("a", serve=True)
     b = make_node("b", serve=True)
     wait_until(lambda: balanced(a, b), timeout=10)
@@ -79,7 +79,9 @@ def test_calls_forwarded_together_travel_in_one_request_each_answered_alone(
 
     async def forward_all() -> list[object]:
         calls = [
-            a.router.call(n, "increment", [0 if i == 7 else 2], {}, f"r{i}", OPERATOR)
+            a.router.call(
+                n, "increment", [0 if i == 7 else 2], {}, f"r{i}", OPERATOR, together=True
+            )
             for i, n in enumerate(names)
         ]
         return list(await asyncio.gather(*calls, return_exceptions=True))

@@ -89,11 +89,20 @@ def commitments_router(node: NodeContext) -> APIRouter:
         request_id: str | None = None,
         reply_cache: bool = True,
         fresh: bool = False,
+        together: bool = False,
     ) -> Any:
         """Call a built-in actor's internal method for ``principal`` (who asked)."""
         caller = Caller(principal, internal=True)
         return await node.call(
-            name, method, list(args), {}, request_id, caller, reply_cache=reply_cache, fresh=fresh
+            name,
+            method,
+            list(args),
+            {},
+            request_id,
+            caller,
+            reply_cache=reply_cache,
+            fresh=fresh,
+            together=together,
         )
 
     async def on_commitment(principal: str, cid: str, method: str) -> dict[str, Any]:
@@ -155,7 +164,13 @@ def commitments_router(node: NodeContext) -> APIRouter:
             # is): that saves about 1 KB of Redis per commitment. A new id names no actor
             # yet: its activation reads no checkpoint.
             view = await call(
-                principal, name, "create", creation(spec), reply_cache=False, fresh=got == cid
+                principal,
+                name,
+                "create",
+                creation(spec),
+                reply_cache=False,
+                fresh=got == cid,
+                together=True,
             )
             # Subscribed before the reply: every event POSTed after it reaches the
             # commitment (whose own subscribe, 30 s later, is only a backstop).

@@ -4,13 +4,14 @@ The routing table is the lease manager's snapshot of shard owners and node URLs,
 at most one heartbeat old. A call for a shard this node owns runs here; any other
 call is forwarded once, over HTTP, to the owner's ``/v1/cluster/call`` endpoint.
 
-**Forwarding is batched.** The calls for one owner that a loop turn forwards (the
-creations of a batch request, many clients at the wrong node) travel together, up
-to ``MAX_FORWARD_BATCH`` calls and the body limit, in one request to
-``/v1/cluster/calls``; each gets its own result or error, as if sent alone. A call
-alone, a call with a trace context (its span travels in its request's headers) and
-every call to a node that does not know the batch endpoint (a rolling upgrade) go
-one a request.
+**Forwarding may be batched.** Calls made ``together`` (the creations of one batch
+request) that a loop turn forwards to one owner travel in one request to
+``/v1/cluster/calls``, up to ``MAX_FORWARD_BATCH`` calls and the body limit; each
+gets its own result or error, as if sent alone, once the slowest of them is done
+(so only calls of one request go together: a slow call never holds up a stranger's).
+A call alone, any call while tracing is on (its span travels in its request's
+headers) and every call to a node that does not know the batch endpoint (a rolling
+upgrade) go one a request.
 
 **Forwarding is signed.** The forwarded body names the actor, the method, the
 arguments, the request id and the :class:`~troth.core.access.Caller` (principal, sending
@@ -202,6 +203,7 @@ class Router:
         new_id: bool = False,
         reply_cache: bool = True,
         fresh: bool = False,
+        together: bool = False,
     ) -> Any:
         """Run the call on the owner of the actor's shard; see the module docstring.
 
@@ -210,6 +212,7 @@ class Router:
         idempotent by themselves) sends a call with no ``request_id`` as it is: its
         reply is not kept, and a retry may run it again. ``fresh`` says the actor is
         new (a name just made up from a random id): see :meth:`Engine.call`.
+        ``together`` lets a forwarded call share a request (see the module docstring).
         """
         leases = self.leases
         check_method(method)
@@ -257,7 +260,7 @@ class Router:
                     timeout=max(0.1, remaining),
                     new_id=new_id,
                 )
-                return await self._forward(url, call)
+                return await self._forward(url, call, together)
             except RedisUnavailable:
                 raise
             except RetryableError:
@@ -273,9 +276,9 @@ class Router:
             except redis.RedisError as exc:
                 raise RedisUnavailable(f"{name}: Redis unavailable: {exc}") from None
 
-    async def _forward(self, url: str, call: ForwardedCall) -> Any:
+    async def _forward(self, url: str, call: ForwardedCall, together: bool) -> Any:
         body = json.dumps(call.model_dump(mode="json"), separators=(",", ":")).encode()
-        if url in self._single_only or tracing.enabled():
+        if not together or url in self._single_only or tracing.enabled():
             return await self._forward_one(url, body, call.timeout)
         loop = asyncio.get_running_loop()
         queued = self._queued.get(url)
@@ -284,7 +287,8 @@ class Router:
             loop.call_soon(self._flush, url)
         done: asyncio.Future[Any] = loop.create_future()
         queued.append((body, call.timeout, done))
-        return await done
+        async with asyncio.timeout(call.timeout):  # its own deadline, whatever the batch's
+            return await done
 
     def _flush(self, url: str) -> None:
         """Send what this loop turn forwarded to ``url``, in batches within the limits."""
@@ -302,6 +306,15 @@ class Router:
             self._sending.spawn(self._send(url, batch))
 
     async def _send(self, url: str, batch: list[_Queued]) -> None:
+        """Forward ``batch``; every caller's future is settled, whatever happens."""
+        try:
+            await self._send_batch(url, batch)
+        finally:
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_exception(UnavailableError(f"forwarding to {url} failed"))
+
+    async def _send_batch(self, url: str, batch: list[_Queued]) -> None:
         if len(batch) == 1 or url in self._single_only:
             await asyncio.gather(
                 *(self._settle(done, self._forward_one(url, b, t)) for b, t, done in batch)
@@ -314,7 +327,7 @@ class Router:
             )
             if status == 404:  # an owner of an older version: one call a request
                 self._single_only.add(url)
-                await self._send(url, batch)
+                await self._send_batch(url, batch)
                 return
             if status != 200:
                 raise error_from_dict(data.get("error", {}), status)
