@@ -176,9 +176,13 @@ class Node:
                 self.metrics,
                 self.deliver,
                 clock,
+                cluster=self.cluster is not None,
             ),
             config.plugins,
             required_plugins,
+        )
+        self.store.add_steps(
+            {n: lua for f in self.plugin_factories.values() for n, lua in f.commit_steps().items()}
         )
         for factory in self.plugin_factories.values():
             for executor in factory.executors():

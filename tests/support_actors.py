@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Any
 
 import troth
 from examples.polls.extension import Polls
+from troth.core.errors import AppError
 from troth.core.names import ActorName
-from troth.core.plugin import ActorPlugin, PluginFactory
+from troth.core.plugin import ActorPlugin, PluginContext, PluginFactory
+from troth.core.records import CommitOps, CommitStep
 
 
 class Probe(troth.CA):
@@ -225,3 +228,66 @@ class PollsAgain(Polls):
     """An extension that defines the ``poll`` type a second time (a configuration error)."""
 
     name = "polls-again"
+
+
+class Claimant(troth.CA):
+    """Claims names that are unique across actors (the ``claims`` plugin)."""
+
+    def claim(self, name: str, then_fail: bool = False) -> list[str]:
+        self.state.setdefault("names", []).append(name)
+        self.plugins.claims.claim(name)
+        if then_fail:
+            raise troth.AppError("changed my mind")
+        return list(self.state["names"])
+
+
+class Claims(ActorPlugin):
+    """Names unique across actors, in one hash outside any actor's keys: a commit step
+    checks that a name is free (or the actor's own) and records it in the same commit."""
+
+    groupable = True
+
+    def __init__(self, actor: ActorName, pstate: dict[str, Any], key: str) -> None:
+        super().__init__(actor, pstate)
+        self.key = key
+        self._names: list[str] = []
+
+    def claim(self, name: str) -> None:
+        self._require_txn()
+        self._names.append(name)
+
+    def begin(self, txn: Any) -> None:
+        super().begin(txn)
+        self._names = []
+
+    def prepare(self, ops: CommitOps) -> None:
+        for name in self._names:
+            refusal = partial(_taken, name)
+            ops.steps.append(CommitStep("claim", [self.key], [name, str(self.actor)], refusal))
+
+
+def _taken(name: str, holder: str) -> AppError:
+    return AppError(f"{name!r} is {holder}'s", {"holder": holder})
+
+
+class ClaimsFactory(PluginFactory):
+    name = "claims"
+    LUA = """
+    STEPS.claim = {
+      check = function(keys, args)
+        local holder = redis.call('HGET', keys[1], args[1])
+        if holder and holder ~= args[2] then return holder end
+      end,
+      apply = function(keys, args) redis.call('HSET', keys[1], args[1], args[2]) end,
+    }
+    """
+
+    def __init__(self, context: PluginContext, settings: dict[str, Any]) -> None:
+        super().__init__(context, settings)
+        self.key = f"{context.keys.prefix}:claims"
+
+    def commit_steps(self) -> dict[str, str]:
+        return {"claim": self.LUA}
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        return Claims(actor, pstate, self.key)

@@ -182,6 +182,10 @@ def test_retries_then_fulfilled_with_same_key_and_valid_signatures(
     assert all(delivery.verify(secret, r.headers, r.raw) for r in receiver.requests)
     assert [r.body["attempt"] for r in receiver.requests] == [1, 2, 3]
     assert [a["status_code"] for a in done["attempts"]] == [500, 503, 200]
+    # the outcome's commit indexed it (a single Redis): listings show it at once
+    [listed] = cs.get("/v1/commitments", params={"status": "fulfilled"}).json()["items"]
+    assert listed["id"] == c["id"] and listed["attempts"] == 3
+    assert cs.get("/v1/commitments", params={"status": "pending"}).json()["items"] == []
 
 
 def test_client_error_fails_at_once_and_retry_redrives(
@@ -432,8 +436,10 @@ def test_openapi_lists_the_commitments_api(cs: httpx.Client) -> None:
 
 
 def test_concurrent_creates_with_one_dedup_key_make_one_commitment(
-    cs: httpx.Client, receiver: Receiver
+    cs: httpx.Client, receiver: Receiver, rclient: redis.Redis, prefix: str
 ) -> None:
+    """Each request makes a commitment of its own; the commits bind the key, and all
+    but the first are refused whole: one checkpoint."""
     from concurrent.futures import ThreadPoolExecutor
 
     body = {
@@ -452,6 +458,11 @@ def test_concurrent_creates_with_one_dedup_key_make_one_commitment(
     assert len({r.json()["id"] for r in replies}) == 1
     listed = cs.get("/v1/commitments").json()["items"]
     assert [c["dedup_key"] for c in listed] == ["order-17"]
+    checkpoints = list(rclient.scan_iter(f"{prefix}:*:ca:commitment/*", count=1000))
+    assert len(checkpoints) == 1 and checkpoints[0].decode().endswith(listed[0]["id"])
+    again = cs.post("/v1/commitments", json=body)  # a repeat later: the same one
+    assert again.status_code == 200 and again.json()["id"] == listed[0]["id"]
+    assert len(list(rclient.scan_iter(f"{prefix}:*:ca:commitment/*", count=1000))) == 1
 
 
 @pytest.mark.slow

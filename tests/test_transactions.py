@@ -121,3 +121,41 @@ def test_webhook_only_after_commit(api: httpx.Client, receiver: Receiver) -> Non
     call(api, "probe/alice-p", "hook", receiver.url + "/y", {"a": 2})
     wait_until(lambda: call(api, "probe/alice-p", "get").json()["result"]["results"])
     assert [r.path for r in receiver.requests] == ["/y"]
+
+
+@pytest.fixture
+def claims_api(make_node: Any) -> Any:
+    node = make_node(
+        "n1",
+        serve=True,
+        types={"claimant": {"class": "support_actors:Claimant"}},
+        plugins={"claims": {"class": "support_actors:ClaimsFactory"}},
+    )
+    with httpx.Client(base_url=node.url, timeout=15) as client:
+        yield node, client
+
+
+def test_a_plugins_commit_step_writes_with_the_commit_or_refuses_it_whole(
+    claims_api: Any, rclient: redis.Redis, prefix: str
+) -> None:
+    """A plugin's own check and write run inside the commit script: a refused check
+    writes nothing at all (a new actor is not even counted against its owner's quota),
+    and a message that fails after buffering a step leaves no trace of it."""
+    node, api = claims_api
+    claims = f"{prefix}:claims"
+    assert call(api, "claimant/alice-a", "claim", "x").json()["result"] == ["x"]
+    assert rclient.hgetall(claims) == {b"x": b"claimant/alice-a"}
+    assert node.quotas.actors_created("alice") == 1
+
+    refused = call(api, "claimant/alice-b", "claim", "x")
+    assert refused.status_code == 409
+    assert refused.json()["error"]["data"] == {"holder": "claimant/alice-a"}
+    assert admin.inspect(rclient, node.keys, _name("claimant/alice-b")) is None
+    assert node.quotas.actors_created("alice") == 1
+
+    failed = call(api, "claimant/alice-b", "claim", "y", then_fail=True)
+    assert failed.status_code == 409 and failed.json()["error"]["message"] == "changed my mind"
+    assert call(api, "claimant/alice-b", "claim", "z").json()["result"] == ["z"]
+    assert call(api, "claimant/alice-a", "claim", "x").json()["result"] == ["x", "x"]  # its own
+    assert rclient.hgetall(claims) == {b"x": b"claimant/alice-a", b"z": b"claimant/alice-b"}
+    assert node.quotas.actors_created("alice") == 2

@@ -79,11 +79,12 @@ def event_types(trigger: dict[str, Any]) -> set[str]:
     return types
 
 
-def creation(spec: CommitmentCreate) -> dict[str, Any]:
+def creation(spec: CommitmentCreate, pending_quota: int | None = None) -> dict[str, Any]:
     """A checked creation as :meth:`Commitment.create` takes it: JSON, with the due time
     of every ``time_after`` leaf at a timestamp resolved (one after a delay is fixed by
     the actor, at its transaction's time). The API sends this, so the actor does not
-    validate the creation a second time."""
+    validate the creation a second time. With ``pending_quota`` (the principal's), the
+    creation is refused when it is reached (on a single Redis: by the commit)."""
     trigger = spec.trigger.model_dump(mode="json")
     models = dict(_model_leaves(spec.trigger))
     for path, leaf in leaves(trigger):
@@ -97,6 +98,7 @@ def creation(spec: CommitmentCreate) -> dict[str, Any]:
         "expires_ms": spec.expires_ms(),
         "dedup_key": spec.dedup_key,
         "metadata": spec.metadata,
+        "pending_quota": pending_quota,
     }
 
 
@@ -139,7 +141,9 @@ class Commitment(CA):
     async def create(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Idempotent: a second create of the same commitment returns it unchanged.
         ``spec`` is :func:`creation` of a checked :class:`CommitmentCreate` (what the
-        API sends), or the JSON a client wrote, which is checked here."""
+        API sends), or the JSON a client wrote, which is checked here. On a single
+        Redis the commit refuses a ``dedup_key`` bound to another commitment: the
+        error's data names it (``dedup_of``), and nothing is written."""
         if self.state.get("id"):
             return self.view()
         principal, cid = split_commitment(self.name)
@@ -188,7 +192,12 @@ class Commitment(CA):
             timers.at(self.state["expires_ms"] / 1000, "expire", name="expire")
         if event_types(trigger):  # the backstop of the API's own subscribe
             timers.after(SUBSCRIBE_BACKSTOP_SECONDS, "subscribe_again", name="subscribe")
-        self._index()
+        self.plugins.commitments.index(
+            principal,
+            summary(self.state),
+            bind=spec["dedup_key"],
+            pending_quota=spec.get("pending_quota"),
+        )
         return self.view()
 
     @internal

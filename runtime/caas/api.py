@@ -108,12 +108,13 @@ def commitments_router(node: NodeContext) -> APIRouter:
     async def on_commitment(principal: str, cid: str, method: str) -> dict[str, Any]:
         """Call a commitment's method; 404 for an id that is not one of ``principal``'s
         commitments (the actor refuses and writes nothing), saying so if it was retired.
-        After a change (cancel, retry) the index is updated before the reply, so that
-        the caller's next listing shows it (the commitment's outbox updates it too)."""
+        On Redis Cluster the index is updated after a change (cancel, retry) before the
+        reply, so that the caller's next listing shows it (the commitment's outbox
+        updates it too); on a single Redis the change's commit did."""
         if _ID.match(cid):
             try:
                 view = dict(await call(principal, actor(principal, cid), method))
-                if method != "get":
+                if method != "get" and factory.inline_index is None:
                     await index.apply(principal, summary(view))
                 return view
             except NotFoundError:
@@ -141,37 +142,55 @@ def commitments_router(node: NodeContext) -> APIRouter:
         principal: str, specs: list[CommitmentCreate]
     ) -> list[tuple[dict[str, Any], bool]]:
         """The creations of one request, each one commit of its commitment, and whether
-        it is new. Their ``dedup_key`` bindings with the pending quota check, then their
-        index updates, travel in one request each."""
+        it is new (not the one its ``dedup_key`` already named).
+
+        On a single Redis that commit is all there is: it also indexes the commitment,
+        binds its ``dedup_key`` and checks the pending quota, atomically (see
+        ``CommitmentIndex.step``); a batch's quota is checked first as a whole too. On
+        Redis Cluster the index has a slot of its own: the ``dedup_key`` bindings and
+        the quota check come first, the index updates after (one request each)."""
+        quota = node.config.quotas.of(principal).pending_commitments
         cids = [f"cm_{uuid.uuid4().hex}" for _ in specs]
-        pending, bound = await index.admit(
-            principal, [(spec.dedup_key, cid) for spec, cid in zip(specs, cids, strict=True)]
-        )
-        # A known dedup_key names a commitment that exists, or whose creation is under
-        # way (a concurrent request) or was interrupted (a crash): create is idempotent,
-        # so creating it again returns it as it is, or finishes it. Either way: 200.
-        try:
-            check_pending_quota(principal, pending, len(specs))
-        except QuotaExceeded:
-            for spec, cid, got in zip(specs, cids, bound, strict=True):
-                if spec.dedup_key is not None and got == cid:  # bound just now: unbind
-                    await asyncio.to_thread(index.unbind_dedup, principal, spec.dedup_key, cid)
-            raise
+        inline = factory.inline_index is not None
+        if inline:
+            bound = cids
+            if len(specs) > 1:
+                check_pending_quota(principal, await index.pending(principal), len(specs))
+        else:
+            pending, bound = await index.admit(
+                principal, [(spec.dedup_key, cid) for spec, cid in zip(specs, cids, strict=True)]
+            )
+            # A known dedup_key names a commitment that exists, or whose creation is
+            # under way (a concurrent request) or was interrupted (a crash): create is
+            # idempotent, so creating it again returns it as it is, or finishes it.
+            try:
+                check_pending_quota(principal, pending, len(specs))
+            except QuotaExceeded:
+                for spec, cid, got in zip(specs, cids, bound, strict=True):
+                    if spec.dedup_key is not None and got == cid:  # bound just now: unbind
+                        await asyncio.to_thread(index.unbind_dedup, principal, spec.dedup_key, cid)
+                raise
 
         async def one(spec: CommitmentCreate, cid: str, got: str) -> tuple[dict[str, Any], bool]:
             name = actor(principal, got)
             # create needs no cached reply (a second create returns the commitment as it
             # is): that saves about 1 KB of Redis per commitment. A new id names no actor
             # yet: its activation reads no checkpoint.
-            view = await call(
-                principal,
-                name,
-                "create",
-                creation(spec),
-                reply_cache=False,
-                fresh=got == cid,
-                together=True,
-            )
+            try:
+                view = await call(
+                    principal,
+                    name,
+                    "create",
+                    creation(spec, quota),
+                    reply_cache=False,
+                    fresh=got == cid,
+                    together=True,
+                )
+            except AppError as exc:  # its dedup_key names another (a single Redis)
+                other = exc.data.get("dedup_of") if isinstance(exc.data, dict) else None
+                if other is None:
+                    raise
+                return await call(principal, actor(principal, other), "get", together=True), False
             # Subscribed before the reply: every event POSTed after it reaches the
             # commitment (whose own subscribe, 30 s later, is only a backstop).
             try:
@@ -187,10 +206,11 @@ def commitments_router(node: NodeContext) -> APIRouter:
         # and those of another node's commitments share one forwarded request.
         work = [one(*c) for c in zip(specs, cids, bound, strict=True)]
         made = [await work[0]] if len(work) == 1 else await asyncio.gather(*work)
-        # The commitment's outbox indexes it too (durably, after a crash, a second
-        # later); doing it here as well means a listing or the pending quota sees it as
-        # soon as this reply is sent.
-        await index.apply_many(principal, [summary(view) for view, _ in made])
+        if not inline:
+            # The commitment's outbox indexes it too (durably, after a crash, a second
+            # later); doing it here as well means a listing or the pending quota sees it
+            # as soon as this reply is sent.
+            await index.apply_many(principal, [summary(view) for view, _ in made])
         return made
 
     @api.post(

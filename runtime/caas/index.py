@@ -15,18 +15,25 @@ P:{cm:p}:gone:ID           string  a retired commitment's tombstone (expires)
 P:principals               set     principals that have commitments (for metrics)
 =========================  ======  ================================================
 
-The commitment actor is the source of truth; it sends its summary here through the
-outbox after every transition (at least once). ``lua/cmindex.lua`` applies a summary
-only when its ``rev`` is newer than the stored one, so repeats and reordering are
-harmless and the index converges on the actor's state. The last summary of a
-commitment, sent in the transaction that deletes it (retention), says ``retired``:
-the script then removes every row of it and leaves a tombstone for a while, so that
-a late summary cannot bring it back and a GET can say it was retired.
+The commitment actor is the source of truth. On a single Redis its summary moves
+with it: every transition's commit applies it too (the commit step ``cmindex``), so
+the index is exact at every moment, and a creation's commit also binds its
+``dedup_key`` and checks the pending quota, refusing the whole creation if the key
+is bound to another commitment or the quota is reached. On Redis Cluster the index
+lives in a slot of its own: the summary then travels through the outbox after every
+transition (at least once), and the API binds keys and checks the quota before it
+creates. Either way ``lua/cmindex.lua`` applies a summary only when its ``rev`` is
+newer than the stored one, so repeats and reordering are harmless and the index
+converges on the actor's state. The last summary of a commitment, committed in the
+transaction that deletes it (retention), says ``retired``: the index then removes
+every row of it and leaves a tombstone for a while, so that a late summary cannot
+bring it back and a GET can say it was retired.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 import orjson
@@ -34,7 +41,9 @@ import redis
 
 from troth.caas.models import STATUSES
 from troth.core.batcher import Batcher, Command
+from troth.core.errors import AppError, QuotaExceeded
 from troth.core.keys import KeySpace
+from troth.core.records import CommitStep
 from troth.core.scripts import Script, load_lua
 
 
@@ -48,7 +57,8 @@ class CommitmentIndex:
         self.client = client
         self.batcher = batcher
         self.prefix = keys.prefix
-        self._apply = Script(load_lua("cmindex.lua", "troth.caas"))
+        self._principals = f"{self.prefix}:principals"
+        self._apply = Script(f"{FUNCTIONS}\nreturn cmindex_apply(KEYS, ARGV)")
         self._known: set[str] = set()  # principals already in P:principals
 
     def _writer(self) -> Batcher:
@@ -68,22 +78,57 @@ class CommitmentIndex:
         self, principal: str, summaries: list[dict[str, Any]], tombstone_ms: int = 0
     ) -> list[bool]:
         """:meth:`apply` for several commitments of ``principal``, in one request."""
-        common = [self._k(principal, what) for what in ("all", "sum", "count", "dedup", "ended")]
-        statuses = [self._k(principal, f"s:{st}") for st in STATUSES]
         new_principal = principal not in self._known
 
         def add(commands: list[Command]) -> None:
             for summary in summaries:
-                keys = [*common, self._k(principal, f"gone:{summary['id']}"), *statuses]
-                args = [summary["id"], summary["rev"], orjson.dumps(summary), tombstone_ms]
-                self._apply.queue(commands, keys, [*args, *STATUSES])
-            if new_principal:
-                commands.append(("SADD", f"{self.prefix}:principals", principal))
+                self._apply.queue(commands, *self._call(principal, summary, tombstone_ms))
+            if new_principal:  # another slot than the principal's index on a cluster
+                commands.append(("SADD", self._principals, principal))
 
         count = len(summaries) + (1 if new_principal else 0)
         replies = await self._writer().results(add, count, self._apply)
         self._known.add(principal)
         return [bool(r) for r in replies[: len(summaries)]]
+
+    def step(
+        self,
+        principal: str,
+        summary: dict[str, Any],
+        tombstone_ms: int = 0,
+        bind: str | None = None,
+        pending_quota: int | None = None,
+    ) -> CommitStep:
+        """:meth:`apply` as a step of the commitment's commit (a single Redis only). For
+        a creation: ``bind`` its ``dedup_key`` to it, and refuse the commit if the key is
+        bound to another commitment (``AppError`` whose data names it: ``dedup_of``) or
+        if the principal has ``pending_quota`` pending commitments (``QuotaExceeded``)."""
+        keys, args = self._call(principal, summary, tombstone_ms, bind, pending_quota)
+        keys.append(self._principals)
+        args[6] = principal
+        return CommitStep("cmindex", keys, args, partial(_refusal, principal, bind, pending_quota))
+
+    def _call(
+        self,
+        principal: str,
+        summary: dict[str, Any],
+        tombstone_ms: int,
+        bind: str | None = None,
+        pending_quota: int | None = None,
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``lua/cmindex.lua`` (without the set of principals)."""
+        cid = summary["id"]
+        gone = self._k(principal, f"gone:{cid}")
+        keys = [*self._common(principal), gone, *self._statuses(principal)]
+        quota = "" if pending_quota is None else pending_quota
+        args = [cid, summary["rev"], orjson.dumps(summary), tombstone_ms, bind or "", quota, ""]
+        return keys, [*args, *STATUSES]
+
+    def _common(self, principal: str) -> list[str]:
+        return [self._k(principal, what) for what in ("all", "sum", "count", "dedup", "ended")]
+
+    def _statuses(self, principal: str) -> list[str]:
+        return [self._k(principal, f"s:{st}") for st in STATUSES]
 
     def retired_at(self, principal: str, cid: str) -> int | None:
         """When ``cid`` was retired (ms), while its tombstone lasts."""
@@ -151,7 +196,7 @@ class CommitmentIndex:
         return items, None
 
     def principals(self) -> list[str]:
-        return sorted(p.decode() for p in self.client.smembers(f"{self.prefix}:principals"))
+        return sorted(p.decode() for p in self.client.smembers(self._principals))
 
     def find(self, principal: str, text: str) -> list[dict[str, Any]]:
         """The commitment whose id or ``dedup_key`` is ``text`` (none, or one)."""
@@ -216,8 +261,30 @@ class CommitmentIndex:
         ]
         return int(replies[0] or 0), ids
 
+    async def pending(self, principal: str) -> int:
+        """The principal's pending commitments, as the index counts them."""
+        count = self._k(principal, "count")
+        (reply,) = await self._writer().results(lambda c: c.append(("HGET", count, "pending")))
+        return int(reply or 0)
+
     def unbind_dedup(self, principal: str, dedup_key: str, cid: str) -> None:
         """Undo a binding of ``dedup_key`` to ``cid`` whose creation was refused."""
         key = self._k(principal, "dedup")
         if (self.client.hget(key, dedup_key) or b"").decode() == cid:
             self.client.hdel(key, dedup_key)
+
+
+#: The functions of ``lua/cmindex.lua``: ``cmindex_check`` and ``cmindex_apply``.
+FUNCTIONS = load_lua("cmindex.lua", "troth.caas")
+#: The commit step ``cmindex`` (see ``CheckpointStore.add_steps``).
+COMMIT_STEP = f"{FUNCTIONS}\nSTEPS.cmindex = {{check = cmindex_check, apply = cmindex_apply}}"
+
+
+def _refusal(principal: str, bind: str | None, quota: int | None, reason: str) -> Exception:
+    """The error of a creation whose ``cmindex`` check refused it."""
+    what, _, detail = reason.partition(":")
+    if what == "dedup":
+        return AppError(f"dedup_key {bind!r} names commitment {detail}", {"dedup_of": detail})
+    return QuotaExceeded(
+        f"principal {principal!r} has {detail} pending commitments; its quota is {quota}", 60
+    )

@@ -1,13 +1,15 @@
 """``self.plugins.commitments``: the side effects of the built-in ``commitment`` actor.
 
-Two outbox kinds, both performed after the commit that decided them:
+Three outbox kinds, all performed after the commit that decided them:
 
 * ``webhook``: a commitment's delivery, signed per attempt (Standard Webhooks, see
   :mod:`troth.caas.delivery`), retried per the commitment's retry policy: 2xx
   fulfils; timeouts, connection errors, 408, 429 and 5xx are retried; any other
   status fails at once. Targets on loopback or private networks are refused unless
   the settings allow them.
-* ``cmindex``: the commitment's summary for listings (:mod:`troth.caas.index`);
+* ``cmindex``: the commitment's summary for listings (:mod:`troth.caas.index`), on
+  Redis Cluster only: on a single Redis the commit itself updates the index (the
+  commit step ``cmindex``);
 * ``cmfanout``: an event, stored once, handed by its bus to every subscribed
   commitment (``on_event``). A fan-out cut short by a crash starts again; a
   commitment that has taken an event already ignores it (it remembers the ids).
@@ -28,7 +30,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from troth.caas import delivery
-from troth.caas.index import CommitmentIndex
+from troth.caas.index import COMMIT_STEP, CommitmentIndex
 from troth.core.access import SYSTEM, Caller
 from troth.core.errors import AppError, CallTimeout, RetryableError, TrothError
 from troth.core.metrics import Children
@@ -40,7 +42,7 @@ from troth.core.plugin import (
     PluginContext,
     PluginFactory,
 )
-from troth.core.records import OutboxEntry
+from troth.core.records import CommitOps, CommitStep, OutboxEntry, TxnInfo
 from troth.core.retry import RetryPolicy
 from troth.plugins.members import scan_members
 from troth.plugins.outbound import AddressPolicy, OutboundClient, outcome_of
@@ -50,9 +52,10 @@ log = logging.getLogger(__name__)
 #: Retries of the service's own effects (fan-outs, index updates): they must happen.
 INTERNAL_RETRY = RetryPolicy(max_attempts=100, initial_delay_seconds=1, max_delay_seconds=30)
 
-#: Seconds between a commitment's transition and its index update. Listings lag that
-#: much behind transitions nobody asked for (delivery, expiry); a GET by id never
-#: lags, and the API updates the index at once after a create, cancel or retry.
+#: On Redis Cluster, seconds between a commitment's transition and its index update.
+#: Listings lag that much behind transitions nobody asked for (delivery, expiry); a
+#: GET by id never lags, and the API updates the index at once after a create,
+#: cancel or retry. (On a single Redis the index never lags.)
 INDEX_DELAY = 1.0
 #: The same for ``triggered``, which usually lasts only until the delivery: its
 #: update waits longer, so that the outcome's replaces it. When 10,000 fire at once
@@ -82,10 +85,19 @@ class CommitmentSettings(BaseModel):
 class Commitments(OutboxPlugin):
     kind: ClassVar[str] = "webhook"
 
-    def __init__(self, actor: ActorName, pstate: dict[str, Any], retention_seconds: float) -> None:
+    def __init__(
+        self,
+        actor: ActorName,
+        pstate: dict[str, Any],
+        retention_seconds: float,
+        index: CommitmentIndex | None,
+    ) -> None:
         super().__init__(actor, pstate)
         #: How long the commitment is kept once it has ended (the node's setting).
         self.retention_seconds = retention_seconds
+        #: The index, when the commit updates it (a single Redis).
+        self._inline = index
+        self._step: CommitStep | None = None
 
     def deliver(
         self,
@@ -135,13 +147,28 @@ class Commitments(OutboxPlugin):
             kind="cmfanout",
         )
 
-    def index(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> str:
-        """Send the summary to the index; a ``retired`` one removes the commitment from
-        it and leaves a tombstone for ``tombstone_ms``, at once. Any other is sent
-        ``INDEX_DELAY`` seconds after the commit (``TRIGGERED_INDEX_DELAY`` for a
-        ``triggered`` one), and a newer summary replaces one not sent yet: a
-        commitment triggered and fulfilled within that time costs one update."""
-        return self._enqueue(
+    def index(
+        self,
+        principal: str,
+        summary: dict[str, Any],
+        tombstone_ms: int = 0,
+        *,
+        bind: str | None = None,
+        pending_quota: int | None = None,
+    ) -> None:
+        """Update the index with this summary; a ``retired`` one removes the commitment
+        from it and leaves a tombstone for ``tombstone_ms``. On a single Redis, in this
+        commit, where a creation also binds its ``dedup_key`` (``bind``) and checks
+        the ``pending_quota`` (see :meth:`CommitmentIndex.step`); the newest summary
+        of a transaction is the one applied. On Redis Cluster through the outbox: a
+        ``retired`` one at once, any other ``INDEX_DELAY`` seconds after the commit
+        (``TRIGGERED_INDEX_DELAY`` for a ``triggered`` one), a newer summary replacing
+        one not sent yet."""
+        if self._inline is not None:
+            self._require_txn()
+            self._step = self._inline.step(principal, summary, tombstone_ms, bind, pending_quota)
+            return
+        self._enqueue(
             {"principal": principal, "summary": summary, "tombstone_ms": tombstone_ms},
             idempotency_key=None,
             retry=INTERNAL_RETRY,
@@ -150,6 +177,23 @@ class Commitments(OutboxPlugin):
             replace_id=f"{self.actor}:cmindex",
             delay_seconds=_INDEX_DELAYS.get(summary["status"], INDEX_DELAY),
         )
+
+    def begin(self, txn: TxnInfo) -> None:
+        super().begin(txn)
+        self._step = None
+
+    def prepare(self, ops: CommitOps) -> None:
+        super().prepare(ops)
+        if self._step is not None:
+            ops.steps.append(self._step)
+
+    def committed(self) -> None:
+        super().committed()
+        self._step = None
+
+    def abort(self) -> None:
+        super().abort()
+        self._step = None
 
 
 class WebhookExecutor:
@@ -276,6 +320,8 @@ class CommitmentsFactory(PluginFactory):
     def __init__(self, context: PluginContext, settings: dict[str, Any]) -> None:
         super().__init__(context, settings)
         self.index = CommitmentIndex(context.client, context.keys, context.batcher)
+        #: The index when commits update it (a single Redis; None on Redis Cluster).
+        self.inline_index = None if context.cluster else self.index
         r = context.metrics.registry
         #: ``deliveries(outcome)``: the cached child of ``troth_commitment_deliveries``.
         self.deliveries = Children(
@@ -311,7 +357,10 @@ class CommitmentsFactory(PluginFactory):
         return found
 
     def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
-        return Commitments(actor, pstate, self.settings.retention_seconds)
+        return Commitments(actor, pstate, self.settings.retention_seconds, self.inline_index)
+
+    def commit_steps(self) -> dict[str, str]:
+        return {} if self.context.cluster else {"cmindex": COMMIT_STEP}
 
     def executors(self) -> list[Any]:
         fanout = FanoutExecutor(self.context, self.settings.timeout_seconds)

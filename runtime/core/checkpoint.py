@@ -12,10 +12,16 @@ written, or none is. The script first checks two guards:
 
 A timer firing adds a third guard: the timer must still exist with the same id,
 and is deleted in the same commit as its handler's state (exactly-once).
+
+Plugins may add steps of their own to the script (:meth:`CheckpointStore.add_steps`,
+:class:`~troth.core.records.CommitStep`): their checks are guards like these, their
+writes are part of the commit.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +31,8 @@ from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.keys import KeySpace, ShardKeys
 from troth.core.records import CommitOps
 from troth.core.scripts import Script, load_lua
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -62,7 +70,8 @@ class CommitRequest:
     autonomous: bool = False
     #: The actor deletes itself in this commit (every key of its own goes).
     delete: bool = False
-    #: A new actor's owner, counted against its quota in the same round trip.
+    #: A new actor's owner, whose count of actors goes up once the commit succeeded
+    #: (a crash in between leaves the actor uncounted).
     count_for: str | None = None
 
 
@@ -98,7 +107,15 @@ class CheckpointStore:
         self.reply_cache_max = reply_cache_max
         self.reply_cache_ms = int(reply_cache_seconds * 1000)
         self.notify_max = notify_max
-        self._commit = Script(load_lua("commit.lua"))
+        self._commit = _commit_script({})
+
+    def add_steps(self, steps: Mapping[str, str]) -> None:
+        """Make plugins' commit steps known, before the first commit: step name -> the
+        Lua chunk that defines it as ``STEPS[name] = {check = fn, apply = fn}``
+        (either may be left out), each ``fn(keys, args)``. A check returns nothing to
+        let the commit go on, or a reason (a string) to refuse it; it must not write.
+        The chunks become part of the commit script (a digest of their own)."""
+        self._commit = _commit_script(steps)
 
     async def load(
         self, shard: int, name: str, count_of: str | None = None
@@ -157,20 +174,21 @@ class CheckpointStore:
         sk = self.keys.shard(req.shard)
         script = self._commit
         keys = self._commit_keys(sk, req.name)
+        for step in req.ops.steps:
+            keys.extend(step.keys)
         args = [self.node_id, req.epoch, str(req.expected_seq), self._payload(req)]
-        quota = self.keys.quota(req.count_for) if req.count_for else None
-
-        def add(commands: list[Command]) -> None:
-            script.queue(commands, keys, args)
-            if quota:  # may over-count a first commit that is then refused (rare)
-                commands.append(("HINCRBY", quota, "actors", 1))
-
-        res, *_ = await self.batcher.run(add, 2 if quota else 1, script)
+        res, *_ = await self.batcher.run(lambda c: script.queue(c, keys, args), 1, script)
         if isinstance(res, Exception):
             raise res
-        if int(res[0]) == 1:
-            return CommitResult(ok=True)
-        return CommitResult(False, _text(res[1]), _text(res[2]) if len(res) > 2 else "")
+        if int(res[0]) != 1:
+            return CommitResult(False, _text(res[1]), _text(res[2]) if len(res) > 2 else "")
+        if req.count_for:  # after the commit: a refused one creates no actor
+            quota = self.keys.quota(req.count_for)
+            try:
+                await self.batcher.results(lambda c: c.append(("HINCRBY", quota, "actors", 1)))
+            except Exception as exc:  # committed all the same: the count is what may lag
+                log.warning("counting %s's new actor %s failed: %s", req.count_for, req.name, exc)
+        return CommitResult(ok=True)
 
     @staticmethod
     def _commit_keys(sk: ShardKeys, name: str) -> list[str]:
@@ -210,6 +228,8 @@ class CheckpointStore:
                 rmax=str(self.reply_cache_max),
                 cut=str(now - self.reply_cache_ms),
             )
+        if req.ops.steps:
+            payload["x"] = [[s.name, len(s.keys), *s.args] for s in req.ops.steps]
         if req.ops.outbox_withdraw:
             payload["ow"] = list(req.ops.outbox_withdraw)
         if req.ops.members_remove:
@@ -225,6 +245,11 @@ class CheckpointStore:
         if req.delete:
             payload["del"] = 1
         return codec.pack_for_lua(payload)
+
+
+def _commit_script(steps: Mapping[str, str]) -> Script:
+    chunks = [f"-- step {name}\n{lua}\n" for name, lua in sorted(steps.items())]
+    return Script("".join(["local STEPS = {}\n", *chunks, load_lua("commit.lua")]))
 
 
 def _text(value: Any) -> str:

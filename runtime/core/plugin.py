@@ -173,6 +173,9 @@ class PluginContext:
     deliver: Deliver
     #: The node's time (a test's clock stands still or jumps; executors follow it).
     clock: Clock = SYSTEM_CLOCK
+    #: Redis is a Cluster: a commit reaches only its shard's slot, so commit steps
+    #: (:meth:`PluginFactory.commit_steps`) cannot touch other keys.
+    cluster: bool = False
 
 
 class PluginFactory:
@@ -192,6 +195,12 @@ class PluginFactory:
 
     def executors(self) -> list[Executor]:
         return []
+
+    def commit_steps(self) -> dict[str, str]:
+        """This plugin's steps of the commit script: name -> Lua chunk defining
+        ``STEPS[name]`` (see ``CheckpointStore.add_steps``). Actor plugins add them to a
+        commit as :class:`~troth.core.records.CommitStep`\\ s in ``prepare``."""
+        return {}
 
     def close(self) -> None:
         """Release shared resources when the node stops."""

@@ -10,6 +10,7 @@ is what makes effects idempotent across crashes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "TIMER_ID_LEN",
     "Checkpoint",
     "CommitOps",
+    "CommitStep",
     "OutboxEntry",
     "TimerRecord",
     "TxnInfo",
@@ -148,6 +150,26 @@ def timer_key(actor: str, name: str) -> str:
 
 
 @dataclass(slots=True)
+class CommitStep:
+    """A plugin's own step of the commit script (see ``PluginFactory.commit_steps``).
+
+    The script runs every step's ``check`` after its own guards and before it writes
+    anything; a check may refuse the commit, which then writes nothing and raises
+    ``refusal(reason)`` in the transaction. After the commit's own writes it runs
+    every step's ``apply``. So bookkeeping on keys outside the actor's own (an index
+    across actors) moves with the state: exactly once, in the same round trip, never
+    seen half done. Only on a single Redis: on Redis Cluster one script reaches only
+    its shard's slot.
+    """
+
+    #: The step's name: what its Lua chunk registers as ``STEPS[name]``.
+    name: str
+    keys: list[str]
+    args: list[Any]
+    refusal: Callable[[str], Exception] | None = None
+
+
+@dataclass(slots=True)
 class CommitOps:
     """Everything besides state that one transaction commits atomically."""
 
@@ -160,6 +182,8 @@ class CommitOps:
     #: Committed outbox entries to delete, each only if it was never attempted: entry
     #: id -> the error the caller gets when one was (the commit is then refused).
     outbox_withdraw: dict[str, AppError] = field(default_factory=dict)
+    #: Plugins' steps of the commit script, run in this order.
+    steps: list[CommitStep] = field(default_factory=list)
 
     def empty(self) -> bool:
         """Whether there is nothing to commit besides the state."""
@@ -171,6 +195,7 @@ class CommitOps:
             or self.notifications
             or self.members_add
             or self.members_remove
+            or self.steps
         )
 
     def extend(self, later: CommitOps) -> None:
@@ -192,6 +217,7 @@ class CommitOps:
             self.timers_set[:] = [t for t in self.timers_set if t.key not in reset]
             self.timers_set.extend(later.timers_set)
         self.notifications.extend(later.notifications)
+        self.steps.extend(later.steps)
         for mine, other, theirs in (
             (self.members_add, self.members_remove, later.members_add),
             (self.members_remove, self.members_add, later.members_remove),

@@ -43,6 +43,7 @@ from troth.core.actor import CA
 from troth.core.checkpoint import CheckpointStore, CommitRequest
 from troth.core.errors import (
     ActorError,
+    AppError,
     FencedError,
     SerializationError,
     TrothError,
@@ -416,6 +417,10 @@ class ActorRuntime:
                 raise AlreadySettled(result.detail)
             if result.reason == "started":  # see OutboxPlugin._withdraw
                 raise request.ops.outbox_withdraw[result.detail]
+            if result.reason == "step":  # a plugin's check refused (see CommitStep)
+                n, _, why = result.detail.partition(":")
+                step = request.ops.steps[int(n) - 1]
+                raise step.refusal(why) if step.refusal else AppError(why)
             if result.reason == "fenced":
                 raise FencedError(
                     f"{self.name}: this node no longer owns shard {self.shard} "

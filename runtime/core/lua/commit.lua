@@ -8,10 +8,15 @@
 -- With p.del the actor deletes itself instead: its outbox entries are still written
 -- (effects it promised), and its checkpoint, reply cache, notification stream, member
 -- set, set memberships and the timers named in p.tc go.
+-- Plugins' steps (p.x; see CheckpointStore.add_steps) run as part of this script:
+-- every step's check before anything is written (a reason refuses the commit:
+-- 'step', 'N:reason' for the Nth step), every step's apply after the commit's writes.
+-- The chunks that define them (STEPS[name] = {check = fn, apply = fn}) precede this
+-- text in the script the store loads.
 --
 -- KEYS: 1 lease  2 checkpoint  3 replies  4 reply times  5 shard actors
 --       6 outbox  7 outbox queue  8 timer index  9 timer data  10 autonomous actors
---       11 notification stream  12 member set
+--       11 notification stream  12 member set  13.. the steps' keys, in order
 -- ARGV: 1 node id  2 epoch  3 expected seq  4 msgpack payload
 -- Returns {1, seq} or {0, reason, detail}.
 local lease = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
@@ -23,6 +28,21 @@ if seq ~= ARGV[3] then
   return {0, 'seq', seq}
 end
 local p = cmsgpack.unpack(ARGV[4])
+local steps = {}
+if p.x then  -- each {name, key count, args...}
+  local k = 12
+  for i, x in ipairs(p.x) do
+    local keys = {}
+    for j = 1, x[2] do keys[j] = KEYS[k + j] end
+    k = k + x[2]
+    local step, args = STEPS[x[1]], {unpack(x, 3)}
+    local refused = step.check and step.check(keys, args)
+    if refused then
+      return {0, 'step', i .. ':' .. refused}
+    end
+    steps[i] = {step.apply, keys, args}
+  end
+end
 if p.ow then  -- checked before anything is written
   for _, id in ipairs(p.ow) do
     local e = redis.call('HGET', KEYS[6], id)
@@ -60,6 +80,9 @@ end
 for _, k in ipairs(p.tc) do
   redis.call('HDEL', KEYS[9], k)
   redis.call('ZREM', KEYS[8], k)
+end
+for _, s in ipairs(steps) do
+  if s[1] then s[1](s[2], s[3]) end
 end
 if p.del then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[11], KEYS[12])
