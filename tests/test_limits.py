@@ -207,6 +207,8 @@ def test_event_rate_and_pending_quotas(make_node: Callable[..., Node]) -> None:
         assert api.post("/v1/commitments", json=body).status_code == 201
         over = api.post("/v1/commitments", json=body)
         assert over.status_code == 429 and "quota" in over.json()["error"]["message"]
+        batch = api.post("/v1/commitments/batch", json={"commitments": [body, body]})
+        assert batch.status_code == 429  # refused whole, before any is created
         assert len(api.get("/v1/commitments").json()["items"]) == 1
         statuses = [api.post("/v1/events", json={"event_type": "e"}).status_code for _ in range(8)]
         assert 429 in statuses and statuses[0] == 202

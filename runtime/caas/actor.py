@@ -2,8 +2,9 @@
 
 A commitment moves ``pending -> triggered -> fulfilled | failed`` or ``pending ->
 cancelled | expired``; ``failed -> triggered`` again on a re-drive. Every move is one
-transaction, and what it causes (the delivery, index updates, bus subscriptions,
-timers) is committed with it and performed after, through the outbox.
+transaction, and what it causes (the delivery, bus subscriptions, timers) is
+committed with it and performed after, through the outbox; its listing index row is
+written by that very commit (on Redis Cluster: through the outbox too).
 
 Triggers form a tree. Each leaf has a path (``r``, ``r.0``, ``r.1.2``...):
 
@@ -470,8 +471,9 @@ class Commitment(CA):
     @internal
     async def retire(self) -> None:
         """Retention: delete this finished commitment and everything it owns, in one
-        commit (checkpoint, timers, cached replies, notifications; the index rows and
-        the dedup_key binding through the outbox, leaving a tombstone)."""
+        commit (checkpoint, timers, cached replies, notifications, the index rows and
+        the dedup_key binding, leaving a tombstone; on Redis Cluster the index's part
+        follows through the outbox)."""
         s = self.state
         if s.get("status") not in TERMINAL:
             return
