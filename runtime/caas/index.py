@@ -103,9 +103,7 @@ class CommitmentIndex:
         a creation: ``bind`` its ``dedup_key`` to it, and refuse the commit if the key is
         bound to another commitment (``AppError`` whose data names it: ``dedup_of``) or
         if the principal has ``pending_quota`` pending commitments (``QuotaExceeded``)."""
-        keys, args = self._call(principal, summary, tombstone_ms, bind, pending_quota)
-        keys.append(self._principals)
-        args[6] = principal
+        keys, args = self._call(principal, summary, tombstone_ms, bind, pending_quota, True)
         return CommitStep("cmindex", keys, args, partial(_refusal, principal, bind, pending_quota))
 
     def _call(
@@ -115,20 +113,20 @@ class CommitmentIndex:
         tombstone_ms: int,
         bind: str | None = None,
         pending_quota: int | None = None,
+        listed: bool = False,
     ) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of ``lua/cmindex.lua`` (without the set of principals)."""
+        """The keys and arguments of ``lua/cmindex.lua``; with ``listed``, a new row also
+        adds the principal to the set of principals (a key of another slot)."""
         cid = summary["id"]
-        gone = self._k(principal, f"gone:{cid}")
-        keys = [*self._common(principal), gone, *self._statuses(principal)]
+        keys = [self._k(principal, what) for what in ("all", "sum", "count", "dedup", "ended")]
+        keys.append(self._k(principal, f"gone:{cid}"))
+        keys.extend(self._k(principal, f"s:{st}") for st in STATUSES)
         quota = "" if pending_quota is None else pending_quota
-        args = [cid, summary["rev"], orjson.dumps(summary), tombstone_ms, bind or "", quota, ""]
+        args = [cid, summary["rev"], orjson.dumps(summary), tombstone_ms, bind or "", quota]
+        if listed:
+            keys.append(self._principals)
+        args.append(principal if listed else "")
         return keys, [*args, *STATUSES]
-
-    def _common(self, principal: str) -> list[str]:
-        return [self._k(principal, what) for what in ("all", "sum", "count", "dedup", "ended")]
-
-    def _statuses(self, principal: str) -> list[str]:
-        return [self._k(principal, f"s:{st}") for st in STATUSES]
 
     def retired_at(self, principal: str, cid: str) -> int | None:
         """When ``cid`` was retired (ms), while its tombstone lasts."""
