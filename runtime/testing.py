@@ -44,7 +44,6 @@ from typing import Any
 
 import redis
 
-from troth.core import codec
 from troth.core.access import OPERATOR, Caller
 from troth.core.actor import CA
 from troth.core.clock import ManualClock
@@ -262,8 +261,8 @@ class ActorTestEnv:
         retried, dead or uncertain), oldest first. Performed effects leave it."""
         sk = self._shard(actor)
         entries = [
-            OutboxEntry.from_dict(codec.unpack(raw))
-            for _, raw in self.client.hscan_iter(sk.outbox, match=f"{actor}:*", count=500)
+            OutboxEntry.load(entry_id, raw)
+            for entry_id, raw in self.client.hscan_iter(sk.outbox, match=f"{actor}:*", count=500)
         ]
         return sorted(entries, key=lambda e: (e.created_ms, e.id))
 

@@ -257,6 +257,12 @@ def test_listing_filters_and_pages(cs: httpx.Client, receiver: Receiver) -> None
     pend = cs.get("/v1/commitments", params={"status": "pending", "trigger_type": "time_after"})
     assert sorted(i["id"] for i in pend.json()["items"]) == sorted(ids[1:])
     assert cs.get("/v1/commitments?status=nope").status_code == 422
+    # every row has every field, null where there is no value (the index stores none)
+    rows = {i["id"]: i for i in cs.get("/v1/commitments").json()["items"]}
+    waiting, cancelled = rows[hook], rows[ids[0]]
+    assert set(waiting) == set(cancelled) and waiting["trigger_type"] == "webhook"
+    assert [waiting[k] for k in ("due_at", "dedup_key", "retires_at")] == [None] * 3
+    assert cancelled["status"] == "cancelled" and cancelled["retires_at"] > cancelled["updated_at"]
 
 
 @pytest.mark.parametrize(

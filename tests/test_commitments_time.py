@@ -161,7 +161,7 @@ def armed_delivery(rclient: Any, prefix: str, cid: str) -> tuple[bytes, bytes, d
     for key in rclient.scan_iter(match=f"{prefix}:*:ob", count=1000):
         for entry_id, raw in rclient.hgetall(key).items():
             entry = codec.unpack(raw)
-            if entry["kind"] == "webhook" and entry["spec"]["commitment_id"] == cid:
+            if entry["kind"] == "webhook" and entry.get("idempotency_key") == cid:
                 return key, entry_id, entry
     raise AssertionError(f"no delivery of {cid} in the outbox")
 
@@ -176,9 +176,9 @@ def test_a_time_only_commitment_is_armed_and_triggered_from_its_due_time(
     retry = {"max_attempts": 2, "initial_delay_seconds": 30}
     cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 60}, retry_policy=retry)
     prefix = env.config.redis.key_prefix
-    _, _, entry = armed_delivery(rclient, prefix, cid)
-    armed = OutboxEntry.from_dict(entry)
-    assert armed.attempts == 0 and armed.spec["fired_ms"] is None
+    _, entry_id, entry = armed_delivery(rclient, prefix, cid)
+    armed = OutboxEntry.load(entry_id, codec.pack(entry))
+    assert armed.attempts == 0 and armed.spec.get("fired_ms") is None
     timers = [f for k in rclient.scan_iter(match=f"{prefix}:*:td") for f in rclient.hkeys(k)]
     assert not [f for f in timers if cid.encode() in f]
     env.advance(60)  # the first attempt: 503, the next in 30 s

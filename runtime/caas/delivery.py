@@ -71,12 +71,15 @@ def iso(ms: int | None) -> str | None:
         return None
 
 
-def build(spec: dict[str, Any], attempt: int, secret: str) -> tuple[bytes, dict[str, str]]:
-    """The body and headers of one attempt of a delivery."""
+def build(
+    commitment_id: str, spec: dict[str, Any], attempt: int, secret: str
+) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of one attempt of a delivery (``spec`` as
+    ``Commitments.deliver`` stores it, with ``fired_ms`` set)."""
     due, fired = spec.get("due_ms"), spec["fired_ms"]
     body = orjson.dumps(
         {
-            "commitment_id": spec["commitment_id"],
+            "commitment_id": commitment_id,
             "payload": spec.get("payload"),
             "trigger": spec.get("trigger"),
             "due_at": iso(due),
@@ -89,9 +92,9 @@ def build(spec: dict[str, Any], attempt: int, secret: str) -> tuple[bytes, dict[
     headers = {
         **spec.get("headers", {}),
         "content-type": "application/json",
-        "webhook-id": spec["commitment_id"],
+        "webhook-id": commitment_id,
         "webhook-timestamp": str(ts),
-        "webhook-signature": sign(secret, spec["commitment_id"], ts, body),
-        "idempotency-key": spec["commitment_id"],
+        "webhook-signature": sign(secret, commitment_id, ts, body),
+        "idempotency-key": commitment_id,
     }
     return body, headers

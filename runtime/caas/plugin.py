@@ -114,18 +114,16 @@ class Commitments(OutboxPlugin):
     ) -> str:
         """The delivery; with ``delay_seconds`` (and ``fired_ms`` None) it is *armed*:
         committed now, performed when due without another transaction of the
-        commitment, fired at its first attempt (see :meth:`withdraw`)."""
+        commitment, fired at its first attempt (see :meth:`withdraw`). The commitment
+        id travels as the entry's idempotency key; the spec leaves out what is empty
+        (a pending delivery's bytes are most of what a commitment keeps in Redis)."""
+        spec = {"principal": principal, "target": obligation["target"], "trigger": trigger}
+        optional = {"payload": obligation.get("payload"), "due_ms": due_ms, "fired_ms": fired_ms}
+        spec.update((k, v) for k, v in optional.items() if v is not None)
+        if obligation.get("headers"):
+            spec["headers"] = obligation["headers"]
         return self._enqueue(
-            {
-                "commitment_id": commitment_id,
-                "principal": principal,
-                "target": obligation["target"],
-                "payload": obligation.get("payload"),
-                "headers": obligation.get("headers", {}),
-                "trigger": trigger,
-                "due_ms": due_ms,
-                "fired_ms": fired_ms,
-            },
+            spec,
             idempotency_key=commitment_id,
             retry=retry,
             on_result=on_result,
@@ -212,11 +210,12 @@ class WebhookExecutor:
         entry after an attempt) and returned as the outcome's ``fired_ms``, for the
         commitment to record."""
         spec, m = entry.spec, self.factory
-        if spec["fired_ms"] is None:
+        if spec.get("fired_ms") is None:
             spec["fired_ms"] = self.factory.context.clock.now_ms()
         if entry.attempts == 1 and spec.get("due_ms") is not None:
             m.lateness.observe(max(0, spec["fired_ms"] - spec["due_ms"]) / 1000)
-        body, headers = delivery.build(spec, entry.attempts, self.factory.secret(spec["principal"]))
+        secret = m.secret(spec["principal"])
+        body, headers = delivery.build(entry.idempotency_key, spec, entry.attempts, secret)
         started = time.perf_counter()
         resp = await self.client.attempt("POST", spec["target"], content=body, headers=headers)
         m.latency.observe(time.perf_counter() - started)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from troth.core import codec
+from troth.core.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from troth.core.errors import AppError
@@ -77,19 +78,35 @@ class OutboxEntry:
     trace: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The stored form, without the fields still at their defaults: pending entries
-        (an armed delivery waits for months) are most of the ledger's bytes."""
+        """The stored form: a value of the ledger's hash, whose field is the id. It
+        leaves out the id and every field at its default (the idempotency key when it
+        is the id, the default retry policy): pending entries (an armed delivery waits
+        for months) are most of the ledger's bytes. :meth:`load` reads it back."""
         data = _fields(self)
+        del data["id"]
         for name, default in _OUTBOX_DEFAULTS:
             if data[name] == default:
                 del data[name]
+        if self.idempotency_key == self.id:
+            del data["idempotency_key"]
+        if self.retry == _DEFAULT_RETRY:
+            del data["retry"]
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OutboxEntry:
+    def load(cls, entry_id: str | bytes, raw: bytes) -> OutboxEntry:
+        """The entry stored under ``entry_id`` (see :meth:`to_dict`). Entries stored
+        whole by earlier versions load too."""
+        if isinstance(entry_id, bytes):
+            entry_id = entry_id.decode()
+        data = codec.unpack(raw)
+        data["id"] = entry_id
+        data.setdefault("idempotency_key", entry_id)
+        data.setdefault("retry", dict(_DEFAULT_RETRY))
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+_DEFAULT_RETRY: dict[str, Any] = RetryPolicy().model_dump()
 _OUTBOX_DEFAULTS: tuple[tuple[str, Any], ...] = (
     ("on_result", None),
     ("status", "pending"),

@@ -161,8 +161,8 @@ def failed_entries(
         pipe.hgetall(keys.shard(s).outbox)
     failed = []
     for shard, entries in zip(shards, pipe.execute() if shards else [], strict=True):
-        for raw in entries.values():
-            e = OutboxEntry.from_dict(codec.unpack(raw))
+        for entry_id, raw in entries.items():
+            e = OutboxEntry.load(entry_id, raw)
             if e.status in FAILED and (actor is None or e.origin == str(actor)):
                 failed.append(_entry_row(e, shard))
     failed.sort(key=lambda f: f["at_ms"], reverse=True)
@@ -220,7 +220,7 @@ def _change_failed(
     client: redis.Redis, keys: KeySpace, entry_id: str, purge: bool
 ) -> dict[str, Any]:
     shard, raw = find_entry(client, keys, entry_id)
-    entry = OutboxEntry.from_dict(codec.unpack(raw))
+    entry = OutboxEntry.load(entry_id, raw)
     if entry.status not in FAILED:
         raise AppError(
             f"outbox entry {entry_id!r} is {entry.status}; only dead or uncertain entries "
@@ -319,8 +319,8 @@ def inspect(client: redis.Redis, keys: KeySpace, name: ActorName) -> dict[str, A
     pstate = codec.unpack(f["pstate"]) if f.get("pstate") else {}
     lease = client.hgetall(sk.lease)
     entries = []
-    for _, raw in client.hscan_iter(sk.outbox, match=f"{name}:*", count=500):
-        e = OutboxEntry.from_dict(codec.unpack(raw))
+    for entry_id, raw in client.hscan_iter(sk.outbox, match=f"{name}:*", count=500):
+        e = OutboxEntry.load(entry_id, raw)
         entries.append(
             {
                 "id": e.id,

@@ -330,7 +330,7 @@ class OutboxDispatcher:
         (raw,) = await self.batcher.results(add)
         if raw is None:
             return None
-        entry = OutboxEntry.from_dict(codec.unpack(raw))
+        entry = OutboxEntry.load(entry_id, raw)
         if entry.replaceable:
             self._versions[entry.id] = raw
         return entry
