@@ -16,6 +16,7 @@ from websockets.sync.client import connect
 from websockets.typing import Origin
 
 from conftest import call, wait_until
+from troth.core.names import shard_of
 from troth.node import Node
 
 KEY = "k" * 16
@@ -191,6 +192,25 @@ def test_actor_quota_answers_429_and_creates_nothing(make_node: Callable[..., No
         assert resp.status_code == 429 and resp.headers["retry-after"]
         assert resp.json()["error"]["type"] == "QuotaExceeded"
     assert node.quotas.actors_created("a") == 2
+
+
+def test_a_quota_refusal_keeps_its_retry_after_across_nodes(
+    make_node: Callable[..., Node],
+) -> None:
+    """The owner of a new actor refuses it (actor quota: retry in 60 s); a caller that
+    entered at another node gets the owner's wait, in the header and in the error's
+    data (which WebSocket clients read), not a default of 1 s."""
+    settings = {"auth": {"api_keys": {KEY: "a"}}, "quotas": {"actors": 1}}
+    a, b = make_node("a", serve=True, **settings), make_node("b", serve=True, **settings)
+    wait_until(lambda: len(a.leases.owned) == len(b.leases.owned) == 32, timeout=10)
+    wait_until(lambda: len(a.leases.urls) == 2, timeout=5)
+    on_b = [f"a-{i}" for i in range(1000) if b.leases.epoch_of(shard_of(f"counter/a-{i}", 64))][:2]
+    with httpx.Client(base_url=a.url, headers={"authorization": f"Bearer {KEY}"}) as api:
+        assert call(api, f"counter/{on_b[0]}", "increment").status_code == 200
+        over = call(api, f"counter/{on_b[1]}", "increment")
+    assert over.status_code == 429 and over.headers["retry-after"] == "60"
+    assert over.json()["error"]["data"] == {"retry_after": 60}
+    assert f"counter/{on_b[1]}" not in a.engine.cells
 
 
 def test_event_rate_and_pending_quotas(make_node: Callable[..., Node]) -> None:

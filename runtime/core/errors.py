@@ -129,7 +129,9 @@ class RedisUnavailable(UnavailableError):
 class QuotaExceeded(TrothError):
     """The principal is over one of its quotas (actors, pending commitments, events/s).
 
-    Answered 429 with ``Retry-After``; nothing was created or changed.
+    Answered 429 with ``Retry-After``; nothing was created or changed. ``data``
+    says ``retry_after`` too, so that the wait survives a hop between nodes and
+    reaches WebSocket clients, which see no headers.
     """
 
     http_status = 429
@@ -137,6 +139,9 @@ class QuotaExceeded(TrothError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "data": {"retry_after": self.retry_after}}
 
 
 class RemoteError(TrothError):
@@ -177,6 +182,10 @@ def error_from_dict(data: dict[str, Any], http_status: int = 500) -> TrothError:
     message = str(data.get("message", ""))
     if kind == "AppError":
         return AppError(message, data.get("data"))
+    if kind == "QuotaExceeded":
+        extra = data.get("data")
+        wait = extra.get("retry_after") if isinstance(extra, dict) else None
+        return QuotaExceeded(message, wait if isinstance(wait, int) and wait > 0 else 1)
     cls = _BY_NAME.get(kind)
     if cls is not None:
         return cls(message)
