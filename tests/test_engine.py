@@ -118,6 +118,24 @@ def test_an_actor_can_delete_itself(
     assert node.call(name, "get").result(5)["value"] == 0
 
 
+def test_an_actor_whose_first_messages_were_refused_is_not_kept_active(
+    make_node: Callable[..., Node], rclient: redis.Redis, prefix: str
+) -> None:
+    """A refused creation (a duplicate commitment, a bad first call) committed nothing:
+    its cell is let go at once instead of holding memory until it is idle; the next
+    call starts the actor afresh, and an actor that committed stays active."""
+    node = make_node("n1")
+    name = ActorName("counter", "alice-refused")
+    with pytest.raises(AppError):
+        node.call(name, "increment", [0]).result(5)
+    wait_until(lambda: str(name) not in node.engine.cells, timeout=2)
+    assert node.active_actors == 0 and not shard_keys(rclient, prefix, name)
+    assert node.call(name, "increment", [2]).result(5) == 2
+    with pytest.raises(AppError):
+        node.call(name, "increment", [0]).result(5)  # refused, but the actor exists
+    assert str(name) in node.engine.cells and node.active_actors == 1
+
+
 def test_generators_are_refused_at_registration() -> None:
     config = parse_config(
         {"python_path": [str(TESTS)], "types": {"bad": {"class": "support_actors:Streamer"}}}

@@ -234,6 +234,12 @@ class Cell:
                 self._settle(envelope, reply=reply)
             if self.runtime is not None and self.runtime.deleted:
                 self._fail(UnavailableError(f"{self.name} was deleted; call again"))
+        rt = self.runtime
+        if rt is not None and rt.needs_init and self.failure is None:
+            # Nothing of this actor was ever committed (its first messages were refused
+            # or rolled back, e.g. a duplicate creation): it holds no memory until idle.
+            self.host.cell_stopped(self)
+            self._close()
 
     def _groups(self) -> bool:
         """Whether the next calls in the mailbox may be committed together: plain
