@@ -81,7 +81,9 @@ class OutboxEntry:
         """The stored form: a value of the ledger's hash, whose field is the id. It
         leaves out the id and every field at its default (the idempotency key when it
         is the id, the default retry policy): pending entries (an armed delivery waits
-        for months) are most of the ledger's bytes. :meth:`load` reads it back."""
+        for months) are most of the ledger's bytes. :meth:`load` reads it back, so
+        ``RetryPolicy``'s defaults are part of the stored format: a change of them
+        applies to the entries stored with them."""
         data = _fields(self)
         del data["id"]
         for name, default in _OUTBOX_DEFAULTS:
