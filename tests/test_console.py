@@ -170,11 +170,8 @@ def test_console_navigates_and_redrives_a_dead_letter(
         receiver.requests[0].headers["idempotency-key"]
     }
     browser.get(f"{node.url}/ui/#commitment/local/{cid}")
-    wait_until(
-        lambda: (
-            [e.text for e in browser.find_elements(By.ID, "commitment-status")] == ["fulfilled"]
-        ),
-        timeout=20,
-    )
+    # read in one step: the page re-renders every 2 s, so a found element may go stale
+    status = "const e = document.getElementById('commitment-status'); return e && e.textContent"
+    wait_until(lambda: browser.execute_script(status) == "fulfilled", timeout=20)
     assert "Delivery attempts" in text()
     shot("commitment")
