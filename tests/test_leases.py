@@ -116,6 +116,25 @@ def test_a_silent_node_is_taken_over_and_fenced(
     assert all(a.manager.epoch_of(s) is None for s in held)
 
 
+def test_the_next_beat_comes_just_after_a_silent_node_expires(
+    member: MakeMember, clock: ManualClock
+) -> None:
+    """A killed node's shards are claimed a lease TTL after its last beat, not up to a
+    heartbeat later: the survivor times its next beat to the expiry."""
+    a, b = member("a"), member("b")
+    a.manager.beat()
+    b.manager.beat()
+    assert b.manager.next_beat_in == TTL / 4  # a is alive for a whole TTL
+    clock.advance(TTL - 0.3)  # a is silent since its beat
+    b.manager.beat()
+    assert b.manager.next_beat_in == pytest.approx(0.305)
+    assert b.owned != set(range(SHARDS))
+    clock.advance(b.manager.next_beat_in)
+    b.manager.beat()
+    assert b.owned == set(range(SHARDS))
+    assert b.manager.next_beat_in == TTL / 4  # no other node left
+
+
 def test_a_restart_under_the_same_id_adopts_its_leases_at_once(member: MakeMember) -> None:
     a, b = member("a"), member("b")
     a.manager.beat()

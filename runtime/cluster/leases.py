@@ -22,6 +22,10 @@ Each heartbeat a node:
    first drains and passivates their actors), so that a joining node is not
    flooded.
 
+A node beats again just after another node's entry expires when that comes before
+its next heartbeat, so a killed node's shards are claimed a lease TTL after its last
+beat rather than up to a heartbeat later.
+
 Each beat also publishes the set of shards the node serves (``served``, a hex
 bitmap in its node entry), so that ``troth status`` counts a shard as served only
 when its owner says it serves it.
@@ -118,6 +122,9 @@ class LeaseManager:
         self.owners: list[str] = [""] * keys.shard_count
         self.urls: dict[str, str] = {}
         self.last_beat_ok = 0.0
+        #: Seconds until the next beat: the heartbeat, or sooner when another node's
+        #: entry expires before then (see :meth:`_next_wait`).
+        self.next_beat_in = heartbeat_seconds
 
     # -- queries -----------------------------------------------------------------------
 
@@ -173,7 +180,7 @@ class LeaseManager:
                 log.warning("could not deregister node %s: %s", self.node_id, exc)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.heartbeat_seconds):
+        while not self._stop.wait(self.next_beat_in):
             try:
                 self.beat()
             except redis.RedisError as exc:
@@ -201,7 +208,7 @@ class LeaseManager:
         url = self.node_info().get("url", "")
         if url:
             pipe.hset(self.keys.node_urls, self.node_id, url)
-        pipe.zrangebyscore(self.keys.nodes, now, "+inf")
+        pipe.zrangebyscore(self.keys.nodes, now, "+inf", withscores=True)
         pipe.hgetall(self.keys.node_urls)
         pipe.smembers(self.keys.draining)
         inbox = self.keys.inbox(self.node_id)
@@ -211,7 +218,8 @@ class LeaseManager:
         leases = self._read_leases()
         self.last_beat_ok = self.clock.monotonic()
         head = 4 if url else 3
-        live = sorted(n.decode() for n in results[head])
+        expiries = {n.decode(): int(score) for n, score in results[head]}
+        live = sorted(expiries)
         urls = {k.decode(): v.decode() for k, v in results[head + 1].items()}
         draining = {n.decode() for n in results[head + 2]}
         self.live_nodes = live
@@ -220,8 +228,21 @@ class LeaseManager:
             lv.owner if lv is not None else self.owners[s] for s, lv in enumerate(leases)
         ]
         self._reconcile(leases, set(live), draining)
+        self.next_beat_in = self._next_wait(expiries)
         if results[head + 3] and self.on_commands is not None:
             self.on_commands(results[head + 3])
+
+    def _next_wait(self, expiries: dict[str, int]) -> float:
+        """Beat again just after the first other node's entry expires, if that comes
+        before the next heartbeat: a killed node's shards are then claimed within the
+        lease TTL of its last beat, not up to a heartbeat later. A live node renews its
+        entry a TTL ahead every heartbeat, so this only shortens the wait for a node
+        that stopped beating (or is late: then the extra beat finds it alive)."""
+        others = [at for node, at in expiries.items() if node != self.node_id]
+        if not others:
+            return self.heartbeat_seconds
+        until = (min(others) - self.clock.now_ms()) / 1000 + 0.005
+        return max(0.005, min(self.heartbeat_seconds, until))
 
     def _read_leases(self) -> list[LeaseView | None]:
         """Every shard's lease: one script call on a single Redis (a pipeline of 1,024
