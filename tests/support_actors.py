@@ -41,6 +41,14 @@ class Probe(troth.CA):
         if then_fail:
             raise troth.AppError("changed my mind")
 
+    def rest(self, value: Any, then_fail: bool = False) -> Any:
+        """Set ``value`` and leave memory after this commit (or not, if it then fails)."""
+        self.state["value"] = value
+        self.passivate()
+        if then_fail:
+            raise troth.AppError("changed my mind")
+        return value
+
     def block(self, seconds: float) -> float:
         """A plain method that blocks its thread (a slow library, time.sleep)."""
         time.sleep(seconds)

@@ -79,6 +79,32 @@ def test_time_after_delivers_signed_body(cs: httpx.Client, receiver: Receiver) -
     assert [t["status"] for t in done["transitions"]] == ["pending", "triggered", "fulfilled"]
 
 
+def test_a_finished_commitment_leaves_memory_at_once(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    """A fulfilled or cancelled commitment has nothing to do until it is read or
+    retired: it passivates in its last commit instead of staying active for its 30 s
+    idle time (memory at 100,000 due at once). Reading it loads it again."""
+    node = make_node("n1")
+    server = ServerThread(node).start()
+
+    def active() -> set[str]:
+        return {k for k in node.engine.cells if k.startswith("commitment/")}
+
+    try:
+        with httpx.Client(base_url=server.url, timeout=15) as cs:
+            fired = commit(cs, receiver, {"type": "time_after", "delay_seconds": 0.2})
+            waiting = commit(cs, receiver, {"type": "time_after", "delay_seconds": 600})
+            dropped = commit(cs, receiver, {"type": "time_after", "delay_seconds": 600})
+            assert cs.delete(f"/v1/commitments/{dropped['id']}").status_code == 200
+            wait_until(lambda: len(receiver.requests) == 1)
+            wait_until(lambda: active() == {f"commitment/local-{waiting['id']}"}, timeout=3)
+            assert status(cs, fired["id"]) == "fulfilled"
+            assert status(cs, dropped["id"]) == "cancelled"
+    finally:
+        server.stop()
+
+
 def test_webhook_filters(cs: httpx.Client, receiver: Receiver) -> None:
     c = commit(
         cs,

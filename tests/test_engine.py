@@ -136,6 +136,26 @@ def test_an_actor_whose_first_messages_were_refused_is_not_kept_active(
     assert str(name) in node.engine.cells and node.active_actors == 1
 
 
+def test_an_actor_that_asks_to_passivate_leaves_memory_after_its_commit(
+    make_node: Callable[..., Node],
+) -> None:
+    """CA.passivate: the activation goes once its message committed, long before it
+    would be idle; the next call resumes it from its checkpoint; a message that rolls
+    back forgets the request."""
+    probe = {"class": "support_actors:Probe", "idle_seconds": 300}
+    node = make_node("n1", types={"probe": probe})
+    name = ActorName("probe", "alice-rest")
+    assert node.call(name, "rest", [5]).result(5) == 5
+    wait_until(lambda: str(name) not in node.engine.cells, timeout=2)
+    state = node.call(name, "get").result(5)
+    assert state["value"] == 5 and state["resumes"] == 1
+    with pytest.raises(AppError):
+        node.call(name, "rest", [6, True]).result(5)
+    time.sleep(0.3)
+    assert str(name) in node.engine.cells  # rolled back: it stays
+    assert node.call(name, "get").result(5)["value"] == 5
+
+
 def test_generators_are_refused_at_registration() -> None:
     config = parse_config(
         {"python_path": [str(TESTS)], "types": {"bad": {"class": "support_actors:Streamer"}}}

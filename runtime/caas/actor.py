@@ -464,6 +464,7 @@ class Commitment(CA):
             keep = self.plugins.commitments.retention_seconds
             self.state["retires_ms"] = now + int(keep * 1000)
             self.plugins.timers.after(keep, "retire", name="retire")
+            self.passivate()  # nothing to do until a read or the retire timer
         else:
             self.state.pop("retires_ms", None)  # running again (a retry)
         self._index()

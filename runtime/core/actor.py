@@ -130,6 +130,18 @@ class CA:
             raise RuntimeError("delete_self() is only possible inside a transaction")
         self._troth_runtime.deleting = True
 
+    def passivate(self) -> None:
+        """Let this activation go from memory once the current message has committed
+        (or changed nothing) and no other message is queued for it. Nothing is
+        deleted: the next message loads it from its checkpoint again (``resume``),
+        and its timers and outbox entries run as usual meanwhile. For an actor that
+        is done for a while, e.g. a finished commitment waiting out its retention,
+        so that it holds no memory for ``idle_seconds``. If the message rolls back,
+        the request is forgotten. Autonomous actors stay active (they pulse)."""
+        if self._troth_runtime is None:
+            raise RuntimeError("passivate() is only possible inside a transaction")
+        self._troth_runtime.passivating = True
+
     def init(self) -> None:
         """First activation: fill ``self.state``."""
 

@@ -208,6 +208,8 @@ class ActorRuntime:
         #: Set by :meth:`CA.delete_self`; the actor is gone once this commit returns.
         self.deleting = False
         self.deleted = False
+        #: Set by :meth:`CA.passivate` during the last message (reset by a rollback).
+        self.passivating = False
         self._state = codec.pack(ca.state)
         self._pstate = self._pack_pstates()
         self._txn: TxnInfo | None = None
@@ -455,7 +457,7 @@ class ActorRuntime:
         for p in list(self.plugins.values()):
             p.begin(txn)
         self.ca.caller = msg.caller
-        self.deleting = False
+        self.deleting = self.passivating = False
         try:
             if self.needs_init and type(self.ca).init is not CA.init:
                 await self.invoke(self.ca.init)
@@ -532,7 +534,7 @@ class ActorRuntime:
     ) -> None:
         """Back to the last commit (``whole``), or only the current message of a group
         back to what the group's earlier calls left (``state``, ``pstate``)."""
-        self.deleting = False
+        self.deleting = self.passivating = False
         self.ca.state = codec.unpack(self._state if state is None else state)
         pstates = codec.unpack(self._pstate if pstate is None else pstate)
         for name, p in list(self.plugins.items()):

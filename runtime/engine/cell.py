@@ -235,9 +235,12 @@ class Cell:
             if self.runtime is not None and self.runtime.deleted:
                 self._fail(UnavailableError(f"{self.name} was deleted; call again"))
         rt = self.runtime
-        if rt is not None and rt.needs_init and self.failure is None:
+        if rt is None or self.failure is not None:
+            return
+        if rt.needs_init or (rt.passivating and not self.atype.autonomous):
             # Nothing of this actor was ever committed (its first messages were refused
-            # or rolled back, e.g. a duplicate creation): it holds no memory until idle.
+            # or rolled back, e.g. a duplicate creation), or it asked to be let go
+            # (CA.passivate): it holds no memory until idle.
             self.host.cell_stopped(self)
             self._close()
 

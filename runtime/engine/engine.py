@@ -4,7 +4,8 @@ An active actor is a :class:`~troth.engine.cell.Cell` (a mailbox and the actor's
 never a thread: a node's thread count does not grow with its actors. The engine
 
 * activates a cell on the first message for an actor of a shard the node owns, and
-  passivates it after ``idle_seconds`` without messages (autonomous actors stay
+  passivates it after ``idle_seconds`` without messages, or as soon as its mailbox
+  is empty after a message that called ``passivate()`` (autonomous actors stay
   active while the node owns their shard, and are woken when it claims one);
 * runs pulses from one heap (cost per due pulse, not per active actor);
 * on losing shards stops their cells at once; on handing shards off, lets their
