@@ -240,7 +240,7 @@ class Cell:
         if rt.needs_init or (rt.passivating and not self.atype.autonomous):
             # Nothing of this actor was ever committed (its first messages were refused
             # or rolled back, e.g. a duplicate creation), or it asked to be let go
-            # (CA.passivate): it holds no memory until idle.
+            # (CA.passivate): it holds no memory while it waits to be idle.
             self.host.cell_stopped(self)
             self._close()
 
