@@ -211,7 +211,7 @@ class WebhookExecutor:
         commitment to record."""
         spec, m = entry.spec, self.factory
         if spec.get("fired_ms") is None:
-            spec["fired_ms"] = self.factory.context.clock.now_ms()
+            spec["fired_ms"] = m.context.clock.now_ms()
         if entry.attempts == 1 and spec.get("due_ms") is not None:
             m.lateness.observe(max(0, spec["fired_ms"] - spec["due_ms"]) / 1000)
         secret = m.secret(spec["principal"])

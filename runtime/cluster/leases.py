@@ -233,11 +233,9 @@ class LeaseManager:
             self.on_commands(results[head + 3])
 
     def _next_wait(self, expiries: dict[str, int]) -> float:
-        """Beat again just after the first other node's entry expires, if that comes
-        before the next heartbeat: a killed node's shards are then claimed within the
-        lease TTL of its last beat, not up to a heartbeat later. A live node renews its
-        entry a TTL ahead every heartbeat, so this only shortens the wait for a node
-        that stopped beating (or is late: then the extra beat finds it alive)."""
+        """Seconds to the next beat (see the module docstring). A live node renews its
+        entry a TTL ahead every heartbeat, so only a node that stopped beating (or is
+        late: then the extra beat finds it alive) shortens the wait."""
         others = [at for node, at in expiries.items() if node != self.node_id]
         if not others:
             return self.heartbeat_seconds
