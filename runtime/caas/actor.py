@@ -346,7 +346,7 @@ class Commitment(CA):
             s["fired_by"] = self._fired_by_time()
             s["progress"]["r"] = {"at_ms": fired, **s["fired_by"]}
             self._stop_waiting()
-            self._move("triggered", at_ms=fired)
+            self._move("triggered", at_ms=fired, index=False)  # the outcome's move indexes
         if s.get("status") != "triggered":
             return
         offset = len(self.state["attempts"])
@@ -454,7 +454,7 @@ class Commitment(CA):
             if bus != self._pruned_by:  # that bus's fan-out forgets this commitment
                 self.plugins.send.tell(bus, "unsubscribe", str(self.name))
 
-    def _move(self, status: str, at_ms: int | None = None) -> None:
+    def _move(self, status: str, at_ms: int | None = None, index: bool = True) -> None:
         now = self.now_ms
         self.state["status"] = status
         self.state["updated_ms"] = now
@@ -467,7 +467,8 @@ class Commitment(CA):
             self.passivate()  # nothing to do until a read or the retire timer
         else:
             self.state.pop("retires_ms", None)  # running again (a retry)
-        self._index()
+        if index:
+            self._index()
 
     @internal
     async def retire(self) -> None:

@@ -15,7 +15,7 @@ One client call is one trace:
 * every outbox entry the transaction commits keeps the ``traceparent`` of that
   transaction in the ledger, so the attempt (``troth.outbox KIND``), on this node
   or on the one that took the shard over after a crash, continues the same trace,
-  and the webhook it sends carries ``traceparent`` (aiohttp's instrumentation);
+  and the webhook it sends carries ``traceparent`` (:class:`~troth.plugins.outbound.OutboundClient`);
 * redis-py's commands (the sync client: leases, reads) are spans of their own
   (Redis' instrumentation); the engine's batched round trips are ``troth.commit``;
 * ``troth call`` sends ``traceparent`` (httpx's instrumentation). The client
@@ -119,7 +119,7 @@ def disable() -> None:
 
 
 def _instrumentors() -> list[Any]:
-    """redis-py, aiohttp's client (webhooks, forwarded calls), httpx (the CLI)."""
+    """redis-py, aiohttp's client (forwarded calls), httpx (the CLI)."""
     from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
