@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from conftest import Receiver, wait_until
+from troth.core.http1 import Response
 from troth.core.names import ActorName
 from troth.node import Node
 from troth.plugins.outbound import (
     AddressPolicy,
     OutboundClient,
-    Response,
     UnsafeTargetError,
     classify,
 )
