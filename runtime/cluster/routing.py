@@ -42,7 +42,6 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,6 +56,7 @@ from troth.core.errors import (
     UnavailableError,
     error_from_dict,
 )
+from troth.core.http1 import Http1Client, resolve_any
 from troth.core.names import ActorName, check_method, shard_of
 
 if TYPE_CHECKING:
@@ -70,6 +70,9 @@ CLUSTER_HEADER = "x-troth-cluster"
 CLUSTER_PATH = "/v1/cluster/call"
 #: The same for several calls in one request.
 CLUSTER_BATCH_PATH = "/v1/cluster/calls"
+#: The largest answer read from another node: no bound a reply could reach, only a
+#: guard against a broken peer.
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
 #: At most this many calls travel in one forwarded request.
 MAX_FORWARD_BATCH = 100
 #: A forwarded body older than this (or this far in the future) is refused: a
@@ -143,7 +146,12 @@ class Router:
         self.secret = secret
         #: The largest batch body (the owner's body limit is the same setting).
         self.max_batch_bytes = max_batch_bytes
-        self._http: aiohttp.ClientSession | None = None
+        self._http = Http1Client(
+            resolve_any,
+            timeout=call_timeout,
+            user_agent="troth-node",
+            max_response_bytes=MAX_ANSWER_BYTES,
+        )
         self._queued: dict[str, list[_Queued]] = {}  # by owner URL, for this loop turn
         self._single_only: set[str] = set()  # owners without the batch endpoint
         self._sending = Background()
@@ -368,24 +376,15 @@ class Router:
 
     async def _post(self, url: str, body: bytes, timeout: float) -> tuple[int, dict[str, Any]]:
         """POST a signed body to another node: its status and JSON answer."""
-        # aiohttp, as for webhooks: httpx's pool slows down with many connections
-        # (docs/design.md, *Execution*).
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256), trust_env=False
-            )
         headers = {CLUSTER_HEADER: sign(self.secret, body), "content-type": "application/json"}
+        trace = tracing.traceparent()
+        if trace is not None:
+            headers["traceparent"] = trace
         try:
-            async with self._http.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-            ) as resp:
-                status, raw = resp.status, await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            resp = await self._http.request("POST", url, body, headers, timeout)
+        except (OSError, TimeoutError) as exc:
             raise UnavailableError(f"owner at {url} unreachable: {exc!r}") from exc
+        status, raw = resp.status_code, resp.body
         try:
             data = json.loads(raw)
         except ValueError:
@@ -396,6 +395,4 @@ class Router:
 
     async def close(self) -> None:
         await asyncio.gather(*self._sending.pending(), return_exceptions=True)
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self._http.aclose()

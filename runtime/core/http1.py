@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import re
 import socket
 import ssl
@@ -42,6 +43,17 @@ import httptools
 
 #: ``resolve(host, port)``: the (family, address) pairs a connection may go to.
 Resolve = Callable[[str, int], Awaitable[list[tuple[int, str]]]]
+
+
+async def resolve_any(host: str, port: int) -> list[tuple[int, str]]:
+    """Every address of ``host``, unchecked: for peers the node trusts (other nodes)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [(int(info[0]), str(info[4][0])) for info in infos]
+    return [(socket.AF_INET6 if address.version == 6 else socket.AF_INET, str(address))]
+
 
 _BODYLESS = frozenset({"HEAD", "CONNECT"})
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~?"
@@ -216,9 +228,11 @@ class Http1Client:
         url: str,
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Response:
-        """Send one request and read its response (ValueError for a URL, method or
-        header that cannot be sent)."""
+        """Send one request and read its response within ``timeout`` seconds (the
+        client's when None); ValueError for a URL, method or header that cannot be
+        sent."""
         target = _target(method, url)
         headers = headers or {}
         if _UNSAFE.search("".join(headers) + "".join(headers.values())):
@@ -230,7 +244,7 @@ class Http1Client:
         )
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
-        async with self._slots, asyncio.timeout(self.timeout):
+        async with self._slots, asyncio.timeout(timeout or self.timeout):
             conn = self._take(target)
             if conn is not None:
                 try:

@@ -10,12 +10,12 @@ it costs a flag test per message.
 One client call is one trace:
 
 * the HTTP request (FastAPI's instrumentation; a call forwarded to the owner node
-  carries ``traceparent``, aiohttp's instrumentation);
+  carries ``traceparent``);
 * ``TYPE.method``: the actor's transaction, with ``troth.commit`` for its commit;
 * every outbox entry the transaction commits keeps the ``traceparent`` of that
   transaction in the ledger, so the attempt (``troth.outbox KIND``), on this node
   or on the one that took the shard over after a crash, continues the same trace,
-  and the webhook it sends carries ``traceparent`` (:class:`~troth.plugins.outbound.OutboundClient`);
+  and the webhook it sends carries ``traceparent`` (troth's HTTP client sets it);
 * redis-py's commands (the sync client: leases, reads) are spans of their own
   (Redis' instrumentation); the engine's batched round trips are ``troth.commit``;
 * ``troth call`` sends ``traceparent`` (httpx's instrumentation). The client
@@ -119,12 +119,12 @@ def disable() -> None:
 
 
 def _instrumentors() -> list[Any]:
-    """redis-py, aiohttp's client (forwarded calls), httpx (the CLI)."""
-    from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+    """redis-py and httpx (the CLI); troth's own HTTP client (webhooks, forwarded
+    calls) sends ``traceparent`` itself."""
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-    return [RedisInstrumentor(), AioHttpClientInstrumentor(), HTTPXClientInstrumentor()]
+    return [RedisInstrumentor(), HTTPXClientInstrumentor()]
 
 
 def instrument_app(app: Any) -> None:
