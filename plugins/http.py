@@ -115,7 +115,11 @@ class HttpExecutor:
         spec = entry.spec
         headers = {**spec.get("headers", {}), "idempotency-key": entry.idempotency_key}
         resp = await self.client.attempt(
-            spec["method"], spec["url"], json=spec.get("json"), headers=headers
+            spec["method"],
+            spec["url"],
+            json=spec.get("json"),
+            headers=headers,
+            repeatable=spec.get("idempotent", True) is not False,
         )
         if isinstance(resp, ExecutionOutcome):
             return resp

@@ -234,10 +234,13 @@ class OutboundClient:
         content: bytes | None = None,
         json: Any = None,
         headers: dict[str, str] | None = None,
+        repeatable: bool = False,
     ) -> Response:
         """Send one request; raises UnsafeTargetError for a target the policy refuses,
         OSError or TimeoutError when no response came. The ``traceparent`` of the
-        current span goes along while tracing is on."""
+        current span goes along while tracing is on. ``repeatable``: the receiver
+        de-duplicates it, so it may be sent again when a kept-alive connection turns
+        out closed (:mod:`troth.core.http1`)."""
         headers = dict(headers or {})
         if json is not None:
             content = orjson.dumps(json)
@@ -245,7 +248,7 @@ class OutboundClient:
         trace = tracing.traceparent()
         if trace is not None:
             headers["traceparent"] = trace
-        return await self._http.request(method, url, content, headers)
+        return await self._http.request(method, url, content, headers, repeatable=repeatable)
 
     async def attempt(self, method: str, url: str, **kwargs: Any) -> Response | ExecutionOutcome:
         """One request: the response, or the outcome of a request that got none (refused

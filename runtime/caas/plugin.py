@@ -217,7 +217,9 @@ class WebhookExecutor:
         secret = m.secret(spec["principal"])
         body, headers = delivery.build(entry.idempotency_key, spec, entry.attempts, secret)
         started = time.perf_counter()
-        resp = await self.client.attempt("POST", spec["target"], content=body, headers=headers)
+        resp = await self.client.attempt(
+            "POST", spec["target"], content=body, headers=headers, repeatable=True
+        )
         m.latency.observe(time.perf_counter() - started)
         fired = {"fired_ms": spec["fired_ms"]}
         if isinstance(resp, ExecutionOutcome):

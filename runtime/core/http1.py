@@ -18,7 +18,9 @@ uvicorn uses): about 85 µs. It does only what a webhook sender needs:
   connecting included; a timed-out connection is closed, never reused;
 * a request sent on a reused connection that the server closed before a byte of a
   response came (the race every keep-alive client has with a server's idle
-  timeout) is sent once more on a new connection;
+  timeout) is sent once more on a new connection, but only when the caller says it
+  may be repeated (``repeatable``: the server may have acted on it before closing);
+  otherwise that is an error, as with any lost connection;
 * no redirects, cookies, proxies or compression (nothing is asked for, so nothing
   comes back encoded).
 
@@ -229,10 +231,12 @@ class Http1Client:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
+        repeatable: bool = False,
     ) -> Response:
         """Send one request and read its response within ``timeout`` seconds (the
         client's when None); ValueError for a URL, method or header that cannot be
-        sent."""
+        sent. ``repeatable``: the request may reach the server twice (see the module
+        docstring)."""
         target = _target(method, url)
         headers = headers or {}
         if _UNSAFE.search("".join(headers) + "".join(headers.values())):
@@ -250,7 +254,8 @@ class Http1Client:
                 try:
                     return self._release(target, conn, await conn.send(data))
                 except _Stale:
-                    pass
+                    if not repeatable:
+                        raise
             conn = await self._connect(target)
             return self._release(target, conn, await conn.send(data))
 
