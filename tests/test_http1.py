@@ -219,6 +219,36 @@ def test_a_timed_out_request_is_not_answered_on_the_next_one() -> None:
     run(test)
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["behind-the-answer", "later"])
+def test_bytes_a_server_sends_unasked_are_never_an_answer(apart: bool) -> None:
+    """A server that sends a response on an idle kept-alive connection (a 408 before it
+    closes, a broken proxy) loses that connection: the next request gets its own answer."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        n = connections
+        while await read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n%d" % n)
+            if n == 1:
+                if apart:
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+
+    async def test() -> None:
+        http = client()
+        async with serving(handler, http) as url:
+            assert await http.request("POST", url, b"") == Response(200, b"1")
+            await asyncio.sleep(0.1)
+            assert await http.request("POST", url, b"") == Response(200, b"2")
+
+    run(test)
+    assert connections == 2
+
+
 def test_what_cannot_be_sent_is_refused_before_connecting() -> None:
     async def nowhere(host: str, port: int) -> list[tuple[int, str]]:
         raise AssertionError("no connection may be opened")

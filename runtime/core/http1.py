@@ -155,6 +155,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.waiter is None:  # unasked for (a server's 408 before it closes): never
+            self.close()  # read as the answer to the next request, nor reused
+            return
         self.got_data = True
         try:
             self.parser.feed_data(data)
@@ -180,6 +183,8 @@ class _Connection(asyncio.Protocol):
             self.delimited = True
 
     def on_headers_complete(self) -> None:
+        if self.waiter is None:  # a second response behind the answer: unasked for
+            self.close()
         self.status = self.parser.get_status_code()
 
     def on_body(self, chunk: bytes) -> None:
