@@ -200,6 +200,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.status < 200:  # 1xx: an interim response; the final one follows
             self._reset()
+            self.got_data = True  # the server did answer: a loss now is no stale reuse
             return
         self.keep = self.keep and self.parser.should_keep_alive()
         self._finish(Response(self.status, b"".join(self.body)))
