@@ -56,6 +56,13 @@ def test_without_keys_only_local_json_requests_are_served(
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["message"]
     assert api.get("/v1/commitments").json()["items"] == []
+    call = api.post(
+        "/v1/actors/counter/x/increment",
+        content=b"{}",
+        headers={"content-type": "application/json", **headers},
+    )
+    assert call.status_code == status, call.text
+    assert api.post("/v1/actors/counter/x/get", json={}).json() == {"result": 0}
     assert api.get("/v1/commitments-secret", headers=headers).status_code in (200, 403)
     if "host" in headers or "origin" in headers:
         assert api.get("/v1/commitments-secret", headers=headers).status_code == 403

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,10 +27,11 @@ from troth.core.errors import (
     SerializationError,
     TrothError,
 )
+from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName, shard_of
 from troth.core.records import CommitOps, OutboxEntry, TimerRecord, timer_key
 from troth.core.retry import RetryPolicy
-from troth.edge.http_api import HotRoutes, hot
+from troth.edge.http_api import HotPath, NodeApp, hot
 from troth.engine.duequeue import DueQueue
 
 
@@ -93,11 +96,13 @@ def test_the_package_has_no_import_cycles() -> None:
     assert cycles == set()
 
 
-def test_hot_routes_skip_fastapi_routing_and_keep_its_answers() -> None:
+def test_hot_path_skips_the_middlewares_and_fastapi_and_keeps_their_answers() -> None:
     """Endpoints marked hot, on the app or in an included router, are served before
-    FastAPI's routing (no FastAPI scope keys), their errors still go through the app's
-    handlers, and other methods on the same path still reach FastAPI."""
-    app = FastAPI()
+    the app's middlewares and FastAPI's routing (no FastAPI scope keys), with the
+    same answers: the loopback rule, the body limit, the request metrics and the
+    app's error handlers; other methods on the same path still reach FastAPI."""
+    metrics = NodeMetrics()
+    app = NodeApp()
     api = APIRouter(prefix="/v1")
 
     @app.exception_handler(TrothError)
@@ -121,22 +126,63 @@ def test_hot_routes_skip_fastapi_routing_and_keep_its_answers() -> None:
     @app.post("/v1/calls/{name}")
     @hot
     async def call(request: Request) -> JSONResponse:
-        return JSONResponse({"name": request.path_params["name"]})
+        return JSONResponse(
+            {"name": request.path_params["name"], "body": len(await request.body())}
+        )
 
     app.include_router(api)
-    app.add_middleware(HotRoutes, source=app, routers=[app.router, api])
+    app.hot_path = functools.partial(
+        HotPath,
+        source=app,
+        routers=[app.router, api],
+        metrics=metrics,
+        access_log=False,
+        local_only=True,
+        max_body_bytes=10,
+    )
 
     async def check() -> None:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             assert (await http.post("/v1/things")).json() == {"fastapi": False}
             assert (await http.get("/v1/things")).json() == {"fastapi": True}
-            assert (await http.post("/v1/calls/x")).json() == {"name": "x"}
-            missing = await http.post("/v1/things", content=b"missing")
+            json_type = {"content-type": "application/json"}
+            made = await http.post("/v1/calls/x", content=b"[1,2,3]", headers=json_type)
+            assert made.json() == {"name": "x", "body": 7}
+            missing = await http.post("/v1/things", content=b"missing", headers=json_type)
             assert missing.status_code == 404
             assert missing.json()["error"]["type"] == "NotFoundError"
+            big = b"[" + b"1," * 10 + b"1]"
+            declared = await http.post("/v1/calls/x", content=big, headers=json_type)
+            assert declared.status_code == 413
+
+            async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted
+                for i in range(0, len(big), 4):
+                    yield big[i : i + 4]
+
+            streamed = await http.post("/v1/calls/x", content=chunks(), headers=json_type)
+            assert streamed.status_code == 413
+            for headers, status in (({"host": "evil.example"}, 403), ({}, 415)):
+                refused = await http.post("/v1/calls/x", content=b"{}", headers=headers)
+                assert refused.status_code == status
+                assert refused.json()["error"]["message"]
 
     asyncio.run(check())
+    counted = {
+        (s.labels["route"], s.labels["status"]): s.value
+        for m in metrics.registry.collect()
+        if m.name == "troth_http_requests"
+        for s in m.samples
+        if s.name == "troth_http_requests_total"
+    }
+    assert counted == {
+        ("/v1/things", "200"): 1.0,  # the hot POST; the GET went through FastAPI, unmetered
+        ("/v1/calls/{name}", "200"): 1.0,
+        ("/v1/things", "404"): 1.0,
+        ("/v1/calls/{name}", "413"): 2.0,
+        ("/v1/calls/{name}", "403"): 1.0,
+        ("/v1/calls/{name}", "415"): 1.0,
+    }
 
 
 def test_cluster_routing_finds_each_commands_slot() -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import time
@@ -157,6 +158,10 @@ class Router:
             # connection just as a call goes out on it (a call is never sent twice)
             idle_seconds=KEEP_IDLE_SECONDS,
         )
+        # Request ids this router makes up: a random prefix for this process (unique
+        # across nodes and restarts) and a counter, instead of random bytes a call.
+        self._ids = itertools.count()
+        self._id_prefix = f"rt-{os.urandom(12).hex()}-"
         self._queued: dict[str, list[_Queued]] = {}  # by owner URL, for this loop turn
         self._single_only: set[str] = set()  # owners without the batch endpoint
         self._sending = Background()
@@ -234,7 +239,7 @@ class Router:
         # An id made here is new on the first attempt: no committed reply can exist for
         # it, so the owner skips the replay look-up (one Redis read less per call).
         if request_id is None and reply_cache:
-            new_id, request_id = True, f"rt-{os.urandom(16).hex()}"
+            new_id, request_id = True, f"{self._id_prefix}{next(self._ids)}"
         total = timeout or self.call_timeout
         deadline = time.monotonic() + total
         shard = shard_of(name, leases.keys.shard_count)

@@ -27,13 +27,11 @@ what that changes.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import inspect
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +52,7 @@ from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName
 from troth.core.plugin import ActorPlugin
 from troth.core.records import CommitOps, TimerRecord, TxnInfo
+from troth.core.sync_workers import SyncWorkers
 
 log = logging.getLogger(__name__)
 
@@ -143,27 +142,27 @@ def is_async(fn: Callable[..., Any]) -> bool:
 
 class Invoker:
     """Runs actor code the way FastAPI runs endpoints: ``async def`` functions on the
-    event loop (they must not block), plain functions on a bounded pool of threads,
-    so that a sync method that blocks (``time.sleep``, a slow library) holds one
-    worker and never the loop. Other actors are delayed by blocking sync methods only
-    once all ``workers`` threads are blocked at the same time."""
+    event loop (they must not block), plain functions on a bounded set of threads
+    (:class:`~troth.core.sync_workers.SyncWorkers`), so that a sync method that blocks
+    (``time.sleep``, a slow library) holds one worker and never the loop. Other
+    actors' plain methods wait behind a blocking one for about 10 ms at most, until
+    all ``workers`` threads are blocked at the same time."""
 
     def __init__(self, workers: int) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="troth-sync")
+        self.workers = SyncWorkers(workers)
 
     async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if is_async(fn):
             return await fn(*args, **kwargs)
-        loop = asyncio.get_running_loop()
-        # in the message's context (log context, trace): run_in_executor drops it
+        # in the message's context (log context, trace), which threads do not inherit
         context = contextvars.copy_context()
-        result = await loop.run_in_executor(self.pool, lambda: context.run(fn, *args, **kwargs))
+        result = await self.workers.run(lambda: context.run(fn, *args, **kwargs))
         if inspect.isawaitable(result):  # a plain function that returned a coroutine
             return await result
         return result
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.close()
 
 
 class ActorRuntime:
