@@ -217,9 +217,11 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=500)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--due", type=int, default=10000)
-    ap.add_argument("--fanout", type=int, default=10000)
+    ap.add_argument("--fanout", type=int, default=10000, help="0 skips the fan-out")
     ap.add_argument("--nodes", type=int, default=1, help="nodes sharing one Redis")
     args = ap.parse_args()
+    if args.single < 8 or args.batches < 4 or args.due < 1 or args.fanout < 0:
+        ap.error("--single >= 8, --batches >= 4, --due >= 1, --fanout >= 0 (0 skips it)")
     receiver = Receiver()
     with redis_server() as redis_url, tempfile.TemporaryDirectory() as tmp:
         nodes = start_nodes(node_config(Path(tmp)), redis_url, args.nodes, prefix="c")
@@ -228,7 +230,7 @@ def main() -> None:
             pids = [proc.pid for proc, _ in nodes]
             create = bench_create(url, receiver.url, args.single, args.batches, pids)
             due = bench_due(url, redis_url, receiver, args.due, create["batch_per_s"], pids)
-            fanout = bench_fanout(url, receiver, args.fanout)
+            fanout = bench_fanout(url, receiver, args.fanout) if args.fanout else None
         finally:
             for proc, _ in nodes:
                 stop_node(proc)
