@@ -222,7 +222,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
     )
     @hot
     async def create(request: Request) -> FastJSONResponse:
-        who = resolve_principal(request)  # not a dependency: see HotRoutes
+        who = resolve_principal(request)  # not a dependency: see HotPath
         spec = await json_body(request, CommitmentCreate)
         ((view, created),) = await create_many(who or LOCAL_PRINCIPAL, [spec])
         return FastJSONResponse(public(view), status_code=201 if created else 200)

@@ -237,14 +237,22 @@ def cmd_drain(args: argparse.Namespace, config: Config) -> int:
         return 0
     deadline = time.monotonic() + args.wait
     while True:
-        node = next((n for n in admin.status(client, keys)["nodes"] if n["id"] == args.node), None)
+        # Drained once it owns nothing and every shard is served again: the others
+        # have taken what it released (they say so at their next heartbeat).
+        status = admin.status(client, keys)
+        node = next((n for n in status["nodes"] if n["id"] == args.node), None)
         owned = node["shards"] if node else 0
-        print(f"{args.node}: {owned} shards left", flush=True)
-        if owned == 0:
+        unserved = status["unserved_shards"]
+        print(f"{args.node}: {owned} shards left, {unserved} not served yet", flush=True)
+        if owned == 0 and unserved == 0:
             print(f"{args.node} is drained: it serves nothing and can be stopped")
             return 0
         if time.monotonic() >= deadline:
-            print(f"{args.node} still owns {owned} shards after {args.wait:g} s", file=sys.stderr)
+            print(
+                f"{args.node} still owns {owned} shards ({unserved} not served) "
+                f"after {args.wait:g} s",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(1)
 
