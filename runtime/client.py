@@ -123,6 +123,8 @@ class AsyncClient:
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
         self._ids = itertools.count()
+        # request ids this client makes up: random for this client, then a counter
+        self._id_prefix = f"{uuid.uuid4().hex}-"
         #: At most as many calls in flight as a node takes from one session.
         self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
         self.reconnects = -1  # connections made beyond the first
@@ -187,7 +189,7 @@ class AsyncClient:
         check_method(method)
         if self._runner is None:
             await self.connect()
-        request_id = options.request_id or uuid.uuid4().hex
+        request_id = options.request_id or f"{self._id_prefix}{next(self._ids)}"
         timeout = options.timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self.timeout)
@@ -203,12 +205,13 @@ class AsyncClient:
                     f"with request_id={request_id!r} to learn its outcome"
                 )
             try:
-                await asyncio.wait_for(self._connected.wait(), remaining)
-                attempts += 1
-                async with self._inflight:
-                    reply = await asyncio.wait_for(
-                        self._request(actor, method, args, kwargs, request_id), remaining
-                    )
+                # (asyncio.timeout rather than wait_for, which makes a task of each wait)
+                async with asyncio.timeout(remaining):
+                    if not self._connected.is_set():
+                        await self._connected.wait()
+                    attempts += 1
+                    async with self._inflight:
+                        reply = await self._request(actor, method, args, kwargs, request_id)
             except TimeoutError:
                 continue
             except (ConnectionError, WebSocketException) as exc:
