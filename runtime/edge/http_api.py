@@ -577,17 +577,22 @@ def local_refusal(scope: Scope) -> Refusal | None:
     """Why :class:`LocalOnly` refuses an HTTP or WebSocket request; None if it does not."""
     if scope["path"] in CLUSTER_PATHS:
         return None
-    headers = Headers(scope=scope)
-    origin = headers.get("origin")
-    if not is_loopback_host(headers.get("host", "")):
+    # one pass over the raw headers (names are lower case in ASGI); the first of a
+    # repeated header counts, as with Starlette's Headers.get
+    headers: dict[bytes, bytes] = dict(reversed(scope["headers"]))
+    if not is_loopback_host(headers.get(b"host", b"").decode("latin-1")):
         return Refusal(403, _NOT_LOOPBACK)
-    if origin is not None and not is_loopback_host(urlsplit(origin).netloc or "null"):
-        return Refusal(403, f"without API keys this node refuses cross-origin requests ({origin})")
+    origin = headers.get(b"origin")
+    if origin is not None:
+        text = origin.decode("latin-1")
+        if not is_loopback_host(urlsplit(text).netloc or "null"):
+            refused = f"without API keys this node refuses cross-origin requests ({text})"
+            return Refusal(403, refused)
     if (
         scope["type"] == "http"
         and scope["method"] in ("POST", "PUT", "PATCH")
-        and (headers.get("content-length", "0") != "0" or "transfer-encoding" in headers)
-        and not _is_json(headers.get("content-type", ""))
+        and (headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers)
+        and not _is_json(headers.get(b"content-type", b"").decode("latin-1"))
     ):
         return Refusal(415, "without API keys, request bodies must be application/json")
     return None
