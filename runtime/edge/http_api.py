@@ -181,7 +181,10 @@ class HttpMetrics:
     and ``unmatched`` for a path no route knows: the label set stays bounded
     whatever clients send. With ``access_log``, one line per request on the
     ``troth.access`` logger (method, path, status, milliseconds, the client's
-    ``X-Request-ID`` if it sent one)."""
+    ``X-Request-ID`` if it sent one).
+
+    A request is counted just before the last part of its answer is sent: a client
+    that has its answer finds it counted in ``/metrics``."""
 
     def __init__(self, app: ASGIApp, metrics: NodeMetrics, access_log: bool = False) -> None:
         self.app = app
@@ -194,17 +197,22 @@ class HttpMetrics:
             return
         started = time.perf_counter()
         status = 500
+        counted = False
 
         async def sending(message: Message) -> None:
-            nonlocal status
+            nonlocal status, counted
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                counted = True
+                record_request(self.metrics, self.access_log, scope, status, started)
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            record_request(self.metrics, self.access_log, scope, status, started)
+            if not counted:  # no complete answer: failed, or the client left
+                record_request(self.metrics, self.access_log, scope, status, started)
 
 
 def record_request(
@@ -403,13 +411,14 @@ class HotPath:
 
     async def _serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        status = 500
         try:
             response = await self._answer(route, scope, receive)
-            status = response.status_code
-            await response(scope, receive, send)
-        finally:
-            record_request(self.metrics, self.access_log, scope, status, started)
+        except BaseException:
+            record_request(self.metrics, self.access_log, scope, 500, started)
+            raise
+        # counted before it is sent, as HttpMetrics counts (and a write never waits)
+        record_request(self.metrics, self.access_log, scope, response.status_code, started)
+        await response(scope, receive, send)
 
     async def _answer(self, route: Route, scope: Scope, receive: Receive) -> Response:
         if self.local_only and (refusal := local_refusal(scope)) is not None:
