@@ -110,7 +110,8 @@ class SyncWorkers:
             self._watch.cancel()
             self._watch = None
         for call in queued:
-            call.future.get_loop().call_soon_threadsafe(call.future.cancel)
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                call.future.get_loop().call_soon_threadsafe(call.future.cancel)
 
     # -- on the loop -------------------------------------------------------------------------
 

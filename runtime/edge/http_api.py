@@ -360,7 +360,7 @@ class HotPath:
 
     Each layer of ASGI middleware costs a call and a closure a request, and FastAPI's
     routing and endpoint machinery (exit stacks, dependency solving) about 45 us; at
-    thousands of calls a second that was a quarter of a node's CPU. The checks those
+    thousands of calls a second that was about a fifth of a node's CPU. The checks those
     middlewares make are made here in line, by the same functions, in the same order,
     so the answers are the same either way: the metrics and access log
     (:func:`record_request`), the loopback rule without API keys
