@@ -83,17 +83,26 @@ def test_a_cancelled_call_does_not_run_and_close_cancels_the_queue() -> None:
     is still queued, and lets the running call finish."""
     workers = SyncWorkers(1, blocked_after=10)
     ran: list[str] = []
+    napping = threading.Event()
+
+    def nap() -> None:
+        napping.set()
+        time.sleep(0.2)
+
+    async def running(call: asyncio.Future[None]) -> asyncio.Future[None]:
+        while not napping.is_set():  # the only worker is busy with it
+            await asyncio.sleep(0.01)
+        napping.clear()
+        return call
 
     async def main() -> None:
-        first = workers.run(lambda: time.sleep(0.2))
-        await asyncio.sleep(0.05)  # the only worker is busy
+        first = await running(workers.run(nap))
         skipped = workers.run(lambda: ran.append("skipped"))
         skipped.cancel()
         after = workers.run(lambda: ran.append("after"))
         await first
         await after
-        busy = workers.run(lambda: time.sleep(0.2))
-        await asyncio.sleep(0.05)
+        busy = await running(workers.run(nap))
         queued = workers.run(lambda: ran.append("queued"))
         workers.close()
         await busy
