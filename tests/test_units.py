@@ -79,6 +79,22 @@ def test_codec_roundtrip_and_refusal() -> None:
     assert copy == {"a": [1, 2], "b": b"x", "c": None}
     with pytest.raises(SerializationError):
         codec.pack({"s": {1, 2}})
+    # The packer is reused (one a thread): a refusal half way leaves nothing behind.
+    with pytest.raises(SerializationError):
+        codec.pack(["kept?", {1, 2}])
+    assert codec.pack({"a": 1}) == b"\x81\xa1a\x01"
+    values = [{"n": i, "xs": list(range(i % 50))} for i in range(2000)]
+    packed: dict[int, list[bytes]] = {}
+
+    def pack_all(k: int) -> None:
+        packed[k] = [codec.pack(v) for v in values]
+
+    threads = [threading.Thread(target=pack_all, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all([codec.unpack(b) for b in packed[k]] == values for k in range(4))
 
 
 def test_the_package_has_no_import_cycles() -> None:

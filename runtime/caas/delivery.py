@@ -16,6 +16,7 @@ the idempotency key.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -60,9 +61,12 @@ def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None 
     return any(hmac.compare_digest(expected, g) for g in given)
 
 
+@functools.lru_cache(maxsize=4096)
 def iso(ms: int | None) -> str | None:
     """``ms`` as ISO 8601 UTC; None for None or a time no calendar can show (the API
-    refuses such times at creation, so this only guards stored data)."""
+    refuses such times at creation, so this only guards stored data). Cached: a
+    commitment's JSON shows the same few instants several times, and a batch's
+    commitments share them (a formatting costs some 30 lookups)."""
     if ms is None:
         return None
     try:

@@ -11,11 +11,12 @@ OpenTelemetry span current at that moment, when tracing is on.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class LogContext:
+class LogContext(NamedTuple):
+    """A tuple, not a dataclass: one is made for every message handled."""
+
     node: str
     actor: str | None = None
     request_id: str | None = None
