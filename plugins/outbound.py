@@ -33,7 +33,6 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from troth.core import tracing
 from troth.core.http1 import Http1Client, Response
 from troth.core.plugin import ExecutionOutcome
 
@@ -237,17 +236,14 @@ class OutboundClient:
         repeatable: bool = False,
     ) -> Response:
         """Send one request; raises UnsafeTargetError for a target the policy refuses,
-        OSError or TimeoutError when no response came. The ``traceparent`` of the
-        current span goes along while tracing is on. ``repeatable``: the receiver
+        OSError or TimeoutError when no response came (with the current span's
+        ``traceparent``: see :class:`~troth.core.http1.Http1Client`). ``repeatable``: the receiver
         de-duplicates it, so it may be sent again when a kept-alive connection turns
         out closed (:mod:`troth.core.http1`)."""
         headers = dict(headers or {})
         if json is not None:
             content = orjson.dumps(json)
             headers.setdefault("content-type", "application/json")
-        trace = tracing.traceparent()
-        if trace is not None:
-            headers["traceparent"] = trace
         return await self._http.request(method, url, content, headers, repeatable=repeatable)
 
     async def attempt(self, method: str, url: str, **kwargs: Any) -> Response | ExecutionOutcome:

@@ -387,9 +387,6 @@ class Router:
     async def _post(self, url: str, body: bytes, timeout: float) -> tuple[int, dict[str, Any]]:
         """POST a signed body to another node: its status and JSON answer."""
         headers = {CLUSTER_HEADER: sign(self.secret, body), "content-type": "application/json"}
-        trace = tracing.traceparent()
-        if trace is not None:
-            headers["traceparent"] = trace
         try:
             resp = await self._http.request("POST", url, body, headers, timeout)
         except (OSError, TimeoutError) as exc:

@@ -43,6 +43,8 @@ from urllib.parse import quote, urlsplit
 
 import httptools
 
+from troth.core import tracing
+
 #: ``resolve(host, port)``: the (family, address) pairs a connection may go to.
 Resolve = Callable[[str, int], Awaitable[list[tuple[int, str]]]]
 
@@ -242,9 +244,13 @@ class Http1Client:
         """Send one request and read its response within ``timeout`` seconds (the
         client's when None); ValueError for a URL, method or header that cannot be
         sent. ``repeatable``: the request may reach the server twice (see the module
-        docstring)."""
+        docstring). The ``traceparent`` of the current span goes along while tracing
+        is on."""
         target = _target(method, url)
         headers = headers or {}
+        trace = tracing.traceparent()
+        if trace is not None:
+            headers = {**headers, "traceparent": trace}
         if _UNSAFE.search("".join(headers) + "".join(headers.values())):
             raise ValueError("a header name or value contains CR, LF or NUL")
         lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
