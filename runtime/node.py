@@ -312,6 +312,8 @@ class Node:
             return False
         if self.scheduler.in_flight or self.dispatcher.in_flight:
             return False
+        if self.scheduler.queue.reading_due or self.dispatcher.queue.reading_due:
+            return False  # work due now may still be in Redis only
         return bool(self._on_loop(self._engine_settled()).result(timeout=10))
 
     async def _next_pulse(self) -> float | None:

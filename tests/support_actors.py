@@ -194,7 +194,7 @@ class Ledger(troth.CA):
         return items  # the state's own list, on purpose
 
     async def remind(self, name: str) -> None:
-        self.plugins.timers.after(3600, "add", name, name=name)
+        self.plugins.timers.after(60, "add", name, name=name)  # within the due queue's window
 
     async def forget(self, name: str) -> None:
         self.plugins.timers.cancel(name)

@@ -370,3 +370,35 @@ def test_a_commitment_the_api_did_not_subscribe_subscribes_itself_later(
     assert receiver.requests[0].body["commitment_id"] == "cm_" + "a" * 32
     assert view(api, "cm_" + "a" * 32)["status"] == "fulfilled"
     assert view(api, "cm_" + "b" * 32)["status"] == "cancelled"
+
+
+def test_far_work_waits_in_redis_not_in_the_nodes_memory(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    """A node holds in memory only the timers and deliveries due within the next two
+    minutes: a delivery due in two days, an expiry next week and a finished
+    commitment's retire timer wait in Redis (a node claiming their shard reads none of
+    them), and each still happens exactly on time, after a crash too."""
+    day = 86_400
+    far = commit(api, receiver, {"type": "time_after", "delay_seconds": 2 * day})
+    soon = commit(api, receiver, {"type": "time_after", "delay_seconds": 30})
+    expires = env.clock.now_ms() / 1000 + 7 * day
+    expiring = commit(api, receiver, {"type": "webhook", "event_type": "never"}, expires_at=expires)
+    env.advance(60)
+    assert view(api, soon)["status"] == "fulfilled" and receiver.count() == 1
+    env.crash()
+    assert (len(env.node.scheduler), len(env.node.dispatcher)) == (0, 0)
+    shards = [env.keys.shard(s) for s in range(env.config.cluster.shards)]
+    assert sum(env.client.zcard(sk.timers) for sk in shards) == 2  # retire, expiry
+    assert sum(env.client.zcard(sk.outbox_queue) for sk in shards) == 1  # the armed delivery
+    env.advance(2 * day - 60)
+    assert view(api, far)["status"] == "fulfilled" and receiver.count() == 2
+    late = {r.body["commitment_id"]: r.body["lateness_seconds"] for r in receiver.requests}
+    assert late == {far: 0, soon: 0}
+    gone = api.get(f"/v1/commitments/{soon}")  # retired a day after it was fulfilled
+    assert gone.status_code == 404 and "was retired" in gone.json()["error"]["message"]
+    assert view(api, expiring)["status"] == "pending"
+    env.advance(5 * day - 1)
+    assert view(api, expiring)["status"] == "pending"
+    env.advance(1)
+    assert view(api, expiring)["status"] == "expired" and receiver.count() == 2

@@ -7,7 +7,7 @@ import functools
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -32,7 +32,7 @@ from troth.core.names import ActorName, shard_of
 from troth.core.records import CommitOps, OutboxEntry, TimerRecord, timer_key
 from troth.core.retry import RetryPolicy
 from troth.edge.http_api import HotPath, NodeApp, hot
-from troth.engine.duequeue import DueQueue
+from troth.engine.duequeue import DueQueue, Stored
 
 
 def test_names_and_owner() -> None:
@@ -290,6 +290,89 @@ def test_due_queue_hands_nearby_items_over_together_and_never_early(clock: Clock
         time.sleep(0.5)
         assert [keys for _, keys in handed] == [list(due)]
         assert all(handed[0][0] >= at for at in due.values())
+    finally:
+        queue.stop()
+
+
+class _Stored:
+    """A due queue's store in memory: key -> (due, shard, token); ``during_read`` runs
+    in the middle of a read (as a commit racing it would), ``fail`` refuses reads."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[int, int, object]] = {}
+        self.during_read: list[object] = []
+        self.fail = 0
+
+    def read(self, shards: list[int], after_ms: int | None, until_ms: int) -> Stored:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("store down")
+        found = [
+            (due, shard, key, token)
+            for key, (due, shard, token) in self.items.items()
+            if shard in shards and (after_ms is None or due > after_ms) and due <= until_ms
+        ]
+        while self.during_read:
+            self.during_read.pop()()  # type: ignore[operator]
+        return found
+
+    def earliest(self, shards: list[int], after_ms: int) -> int | None:
+        dues = [d for d, s, _ in self.items.values() if s in shards and d > after_ms]
+        return min(dues, default=None)
+
+
+def test_due_queue_holds_only_its_window_and_reads_the_rest_as_time_comes() -> None:
+    """With a store, a queue holds the items due within its window: a claim reads only
+    those, a push due later is left to the store (and takes the key's older item out),
+    and as time moves on the window's next stretch is read, each item handed over once
+    at its due time. A push racing a read wins over the read's older copy, and a failed
+    read is read again."""
+    clock = ManualClock(0)
+    handed: list[tuple[int, str, object]] = []
+    lock = threading.Lock()
+
+    def on_due(items: list[tuple[int, str, object]]) -> None:
+        with lock:
+            handed.extend((clock.now_ms(), key, token) for _, key, token in items)
+
+    def keys() -> list[str]:
+        with lock:
+            return [key for _, key, _ in handed]
+
+    def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    store = _Stored()
+    day = 86_400_000
+    store.items = {"soon": (60_000, 0, "s"), "tomorrow": (day, 0, "t"), "other": (1, 9, "o")}
+    queue = DueQueue("test", on_due, clock, store=store, horizon_ms=120_000)
+    queue.claim([0])
+    assert len(queue) == 1  # "soon"; "tomorrow" waits in the store, shard 9 is not ours
+    queue.push(2 * day, 0, "soon", "moved")  # re-set beyond the window: not held
+    assert len(queue) == 0
+    store.items["soon"] = (2 * day, 0, "moved")
+    queue.push(30_000, 0, "near", "n")
+    assert queue.next_due() == 30_000
+    queue.discard("near")
+    assert queue.next_due() == day  # the earliest stored item beyond the window
+    queue.start()
+    try:
+        # The day's window read races a commit that re-sets "tomorrow": the push wins.
+        store.during_read = [lambda: queue.push(day + 5, 0, "tomorrow", "newer")]
+        store.fail = 1  # and the first read fails: it is read again
+        clock.advance(day / 1000)
+        until(lambda: not queue.reading_due and len(queue) == 1)
+        assert keys() == []  # due 5 ms later
+        clock.advance(1)
+        until(lambda: keys() == ["tomorrow"])
+        assert handed[0][1:] == ("tomorrow", "newer") and handed[0][0] >= day + 5
+        clock.advance(day / 1000)
+        until(lambda: "soon" in keys())
+        time.sleep(0.3)
+        assert keys() == ["tomorrow", "soon"]  # each once
     finally:
         queue.stop()
 

@@ -67,10 +67,14 @@ class NodeMetrics:
         self.active_actors = Gauge("troth_active_actors", "Actors active on this node.", registry=r)
         self.owned_shards = Gauge("troth_owned_shards", "Shards this node owns.", registry=r)
         self.outbox_backlog = Gauge(
-            "troth_outbox_backlog", "Outbox entries waiting on this node's shards.", registry=r
+            "troth_outbox_backlog",
+            "Outbox entries of this node's shards due within two minutes or overdue.",
+            registry=r,
         )
         self.timer_backlog = Gauge(
-            "troth_timer_backlog", "Durable timers scheduled on this node's shards.", registry=r
+            "troth_timer_backlog",
+            "Durable timers of this node's shards due within two minutes or overdue.",
+            registry=r,
         )
         self.reads = Counter(
             "troth_reads", "Messages that changed nothing and so committed nothing.", registry=r

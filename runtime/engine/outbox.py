@@ -61,7 +61,8 @@ from troth.core.records import OutboxEntry
 from troth.core.retry import RetryPolicy
 from troth.core.scripts import Script, load_lua
 from troth.core.transaction import Message
-from troth.engine.duequeue import Due, DueQueue
+from troth.engine.due_reads import due_between, earliest_after
+from troth.engine.duequeue import Due, DueQueue, Stored
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,9 @@ class OutboxDispatcher:
         self._tasks = Background()
         # Entries due now start without the queue (submit); what waits in it is delayed
         # work (index updates, retries after a back-off) that may start 50 ms late.
-        self.queue = DueQueue("outbox", self._due, clock, coalesce_ms=OUTBOX_COALESCE_MS)
+        self.queue = DueQueue(
+            "outbox", self._due, clock, coalesce_ms=OUTBOX_COALESCE_MS, store=self
+        )
 
     @property
     def in_flight(self) -> int:
@@ -191,8 +194,9 @@ class OutboxDispatcher:
         Those due within ``KEEP_MS`` travel with their id, so their first attempt need
         not read them back from Redis (the ledger script still refuses to write one
         that no longer exists there); one due now starts at once, without a trip
-        through the due queue's thread. One due later (an armed delivery due next
-        month) is only its id in memory until then."""
+        through the due queue's thread. One due later is only its id in memory until
+        then, and one due beyond the due queue's window (an armed delivery due next
+        month) is not in memory at all until the window reaches it."""
         now = self.clock.now_ms()
         for e in entries:
             if e.next_ms <= now and self._claim(shard, e.id, e):
@@ -201,12 +205,24 @@ class OutboxDispatcher:
                 self.queue.push(e.next_ms, shard, e.id, e if e.next_ms - now <= KEEP_MS else None)
 
     def load_shards(self, shards: list[int]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for s in shards:
-            pipe.zrange(self.keys.shard(s).outbox_queue, 0, -1, withscores=True)
-        for shard, items in zip(shards, pipe.execute(), strict=True):
-            for member, score in items:
-                self.queue.push(int(score), shard, member.decode())
+        self.queue.claim(shards)
+
+    def read(self, shards: list[int], after_ms: int | None, until_ms: int) -> Stored:
+        """The ids of the entries of ``shards`` due in ``(after_ms, until_ms]`` (the
+        due queue's :class:`~troth.engine.duequeue.Store`): each is read whole when
+        it starts."""
+        found = due_between(
+            self.client, [self.keys.shard(s).outbox_queue for s in shards], after_ms, until_ms
+        )
+        return [
+            (due, shard, member.decode(), None)
+            for shard, members in zip(shards, found, strict=True)
+            for member, due in members
+        ]
+
+    def earliest(self, shards: list[int], after_ms: int) -> int | None:
+        keys = [self.keys.shard(s).outbox_queue for s in shards]
+        return earliest_after(self.client, keys, after_ms)
 
     def drop_shards(self, shards: set[int]) -> None:
         self.queue.drop_shards(shards)

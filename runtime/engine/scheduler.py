@@ -10,7 +10,10 @@ owns the shard; otherwise the shard's new owner fires it.
 
 Timers due together reach the node's event loop in one hop (see
 :mod:`troth.engine.duequeue`) and wait there in due order; at most
-``MAX_IN_FLIGHT`` firings are handed to the engine at once.
+``MAX_IN_FLIGHT`` firings are handed to the engine at once. Only the timers due
+within the due queue's window are in memory; the rest are read from Redis as the
+window moves on (a retained commitment's retire timer, due in a day, costs no
+memory until then).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.errors import RetryableError
 from troth.core.keys import KeySpace
 from troth.core.records import TimerRecord
-from troth.engine.duequeue import Due, DueQueue
+from troth.engine.due_reads import CHUNK, due_between, earliest_after
+from troth.engine.duequeue import Due, DueQueue, Stored
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,7 @@ class TimerScheduler:
         self.fire = fire
         self.owns = owns
         self.loop = loop
-        self.queue = DueQueue("timers", self._due, clock, coalesce_ms=TIMER_COALESCE_MS)
+        self.queue = DueQueue("timers", self._due, clock, coalesce_ms=TIMER_COALESCE_MS, store=self)
         self._lock = threading.Lock()
         self._waiting: deque[tuple[int, str, TimerRecord]] = deque()  # on the loop
         self._handed = 0  # items between the queue's thread and the loop
@@ -80,12 +84,32 @@ class TimerScheduler:
         return len(self.queue)
 
     def load_shards(self, shards: list[int]) -> None:
+        self.queue.claim(shards)
+
+    def read(self, shards: list[int], after_ms: int | None, until_ms: int) -> Stored:
+        """The timers of ``shards`` due in ``(after_ms, until_ms]`` (the due queue's
+        :class:`~troth.engine.duequeue.Store`)."""
+        found = due_between(
+            self.client, [self.keys.shard(s).timers for s in shards], after_ms, until_ms
+        )
         pipe = self.client.pipeline(transaction=False)
-        for s in shards:
-            pipe.hvals(self.keys.shard(s).timer_data)
-        for shard, values in zip(shards, pipe.execute(), strict=True):
+        asked: list[int] = []
+        for shard, members in zip(shards, found, strict=True):
+            for i in range(0, len(members), CHUNK):
+                pipe.hmget(
+                    self.keys.shard(shard).timer_data, [m for m, _ in members[i : i + CHUNK]]
+                )
+                asked.append(shard)
+        timers: Stored = []
+        for shard, values in zip(asked, pipe.execute() if asked else [], strict=True):
             for raw in values:
-                self.add(shard, TimerRecord.decode(raw))
+                if raw is not None:  # fired or cancelled since
+                    timer = TimerRecord.decode(raw)
+                    timers.append((timer.due_ms, shard, timer.key, timer))
+        return timers
+
+    def earliest(self, shards: list[int], after_ms: int) -> int | None:
+        return earliest_after(self.client, [self.keys.shard(s).timers for s in shards], after_ms)
 
     def drop_shards(self, shards: set[int]) -> None:
         self.queue.drop_shards(shards)
