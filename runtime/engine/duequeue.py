@@ -204,8 +204,8 @@ class DueQueue:
                 until, shards = self._until, sorted(self._shards)
             try:
                 items = self.store.read(shards, after, until) if shards else []
-            except Exception:
-                log.exception("%s: reading items due until %d failed", self.name, until)
+            except Exception as exc:  # Redis unavailable: the stretch is read again
+                log.warning("%s: reading the items due until %d failed: %s", self.name, until, exc)
                 with self._cond:  # read again: what was pushed meanwhile stays
                     self._until = min(self._until, after)
                 self._read_after = time.monotonic() + RETRY_SECONDS
