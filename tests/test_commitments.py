@@ -94,7 +94,8 @@ def test_a_finished_commitment_leaves_memory_at_once(
     try:
         with httpx.Client(base_url=server.url, timeout=15) as cs:
             fired = commit(cs, receiver, {"type": "time_after", "delay_seconds": 0.2})
-            waiting = commit(cs, receiver, {"type": "time_after", "delay_seconds": 600})
+            # due within its 30 s idle time: kept (one due later leaves at its creation)
+            waiting = commit(cs, receiver, {"type": "time_after", "delay_seconds": 20})
             dropped = commit(cs, receiver, {"type": "time_after", "delay_seconds": 600})
             assert cs.delete(f"/v1/commitments/{dropped['id']}").status_code == 200
             wait_until(lambda: len(receiver.requests) == 1)

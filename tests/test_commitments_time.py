@@ -402,3 +402,20 @@ def test_far_work_waits_in_redis_not_in_the_nodes_memory(
     assert view(api, expiring)["status"] == "pending"
     env.advance(1)
     assert view(api, expiring)["status"] == "expired" and receiver.count() == 2
+
+
+def test_a_commitment_due_later_leaves_memory_once_created(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    """A time-only commitment due later than its actor would stay in memory is let go
+    as soon as it is created (a burst of creations holds no cell each); one due sooner
+    stays, so that its delivery's outcome needs no load. Both are delivered on time."""
+    later = commit(api, receiver, {"type": "time_after", "delay_seconds": 3600})
+    soon = commit(api, receiver, {"type": "time_after", "delay_seconds": 10})
+    env.settle()
+    active = set(env.node.engine.cells)
+    assert f"commitment/local-{soon}" in active and f"commitment/local-{later}" not in active
+    env.advance(3600)
+    assert view(api, later)["status"] == view(api, soon)["status"] == "fulfilled"
+    late = {r.body["commitment_id"]: r.body["lateness_seconds"] for r in receiver.requests}
+    assert late == {later: 0, soon: 0}

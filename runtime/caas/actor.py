@@ -129,7 +129,8 @@ class Commitment(CA):
 
     state_version = "1.0.0"
     #: A commitment is busy when created and when it fires, usually far apart: kept in
-    #: memory meanwhile, a hundred thousand waiting ones would cost a node ~800 MB.
+    #: memory meanwhile, a hundred thousand waiting ones would cost a node ~800 MB. One
+    #: that finishes, or is armed to fire later than this, leaves memory at once.
     idle_seconds = 30.0
 
     #: The bus whose fan-out is delivering the event being handled (it prunes this
@@ -180,10 +181,15 @@ class Commitment(CA):
         )
         timers = self.plugins.timers
         if trigger["type"] == "time_after":  # armed: the delivery alone keeps the time
+            wait_ms = max(0, trigger["due_ms"] - created)
             self.state["armed"] = self._deliver(
-                fired_by=self._fired_by_time(),
-                delay_seconds=max(0, trigger["due_ms"] - created) / 1000,
+                fired_by=self._fired_by_time(), delay_seconds=wait_ms / 1000
             )
+            if wait_ms > (self.idle_seconds or 0) * 1000:
+                # Nothing runs here before the delivery's outcome, and it would leave
+                # memory before then anyway: at once, then (a burst of creations no
+                # longer holds a cell each for idle_seconds).
+                self.passivate()
         for path, leaf in leaves(trigger):
             if leaf["type"] == "time_after" and "armed" not in self.state:
                 timers.at(leaf["due_ms"] / 1000, "on_time", path, name=f"t:{path}")
