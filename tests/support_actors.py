@@ -193,6 +193,9 @@ class Ledger(troth.CA):
         items: list[Any] = self.state["items"]
         return items  # the state's own list, on purpose
 
+    async def keep(self, value: Any) -> None:
+        self.plugins.remembers.keep(value)
+
     async def remind(self, name: str) -> None:
         self.plugins.timers.after(60, "add", name, name=name)  # within the due queue's window
 
@@ -223,6 +226,30 @@ class PeekFactory(PluginFactory):
 
     def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
         return Peek(actor, pstate)
+
+
+class Remembers(ActorPlugin):
+    """A plugin with plugin state and a ``resume`` hook, which records each call in
+    :data:`RESUMED` (actor, checkpoint seq)."""
+
+    groupable = True
+
+    def keep(self, value: Any) -> None:
+        self._require_txn()
+        self.pstate["kept"] = value
+
+    def resume(self, checkpoint: troth.Checkpoint) -> None:
+        RESUMED.append((str(self.actor), checkpoint.seq))
+
+
+RESUMED: list[tuple[str, int]] = []
+
+
+class RemembersFactory(PluginFactory):
+    name = "remembers"
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        return Remembers(actor, pstate)
 
 
 class Streamer(troth.CA):

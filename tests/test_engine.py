@@ -181,3 +181,21 @@ def test_retryable_when_shard_not_owned(make_node: Callable[..., Node]) -> None:
     with pytest.raises(RetryableError):
         node.call(ActorName("counter", "alice-z"), "get").result(5)
     wait_until(lambda: node.leases.owned, timeout=5)
+
+
+def test_a_plugins_resume_hook_runs_at_every_load(make_node: Callable[..., Node]) -> None:
+    """An activation with no hook to run and nothing to write takes no resume
+    transaction; a plugin that has a ``resume`` hook still gets it, with the
+    checkpoint, every time its actor is loaded again."""
+    from support_actors import RESUMED
+
+    types = {"ledger": {"class": "support_actors:Ledger", "idle_seconds": 0.2}}
+    plugins = {"remembers": {"class": "support_actors:RemembersFactory"}, "session": {}}
+    node = make_node("n1", types=types, plugins=plugins)
+    name = ActorName("ledger", "alice-r")
+    node.call(name, "keep", ["x"]).result(5)
+    assert [r for r in RESUMED if r[0] == str(name)] == []  # created, not loaded
+    for _ in range(2):
+        wait_until(lambda: str(name) not in node.engine.cells, timeout=5)  # passivated
+        assert node.call(name, "items").result(5) == []
+    assert [r for r in RESUMED if r[0] == str(name)] == [(str(name), 1), (str(name), 1)]

@@ -44,7 +44,7 @@ from troth.core.errors import (
 )
 from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName
-from troth.core.plugin import PluginFactory
+from troth.core.plugin import ActorPlugin, PluginFactory
 from troth.core.records import Checkpoint, CommitOps
 from troth.core.transaction import (
     ActorRuntime,
@@ -503,6 +503,13 @@ class Cell:
         rt = runtime(stored.seq)
         rt_ref.append(rt)
         rt.needs_write = stored.version != version
+        if not (
+            decision is Decision.UPGRADE
+            or rt.needs_write
+            or type(ca).resume is not CA.resume
+            or any(type(p).resume is not ActorPlugin.resume for p in plugins.values())
+        ):
+            return rt  # no hook to run and nothing to write: no resume transaction
         checkpoint = Checkpoint(
             version=stored.version,
             seq=stored.seq,
