@@ -14,6 +14,7 @@ import redis
 
 from conftest import TESTS, wait_until
 from examples.helloworld.counter import Counter
+from support_actors import RESUMED
 from troth.caas.actor import Commitment
 from troth.core.catalog import Catalog
 from troth.core.config import ConfigError, parse_config
@@ -187,8 +188,6 @@ def test_a_plugins_resume_hook_runs_at_every_load(make_node: Callable[..., Node]
     """An activation with no hook to run and nothing to write takes no resume
     transaction; a plugin that has a ``resume`` hook still gets it, with the
     checkpoint, every time its actor is loaded again."""
-    from support_actors import RESUMED
-
     types = {"ledger": {"class": "support_actors:Ledger", "idle_seconds": 0.2}}
     plugins = {"remembers": {"class": "support_actors:RemembersFactory"}, "session": {}}
     node = make_node("n1", types=types, plugins=plugins)
