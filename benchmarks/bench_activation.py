@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import threading
 import time
 import uuid
 from typing import Any
 
-from common import emit, machine, redis_server
+from common import emit, machine, redis_server, rss_bytes
 
 from troth.core.access import OPERATOR
 from troth.core.config import parse_config
@@ -31,11 +30,6 @@ from troth.edge.server import tune_gc
 from troth.node import Node
 
 WINDOW = 2000
-
-
-def rss_bytes() -> int:
-    with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def make_node(url: str, prefix: str) -> Node:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import time
 import uuid
 from typing import Any
 
 import redis
-from common import emit, machine, redis_server
+from common import emit, machine, redis_server, rss_bytes
 
 from troth.core import codec
 from troth.core.config import parse_config
@@ -35,11 +34,6 @@ from troth.engine.duequeue import DueQueue
 from troth.node import Node
 
 DAY_MS = 86_400_000
-
-
-def rss_bytes() -> int:
-    with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def write_far_work(client: redis.Redis, keys: KeySpace, n: int) -> None:

@@ -74,6 +74,12 @@ def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result, indent=2))
 
 
+def rss_bytes() -> int:
+    """This process's resident memory (Linux)."""
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """CPU time (user + system) the processes ``pids`` have used so far (Linux)."""
     total = 0
