@@ -196,7 +196,7 @@ class Node:
             settings=config.runtime,
             shard_count=self.keys.shard_count,
             epoch_of=self.leases.epoch_of,
-            after_commit=self.after_commit,
+            hooks=self,
         )
         self.router = Router(
             self.catalog,
@@ -410,6 +410,10 @@ class Node:
         return len(self.engine.cells)
 
     # -- commits ----------------------------------------------------------------------------
+
+    def before_commit(self, ops: CommitOps) -> None:
+        if ops.outbox:
+            self.dispatcher.record_first_attempts(ops.outbox)
 
     def after_commit(self, shard: int, ops: CommitOps) -> None:
         for entry_id in ops.outbox_withdraw:

@@ -34,8 +34,9 @@ RELEASE = threading.Event()
 class SlowEffect(OutboxPlugin):
     kind: ClassVar[str] = "slow"
 
-    def request(self, label: str) -> str:
-        return self._enqueue({"label": label}, idempotency_key=None, retry=None, on_result="done")
+    def request(self, label: str, idempotent: bool = True) -> str:
+        spec = {"label": label, **({} if idempotent else {"idempotent": False})}
+        return self._enqueue(spec, idempotency_key=None, retry=None, on_result="done")
 
 
 class SlowExecutor:
@@ -63,8 +64,8 @@ class Worker(CA):
     def init(self) -> None:
         self.state["results"] = []
 
-    async def start(self, label: str) -> str:
-        return str(self.plugins.slow.request(label))
+    async def start(self, label: str, idempotent: bool = True) -> str:
+        return str(self.plugins.slow.request(label, idempotent))
 
     async def done(self, result: dict[str, Any]) -> None:
         self.state["results"].append([result["ok"], result["value"], result["attempts"]])
@@ -101,6 +102,52 @@ def test_a_blocking_sync_executor_runs_off_the_loop_and_reports_once(
     assert node.call(worker, "results").result(5) == [[True, "A", 1]]
     outbox = node.client.hlen(node.keys.shard(node.engine.cells["worker/alice-w"].shard).outbox)
     assert outbox == 0  # the result's commit deleted the entry
+
+
+def test_an_idempotent_effect_due_at_once_has_its_intent_record_in_its_commit(
+    make_node: Callable[..., Node],
+) -> None:
+    """The ledger says "attempting, attempt 1" while the attempt runs, as always; for
+    an effect that may be repeated under its key that record is written by the commit
+    that makes the effect, not by a write of its own. One that may not be repeated
+    still gets its own intent record just before the attempt."""
+    node = make_node("n1", extensions=["troth.caas:CaaS", EXT], plugins={"slow": {}})
+    ledger_sha = node.dispatcher._script.sha
+    prefix = node.keys.shard(0).lease.split("{")[0]
+
+    def ledger_writes() -> int:
+        return sum(
+            1
+            for e in node.client.slowlog_get(10_000)
+            if e["command"].startswith(f"EVALSHA {ledger_sha}".encode())
+            and prefix.encode() in e["command"]
+        )
+
+    slowlog = node.client.config_get("slowlog-*")
+    node.client.config_set("slowlog-log-slower-than", 0)
+    node.client.config_set("slowlog-max-len", 10_000)
+    try:
+        for label, idempotent in (("a", True), ("b", False)):
+            RELEASE.clear()
+            node.client.slowlog_reset()
+            worker = ActorName("worker", f"alice-{label}")
+            entry_id = node.call(worker, "start", [label, idempotent]).result(5)
+            outbox = node.keys.shard(shard_of(worker, node.keys.shard_count)).outbox
+
+            def ledgered() -> tuple[str, int]:
+                entry = OutboxEntry.load(entry_id, node.client.hget(outbox, entry_id))  # noqa: B023
+                return entry.status, entry.attempts
+
+            assert wait_until(lambda: ledgered() == ("attempting", 1))
+            RELEASE.set()
+            done = [[True, label.upper(), 1]]
+            assert wait_until(lambda: node.call(worker, "results").result(5)) == done  # noqa: B023
+            # b's intent record, then its outcome's (it is handed back as a call)
+            assert (ledger_writes() == 0) is idempotent, label
+            assert node.client.hlen(outbox) == 0  # the result's commit deleted the entry
+    finally:
+        node.client.config_set("slowlog-log-slower-than", slowlog["slowlog-log-slower-than"])
+        node.client.config_set("slowlog-max-len", slowlog["slowlog-max-len"])
 
 
 # -- replaceable entries --------------------------------------------------------------

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from troth.core import codec, logcontext, tracing
 from troth.core.access import OPERATOR, Caller
@@ -140,6 +140,18 @@ def is_async(fn: Callable[..., Any]) -> bool:
     return found
 
 
+class CommitHooks(Protocol):
+    """The node's part in each commit of an actor."""
+
+    def before_commit(self, ops: CommitOps) -> None:
+        """Just before the commit goes to Redis (it may still be refused, and a Redis
+        error may send it twice): may only change ``ops`` in ways that are the same
+        whether or not it commits, and the same if done twice."""
+
+    def after_commit(self, shard: int, ops: CommitOps) -> None:
+        """Once it has committed: its effects and timers go out."""
+
+
 class Invoker:
     """Runs actor code the way FastAPI runs endpoints: ``async def`` functions on the
     event loop (they must not block), plain functions on a bounded set of threads
@@ -180,7 +192,7 @@ class ActorRuntime:
         metrics: NodeMetrics,
         version: str,
         seq: int,
-        after_commit: Callable[[int, CommitOps], None],
+        hooks: CommitHooks,
         autonomous: bool = False,
     ) -> None:
         self.name = name
@@ -193,7 +205,7 @@ class ActorRuntime:
         self.metrics = metrics
         self.version = version
         self.seq = seq
-        self.after_commit = after_commit
+        self.hooks = hooks
         self.autonomous = autonomous
         #: A brand-new actor: ``init`` runs first, in the first message's transaction,
         #: so creating an actor costs one commit, and a failed first message leaves
@@ -405,6 +417,7 @@ class ActorRuntime:
     async def _commit(self, request: CommitRequest) -> None:
         """The commit, or the error that says why it did not happen."""
         commit_started = time.perf_counter()
+        self.hooks.before_commit(request.ops)
         try:
             with tracing.span("troth.commit"):
                 result = await self.store.commit(request)
@@ -440,7 +453,7 @@ class ActorRuntime:
         self.metrics.commits.inc()
         for p in self.plugins.values():
             p.committed()
-        self.after_commit(self.shard, request.ops)
+        self.hooks.after_commit(self.shard, request.ops)
 
     async def _run(
         self,

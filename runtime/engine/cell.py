@@ -45,11 +45,12 @@ from troth.core.errors import (
 from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName
 from troth.core.plugin import ActorPlugin, PluginFactory
-from troth.core.records import Checkpoint, CommitOps
+from troth.core.records import Checkpoint
 from troth.core.transaction import (
     ActorRuntime,
     AlreadySettled,
     Call,
+    CommitHooks,
     Invoker,
     Message,
     Outcome,
@@ -116,7 +117,7 @@ class Envelope:
     trace: Any = None
 
 
-class CellHost(Protocol):
+class CellHost(CommitHooks, Protocol):
     """What a cell needs from its engine."""
 
     #: The most calls one group commit takes (``runtime.group_commit_max``).
@@ -126,8 +127,6 @@ class CellHost(Protocol):
     metrics: NodeMetrics
     plugin_factories: dict[str, PluginFactory]
     quotas: Quotas
-
-    def after_commit(self, shard: int, ops: CommitOps) -> None: ...
 
     def cell_stopped(self, cell: Cell) -> None: ...
 
@@ -486,7 +485,7 @@ class Cell:
                 host.metrics,
                 version,
                 seq,
-                host.after_commit,
+                host,
                 self.atype.autonomous,
             )
 

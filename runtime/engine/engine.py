@@ -36,7 +36,7 @@ from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName, shard_of
 from troth.core.plugin import PluginFactory
 from troth.core.records import CommitOps
-from troth.core.transaction import Invoker, Message
+from troth.core.transaction import CommitHooks, Invoker, Message
 from troth.engine.cell import Cell, Envelope
 from troth.engine.quotas import Quotas
 
@@ -58,7 +58,7 @@ class Engine:
         settings: RuntimeConfig,
         shard_count: int,
         epoch_of: Callable[[int], str | None],
-        after_commit: Callable[[int, CommitOps], None],
+        hooks: CommitHooks,
     ) -> None:
         self.catalog = catalog
         self.store = store
@@ -69,7 +69,7 @@ class Engine:
         self.group_max = settings.group_commit_max
         self.shard_count = shard_count
         self.epoch_of = epoch_of
-        self._after_commit = after_commit
+        self._hooks = hooks
         self.invoke = Invoker(settings.sync_workers)
         self.cells: dict[str, Cell] = {}
         self._pulses: list[tuple[float, int, Cell]] = []
@@ -81,8 +81,11 @@ class Engine:
 
     # -- what cells need ----------------------------------------------------------------
 
+    def before_commit(self, ops: CommitOps) -> None:
+        self._hooks.before_commit(ops)
+
     def after_commit(self, shard: int, ops: CommitOps) -> None:
-        self._after_commit(shard, ops)
+        self._hooks.after_commit(shard, ops)
 
     def cell_stopped(self, cell: Cell) -> None:
         if self.cells.get(str(cell.name)) is cell:

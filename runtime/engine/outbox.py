@@ -15,6 +15,9 @@ crash harmless:
   actor instead of being blindly repeated;
 * an executor with ``records_attempts = False`` (idempotent, and nobody reads its
   attempt count: index updates) writes no intent record, only the outcome;
+* an idempotent entry due at once (a ``send``, a delivery fired by an event) has
+  the intent record of its first attempt in the commit that makes it, not in a
+  write of its own (see :meth:`OutboxDispatcher.record_first_attempts`);
 * a retryable failure is retried per the entry's retry policy; after the last
   attempt the entry is reported as failed (or kept as a ``dead`` letter).
 
@@ -92,6 +95,15 @@ def outcome_result(entry: OutboxEntry, outcome: ExecutionOutcome | None) -> dict
     }
 
 
+def _repeatable(executor: Executor, entry: OutboxEntry) -> bool:
+    """Whether an attempt whose outcome a crash hid may simply be made again."""
+    return executor.idempotent and entry.spec.get("idempotent", True) is not False
+
+
+def _records_attempts(executor: Executor) -> bool:
+    return bool(getattr(executor, "records_attempts", True))
+
+
 class OutboxDispatcher:
     def __init__(
         self,
@@ -154,7 +166,7 @@ class OutboxDispatcher:
             self._async_kinds.add(executor.kind)
         many = getattr(executor, "execute_many", None)
         if many is not None and inspect.iscoroutinefunction(many):
-            if not executor.idempotent or getattr(executor, "records_attempts", True):
+            if not executor.idempotent or _records_attempts(executor):
                 raise ValueError(
                     f"executor {executor.kind!r}: execute_many is for idempotent executors "
                     "that record no attempts"
@@ -203,6 +215,30 @@ class OutboxDispatcher:
                 self._begin(shard, e.id, e)
             elif e.next_ms > now:
                 self.queue.push(e.next_ms, shard, e.id, e if e.next_ms - now <= KEEP_MS else None)
+
+    def record_first_attempts(self, entries: list[OutboxEntry]) -> None:
+        """Before their commit (see :class:`~troth.core.transaction.CommitHooks`): an
+        entry due at once whose first attempt would begin with an intent record has
+        that record in its commit instead ("attempting", attempt 1), which saves a
+        ledger write per effect. Only for repeatable executors that record attempts:
+        should this node die between the commit and the attempt, the shard's next
+        owner attempts it again under the same key, as after any crash, and the count
+        includes one attempt that may not have begun. A non-repeatable entry keeps
+        its intent record just before its attempt, or such a crash would make it
+        uncertain without its ever having been attempted."""
+        now = self.clock.now_ms()
+        for entry in entries:
+            executor = self.executors.get(entry.kind)
+            if (
+                executor is not None
+                and entry.next_ms <= now
+                and entry.status == "pending"
+                and entry.attempts == 0
+                and _repeatable(executor, entry)
+                and _records_attempts(executor)
+            ):
+                entry.status = "attempting"
+                entry.attempts = 1
 
     def load_shards(self, shards: list[int]) -> None:
         self.queue.claim(shards)
@@ -383,21 +419,23 @@ class OutboxDispatcher:
             entry.result = {"error": f"no executor for kind {entry.kind!r}"}
             await self._store(shard, epoch, entry, None)
             return
-        repeatable = executor.idempotent and entry.spec.get("idempotent", True) is not False
-        if entry.status == "attempting" and not repeatable:
-            log.warning(
-                "outbox %s: outcome of attempt %d unknown; marked uncertain",
-                entry.id,
-                entry.attempts,
-            )
-            self.metrics.outbox_attempt(entry.kind, "uncertain").inc()
-            await self._finish(shard, epoch, entry, None, repeatable)
-            return
-        entry.status = "attempting"
-        entry.attempts += 1
-        intent = not repeatable or getattr(executor, "records_attempts", True)
-        if intent and not await self._store(shard, epoch, entry, self.clock.now_ms()):
-            return
+        repeatable = _repeatable(executor, entry)
+        # "attempting" in memory: its commit recorded the intent (record_first_attempts)
+        if committed is None or entry.status != "attempting":
+            if entry.status == "attempting" and not repeatable:
+                log.warning(
+                    "outbox %s: outcome of attempt %d unknown; marked uncertain",
+                    entry.id,
+                    entry.attempts,
+                )
+                self.metrics.outbox_attempt(entry.kind, "uncertain").inc()
+                await self._finish(shard, epoch, entry, None, repeatable)
+                return
+            entry.status = "attempting"
+            entry.attempts += 1
+            intent = not repeatable or _records_attempts(executor)
+            if intent and not await self._store(shard, epoch, entry, self.clock.now_ms()):
+                return
         started = time.perf_counter()
         try:
             if entry.trace is None:
