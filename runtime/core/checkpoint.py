@@ -45,6 +45,9 @@ class StoredCheckpoint:
     seq: int
     created_ms: int
     updated_ms: int
+    #: ``state`` and ``pstate`` as stored (the activation's baseline needs no repacking).
+    packed_state: bytes = b""
+    packed_pstate: bytes = b""
 
 
 @dataclass(slots=True)
@@ -145,6 +148,8 @@ class CheckpointStore:
             seq=int(seq),
             created_ms=int(created or 0),
             updated_ms=int(updated or 0),
+            packed_state=state,
+            packed_pstate=pstate or b"",
         )
         return stored, created_count
 

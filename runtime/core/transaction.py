@@ -194,7 +194,11 @@ class ActorRuntime:
         seq: int,
         hooks: CommitHooks,
         autonomous: bool = False,
+        packed: tuple[bytes, bytes | None] | None = None,
     ) -> None:
+        """``packed``: the state and plugin states as loaded, when ``ca.state`` and
+        ``plugins`` are what they decode to (None for plugin states that must be
+        packed again: one of them is no longer configured)."""
         self.name = name
         self.shard = shard
         self.epoch = epoch
@@ -221,8 +225,9 @@ class ActorRuntime:
         self.deleted = False
         #: Set by :meth:`CA.passivate` during the last message (reset by a rollback).
         self.passivating = False
-        self._state = codec.pack(ca.state)
-        self._pstate = self._pack_pstates()
+        state, pstate = packed or (None, None)
+        self._state = state if state is not None else codec.pack(ca.state)
+        self._pstate = pstate if pstate is not None else self._pack_pstates()
         self._txn: TxnInfo | None = None
         #: The current call is not the first of its group (see :meth:`execute_group`) ...
         self._grouped = False

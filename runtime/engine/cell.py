@@ -473,7 +473,7 @@ class Cell:
         )
         version = self.atype.state_version
 
-        def runtime(seq: int) -> ActorRuntime:
+        def runtime(seq: int, packed: tuple[bytes, bytes | None] | None = None) -> ActorRuntime:
             return ActorRuntime(
                 self.name,
                 self.shard,
@@ -487,6 +487,7 @@ class Cell:
                 seq,
                 host,
                 self.atype.autonomous,
+                packed,
             )
 
         if stored is None:
@@ -499,7 +500,10 @@ class Cell:
             return rt
         decision = decide(name, stored.version, version, self.atype.has_upgrade)
         ca.state = stored.state
-        rt = runtime(stored.seq)
+        # The loaded bytes are the baseline a change is found against; the plugin
+        # states' only while every one of them was loaded (none dropped).
+        whole = stored.packed_pstate and len(plugins) == sum(1 for v in pstates.values() if v)
+        rt = runtime(stored.seq, (stored.packed_state, stored.packed_pstate if whole else None))
         rt_ref.append(rt)
         rt.needs_write = stored.version != version
         if not (
