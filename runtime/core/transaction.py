@@ -452,9 +452,10 @@ class ActorRuntime:
         self.seq += request.messages
         self.needs_init = self.needs_write = False
         self.deleted = request.delete
-        self._state = request.state
-        self._pstate = request.pstate
-        self.ca.state = codec.unpack(request.state)
+        if not request.delete:  # a deleted actor's activation serves nothing more
+            self._state = request.state
+            self._pstate = request.pstate
+            self.ca.state = codec.unpack(request.state)
         self.metrics.commits.inc()
         for p in self.plugins.values():
             p.committed()
@@ -504,11 +505,14 @@ class ActorRuntime:
             p.prepare(ops)
             if self.deleting:
                 p.prepare_delete(ops)
-        try:
-            state = codec.pack(self.ca.state)
-        except SerializationError as exc:
-            raise SerializationError(f"{self.name}: state {exc}") from exc
-        pstate = self._pack_pstates()
+        if self.deleting:  # the commit deletes the checkpoint: none of it is written
+            state = pstate = b""
+        else:
+            try:
+                state = codec.pack(self.ca.state)
+            except SerializationError as exc:
+                raise SerializationError(f"{self.name}: state {exc}") from exc
+            pstate = self._pack_pstates()
         changed = not (
             state == state_before
             and pstate == pstate_before
