@@ -8,7 +8,8 @@ shortened to ``--retention`` seconds) and reports, per phase:
 
 * ``node_cpu_us``: the node's CPU time per commitment (steadier than rates on a
   shared machine), and ``redis_cpu_us``: Redis's;
-* ``per_s``: commitments per second through the phase;
+* ``per_s``: commitments per second through the phase (for the retirement at most
+  the delivery's: each is due ``--retention`` after its own delivery);
 * ``redis_bytes``: Redis memory per commitment after the phase (growth over the
   empty database): pending, finished and retained, retired (what remains then is
   the tombstones that let a GET say "retired", until they expire).
