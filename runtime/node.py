@@ -307,7 +307,10 @@ class Node:
     def settled(self) -> bool:
         """Whether nothing is due now, queued, running or being attempted here."""
         now = self.clock.now_ms()
-        due = [self.scheduler.queue.next_due(), self.dispatcher.queue.next_due()]
+        # what lies beyond the due queues' window is not due now (reading_due covers
+        # the window's moving on)
+        queues = (self.scheduler.queue, self.dispatcher.queue)
+        due = [q.next_due(beyond_window=False) for q in queues]
         if any(d is not None and d <= now for d in due):
             return False
         if self.scheduler.in_flight or self.dispatcher.in_flight:
