@@ -315,7 +315,7 @@ class Node:
             return False
         if self.scheduler.in_flight or self.dispatcher.in_flight:
             return False
-        if self.scheduler.queue.reading_due or self.dispatcher.queue.reading_due:
+        if any(q.reading_due for q in queues):
             return False  # work due now may still be in Redis only
         return bool(self._on_loop(self._engine_settled()).result(timeout=10))
 
