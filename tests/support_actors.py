@@ -193,6 +193,11 @@ class Ledger(troth.CA):
         items: list[Any] = self.state["items"]
         return items  # the state's own list, on purpose
 
+    async def push(self, item: Any) -> list[Any]:
+        items: list[Any] = self.state["items"]
+        items.append(item)
+        return items  # the state's own list, on purpose, from a call that writes
+
     async def keep(self, value: Any) -> None:
         self.plugins.remembers.keep(value)
 

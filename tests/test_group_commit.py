@@ -92,6 +92,21 @@ def test_a_reply_does_not_change_with_the_calls_after_it(ledger: tuple[Node, Act
     assert read.result(5) == []  # not the list the next call appended to
 
 
+@pytest.mark.parametrize("group_max", [1, 64])
+def test_a_written_reply_does_not_change_with_the_writes_after_it(
+    make_node: Callable[..., Node], group_max: int
+) -> None:
+    """A reply that is the state's own list stays as its call left it: the next call
+    sees a decoded copy of the committed state, with group commit or without."""
+    node = make_node("n1", types=LEDGER, runtime={"group_commit_max": group_max})
+    name = ActorName("ledger", f"alice-w{group_max}")
+    node.call(name, "items").result(5)
+    first, second = queued(node, name, ("push", ["a"]), ("push", ["b"]))
+    assert second.result(5) == ["a", "b"]
+    assert first.result(5) == ["a"]
+    assert node.call(name, "push", ["c"]).result(5) == ["a", "b", "c"]
+
+
 def test_a_repeated_request_id_in_a_group_runs_once(
     ledger: tuple[Node, ActorName], rclient: redis.Redis, prefix: str
 ) -> None:

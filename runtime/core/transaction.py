@@ -12,9 +12,11 @@
    same loop turn (:class:`~troth.core.batcher.Batcher`). A message that changed no
    state, no plugin state and buffered no effect commits nothing: it only checks,
    by a read, that this node still holds the shard;
-5. only after the commit returned: the in-memory state becomes the decoded committed
-   state (so memory never differs from what a reload would see), plugins release
-   their effects, and the reply is returned.
+5. only after the commit returned: plugins release their effects and the reply is
+   returned; the next message sees the decoded committed state (so what a method
+   sees never differs from what a reload would). It is decoded when that message
+   begins, not after each commit: an actor that passivates or is deleted before its
+   next message never pays for it.
 
 On any failure (an :class:`AppError`, any other exception, unserializable state,
 a refused or failed commit) the state and plugin states are restored from the
@@ -228,6 +230,9 @@ class ActorRuntime:
         state, pstate = packed or (None, None)
         self._state = state if state is not None else codec.pack(ca.state)
         self._pstate = pstate if pstate is not None else self._pack_pstates()
+        #: The packed state ``ca.state`` is to be decoded from before the next message
+        #: runs (see :meth:`_run`); None while ``ca.state`` is current.
+        self._undecoded: bytes | None = None
         self._txn: TxnInfo | None = None
         #: The current call is not the first of its group (see :meth:`execute_group`) ...
         self._grouped = False
@@ -282,7 +287,7 @@ class ActorRuntime:
                     await self._check_held()
                     # the next message gets a copy: the reply, answered later, may share
                     # objects with the state (``return self.state["items"]``)
-                    self.ca.state = codec.unpack(prepared.state)
+                    self._undecoded = prepared.state
                 self.metrics.reads.inc()
                 return reply
             replies = [(msg.request_id, prepared.reply)] if msg.request_id is not None else []
@@ -378,7 +383,7 @@ class ActorRuntime:
                     reads += 1
                 # the next call gets a copy: a reply still waiting for the commit may
                 # share objects with the state (``return self.state["items"]``)
-                self.ca.state = codec.unpack(state)
+                self._undecoded = state
                 outcomes.append(Outcome(reply))
             if last is not None:
                 msg, prepared = last
@@ -455,7 +460,7 @@ class ActorRuntime:
         if not request.delete:  # a deleted actor's activation serves nothing more
             self._state = request.state
             self._pstate = request.pstate
-            self.ca.state = codec.unpack(request.state)
+            self._undecoded = request.state
         self.metrics.commits.inc()
         for p in self.plugins.values():
             p.committed()
@@ -472,6 +477,9 @@ class ActorRuntime:
         """Begin ``txn`` and run the message's code; any failure but a troth error
         becomes :class:`ActorError` (logged with its traceback)."""
         self._txn = txn
+        if self._undecoded is not None:  # a fresh copy: shares nothing with past replies
+            self.ca.state = codec.unpack(self._undecoded)
+            self._undecoded = None
         for p in list(self.plugins.values()):
             p.begin(txn)
         self.ca.caller = msg.caller
@@ -556,6 +564,7 @@ class ActorRuntime:
         """Back to the last commit (``whole``), or only the current message of a group
         back to what the group's earlier calls left (``state``, ``pstate``)."""
         self.deleting = self.passivating = False
+        self._undecoded = None
         self.ca.state = codec.unpack(self._state if state is None else state)
         pstates = codec.unpack(self._pstate if pstate is None else pstate)
         for name, p in list(self.plugins.items()):
