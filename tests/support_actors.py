@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from functools import partial
 from typing import Any
 
 import troth
 from examples.polls.extension import Polls
+from troth.core.actor import Plugins
 from troth.core.errors import AppError
 from troth.core.names import ActorName
 from troth.core.plugin import ActorPlugin, PluginContext, PluginFactory
 from troth.core.records import CommitOps, CommitStep
+
+#: The latest Probe instance of each actor name, held weakly (is an ended one freed?).
+PROBES: weakref.WeakValueDictionary[str, Probe] = weakref.WeakValueDictionary()
 
 
 class Probe(troth.CA):
     """Records its hooks, timers and webhook results, to observe the runtime."""
 
     state_version = "1.0.0"
+
+    def __init__(self, name: ActorName, plugins: Plugins) -> None:
+        super().__init__(name, plugins)
+        PROBES[str(name)] = self
 
     def init(self) -> None:
         self.state.update(inits=1, resumes=0, fired=[], results=[], value=0)

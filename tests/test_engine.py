@@ -4,6 +4,7 @@ themselves."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import redis
 
 from conftest import TESTS, wait_until
 from examples.helloworld.counter import Counter
-from support_actors import RESUMED
+from support_actors import PROBES, RESUMED
 from troth.caas.actor import Commitment
 from troth.core.catalog import Catalog
 from troth.core.config import ConfigError, parse_config
@@ -155,6 +156,24 @@ def test_an_actor_that_asks_to_passivate_leaves_memory_after_its_commit(
     time.sleep(0.3)
     assert str(name) in node.engine.cells  # rolled back: it stays
     assert node.call(name, "get").result(5)["value"] == 5
+
+
+def test_an_ended_activation_is_freed_at_once_not_by_the_garbage_collector(
+    make_node: Callable[..., Node],
+) -> None:
+    """A passivated actor's instance, state and plugins are freed by reference
+    counting as soon as its cell closes. An ended activation caught in a reference
+    cycle waits for the cyclic collector instead, whose passes then grow long and
+    frequent: about a tenth of a node's CPU when 100,000 commitments fired."""
+    node = make_node("n1", types={"probe": {"class": "support_actors:Probe"}})
+    name = ActorName("probe", "alice-freed")
+    gc.disable()
+    try:
+        assert node.call(name, "rest", [1]).result(5) == 1
+        wait_until(lambda: str(name) not in node.engine.cells, timeout=2)
+        wait_until(lambda: str(name) not in PROBES, timeout=2)
+    finally:
+        gc.enable()
 
 
 def test_generators_are_refused_at_registration() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
@@ -152,6 +153,37 @@ def test_response_framings(answer: bytes, body: bytes) -> None:
             assert resp.body == body and resp.status_code in (200, 202)
 
     run(test)
+
+
+def test_a_closed_connection_is_freed_at_once() -> None:
+    """A connection the server closed (``Connection: close``, HTTP/1.0 receivers) is
+    freed by reference counting, not left in a cycle with its parser for the garbage
+    collector: a receiver that closes after every delivery would otherwise leave one
+    such cycle per delivery."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    def connections() -> int:
+        return sum(type(o).__name__ == "_Connection" for o in gc.get_objects())
+
+    async def test() -> None:
+        http = client()
+        async with serving(handler, http) as url:
+            for _ in range(3):
+                assert (await http.request("POST", url, b"")).body == b"ok"
+            await asyncio.sleep(0.05)  # the transports finish closing
+            assert connections() == 0
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(test)
+    finally:
+        gc.enable()
 
 
 def test_a_long_body_is_cut_at_the_limit_and_its_connection_not_reused() -> None:

@@ -83,6 +83,15 @@ class Plugins:
         self._on_create(plugin)
         return plugin
 
+    def close(self) -> None:
+        """The activation ended: making a plugin now is an error (it could take part
+        in no transaction), and nothing here keeps the ended activation alive."""
+        self._on_create = _ended
+
+
+def _ended(plugin: object) -> None:
+    raise RuntimeError(f"{type(plugin).__name__}: this actor's activation has ended")
+
 
 class CA:
     """Base class of every troth actor ("Cloud Assistant").

@@ -109,7 +109,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[Response] | None = None
         self.reused = False
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -161,6 +161,7 @@ class _Connection(asyncio.Protocol):
             self.close()  # read as the answer to the next request, nor reused
             return
         self.got_data = True
+        assert self.parser is not None  # no data after connection_lost
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -168,6 +169,7 @@ class _Connection(asyncio.Protocol):
             self._finish(ResponseError(f"malformed HTTP response: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.parser = None  # it calls back into this object: unlinked, both are freed at once
         if self.waiter is None:
             return
         if self.status >= 200 and not self.delimited:  # the body ran until the close
@@ -187,6 +189,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.waiter is None:  # a second response behind the answer: unasked for
             self.close()
+        assert self.parser is not None
         self.status = self.parser.get_status_code()
 
     def on_body(self, chunk: bytes) -> None:
@@ -204,7 +207,7 @@ class _Connection(asyncio.Protocol):
             self._reset()
             self.got_data = True  # the server did answer: a loss now is no stale reuse
             return
-        self.keep = self.keep and self.parser.should_keep_alive()
+        self.keep = self.keep and self.parser is not None and self.parser.should_keep_alive()
         self._finish(Response(self.status, b"".join(self.body)))
 
 

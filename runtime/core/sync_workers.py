@@ -172,16 +172,9 @@ class SyncWorkers:
             if call.future.cancelled():
                 continue
             worker.started = time.monotonic()
-            try:
-                result: tuple[_Call, bool, Any] = (call, True, call.fn())
-            except StopIteration as exc:  # a future refuses it (as a coroutine would)
-                error = RuntimeError(f"{call.fn!r} raised StopIteration")
-                error.__cause__ = exc
-                result = (call, False, error)
-            except BaseException as exc:  # handed to the caller, as an executor would
-                result = (call, False, exc)
+            # (no local keeps the result: a sleeping worker holds nothing of its last call)
+            self._hand_back(_outcome(call))
             worker.started = 0.0
-            self._hand_back(result)
 
     def _hand_back(self, result: tuple[_Call, bool, Any]) -> None:
         with self._lock:
@@ -191,3 +184,15 @@ class SyncWorkers:
             # (RuntimeError: the loop closed meanwhile, nobody waits any more)
             with contextlib.suppress(RuntimeError):
                 result[0].future.get_loop().call_soon_threadsafe(self._deliver)
+
+
+def _outcome(call: _Call) -> tuple[_Call, bool, Any]:
+    """``(call, True, its result)``, or ``(call, False, the exception it raised)``."""
+    try:
+        return (call, True, call.fn())
+    except StopIteration as exc:  # a future refuses it (as a coroutine would)
+        error = RuntimeError(f"{call.fn!r} raised StopIteration")
+        error.__cause__ = exc
+        return (call, False, error)
+    except BaseException as exc:  # handed to the caller, as an executor would
+        return (call, False, exc)

@@ -240,6 +240,15 @@ class ActorRuntime:
         self._broken = False
         ca._troth_runtime = self
 
+    def release(self) -> None:
+        """The activation ended (passivated, deleted, or its cell failed): unlink the
+        actor instance from this runtime and its plugins. The instance, its state and
+        its plugins are then freed at once by reference counting; left linked, each
+        ended activation was a cycle only the garbage collector could free, and its
+        collections grew long and frequent with the number of activations."""
+        self.ca._troth_runtime = None
+        self.ca.plugins.close()
+
     def now_ms(self) -> int:
         """The transaction's time, or the node's when none is running."""
         return self._txn.now_ms if self._txn is not None else self.store.clock.now_ms()

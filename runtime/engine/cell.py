@@ -195,6 +195,7 @@ class Cell:
         if self.runtime is not None:
             for plugin in self.runtime.plugins.values():
                 plugin.abort()
+            self.runtime.release()
             self.runtime = None
 
     # -- the cell's own task -------------------------------------------------------------
