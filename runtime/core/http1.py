@@ -207,7 +207,8 @@ class _Connection(asyncio.Protocol):
             self._reset()
             self.got_data = True  # the server did answer: a loss now is no stale reuse
             return
-        self.keep = self.keep and self.parser is not None and self.parser.should_keep_alive()
+        assert self.parser is not None
+        self.keep = self.keep and self.parser.should_keep_alive()
         self._finish(Response(self.status, b"".join(self.body)))
 
 
