@@ -161,17 +161,20 @@ def test_an_actor_that_asks_to_passivate_leaves_memory_after_its_commit(
 def test_an_ended_activation_is_freed_at_once_not_by_the_garbage_collector(
     make_node: Callable[..., Node],
 ) -> None:
-    """A passivated actor's instance, state and plugins are freed by reference
-    counting as soon as its cell closes. An ended activation caught in a reference
-    cycle waits for the cyclic collector instead, whose passes then grow long and
-    frequent: about a tenth of a node's CPU when 100,000 commitments fired."""
+    """A passivated or deleted actor's instance, state and plugins are freed by
+    reference counting as soon as its cell closes. An ended activation caught in a
+    reference cycle waits for the cyclic collector instead, whose passes then grow
+    long and frequent: about a tenth of a node's CPU when 100,000 commitments fired."""
     node = make_node("n1", types={"probe": {"class": "support_actors:Probe"}})
-    name = ActorName("probe", "alice-freed")
+    rests, leaves = ActorName("probe", "alice-rests"), ActorName("probe", "alice-leaves")
     gc.disable()
     try:
-        assert node.call(name, "rest", [1]).result(5) == 1
-        wait_until(lambda: str(name) not in node.engine.cells, timeout=2)
-        wait_until(lambda: str(name) not in PROBES, timeout=2)
+        assert node.call(rests, "rest", [1]).result(5) == 1
+        node.call(leaves, "set", [1]).result(5)
+        node.call(leaves, "leave").result(5)  # its session plugin was made, too
+        gone = [str(rests), str(leaves)]  # (membership tests: the node's loop changes both)
+        wait_until(lambda: all(n not in node.engine.cells for n in gone), timeout=2)
+        wait_until(lambda: all(n not in PROBES for n in gone), timeout=2)
     finally:
         gc.enable()
 
