@@ -23,6 +23,7 @@ Hooks, each run in a transaction of its own like a method:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -89,6 +90,13 @@ class Plugins:
         self._on_create = _ended
 
 
+@functools.cache
+def _type_logger(actor_type: str) -> logging.Logger:
+    """The logger of an actor type's instances (found once: ``getLogger`` takes the
+    logging module's lock, and a burst of activations makes thousands a second)."""
+    return logging.getLogger(f"troth.core.actor.{actor_type}")
+
+
 def _ended(plugin: object) -> None:
     raise RuntimeError(f"{type(plugin).__name__}: this actor's activation has ended")
 
@@ -116,7 +124,7 @@ class CA:
         #: Who sent the message being handled (set for each transaction): a client's
         #: authenticated principal, or the sending actor for actor-to-actor messages.
         self.caller: Caller = Caller(None)
-        self.log = logging.getLogger(f"troth.core.actor.{name.type}")
+        self.log = _type_logger(name.type)
         self._troth_runtime: Any = None
 
     @property
