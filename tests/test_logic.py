@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from troth.caas.filters import matches, split_key, validate
-from troth.core.retry import RetryPolicy
+from troth.core.retry import RetryPolicy, stored_policy
 
 
 @pytest.mark.parametrize(
@@ -39,6 +39,23 @@ def test_jitter_stays_within_its_fraction() -> None:
 def test_bad_retry_policies_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         RetryPolicy.model_validate(bad)
+    for _ in range(2):  # validated once, refused every time
+        with pytest.raises(ValidationError):
+            stored_policy(bad)
+
+
+def test_a_stored_policy_is_whole_validated_and_a_dict_of_its_own() -> None:
+    """What an outbox entry keeps of its policy: every field, the same whether the
+    policy came as a model or as a dict (validated once, then cached), and a copy
+    that an entry may change without changing another's."""
+    whole = RetryPolicy(max_attempts=3).model_dump()
+    first = stored_policy({"max_attempts": 3})
+    assert first == stored_policy(RetryPolicy(max_attempts=3)) == whole
+    first["max_attempts"] = 9
+    assert stored_policy({"max_attempts": 3}) == whole
+    assert stored_policy({"max_attempts": 3.0}) == whole  # as pydantic takes it
+    with pytest.raises(ValidationError):  # a value no cache can hold: validated still
+        stored_policy({"max_attempts": 3, "backoff": ["fixed"]})
 
 
 PAYLOAD = {

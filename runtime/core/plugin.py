@@ -34,7 +34,7 @@ from troth.core import codec, tracing
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.errors import AppError
 from troth.core.records import Checkpoint, CommitOps, OutboxEntry, TxnInfo
-from troth.core.retry import RetryPolicy
+from troth.core.retry import RetryPolicy, stored_policy
 
 if TYPE_CHECKING:
     import redis
@@ -271,13 +271,7 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
         if on_result is not None and (not on_result or on_result.startswith("_")):
             raise ValueError("on_result must name a public method of the actor")
         codec.pack(spec)  # fail inside the method, not at commit, on bad arguments
-        policy = (
-            retry
-            if isinstance(retry, RetryPolicy)
-            else RetryPolicy.model_validate(retry)
-            if retry is not None
-            else self.default_retry
-        )
+        policy = stored_policy(self.default_retry if retry is None else retry)
         entry_id = replace_id or txn.next_id(kind)
         if replace_id is not None:
             self._buffer[:] = [e for e in self._buffer if e.id != replace_id]
@@ -288,7 +282,7 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
                 origin=str(self.actor),
                 spec=spec,
                 idempotency_key=idempotency_key or entry_id,
-                retry=policy.model_dump(),
+                retry=policy,
                 on_result=on_result,
                 created_ms=txn.now_ms,
                 next_ms=txn.now_ms + int(max(0.0, delay_seconds) * 1000),

@@ -6,12 +6,14 @@ of policy in code never alters effects already promised.
 
 from __future__ import annotations
 
+import functools
 import random
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["RetryPolicy"]
+__all__ = ["RetryPolicy", "stored_policy"]
 
 
 class RetryPolicy(BaseModel):
@@ -40,3 +42,23 @@ class RetryPolicy(BaseModel):
         if self.jitter:
             delay *= 1 + random.uniform(-self.jitter, self.jitter)
         return max(0.0, float(delay))
+
+
+def stored_policy(retry: RetryPolicy | Mapping[str, Any]) -> dict[str, Any]:
+    """``retry`` validated, as an outbox entry keeps it (every field, defaults filled
+    in), a dict of its own. A policy given as a dict of plain values is validated
+    once and then copied from a cache: each commitment hands its policy, one of a
+    few, to every delivery it makes, and validating it again cost a batched creation
+    about 2% of its CPU. An invalid one raises ``ValidationError`` every time."""
+    if isinstance(retry, RetryPolicy):
+        return retry.model_dump()
+    try:
+        # (values equal as keys, such as 1, 1.0 and True, validate alike here)
+        return dict(_validated(tuple(retry.items())))
+    except TypeError:  # a value that cannot be a key: validated every time
+        return RetryPolicy.model_validate(retry).model_dump()
+
+
+@functools.lru_cache(maxsize=256)
+def _validated(items: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    return RetryPolicy.model_validate(dict(items)).model_dump()
