@@ -465,8 +465,9 @@ class OutboxDispatcher:
                 "error": outcome.error,
             },
         ][-HISTORY_KEPT:]
-        policy = None if outcome.ok else RetryPolicy.model_validate(entry.retry)
-        if policy is not None and outcome.retryable and entry.attempts < policy.max_attempts:
+        retryable = not outcome.ok and outcome.retryable
+        policy = RetryPolicy.model_validate(entry.retry) if retryable else None
+        if policy is not None and entry.attempts < policy.max_attempts:
             self.metrics.outbox_attempt(entry.kind, "retry").inc()
             entry.status = "pending"
             entry.next_ms = self.clock.now_ms() + int(
