@@ -45,6 +45,9 @@ from troth.core.keys import KeySpace
 from troth.core.records import CommitStep
 from troth.core.scripts import Script, load_lua
 
+#: Principals whose index keys are kept made (a bound: principals come from outside).
+STEP_KEYS_CACHED = 4096
+
 #: Fields of a summary that the index leaves out while they are null, as it leaves
 #: out the id (the row's hash field): most rows are pending commitments, for which
 #: they are all null, and the rows are a quarter of what one keeps in Redis.
@@ -77,6 +80,7 @@ class CommitmentIndex:
         self._principals = f"{self.prefix}:principals"
         self._apply = Script(f"{FUNCTIONS}\nreturn cmindex_apply(KEYS, ARGV)")
         self._known: set[str] = set()  # principals already in P:principals
+        self._step_key_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def _writer(self) -> Batcher:
         if self.batcher is None:
@@ -85,6 +89,19 @@ class CommitmentIndex:
 
     def _k(self, principal: str, what: str) -> str:
         return f"{self.prefix}:{{cm:{principal}}}:{what}"
+
+    def _step_keys(self, principal: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The keys of ``lua/cmindex.lua`` that are the principal's own (those before
+        and after the commitment's tombstone), made once per principal: every change
+        of every commitment names them."""
+        known = self._step_key_cache.get(principal)
+        if known is None:
+            before = tuple(self._k(principal, w) for w in ("all", "sum", "count", "dedup", "ended"))
+            after = tuple(self._k(principal, f"s:{status}") for status in STATUSES)
+            if len(self._step_key_cache) >= STEP_KEYS_CACHED:
+                self._step_key_cache.clear()
+            known = self._step_key_cache[principal] = (before, after)
+        return known
 
     async def apply(self, principal: str, summary: dict[str, Any], tombstone_ms: int = 0) -> bool:
         """Apply ``summary`` unless the index holds a newer one (``rev``); True if
@@ -135,9 +152,8 @@ class CommitmentIndex:
         """The keys and arguments of ``lua/cmindex.lua``; with ``listed``, a new row also
         adds the principal to the set of principals (a key of another slot)."""
         cid = summary["id"]
-        keys = [self._k(principal, what) for what in ("all", "sum", "count", "dedup", "ended")]
-        keys.append(self._k(principal, f"gone:{cid}"))
-        keys.extend(self._k(principal, f"s:{st}") for st in STATUSES)
+        before, after = self._step_keys(principal)
+        keys = [*before, self._k(principal, f"gone:{cid}"), *after]
         quota = "" if pending_quota is None else pending_quota
         args = [cid, summary["rev"], _stored(summary), tombstone_ms, bind or "", quota]
         if listed:

@@ -33,47 +33,29 @@ P:{sN}:td                 hash     timer key -> timer (msgpack)
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
 class ShardKeys:
-    """The keys of one shard."""
+    """The keys of one shard. The shard-wide names are made once, when the (cached)
+    instance is: every commit and outbox write names several of them."""
 
     prefix: str
     shard: int
+    tag: str = field(init=False, repr=False, compare=False)
+    lease: str = field(init=False, repr=False, compare=False)
+    actors: str = field(init=False, repr=False, compare=False)
+    autonomous: str = field(init=False, repr=False, compare=False)
+    outbox: str = field(init=False, repr=False, compare=False)
+    outbox_queue: str = field(init=False, repr=False, compare=False)
+    timers: str = field(init=False, repr=False, compare=False)
+    timer_data: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def tag(self) -> str:
-        return f"{self.prefix}:{{s{self.shard}}}"
-
-    @property
-    def lease(self) -> str:
-        return f"{self.tag}:lease"
-
-    @property
-    def actors(self) -> str:
-        return f"{self.tag}:cas"
-
-    @property
-    def autonomous(self) -> str:
-        return f"{self.tag}:auto"
-
-    @property
-    def outbox(self) -> str:
-        return f"{self.tag}:ob"
-
-    @property
-    def outbox_queue(self) -> str:
-        return f"{self.tag}:obq"
-
-    @property
-    def timers(self) -> str:
-        return f"{self.tag}:tm"
-
-    @property
-    def timer_data(self) -> str:
-        return f"{self.tag}:td"
+    def __post_init__(self) -> None:
+        tag = f"{self.prefix}:{{s{self.shard}}}"
+        for name, suffix in _SHARD_WIDE:
+            object.__setattr__(self, name, f"{tag}{suffix}")
 
     def checkpoint(self, name: str) -> str:
         return f"{self.tag}:ca:{name}"
@@ -134,3 +116,16 @@ class KeySpace:
 @functools.lru_cache(maxsize=65536)
 def _shard_keys(prefix: str, shard: int) -> ShardKeys:
     return ShardKeys(prefix, shard)
+
+
+#: ShardKeys' shard-wide keys: attribute, suffix of the shard's tag.
+_SHARD_WIDE = (
+    ("tag", ""),
+    ("lease", ":lease"),
+    ("actors", ":cas"),
+    ("autonomous", ":auto"),
+    ("outbox", ":ob"),
+    ("outbox_queue", ":obq"),
+    ("timers", ":tm"),
+    ("timer_data", ":td"),
+)
