@@ -201,6 +201,44 @@ def test_hot_path_skips_the_middlewares_and_fastapi_and_keeps_their_answers() ->
     }
 
 
+def test_loop_metrics_expose_what_prometheus_clients_own_would() -> None:
+    """The loop's counters and histograms are scraped as the library's are: same
+    series, same bucket bounds (``le``: at most), same counts and sums."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from troth.core.metrics import LoopCounter, LoopHistogram
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1, 10)
+    mine_h = LoopHistogram("lat_seconds", "latency", buckets, ["route"], registry=ours)
+    lib_h = Histogram("lat_seconds", "latency", ["route"], buckets=buckets, registry=theirs)
+    mine_c = LoopCounter("hits", "hits", ["outcome"], registry=ours)
+    lib_c = Counter("hits", "hits", ["outcome"], registry=theirs)
+    plain, lib_plain = LoopCounter("n", "n", registry=ours), Counter("n", "n", registry=theirs)
+    for value in (0, 0.001, 0.0011, 0.01, 0.5, 1, 9.99, 10, 11, 1e9):
+        for route in ("/a", "/b") if value < 1 else ("/a",):
+            mine_h.labels(route).observe(value)
+            lib_h.labels(route).observe(value)
+        mine_c.labels("ok").inc(2)
+        lib_c.labels("ok").inc(2)
+        plain.inc()
+        lib_plain.inc()
+
+    def series(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for m in registry.collect()
+            for s in m.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert series(ours) == series(theirs)
+    assert ours.get_sample_value("lat_seconds_bucket", {"route": "/a", "le": "0.001"}) == 2
+    assert ours.get_sample_value("lat_seconds_count", {"route": "/b"}) == 5
+    with pytest.raises(ValueError):
+        mine_c.labels("ok", "extra")
+
+
 def test_cluster_routing_finds_each_commands_slot() -> None:
     """The batcher routes by the slot of a script's first key, a stream read's first
     stream, or a command's key; a hash tag decides (as Redis Cluster does)."""

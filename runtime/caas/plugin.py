@@ -26,14 +26,13 @@ import logging
 import time
 from typing import Any, ClassVar
 
-from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from troth.caas import delivery
 from troth.caas.index import COMMIT_STEP, CommitmentIndex
 from troth.core.access import SYSTEM, Caller
 from troth.core.errors import AppError, CallTimeout, RetryableError, TrothError
-from troth.core.metrics import Children
+from troth.core.metrics import LoopCounter, LoopHistogram
 from troth.core.names import ActorName
 from troth.core.plugin import (
     ActorPlugin,
@@ -324,26 +323,21 @@ class CommitmentsFactory(PluginFactory):
         #: The index when commits update it (a single Redis; None on Redis Cluster).
         self.inline_index = None if context.cluster else self.index
         r = context.metrics.registry
-        #: ``deliveries(outcome)``: the cached child of ``troth_commitment_deliveries``.
-        self.deliveries = Children(
-            Counter(
-                "troth_commitment_deliveries",
-                "Delivery attempts by outcome.",
-                ["outcome"],
-                registry=r,
-            )
-        )
-        self.latency = Histogram(
+        #: ``deliveries(outcome)``: the series of ``troth_commitment_deliveries``.
+        self.deliveries = LoopCounter(
+            "troth_commitment_deliveries", "Delivery attempts by outcome.", ["outcome"], r
+        ).labels
+        self.latency = LoopHistogram(
             "troth_commitment_delivery_latency_seconds",
             "Duration of one delivery attempt.",
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.lateness = Histogram(
+        self.lateness = LoopHistogram(
             "troth_commitment_firing_lateness_seconds",
             "Delay from due time to first delivery attempt.",
+            (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self._secrets: dict[str, str] = dict(self.settings.signing_secrets)
         self._webhook = WebhookExecutor(self)

@@ -1,67 +1,178 @@
 """Prometheus metrics of one node, in a registry of its own.
 
 A registry per node (rather than the process-global one) lets several nodes run in
-one process, as the tests and benchmarks do, without clashing.
+one process, as the tests and benchmarks do, without clashing. What the event loop
+counts for every message, call and delivery is kept in :class:`LoopCounter` and
+:class:`LoopHistogram` (plain numbers, read at scrape time); what other threads update
+(the Redis client's redirects) and the gauges are prometheus-client's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, utils
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+#: How the exposition writes a bucket's bound (``1.0``, ``+Inf``), as the library does.
+_le = cast(Callable[[float], str], utils.floatToGoString)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
-class Children:
-    """The labelled children of one metric, cached: prometheus-client's ``labels()``
-    takes a lock and checks its arguments on every call, which the hot paths (one
-    count per message, per outbox attempt) need not pay again."""
+@dataclass(slots=True)
+class CounterChild:
+    """One labelled series of a :class:`LoopCounter`."""
 
-    def __init__(self, metric: Any) -> None:
-        self.metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
+    value: float = 0.0
+    created: float = field(default_factory=time.time)
 
-    def __call__(self, *values: str) -> Any:
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+@dataclass(slots=True)
+class HistogramChild:
+    """One labelled series of a :class:`LoopHistogram`: a count per bucket (the last
+    one +Inf), not cumulated until a scrape."""
+
+    bounds: tuple[float, ...]
+    counts: list[int]
+    total: float = 0.0
+    created: float = field(default_factory=time.time)
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1  # the first bound >= amount
+        self.total += amount
+
+
+class LoopCounter:
+    """A Prometheus counter updated from the node's event loop only.
+
+    prometheus-client's own metrics take a lock and check their state at every
+    update, which cost a node a few percent of its CPU on the paths that count every
+    message, call and delivery. These keep plain numbers, safe because one thread (the
+    loop) updates them; the registry reads them at scrape time, in the same
+    exposition as the library's (``NAME_total`` and ``NAME_created``)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], CounterChild] = {}
+        self._plain = None if labelnames else self.labels()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> CounterChild:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = self.metric.labels(*values)
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self._children[values] = CounterChild()
         return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Count on an unlabelled counter."""
+        assert self._plain is not None, "a labelled counter counts through labels()"
+        self._plain.value += amount
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(values, child.value, created=child.created)
+        return [family]
+
+
+class LoopHistogram:
+    """A Prometheus histogram updated from the node's event loop only (see
+    :class:`LoopCounter`): an observation is a binary search and two additions."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        labelnames: Sequence[str] = (),
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(sorted(float(b) for b in buckets))
+        self._les = [*(_le(b) for b in self.bounds), "+Inf"]
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        self._plain = None if labelnames else self.labels()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = HistogramChild(self.bounds, [0] * (len(self.bounds) + 1))
+            self._children[values] = child
+        return child
+
+    def observe(self, amount: float) -> None:
+        """Observe on an unlabelled histogram."""
+        assert self._plain is not None, "a labelled histogram observes through labels()"
+        self._plain.observe(amount)
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            cumulative, buckets = 0, []
+            for le, count in zip(self._les, list(child.counts), strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(values, buckets, child.total)
+        return [family]
 
 
 class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.messages = Counter(
+        self.messages = LoopCounter(
             "troth_messages",
             "Messages processed, by actor type and kind.",
             ["type", "kind"],
             registry=r,
         )
-        self.commits = Counter("troth_commits", "Transactions committed.", registry=r)
-        self.rollbacks = Counter(
+        self.commits = LoopCounter("troth_commits", "Transactions committed.", registry=r)
+        self.rollbacks = LoopCounter(
             "troth_rollbacks",
             "Transactions rolled back, by actor type and cause.",
             ["type", "cause"],
             registry=r,
         )
-        self.dedup_hits = Counter(
+        self.dedup_hits = LoopCounter(
             "troth_request_dedup_hits",
             "Calls answered from the committed-reply cache.",
             registry=r,
         )
-        self.commit_latency = Histogram(
+        self.commit_latency = LoopHistogram(
             "troth_commit_latency_seconds",
             "Time from commit request to Redis reply.",
-            buckets=_LATENCY_BUCKETS,
+            _LATENCY_BUCKETS,
             registry=r,
         )
-        self.message_latency = Histogram(
+        self.message_latency = LoopHistogram(
             "troth_message_latency_seconds",
             "Time to run and commit one message.",
-            buckets=_LATENCY_BUCKETS,
+            _LATENCY_BUCKETS,
             registry=r,
         )
         self.active_actors = Gauge("troth_active_actors", "Actors active on this node.", registry=r)
@@ -76,10 +187,10 @@ class NodeMetrics:
             "Durable timers of this node's shards due within two minutes or overdue.",
             registry=r,
         )
-        self.reads = Counter(
+        self.reads = LoopCounter(
             "troth_reads", "Messages that changed nothing and so committed nothing.", registry=r
         )
-        self.grouped = Counter(
+        self.grouped = LoopCounter(
             "troth_grouped_calls",
             "Calls run in a group commit with other queued calls of their actor.",
             registry=r,
@@ -88,7 +199,7 @@ class NodeMetrics:
         self.subscriptions = Gauge(
             "troth_subscriptions", "Notification subscriptions of the open sessions.", registry=r
         )
-        self.outbox_attempts = Counter(
+        self.outbox_attempts = LoopCounter(
             "troth_outbox_attempts",
             "Side-effect attempts, by kind and outcome.",
             ["kind", "outcome"],
@@ -101,39 +212,36 @@ class NodeMetrics:
             ["reply"],
             registry=r,
         )
-        self.http_requests = Counter(
+        self.http_requests = LoopCounter(
             "troth_http_requests",
             "HTTP requests answered, by method, route (the path template) and status.",
             ["method", "route", "status"],
             registry=r,
         )
-        self.http_latency = Histogram(
+        self.http_latency = LoopHistogram(
             "troth_http_request_duration_seconds",
             "Time to answer an HTTP request, by method and route.",
+            _LATENCY_BUCKETS,
             ["method", "route"],
-            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self._http_requests = Children(self.http_requests)
-        self._http_latency = Children(self.http_latency)
-        self._message_children = Children(self.messages)
-        #: ``outbox_attempt(kind, outcome)``: the cached child of ``outbox_attempts``.
-        self.outbox_attempt = Children(self.outbox_attempts)
-        self.timers_fired = Counter("troth_timers_fired", "Timers handled.", registry=r)
-        self.timer_lateness = Histogram(
+        #: ``outbox_attempt(kind, outcome)``: the series of ``outbox_attempts``.
+        self.outbox_attempt = self.outbox_attempts.labels
+        self.timers_fired = LoopCounter("troth_timers_fired", "Timers handled.", registry=r)
+        self.timer_lateness = LoopHistogram(
             "troth_timer_lateness_seconds",
             "How late timers fired.",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=r,
         )
 
-    def message_counter(self, actor_type: str, kind: str) -> Any:
-        return self._message_children(actor_type, kind)
+    def message_counter(self, actor_type: str, kind: str) -> CounterChild:
+        return self.messages.labels(actor_type, kind)
 
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""
-        self._http_requests(method, route, str(status)).inc()
-        self._http_latency(method, route).observe(seconds)
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_latency.labels(method, route).observe(seconds)
 
     def bind_gauges(
         self,
