@@ -91,6 +91,33 @@ def test_requests_share_one_kept_alive_connection_and_carry_what_was_given() -> 
     assert body == b"body2"
 
 
+def test_a_connection_unused_for_idle_seconds_is_closed_and_one_in_use_is_kept() -> None:
+    closed: list[float] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        closed.append(asyncio.get_running_loop().time())  # the client closed it
+
+    async def test() -> None:
+        http = Http1Client(loopback, timeout=5, user_agent="t", idle_seconds=0.3)
+        async with serving(handler, http) as url:
+            first, second = await asyncio.gather(
+                http.request("POST", f"{url}/1"), http.request("POST", f"{url}/2")
+            )
+            assert first.status_code == second.status_code == 200  # two connections
+            started = asyncio.get_running_loop().time()
+            for _ in range(5):  # one of them stays in use
+                await asyncio.sleep(0.1)
+                await http.request("POST", f"{url}/again")
+            assert len(closed) == 1  # the other, unused for 0.3 s
+            assert 0.25 <= closed[0] - started <= 0.45
+            await asyncio.sleep(0.5)
+            assert len(closed) == 2  # and the last, once unused as long
+
+    run(test)
+
+
 @pytest.mark.parametrize("repeatable", [True, False])
 def test_a_request_the_server_dropped_on_a_kept_alive_connection(repeatable: bool) -> None:
     """The keep-alive race: the server closes a connection it kept open just as the next

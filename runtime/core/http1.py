@@ -112,7 +112,8 @@ class _Connection(asyncio.Protocol):
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[Response] | None = None
         self.reused = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        #: ``loop.time()`` when it was last put back unused.
+        self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -232,7 +233,11 @@ class Http1Client:
         self.idle_seconds = idle_seconds
         self.max_connections = max_connections
         self._agent = f"user-agent: {user_agent}\r\n".encode()
+        #: Unused connections per origin, the longest unused first.
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        #: One timer closes what stayed unused for ``idle_seconds`` (not one timer a
+        #: connection, set and cancelled at every request).
+        self._sweeper: asyncio.TimerHandle | None = None
         self._slots: asyncio.Semaphore | None = None
         self._tls: ssl.SSLContext | None = None
 
@@ -278,9 +283,7 @@ class Http1Client:
     def _take(self, target: _Target) -> _Connection | None:
         idle = self._idle.get((target.scheme, target.host, target.port))
         while idle:
-            conn = idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
+            conn = idle.pop()  # the most recently used: the likeliest to be open still
             if not conn.closed:
                 conn.reused = True
                 return conn
@@ -290,18 +293,32 @@ class Http1Client:
         if conn.keep and not conn.closed:
             idle = self._idle.setdefault((target.scheme, target.host, target.port), [])
             if len(idle) < self.max_connections:
-                idle.append(conn)
                 loop = asyncio.get_running_loop()
-                conn.idle_timer = loop.call_later(self.idle_seconds, self._expire, idle, conn)
+                conn.idle_since = loop.time()
+                idle.append(conn)
+                if self._sweeper is None:
+                    self._sweeper = loop.call_at(conn.idle_since + self.idle_seconds, self._sweep)
                 return resp
         conn.close()
         return resp
 
-    @staticmethod
-    def _expire(idle: list[_Connection], conn: _Connection) -> None:
-        if conn in idle:
-            idle.remove(conn)
-        conn.close()
+    def _sweep(self) -> None:
+        """Close the connections unused for ``idle_seconds``; come back when the next
+        one will have been, if any is left."""
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self.idle_seconds
+        earliest: float | None = None
+        for idle in self._idle.values():
+            expired = 0
+            while expired < len(idle) and idle[expired].idle_since <= cutoff:
+                idle[expired].close()
+                expired += 1
+            del idle[:expired]
+            if idle and (earliest is None or idle[0].idle_since < earliest):
+                earliest = idle[0].idle_since
+        self._sweeper = None
+        if earliest is not None:
+            self._sweeper = loop.call_at(earliest + self.idle_seconds, self._sweep)
 
     async def _connect(self, target: _Target) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -330,9 +347,10 @@ class Http1Client:
 
     async def aclose(self) -> None:
         """Close every idle connection (those in flight close when they end)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for conn in idle:
-                if conn.idle_timer is not None:
-                    conn.idle_timer.cancel()
                 conn.close()
         self._idle.clear()
