@@ -112,6 +112,8 @@ class LeaseManager:
         self._claim = Script(load_lua("claim.lua"))
         self._release = Script(load_lua("release.lua"))
         self._leases = Script(load_lua("leases.lua"))
+        #: Every shard's lease key, in shard order: each beat reads them all.
+        self._lease_keys = [keys.shard(s).lease for s in range(keys.shard_count)]
         self._owned: dict[int, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -249,8 +251,7 @@ class LeaseManager:
         master leaves the others' shards to be served, claimed and released as usual)."""
         leases: list[LeaseView | None] = [None] * self.keys.shard_count
         if not isinstance(self.client, RedisCluster):
-            keys = [self.keys.shard(s).lease for s in range(self.keys.shard_count)]
-            (flat,) = self._leases.run_many(self.client, [(keys, [])])
+            (flat,) = self._leases.run_many(self.client, [(self._lease_keys, [])])
             for shard in range(self.keys.shard_count):
                 o, e = flat[2 * shard], flat[2 * shard + 1]
                 leases[shard] = LeaseView((o or b"").decode(), (e or b"0").decode())
