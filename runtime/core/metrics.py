@@ -10,16 +10,20 @@ counts for every message, call and delivery is kept in :class:`LoopCounter` and
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, utils
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 #: How the exposition writes a bucket's bound (``1.0``, ``+Inf``), as the library does.
 _le = cast(Callable[[float], str], utils.floatToGoString)
+
+ChildT = TypeVar("ChildT")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -43,21 +47,55 @@ class HistogramChild:
     bounds: tuple[float, ...]
     counts: list[int]
     total: float = 0.0
-    created: float = field(default_factory=time.time)
 
     def observe(self, amount: float) -> None:
         self.counts[bisect_left(self.bounds, amount)] += 1  # the first bound >= amount
         self.total += amount
 
 
-class LoopCounter:
-    """A Prometheus counter updated from the node's event loop only.
+class _LoopMetric(Collector, Generic[ChildT]):
+    """A Prometheus metric updated from the node's event loop only.
 
     prometheus-client's own metrics take a lock and check their state at every
     update, which cost a node a few percent of its CPU on the paths that count every
     message, call and delivery. These keep plain numbers, safe because one thread (the
-    loop) updates them; the registry reads them at scrape time, in the same
-    exposition as the library's (``NAME_total`` and ``NAME_created``)."""
+    loop) updates them; the registry reads them at scrape time (a scrape from another
+    thread may see one update half done), in the library's exposition."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry | None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], ChildT] = {}
+        self._plain = None if labelnames else self.labels()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> ChildT:
+        """The series of these label values (made at its first use)."""
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self._children[values] = self._new_child()
+        return child
+
+    @abstractmethod
+    def _new_child(self) -> ChildT: ...
+
+    def _unlabelled(self) -> ChildT:
+        assert self._plain is not None, f"{self.name} is labelled: use labels()"
+        return self._plain
+
+
+class LoopCounter(_LoopMetric[CounterChild]):
+    """A counter (``NAME_total`` and ``NAME_created``) of the loop; see :class:`_LoopMetric`."""
 
     def __init__(
         self,
@@ -66,26 +104,14 @@ class LoopCounter:
         labelnames: Sequence[str] = (),
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-        self._plain = None if labelnames else self.labels()
-        if registry is not None:
-            registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> CounterChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = self._children[values] = CounterChild()
-        return child
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
 
     def inc(self, amount: float = 1.0) -> None:
         """Count on an unlabelled counter."""
-        assert self._plain is not None, "a labelled counter counts through labels()"
-        self._plain.value += amount
+        self._unlabelled().value += amount
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -94,9 +120,9 @@ class LoopCounter:
         return [family]
 
 
-class LoopHistogram:
-    """A Prometheus histogram updated from the node's event loop only (see
-    :class:`LoopCounter`): an observation is a binary search and two additions."""
+class LoopHistogram(_LoopMetric[HistogramChild]):
+    """A histogram of the loop (see :class:`_LoopMetric`): an observation is a binary
+    search and two additions."""
 
     def __init__(
         self,
@@ -106,29 +132,16 @@ class LoopHistogram:
         labelnames: Sequence[str] = (),
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         self.bounds = tuple(sorted(float(b) for b in buckets))
         self._les = [*(_le(b) for b in self.bounds), "+Inf"]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-        self._plain = None if labelnames else self.labels()
-        if registry is not None:
-            registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> HistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = HistogramChild(self.bounds, [0] * (len(self.bounds) + 1))
-            self._children[values] = child
-        return child
+    def _new_child(self) -> HistogramChild:
+        return HistogramChild(self.bounds, [0] * (len(self.bounds) + 1))
 
     def observe(self, amount: float) -> None:
         """Observe on an unlabelled histogram."""
-        assert self._plain is not None, "a labelled histogram observes through labels()"
-        self._plain.observe(amount)
+        self._unlabelled().observe(amount)
 
     def collect(self) -> Iterable[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
