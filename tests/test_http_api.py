@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import httpx
@@ -112,3 +113,19 @@ def test_api_keys_map_to_principals(make_node: Callable[..., Node]) -> None:
 def test_refuses_public_bind_without_keys() -> None:
     with pytest.raises(ConfigError, match="api_keys"):
         bind("0.0.0.0", 0, parse_config({}))
+
+
+def test_a_call_past_its_timeout_answers_504_and_runs_on(make_node: Callable[..., Node]) -> None:
+    """The caller stops waiting at ``node.call_timeout_seconds``; the call itself is
+    not undone: it commits, and the actor's next message sees it."""
+    node = make_node("a", serve=True, node={"call_timeout_seconds": 0.5})
+    with httpx.Client(base_url=node.url, timeout=10) as http:
+        started = time.monotonic()
+        late = http.post("/v1/actors/probe/alice-late/nap", json={"args": [1.5, "slow"]})
+        waited = time.monotonic() - started
+        assert late.status_code == 504, late.text
+        assert late.json()["error"]["type"] == "CallTimeout"
+        assert 0.4 <= waited < 1.4
+        time.sleep(1.2)  # the nap ends, and commits
+        after = http.post("/v1/actors/probe/alice-late/nap", json={"args": [0, "next"]})
+        assert after.status_code == 200 and after.json()["result"] == ["slow", "next"]

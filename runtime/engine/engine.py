@@ -150,14 +150,33 @@ class Engine:
         new_id: bool = False,
         fresh: bool = False,
     ) -> Any:
-        """Run a call on this node and return its reply after its commit. ``new_id``
-        says no earlier attempt used ``request_id`` (the replay look-up is skipped).
-        ``fresh`` says the actor cannot exist yet: an actor not active here is then
-        activated without reading its checkpoint (one round trip less). It is an
-        optimistic shortcut, never a risk to what is stored: were the actor there
-        after all, its commit would find the checkpoint's seq moved and be refused,
-        and the call retried (the router retries without ``fresh``). Only for calls
-        that commit: a read would answer from an empty state.
+        """Run a call on this node and return its reply after its commit (see
+        :meth:`submit`)."""
+        return await self.submit(
+            name, method, args, kwargs, request_id, caller, new_id=new_id, fresh=fresh
+        )
+
+    def submit(
+        self,
+        name: ActorName,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        request_id: str | None,
+        caller: Caller,
+        *,
+        new_id: bool = False,
+        fresh: bool = False,
+    ) -> asyncio.Future[Any]:
+        """Queue a call on this node (on the loop); the future resolves to its reply
+        after its commit. ``new_id`` says no earlier attempt used ``request_id`` (the
+        replay look-up is skipped). ``fresh`` says the actor cannot exist yet: an
+        actor not active here is then activated without reading its checkpoint (one
+        round trip less). It is an optimistic shortcut, never a risk to what is
+        stored: were the actor there after all, its commit would find the
+        checkpoint's seq moved and be refused, and the call retried (the router
+        retries without ``fresh``). Only for calls that commit: a read would answer
+        from an empty state.
 
         Raises NotFoundError or ForbiddenError (the access rule), and RetryableError
         when this node does not serve the actor's shard.
@@ -168,7 +187,7 @@ class Engine:
             raise BadRequestError("request_id must be 1 to 200 characters")
         kind = "delete" if method == DELETE_ACTOR else "call"
         msg = Message(kind, method, args, kwargs, request_id, None, caller, new_id, fresh=fresh)
-        return await self.post(name, msg)
+        return self.post(name, msg)
 
     def post(self, name: ActorName, msg: Message) -> asyncio.Future[Any]:
         """Queue ``msg`` for ``name``; the future resolves after the message's commit."""
