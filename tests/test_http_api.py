@@ -29,6 +29,12 @@ def test_ready_needs_redis_and_shards(make_node: Callable[..., Node]) -> None:
         assert http.get(f"{second.url}/health").status_code == 200
 
 
+def test_responses_do_not_name_the_server(api: httpx.Client) -> None:
+    for resp in (api.get("/health"), api.post("/v1/actors/counter/alice-s/get", json={})):
+        assert resp.status_code == 200
+        assert "server" not in resp.headers and "date" in resp.headers
+
+
 def test_health_and_metrics(api: httpx.Client) -> None:
     h = api.get("/health")
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["shards"] == 64

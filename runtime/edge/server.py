@@ -149,6 +149,9 @@ def _uvicorn(app: FastAPI, cfg: NodeConfig) -> uvicorn.Server:
             # No X-Forwarded-* rewriting: nothing here reads the client's address, and
             # uvicorn's middleware for it costs every request.
             proxy_headers=False,
+            # No "server: uvicorn" header: it tells a scanner what runs here, and each
+            # header costs every response uvicorn's checks.
+            server_header=False,
             http=protocol,
             timeout_graceful_shutdown=5,
             timeout_keep_alive=int(max(1, cfg.keep_alive_seconds)),
