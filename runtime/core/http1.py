@@ -128,16 +128,25 @@ class _Connection(asyncio.Protocol):
     def closed(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    async def send(self, data: bytes) -> Response:
+    async def send(self, data: bytes, deadline: float) -> Response:
+        """The response to ``data``, by ``deadline`` (``loop.time()``): a timer fails
+        the wait then (a third of ``asyncio.timeout``'s cost, on every request)."""
         assert self.transport is not None
         self._reset()
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        expiry = loop.call_at(deadline, self._expire)
         self.transport.write(data)
         try:
             return await self.waiter
         except BaseException:  # timed out, cancelled or failed: never reused
             self.close()
             raise
+        finally:
+            expiry.cancel()
+
+    def _expire(self) -> None:
+        self._finish(TimeoutError("no complete response in time"))
 
     def close(self) -> None:
         if self.transport is not None:
@@ -269,16 +278,18 @@ class Http1Client:
         )
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
-        async with self._slots, asyncio.timeout(timeout or self.timeout):
+        async with self._slots:
+            deadline = asyncio.get_running_loop().time() + (timeout or self.timeout)
             conn = self._take(target)
             if conn is not None:
                 try:
-                    return self._release(target, conn, await conn.send(data))
+                    return self._release(target, conn, await conn.send(data, deadline))
                 except _Stale:
                     if not repeatable:
                         raise
-            conn = await self._connect(target)
-            return self._release(target, conn, await conn.send(data))
+            async with asyncio.timeout_at(deadline):  # connecting: rare, on kept-alive ones
+                conn = await self._connect(target)
+            return self._release(target, conn, await conn.send(data, deadline))
 
     def _take(self, target: _Target) -> _Connection | None:
         idle = self._idle.get((target.scheme, target.host, target.port))
