@@ -360,9 +360,13 @@ class Node:
     ) -> Future[Any]:
         """Queue a call on this node from any thread; the future resolves after the
         call's commit (see :meth:`Engine.call` for the errors)."""
-        return self._on_loop(
-            self.engine.call(name, method, list(args or []), dict(kwargs or {}), request_id, caller)
-        )
+
+        async def run() -> Any:
+            return await self.engine.call(
+                name, method, list(args or []), dict(kwargs or {}), request_id, caller
+            )
+
+        return self._on_loop(run())
 
     async def deliver(
         self,

@@ -249,7 +249,7 @@ class Router:
             try:
                 owner = leases.owner_of(shard)
                 if owner == self.node_id:
-                    reply = self.engine.submit(
+                    reply = self.engine.call(
                         name, method, args, kwargs, request_id, caller, new_id=new_id, fresh=fresh
                     )
                     # A timer that fails the reply (the call runs on regardless, as

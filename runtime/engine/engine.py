@@ -138,25 +138,7 @@ class Engine:
 
     # -- messages ----------------------------------------------------------------------------
 
-    async def call(
-        self,
-        name: ActorName,
-        method: str,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        request_id: str | None,
-        caller: Caller,
-        *,
-        new_id: bool = False,
-        fresh: bool = False,
-    ) -> Any:
-        """Run a call on this node and return its reply after its commit (see
-        :meth:`submit`)."""
-        return await self.submit(
-            name, method, args, kwargs, request_id, caller, new_id=new_id, fresh=fresh
-        )
-
-    def submit(
+    def call(
         self,
         name: ActorName,
         method: str,
@@ -169,8 +151,10 @@ class Engine:
         fresh: bool = False,
     ) -> asyncio.Future[Any]:
         """Queue a call on this node (on the loop); the future resolves to its reply
-        after its commit. ``new_id`` says no earlier attempt used ``request_id`` (the
-        replay look-up is skipped). ``fresh`` says the actor cannot exist yet: an
+        after its commit (a caller bounds its wait with a timer, not a task).
+
+        ``new_id`` says no earlier attempt used ``request_id`` (the replay look-up is
+        skipped). ``fresh`` says the actor cannot exist yet: an
         actor not active here is then activated without reading its checkpoint (one
         round trip less). It is an optimistic shortcut, never a risk to what is
         stored: were the actor there after all, its commit would find the
