@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO
 from troth.core import codec, jsonsafe
+from troth.core.aio import Slots
 from troth.core.clock import Clock, ManualClock, SystemClock
 from troth.core.config import ConfigError, load_config, parse_config
 from troth.core.errors import (
@@ -199,6 +200,50 @@ def test_hot_path_skips_the_middlewares_and_fastapi_and_keeps_their_answers() ->
         ("/v1/calls/{name}", "403"): 1.0,
         ("/v1/calls/{name}", "415"): 1.0,
     }
+
+
+def test_slots_serve_waiters_in_turn_and_lose_none_to_cancellation() -> None:
+    """The outbox's and the HTTP client's bound on work at once: never more than its
+    count, waiters served first come first served, and a waiter cancelled before or
+    after it was handed a slot neither holds it nor loses it."""
+
+    async def check() -> None:
+        slots = Slots(2)
+        running: list[int] = []
+        most = 0
+        order: list[int] = []
+
+        async def work(i: int) -> None:
+            nonlocal most
+            if not slots.take_now():
+                await slots.take()
+            try:
+                running.append(i)
+                most = max(most, len(running))
+                order.append(i)
+                await asyncio.sleep(0.01)
+            finally:
+                running.remove(i)
+                slots.give()
+
+        await asyncio.gather(*(work(i) for i in range(8)))
+        assert most == 2 and order == list(range(8)) and slots.free == 2
+
+        assert slots.take_now() and slots.take_now() and not slots.take_now()
+        waiting = asyncio.ensure_future(slots.take())
+        await asyncio.sleep(0)
+        waiting.cancel()  # cancelled while waiting: it takes nothing
+        handed = asyncio.ensure_future(slots.take())
+        await asyncio.sleep(0)
+        slots.give()  # handed to `handed` (the cancelled one is skipped) ...
+        handed.cancel()  # ... which is cancelled before it runs: the slot goes on
+        with pytest.raises(asyncio.CancelledError):
+            await handed
+        assert waiting.cancelled() and slots.free == 1
+        slots.give()
+        assert slots.free == 2
+
+    asyncio.run(check())
 
 
 def test_loop_metrics_expose_what_prometheus_clients_own_would() -> None:

@@ -44,6 +44,7 @@ from urllib.parse import quote, urlsplit
 import httptools
 
 from troth.core import tracing
+from troth.core.aio import Slots
 
 #: ``resolve(host, port)``: the (family, address) pairs a connection may go to.
 Resolve = Callable[[str, int], Awaitable[list[tuple[int, str]]]]
@@ -247,7 +248,7 @@ class Http1Client:
         #: One timer closes what stayed unused for ``idle_seconds`` (not one timer a
         #: connection, set and cancelled at every request).
         self._sweeper: asyncio.TimerHandle | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots = Slots(max_connections)
         self._tls: ssl.SSLContext | None = None
 
     async def request(
@@ -271,14 +272,15 @@ class Http1Client:
             headers = {**headers, "traceparent": trace}
         if _UNSAFE.search("".join(headers) + "".join(headers.values())):
             raise ValueError("a header name or value contains CR, LF or NUL")
-        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        lines = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
         length = b"" if body is None else b"content-length: %d\r\n" % len(body)
         data = b"".join(
             (target.head, self._agent, length, lines.encode("latin-1"), b"\r\n", body or b"")
         )
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_connections)
-        async with self._slots:
+        slots = self._slots
+        if not slots.take_now():
+            await slots.take()
+        try:
             deadline = asyncio.get_running_loop().time() + (timeout or self.timeout)
             conn = self._take(target)
             if conn is not None:
@@ -290,6 +292,8 @@ class Http1Client:
             async with asyncio.timeout_at(deadline):  # connecting: rare, on kept-alive ones
                 conn = await self._connect(target)
             return self._release(target, conn, await conn.send(data, deadline))
+        finally:
+            slots.give()
 
     def _take(self, target: _Target) -> _Connection | None:
         idle = self._idle.get((target.scheme, target.host, target.port))

@@ -10,6 +10,7 @@ is what makes effects idempotent across crashes.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -161,7 +162,16 @@ TIMER_ID_LEN = 32
 def _fields(obj: Any) -> dict[str, Any]:
     """A dataclass's fields as a shallow dict: encoding needs no deep copy (asdict's
     deep copy of payloads and histories was the outbox's main CPU cost)."""
-    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+    known = _GETTERS.get(type(obj))
+    if known is None:
+        names = tuple(obj.__dataclass_fields__)  # (several: attrgetter returns a tuple)
+        known = _GETTERS[type(obj)] = (names, operator.attrgetter(*names))
+    names, values = known
+    return dict(zip(names, values(obj), strict=True))
+
+
+#: Per dataclass of this module: its field names, and one call that reads them all.
+_GETTERS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
 
 
 def timer_key(actor: str, name: str) -> str:

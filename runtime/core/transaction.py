@@ -125,6 +125,7 @@ class Prepared:
     state: bytes
     pstate: bytes
     ops: CommitOps
+    #: The reply as the reply cache keeps it; empty for a message without request_id.
     reply: bytes
 
 
@@ -539,7 +540,7 @@ class ActorRuntime:
             and not (self.needs_init or self.needs_write or self.deleting)
         )
         packed_reply = b""
-        if changed:
+        if changed and msg.request_id is not None:  # only a reply to cache is kept
             try:
                 packed_reply = codec.pack([reply])  # boxed: a None reply is still a reply
             except SerializationError as exc:

@@ -53,7 +53,7 @@ from redis.exceptions import RedisError
 
 from troth.core import codec, logcontext, tracing
 from troth.core.access import SYSTEM
-from troth.core.aio import Background
+from troth.core.aio import Background, Slots
 from troth.core.batcher import Batcher, Command
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.errors import CallTimeout, RetryableError, TrothError
@@ -137,7 +137,7 @@ class OutboxDispatcher:
         self._async_kinds: set[str] = set()
         self._group_kinds: set[str] = set()  # executors with execute_many
         self._script = Script(load_lua("outbox.lua"))
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = Slots(concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[str] = set()
         #: Entries that fell due while being attempted (a retry pushed from inside the
@@ -361,9 +361,12 @@ class OutboxDispatcher:
         self._tasks.spawn(self._process(shard, entry_id, committed))
 
     async def _process(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
+        taken = self._slots.take_now()
         try:
-            async with self._slots:
-                await self._attempt(shard, entry_id, committed)
+            if not taken:
+                await self._slots.take()
+                taken = True
+            await self._attempt(shard, entry_id, committed)
         except RedisError as exc:
             log.warning("outbox %s: Redis error, retrying: %s", entry_id, exc)
             self.queue.push(self.clock.now_ms() + CALLBACK_RETRY_MS, shard, entry_id)
@@ -371,6 +374,8 @@ class OutboxDispatcher:
             log.exception("outbox %s: unexpected failure", entry_id)
             self.queue.push(self.clock.now_ms() + CALLBACK_RETRY_MS, shard, entry_id)
         finally:
+            if taken:
+                self._slots.give()
             self._ended(entry_id)
 
     async def _read(self, shard: int, entry_id: str) -> OutboxEntry | None:

@@ -84,7 +84,9 @@ local function cmindex_apply(KEYS, ARGV)
   if ARGV[7] ~= '' and not old then
     redis.call('SADD', KEYS[#KEYS], ARGV[7])
   end
-  redis.call('ZADD', KEYS[1], created, id)
+  if not old then -- (a row's place in the listing, its creation, never moves)
+    redis.call('ZADD', KEYS[1], created, id)
+  end
   redis.call('HSET', KEYS[2], id, ARGV[3])
   return 1
 end
