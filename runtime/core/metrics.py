@@ -90,7 +90,8 @@ class _LoopMetric(Collector, Generic[ChildT]):
     def _new_child(self) -> ChildT: ...
 
     def _unlabelled(self) -> ChildT:
-        assert self._plain is not None, f"{self.name} is labelled: use labels()"
+        if self._plain is None:
+            raise TypeError(f"{self.name} is labelled: use labels()")
         return self._plain
 
 
@@ -111,7 +112,8 @@ class LoopCounter(_LoopMetric[CounterChild]):
 
     def inc(self, amount: float = 1.0) -> None:
         """Count on an unlabelled counter."""
-        self._unlabelled().value += amount
+        plain = self._plain or self._unlabelled()  # (the call only to refuse)
+        plain.value += amount
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -140,8 +142,10 @@ class LoopHistogram(_LoopMetric[HistogramChild]):
         return HistogramChild(self.bounds, [0] * (len(self.bounds) + 1))
 
     def observe(self, amount: float) -> None:
-        """Observe on an unlabelled histogram."""
-        self._unlabelled().observe(amount)
+        """Observe on an unlabelled histogram (:meth:`HistogramChild.observe`, inline)."""
+        plain = self._plain or self._unlabelled()  # (the call only to refuse)
+        plain.counts[bisect_left(plain.bounds, amount)] += 1
+        plain.total += amount
 
     def collect(self) -> Iterable[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -225,6 +229,8 @@ class NodeMetrics:
             ["reply"],
             registry=r,
         )
+        #: (method, route, status) -> its series of both: one look-up a request.
+        self._http: dict[tuple[str, str, int], tuple[CounterChild, HistogramChild]] = {}
         self.http_requests = LoopCounter(
             "troth_http_requests",
             "HTTP requests answered, by method, route (the path template) and status.",
@@ -253,8 +259,14 @@ class NodeMetrics:
 
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""
-        self.http_requests.labels(method, route, str(status)).inc()
-        self.http_latency.labels(method, route).observe(seconds)
+        series = self._http.get((method, route, status))
+        if series is None:  # (bounded: methods, route templates and statuses are few)
+            series = self._http[(method, route, status)] = (
+                self.http_requests.labels(method, route, str(status)),
+                self.http_latency.labels(method, route),
+            )
+        series[0].value += 1
+        series[1].observe(seconds)
 
     def bind_gauges(
         self,

@@ -203,6 +203,7 @@ class ActorRuntime:
         ``plugins`` are what they decode to (None for plugin states that must be
         packed again: one of them is no longer configured)."""
         self.name = name
+        self.key = str(name)  # (its Redis keys' and log lines' name, made once)
         self.shard = shard
         self.epoch = epoch
         self.ca = ca
@@ -361,7 +362,7 @@ class ActorRuntime:
                     request_id=msg.request_id,
                 )
                 self.metrics.message_counter(self.name.type, msg.kind).inc()
-                logcontext.bind(self.store.node_id, str(self.name), msg.request_id)
+                logcontext.bind(self.store.node_id, self.key, msg.request_id)
                 self._grouped = i > 0
                 try:
                     reply = await self._run(txn, msg, call.fn, call.args, call.kwargs)
@@ -551,7 +552,7 @@ class ActorRuntime:
         self, msg: Message, prepared: Prepared, replies: list[tuple[str, bytes]], messages: int
     ) -> CommitRequest:
         return CommitRequest(
-            name=str(self.name),
+            name=self.key,
             shard=self.shard,
             epoch=self.epoch,
             expected_seq=self.seq,

@@ -139,6 +139,7 @@ class Cell:
         "epoch",
         "failure",
         "host",
+        "key",
         "last_active",
         "mailbox",
         "name",
@@ -154,6 +155,8 @@ class Cell:
     ) -> None:
         self.host = host
         self.name = name
+        #: ``str(name)``: the engine's key for this cell (made once, used per message).
+        self.key = str(name)
         self.shard = shard
         self.epoch = epoch
         self.atype = atype
@@ -207,7 +210,7 @@ class Cell:
                 continue
             envelope = self.mailbox.popleft()
             msg = envelope.message
-            logcontext.bind(self.host.store.node_id, str(self.name), msg.request_id)
+            logcontext.bind(self.host.store.node_id, self.key, msg.request_id)
             try:
                 if envelope.trace is None:
                     reply = await self._handle(msg)
@@ -215,7 +218,7 @@ class Cell:
                     with tracing.span(
                         f"{self.name.type}.{msg.method}",
                         envelope.trace,
-                        {"troth.actor": str(self.name), "troth.kind": msg.kind},
+                        {"troth.actor": self.key, "troth.kind": msg.kind},
                     ):
                         reply = await self._handle(msg)
             except TrothError as exc:
@@ -387,9 +390,7 @@ class Cell:
         """The call to run, or the reply committed for its ``request_id`` earlier;
         raises for an unknown method or arguments that do not fit it."""
         if msg.request_id is not None and not msg.new_id:
-            prior = await self.host.store.committed_reply(
-                self.shard, str(self.name), msg.request_id
-            )
+            prior = await self.host.store.committed_reply(self.shard, self.key, msg.request_id)
             if prior is not None:
                 self.host.metrics.dedup_hits.inc()
                 return Outcome(prior[0])
@@ -455,7 +456,7 @@ class Cell:
             return False
 
     async def _activate(self, fresh: bool = False) -> ActorRuntime:
-        host, name = self.host, str(self.name)
+        host, name = self.host, self.key
         owner = self.name.owner if self.atype.counted else None
         if fresh and owner is None:  # see Engine.call (the quota count needs a read)
             stored, created = None, 0

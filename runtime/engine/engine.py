@@ -88,13 +88,13 @@ class Engine:
         self._hooks.after_commit(shard, ops)
 
     def cell_stopped(self, cell: Cell) -> None:
-        if self.cells.get(str(cell.name)) is cell:
-            del self.cells[str(cell.name)]
+        if self.cells.get(cell.key) is cell:
+            del self.cells[cell.key]
 
     def touched(self, cell: Cell) -> None:
         """Keep ``cells`` in order of last activity (oldest first), so the passivation
         sweep reads only the cells that may be idle, not every active one."""
-        key = str(cell.name)
+        key = cell.key
         if self.cells.get(key) is cell:
             del self.cells[key]
             self.cells[key] = cell
@@ -233,7 +233,7 @@ class Engine:
         now = self.store.clock.monotonic()
         while self._pulses and self._pulses[0][0] <= now:
             at, _, cell = heapq.heappop(self._pulses)
-            if self.cells.get(str(cell.name)) is not cell or cell.next_pulse != at:
+            if self.cells.get(cell.key) is not cell or cell.next_pulse != at:
                 continue  # passivated, stopped, or rescheduled
             if not cell.pulse_queued:
                 cell.post(Envelope(Message("pulse", "pulse")))
@@ -265,7 +265,7 @@ class Engine:
             self._draining |= shards
         cells = [c for c in self.cells.values() if c.shard in shards]
         for cell in cells:
-            del self.cells[str(cell.name)]
+            del self.cells[cell.key]
         try:
             if drain:
                 await self._stop_cells(cells)
