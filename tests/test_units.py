@@ -340,11 +340,22 @@ def test_strict_json_fast_path_agrees_with_the_exact_parser(value: object) -> No
 
 def test_strict_json_refusals() -> None:
     deep = b"[" * 65 + b"]" * 65
-    for raw in (b"[NaN]", b"[1e400]", b'"\\ud800"', b"[-9223372036854775809]", deep, b"{"):
+    deep_objects = b'[{"a": ' * 33 + b"1" + b"}]" * 33  # 66 deep, arrays and objects
+    for raw in (
+        b"[NaN]",
+        b"[1e400]",
+        b'"\\ud800"',
+        b"[-9223372036854775809]",
+        deep,
+        deep_objects,
+        b"{",
+    ):
         with pytest.raises(BadRequestError):
             jsonsafe.loads(raw)
     assert jsonsafe.loads(b"[18446744073709551615, -9223372036854775808]") == [2**64 - 1, -(2**63)]
-    assert jsonsafe.loads(b"[" * 63 + b"]" * 63) is not None
+    assert jsonsafe.loads(b"[" * 64 + b"]" * 64) is not None  # as deep as kept
+    wide = b"[" + b"[[]]," * 100 + b'"[[[["]'  # many brackets, shallow
+    assert len(jsonsafe.loads(wide)) == 101
 
 
 @pytest.mark.parametrize("clock", [SystemClock(), ManualClock()], ids=["system", "manual"])

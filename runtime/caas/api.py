@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
+import secrets
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -150,7 +150,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         Redis Cluster the index has a slot of its own: the ``dedup_key`` bindings and
         the quota check come first, the index updates after (one request each)."""
         quota = node.config.quotas.of(principal).pending_commitments
-        cids = [f"cm_{uuid.uuid4().hex}" for _ in specs]
+        cids = [f"cm_{secrets.token_hex(16)}" for _ in specs]
         inline = factory.inline_index is not None
         if inline:
             bound = cids
@@ -315,7 +315,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         ev = await json_body(request, EventIn)
         principal = who or LOCAL_PRINCIPAL
         await asyncio.to_thread(node.quotas.check_rate, principal)
-        event_id = f"ev_{uuid.uuid4().hex}"
+        event_id = f"ev_{secrets.token_hex(16)}"
         body = {
             "event_id": event_id,
             "event_type": ev.event_type,
