@@ -395,7 +395,8 @@ class Node:
     async def _take_result(self, origin: str, msg: Message) -> None:
         """An outbox entry's outcome, to its origin on this node (the dispatcher only
         attempts entries of shards this node owns, and so hosts their origins)."""
-        await self.engine.post(ActorName.parse(origin), msg)
+        cell = self.engine.cells.get(origin)  # usually active: its name need not be parsed
+        await self.engine.post(cell.name if cell is not None else ActorName.parse(origin), msg)
 
     async def health(self) -> dict[str, Any] | None:
         """This node's figures if Redis answers a PING within the probe's bound (at

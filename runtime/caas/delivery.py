@@ -52,8 +52,7 @@ def _keyed(secret: str) -> hmac.HMAC:
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     mac = _keyed(secret).copy()
-    mac.update(f"{msg_id}.{timestamp}.".encode())
-    mac.update(body)
+    mac.update(b"%s.%d.%s" % (msg_id.encode(), timestamp, body))
     return "v1," + binascii.b2a_base64(mac.digest(), newline=False).decode()
 
 

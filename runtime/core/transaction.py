@@ -130,6 +130,8 @@ class Prepared:
 
 
 _ASYNC: dict[Any, bool] = {}
+#: What most methods return: no awaitable (nothing to ask ``inspect``).
+_PLAIN = frozenset({type(None), int, str, dict, list, bool, float})
 
 
 def is_async(fn: Callable[..., Any]) -> bool:
@@ -172,8 +174,8 @@ class Invoker:
         # in the message's context (log context, trace), which threads do not inherit
         context = contextvars.copy_context()
         result = await self.workers.run(lambda: context.run(fn, *args, **kwargs))
-        if inspect.isawaitable(result):  # a plain function that returned a coroutine
-            return await result
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
+            return await result  # a plain function that returned a coroutine
         return result
 
     def close(self) -> None:
