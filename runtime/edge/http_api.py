@@ -20,8 +20,9 @@ import functools
 import inspect
 import ipaddress
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
@@ -34,11 +35,12 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.convertors import StringConvertor
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import ClientDisconnect, HTTPConnection
-from starlette.routing import Match, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from troth import __version__
@@ -392,6 +394,14 @@ class HotPath:
             for route in router.routes
             if isinstance(route, APIRoute) and route.endpoint.__dict__.get("troth_hot")
         ]
+        #: What ``Route.matches`` reads of each route, at hand: matching that way took
+        #: a dozen calls a request (a convertor call per path parameter among them).
+        self._table: list[
+            tuple[Route, Callable[[str], re.Match[str] | None], Collection[str], tuple[str, ...]]
+        ] = [
+            (route, route.path_regex.match, route.methods or frozenset(), _converting(route))
+            for route in self.routes
+        ]
         self.handlers = {
             k: v
             for k, v in source.exception_handlers.items()
@@ -399,12 +409,18 @@ class HotPath:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for route in self.routes:
-                match, child = route.matches(scope)
-                if match is Match.FULL:
-                    scope.update(child)
-                    scope["route"] = route  # as Starlette's router records it
+        # A request under a root_path goes the whole way (Starlette strips it).
+        if scope["type"] == "http" and not scope.get("root_path"):
+            path, method = scope["path"], scope["method"]
+            for route, match, methods, convertors in self._table:
+                found = match(path)
+                if found is not None and method in methods:  # Route.matches' Match.FULL
+                    params = found.groupdict()
+                    for key in convertors:
+                        params[key] = route.param_convertors[key].convert(params[key])
+                    scope["endpoint"] = route.endpoint  # the scope Starlette's router
+                    scope["path_params"] = params  # makes, and the route it records
+                    scope["route"] = route
                     await self._serve(route, scope, receive, send)
                     return
         await self.app(scope, receive, send)
@@ -445,6 +461,15 @@ class HotPath:
             answer = handler(request, exc)
             response = await answer if inspect.isawaitable(answer) else answer
         return response
+
+
+def _converting(route: Route) -> tuple[str, ...]:
+    """The path parameters of ``route`` whose convertor changes the text (not ``str``)."""
+    return tuple(
+        key
+        for key, convertor in route.param_convertors.items()
+        if not isinstance(convertor, StringConvertor)
+    )
 
 
 class _ReadRequest(Request):
