@@ -56,7 +56,7 @@ SEARCH_BUDGET = 100_000
 
 def public(view: dict[str, Any]) -> dict[str, Any]:
     """The JSON shape of a commitment: times as ISO 8601 UTC."""
-    out = {k: v for k, v in view.items() if not k.endswith("_ms") and k != "rev"}
+    out = {k: v for k, v in view.items() if k[-3:] != "_ms" and k != "rev"}  # (no call a key)
     for k in ("created", "updated", "due", "fired", "expires", "retires"):
         if f"{k}_ms" in view:
             out[f"{k}_at"] = iso(view[f"{k}_ms"])
