@@ -29,6 +29,8 @@ from troth.node import Node
 
 EXT = "test_outbox_executors:Slow"
 RELEASE = threading.Event()
+#: Attempts of GatedExecutor running now, and the most that ever ran at once.
+RUNNING = [0, 0]
 
 
 class SlowEffect(OutboxPlugin):
@@ -60,12 +62,46 @@ class SlowFactory(PluginFactory):
         return [SlowExecutor()]
 
 
+class GatedEffect(SlowEffect):
+    kind: ClassVar[str] = "gated"
+
+
+class GatedExecutor:
+    """Waits on the loop until the test releases it (as a slow webhook would)."""
+
+    kind = "gated"
+    idempotent = True
+
+    async def execute(self, entry: OutboxEntry) -> ExecutionOutcome:
+        RUNNING[0] += 1
+        RUNNING[1] = max(RUNNING)
+        try:
+            while not RELEASE.is_set():
+                await asyncio.sleep(0.01)
+        finally:
+            RUNNING[0] -= 1
+        return ExecutionOutcome(ok=True, value=entry.spec["label"].upper())
+
+
+class GatedFactory(PluginFactory):
+    name: ClassVar[str] = "gated"
+
+    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
+        return GatedEffect(actor, pstate)
+
+    def executors(self) -> list[Any]:
+        return [GatedExecutor()]
+
+
 class Worker(CA):
     def init(self) -> None:
         self.state["results"] = []
 
     async def start(self, label: str, idempotent: bool = True) -> str:
         return str(self.plugins.slow.request(label, idempotent))
+
+    async def start_gated(self, label: str) -> str:
+        return str(self.plugins.gated.request(label))
 
     async def done(self, result: dict[str, Any]) -> None:
         self.state["results"].append([result["ok"], result["value"], result["attempts"]])
@@ -81,7 +117,7 @@ class Slow(Extension):
         return {"worker": Worker}
 
     def plugins(self) -> Mapping[str, type[PluginFactory]]:
-        return {"slow": SlowFactory}
+        return {"slow": SlowFactory, "gated": GatedFactory}
 
 
 def test_a_blocking_sync_executor_runs_off_the_loop_and_reports_once(
@@ -102,6 +138,35 @@ def test_a_blocking_sync_executor_runs_off_the_loop_and_reports_once(
     assert node.call(worker, "results").result(5) == [[True, "A", 1]]
     outbox = node.client.hlen(node.keys.shard(node.engine.cells["worker/alice-w"].shard).outbox)
     assert outbox == 0  # the result's commit deleted the entry
+
+
+def test_no_more_attempts_run_at_once_than_outbox_workers_and_the_rest_follow_in_turn(
+    make_node: Callable[..., Node],
+) -> None:
+    """``runtime.outbox_workers`` bounds the attempts in flight; the entries beyond it
+    wait their turn (none is dropped, none runs twice) and start as attempts end."""
+    RELEASE.clear()
+    RUNNING[:] = [0, 0]
+    node = make_node(
+        "n1",
+        extensions=["troth.caas:CaaS", EXT],
+        plugins={"gated": {}},
+        runtime={"outbox_workers": 3},
+    )
+    workers = [ActorName("worker", f"alice-w{i}") for i in range(8)]
+    for worker in workers:
+        node.call(worker, "start_gated", [worker.id]).result(5)
+    wait_until(lambda: RUNNING[0] == 3)
+    time.sleep(0.3)  # time enough for a fourth to start, were the bound not kept
+    assert RUNNING == [3, 3] and node.dispatcher.in_flight == 8  # five wait their turn
+    RELEASE.set()
+
+    def reported() -> list[Any]:
+        return [node.call(worker, "results").result(5) for worker in workers]
+
+    wait_until(lambda: all(reported()))
+    assert reported() == [[[True, worker.id.upper(), 1]] for worker in workers]
+    assert RUNNING == [0, 3]
 
 
 def test_an_idempotent_effect_due_at_once_has_its_intent_record_in_its_commit(

@@ -32,9 +32,10 @@ origin cannot take it now, the outcome is first recorded in the ledger
 The dispatcher runs on the node's event loop: an attempt costs a task, not a thread,
 and the ledger writes of every attempt in flight share the engine's batched round
 trips (:class:`~troth.core.batcher.Batcher`). At most ``concurrency`` attempts run
-at once. Executors whose ``execute`` is a coroutine run on the loop; a plain one
-runs on a small thread pool of the same size, so a blocking executor never stalls
-the loop.
+at once, in as many tasks; entries due beyond that wait in a queue, first come first
+served, and no task is made for them until one is free. Executors whose
+``execute`` is a coroutine run on the loop; a plain one runs on a small thread pool
+of the same size, so a blocking executor never stalls the loop.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import inspect
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -53,7 +55,7 @@ from redis.exceptions import RedisError
 
 from troth.core import codec, logcontext, tracing
 from troth.core.access import SYSTEM
-from troth.core.aio import Background, Slots
+from troth.core.aio import Background
 from troth.core.batcher import Batcher, Command
 from troth.core.clock import SYSTEM_CLOCK, Clock
 from troth.core.errors import CallTimeout, RetryableError, TrothError
@@ -137,7 +139,9 @@ class OutboxDispatcher:
         self._async_kinds: set[str] = set()
         self._group_kinds: set[str] = set()  # executors with execute_many
         self._script = Script(load_lua("outbox.lua"))
-        self._slots = Slots(concurrency)
+        #: Attempts running (each in a task), and entries waiting for one to end.
+        self._running = 0
+        self._backlog: deque[tuple[int, str, OutboxEntry | None]] = deque()
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[str] = set()
         #: Entries that fell due while being attempted (a retry pushed from inside the
@@ -191,6 +195,9 @@ class OutboxDispatcher:
             self._pool.shutdown(wait=grace > 0, cancel_futures=True)
 
     async def _close(self, grace: float) -> None:
+        with self._lock:  # not begun: the shard's next owner attempts them
+            self._inflight.difference_update(entry_id for _, entry_id, _ in self._backlog)
+        self._backlog.clear()
         tasks = self._tasks.pending()
         if tasks and grace > 0:
             await asyncio.wait(tasks, timeout=grace)
@@ -358,14 +365,28 @@ class OutboxDispatcher:
         return False
 
     def _begin(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
-        self._tasks.spawn(self._process(shard, entry_id, committed))
+        """Attempt a claimed entry: in a task of its own while fewer than
+        ``concurrency`` run, else in turn (first come, first served) in the first task
+        to finish its own. A herd of ten thousand due entries thus makes
+        ``concurrency`` tasks, not one task and one waiter each."""
+        if self._running < self.concurrency:
+            self._running += 1
+            self._tasks.spawn(self._run(shard, entry_id, committed))
+        else:
+            self._backlog.append((shard, entry_id, committed))
+
+    async def _run(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
+        try:
+            while True:
+                await self._process(shard, entry_id, committed)
+                if not self._backlog:
+                    return
+                shard, entry_id, committed = self._backlog.popleft()
+        finally:
+            self._running -= 1
 
     async def _process(self, shard: int, entry_id: str, committed: OutboxEntry | None) -> None:
-        taken = self._slots.take_now()
         try:
-            if not taken:
-                await self._slots.take()
-                taken = True
             await self._attempt(shard, entry_id, committed)
         except RedisError as exc:
             log.warning("outbox %s: Redis error, retrying: %s", entry_id, exc)
@@ -374,8 +395,6 @@ class OutboxDispatcher:
             log.exception("outbox %s: unexpected failure", entry_id)
             self.queue.push(self.clock.now_ms() + CALLBACK_RETRY_MS, shard, entry_id)
         finally:
-            if taken:
-                self._slots.give()
             self._ended(entry_id)
 
     async def _read(self, shard: int, entry_id: str) -> OutboxEntry | None:
