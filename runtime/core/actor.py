@@ -72,16 +72,18 @@ class Plugins:
         self._on_create = on_create
 
     def __getattr__(self, name: str) -> Any:
+        """A plugin, found (or made) once: kept as an attribute of this object, the
+        next access does not come here (an activation never drops a plugin)."""
         plugin = self._active.get(name)
-        if plugin is not None:
-            return plugin
-        factory = self._factories.get(name)
-        if factory is None:
-            raise AttributeError(
-                f"no plugin {name!r} is configured (have: {sorted(self._factories)})"
-            )
-        plugin = self._active[name] = factory.for_actor(self._actor, {})
-        self._on_create(plugin)
+        if plugin is None:
+            factory = self._factories.get(name)
+            if factory is None:
+                raise AttributeError(
+                    f"no plugin {name!r} is configured (have: {sorted(self._factories)})"
+                )
+            plugin = self._active[name] = factory.for_actor(self._actor, {})
+            self._on_create(plugin)
+        self.__dict__[name] = plugin
         return plugin
 
     def close(self) -> None:
