@@ -71,10 +71,10 @@ class Background:
 
 
 class Slots:
-    """A counting semaphore for the paths every delivery takes (its attempts at once,
-    a client's connections): first come, first served, as ``asyncio.Semaphore``, at
-    a fraction of its cost when a slot is free (``asyncio.Semaphore`` runs seven
-    Python calls for each ``async with``, and the loop does little else per slot).
+    """A counting semaphore for a path every delivery takes (the outbound HTTP
+    client's connections): first come, first served, as ``asyncio.Semaphore``, at a
+    fraction of its cost when a slot is free (``asyncio.Semaphore`` runs seven Python
+    calls for each ``async with``, and the loop does little else per slot).
 
     Use it as::
 
