@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+import sys
 import time
 from collections.abc import Callable
 
@@ -33,6 +36,55 @@ def test_responses_do_not_name_the_server(api: httpx.Client) -> None:
     for resp in (api.get("/health"), api.post("/v1/actors/counter/alice-s/get", json={})):
         assert resp.status_code == 200
         assert "server" not in resp.headers and "date" in resp.headers
+
+
+def _segments_in(sock: socket.socket) -> int:
+    """TCP segments this socket has received (Linux ``tcp_info.tcpi_segs_in``)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144)
+    return int(struct.unpack_from("I", info, 140)[0])
+
+
+def _responses(sock: socket.socket, count: int) -> list[bytes]:
+    """``count`` whole responses (each with a Content-Length) read from ``sock``."""
+    data, out = b"", list[bytes]()
+    while len(out) < count:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if sep:
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            if len(rest) >= length:
+                out.append(head + sep + rest[:length])
+                data = rest[length:]
+                continue
+        data += sock.recv(65536)
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads Linux's tcp_info")
+def test_a_small_response_leaves_in_one_segment_and_pipelined_ones_in_order(
+    make_node: Callable[..., Node],
+) -> None:
+    """A response's head and body go out in one write: the client takes one TCP
+    segment a response, not two (each costs both ends a wake-up). Pipelined requests
+    are still answered in order."""
+    node = make_node("n1", serve=True)
+    host, port = node.url.removeprefix("http://").split(":")
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(10)
+        for _ in range(40):  # past the kernel's quick-ACK start of a connection
+            sock.sendall(request)
+            _responses(sock, 1)
+        before, count = _segments_in(sock), 50
+        for _ in range(count):
+            sock.sendall(request)
+            (response,) = _responses(sock, 1)
+            assert response.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in response
+        # one data segment a response (a lone ACK may slip in now and then)
+        assert _segments_in(sock) - before < 1.5 * count
+        paths = [b"/health", b"/nowhere", b"/ready"]
+        sock.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % p for p in paths))
+        statuses = [r.split(b" ", 2)[1] for r in _responses(sock, 3)]
+        assert statuses == [b"200", b"404", b"200"]
 
 
 def test_health_and_metrics(api: httpx.Client) -> None:

@@ -33,6 +33,7 @@ from troth.core.names import ActorName, shard_of
 from troth.core.records import CommitOps, OutboxEntry, TimerRecord, timer_key
 from troth.core.retry import RetryPolicy
 from troth.edge.http_api import HotPath, NodeApp, hot
+from troth.edge.server import _OneWrite
 from troth.engine.duequeue import DueQueue, Stored
 
 
@@ -242,6 +243,45 @@ def test_slots_serve_waiters_in_turn_and_lose_none_to_cancellation() -> None:
         assert waiting.cancelled() and slots.free == 1
         slots.give()
         assert slots.free == 2
+
+    asyncio.run(check())
+
+
+class _Recorder:
+    """A transport that keeps what is written to it, in order."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_response_head_waits_for_its_body_but_never_past_the_loop_turn() -> None:
+    async def check() -> None:
+        sent = _Recorder()
+        out = _OneWrite(sent)  # type: ignore[arg-type]
+        out.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        out.write(b"{}")
+        assert sent.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+        out.write(b"HTTP/1.1 200 OK\r\n\r\n")  # a streamed response: the body comes later
+        assert len(sent.writes) == 1
+        await asyncio.sleep(0)
+        assert sent.writes[1] == b"HTTP/1.1 200 OK\r\n\r\n"
+        out.write(b"chunk")
+        out.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+        out.close()  # what is held goes first
+        assert sent.writes[2:] == [b"chunk", b"HTTP/1.1 500 Internal Server Error\r\n\r\n"]
+        assert sent.closed
+        await asyncio.sleep(0)
+        assert len(sent.writes) == 4  # written once
 
     asyncio.run(check())
 

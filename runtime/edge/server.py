@@ -11,7 +11,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
-from typing import cast
+from typing import Any, cast
 
 import uvicorn
 from fastapi import FastAPI
@@ -100,13 +100,66 @@ class _HeadTimeout:
             transport.close()  # (a connection upgraded to a WebSocket is not ours)
 
 
-def _http_protocol() -> type:
-    """uvicorn's fastest HTTP/1.1 protocol here: httptools (C) when installed, else h11."""
+class _OneWrite:
+    """A response's view of its connection: the head uvicorn writes at
+    ``http.response.start`` waits for the first body bytes, so that a small response
+    leaves in one write (one syscall, one TCP segment for the client to take) and not
+    two. A head whose body does not follow in the same turn of the event loop (a
+    streamed response) leaves at the end of that turn; nothing is ever held longer,
+    and a close sends what is held first."""
+
+    __slots__ = ("_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data.startswith(b"HTTP/"):  # the head
+            self._held = data
+            asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+
+class _Coalescing:
+    """Mixed into uvicorn's httptools protocol: each request's response cycle writes
+    through :class:`_OneWrite` (the connection itself, and a WebSocket it is upgraded
+    to, keep the plain transport)."""
+
+    cycle: Any
+
+    def on_headers_complete(self) -> None:
+        before = self.cycle
+        super().on_headers_complete()  # type: ignore[misc]
+        if self.cycle is not before:  # a request (not an upgrade to a WebSocket)
+            self.cycle.transport = _OneWrite(self.cycle.transport)
+
+
+def _http_protocol() -> tuple[type, ...]:
+    """uvicorn's fastest HTTP/1.1 protocol here: httptools (C) when installed, its
+    responses written whole (:class:`_Coalescing`); else h11."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
-        return H11Protocol
-    return HttpToolsProtocol
+        return (H11Protocol,)
+    return (_Coalescing, HttpToolsProtocol)
 
 
 def node_app(node: Node, sessions: SessionServer) -> FastAPI:
@@ -137,7 +190,7 @@ def node_app(node: Node, sessions: SessionServer) -> FastAPI:
 def _uvicorn(app: FastAPI, cfg: NodeConfig) -> uvicorn.Server:
     protocol = type(
         "HeadTimeoutHTTP",
-        (_HeadTimeout, _http_protocol()),
+        (_HeadTimeout, *_http_protocol()),
         {"head_timeout": cfg.header_timeout_seconds},
     )
     return _Server(
