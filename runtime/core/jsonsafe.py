@@ -137,6 +137,18 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def dumps(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON: by orjson, and by the standard library when
+    orjson refuses it (an integer beyond 64 bits, a key that is not a string). For
+    values held to :func:`check_encodable` already (an actor's reply, a commitment's
+    view): orjson's one leniency, ``NaN`` as ``null``, never applies to them."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8")
+
+
 def check_encodable(value: Any, what: str) -> None:
     """Raise :class:`SerializationError` unless ``value`` encodes as strict JSON."""
     kind = type(value)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-import orjson
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -99,16 +98,12 @@ class ErrorReply(BaseModel):
 
 class FastJSONResponse(JSONResponse):
     """JSON rendered by orjson, several times faster than the standard library, for the
-    hot endpoints. Their content is strict JSON already (an actor's reply is checked by
-    its transaction; a commitment's view comes from checked input), so orjson's one
-    leniency, ``NaN`` as ``null``, never applies; what it refuses (an integer beyond 64
-    bits) is rendered by the standard library instead."""
+    hot endpoints (see :func:`troth.core.jsonsafe.dumps`). Their content is strict JSON
+    already: an actor's reply is checked by its transaction, and a commitment's view
+    comes from checked input."""
 
     def render(self, content: Any) -> bytes:
-        try:
-            return orjson.dumps(content)
-        except TypeError:
-            return super().render(content)
+        return jsonsafe.dumps(content)
 
 
 def error_response(

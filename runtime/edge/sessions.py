@@ -124,13 +124,14 @@ class _Session:
         self.server = server
         self.ws = ws
         self.principal = principal
-        self.send_lock = asyncio.Lock()
         self.calls: set[asyncio.Task[None]] = set()
         self.subs: dict[str, Subscription] = {}
 
     async def send(self, message: dict[str, Any]) -> None:
-        async with self.send_lock:
-            await self.ws.send_json(message)
+        """One text frame. Concurrent sends need no lock: uvicorn writes each frame
+        whole, in one write, so frames never interleave."""
+        text = jsonsafe.dumps(message).decode()
+        await self.ws.send({"type": "websocket.send", "text": text})
 
     async def run(self) -> None:
         await self.ws.accept()
