@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -41,7 +42,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
-from troth.core.aio import LoopThread
+from troth.core.aio import LoopThread, Slots
 from troth.core.errors import CallTimeout, RetryableError, TrothError, error_from_dict
 from troth.core.names import ActorName, check_method
 
@@ -77,6 +78,14 @@ def actor_address(actor: str | type[Any], actor_id: str | None, type_name: str |
             raise ValueError("a typed proxy needs the actor's id: actor(Counter, 'alice-c1')")
         address = f"{type_name or actor.__name__.lower()}/{actor_id}"
     return str(ActorName.parse(address))
+
+
+@functools.lru_cache(maxsize=4096)
+def _check(actor: str, method: str) -> None:
+    """Refuse a malformed actor or method name (the checks the node makes first);
+    remembered for the names that passed, which a client calls again and again."""
+    ActorName.parse(actor)
+    check_method(method)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +135,7 @@ class AsyncClient:
         # request ids this client makes up: random for this client, then a counter
         self._id_prefix = f"{uuid.uuid4().hex}-"
         #: At most as many calls in flight as a node takes from one session.
-        self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
+        self._inflight = Slots(MAX_INFLIGHT)
         self.reconnects = -1  # connections made beyond the first
 
     async def __aenter__(self) -> AsyncClient:
@@ -185,8 +194,7 @@ class AsyncClient:
         kwargs: dict[str, Any],
     ) -> Any:
         """Call with explicit options; see the module docstring for the guarantees."""
-        ActorName.parse(actor)  # refused here, before anything is sent
-        check_method(method)
+        _check(actor, method)  # refused here, before anything is sent
         if self._runner is None:
             await self.connect()
         request_id = options.request_id or f"{self._id_prefix}{next(self._ids)}"
@@ -210,8 +218,13 @@ class AsyncClient:
                     if not self._connected.is_set():
                         await self._connected.wait()
                     attempts += 1
-                    async with self._inflight:
+                    inflight = self._inflight
+                    if not inflight.take_now():
+                        await inflight.take()
+                    try:
                         reply = await self._request(actor, method, args, kwargs, request_id)
+                    finally:
+                        inflight.give()
             except TimeoutError:
                 continue
             except (ConnectionError, WebSocketException) as exc:

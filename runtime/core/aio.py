@@ -71,10 +71,10 @@ class Background:
 
 
 class Slots:
-    """A counting semaphore for a path every delivery takes (the outbound HTTP
-    client's connections): first come, first served, as ``asyncio.Semaphore``, at a
-    fraction of its cost when a slot is free (``asyncio.Semaphore`` runs seven Python
-    calls for each ``async with``, and the loop does little else per slot).
+    """A counting semaphore for paths every delivery or call takes (the outbound HTTP
+    client's connections, the client library's calls in flight): first come, first
+    served, as ``asyncio.Semaphore``, at a fraction of its cost when a slot is free
+    (``asyncio.Semaphore`` runs seven Python calls for each ``async with``).
 
     Use it as::
 
