@@ -54,12 +54,14 @@ class SlowExecutor:
 
 class SlowFactory(PluginFactory):
     name: ClassVar[str] = "slow"
+    effect: ClassVar[type[SlowEffect]] = SlowEffect
+    executor: ClassVar[type[Any]] = SlowExecutor
 
     def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
-        return SlowEffect(actor, pstate)
+        return self.effect(actor, pstate)
 
     def executors(self) -> list[Any]:
-        return [SlowExecutor()]
+        return [self.executor()]
 
 
 class GatedEffect(SlowEffect):
@@ -83,14 +85,10 @@ class GatedExecutor:
         return ExecutionOutcome(ok=True, value=entry.spec["label"].upper())
 
 
-class GatedFactory(PluginFactory):
+class GatedFactory(SlowFactory):
     name: ClassVar[str] = "gated"
-
-    def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
-        return GatedEffect(actor, pstate)
-
-    def executors(self) -> list[Any]:
-        return [GatedExecutor()]
+    effect = GatedEffect
+    executor = GatedExecutor
 
 
 class Worker(CA):
