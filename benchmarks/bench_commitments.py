@@ -192,6 +192,7 @@ def bench_due(
 def bench_fanout(url: str, receiver: Receiver, n: int) -> dict[str, Any]:
     """``n`` commitments waiting for one event type; one event fires them all."""
     receiver.arrivals.clear()
+    repeats = receiver.repeats
     body = {
         "trigger": {"type": "webhook", "event_type": "go"},
         "obligation": {"target": receiver.url},
@@ -207,6 +208,7 @@ def bench_fanout(url: str, receiver: Receiver, n: int) -> dict[str, Any]:
     return {
         "commitments": n,
         "delivered": len(ids & receiver.arrivals.keys()),
+        "repeats": receiver.repeats - repeats,
         "publish_s": round(published, 3),
         "all_delivered_s": round(max(receiver.arrivals.values()) - started, 2),
     }
