@@ -141,10 +141,8 @@ def peers_goals(peers: Path, python: str, big: bool) -> tuple[list[Goal], dict[s
     runs: dict[str, Any] = {}
 
     def one(name: str, system: str, *args: str, delay: int = 30) -> dict[str, Any]:
-        with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
-            command = [python, str(peers / "bench.py"), system, "--delay", str(delay), *args]
-            run_json([*command, "--out", out.name], env)
-            result: dict[str, Any] = json.loads(Path(out.name).read_text().splitlines()[-1])
+        command = [python, str(peers / "bench.py"), system, "--delay", str(delay), *args]
+        result: dict[str, Any] = run_json(command, env)  # its one JSON line
         runs[name] = result
         return result
 
