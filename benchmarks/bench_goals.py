@@ -11,8 +11,9 @@ are as noisy as the machine. Each benchmark's own JSON is kept under ``runs``.
 Run:  python benchmarks/bench_goals.py [--quick]
           [--peers ../shared/peers --peers-python /tmp/peersenv/bin/python [--big]]
           [--cafjs ../shared/peers/cafjs]
-Prints JSON; progress goes to stderr. About 6 minutes, 25 more with the peers
-(``--big`` adds the 100,000 herd) and 5 with caf.js.
+Prints JSON; progress goes to stderr. On a 2-core machine about 3 minutes (1 with
+``--quick``), 4 more with the peers, 3 more for ``--big`` (the 100,000 herd) and 4
+with caf.js (one round).
 """
 
 from __future__ import annotations
