@@ -213,6 +213,11 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="with --peers: 100,000 due at once")
     ap.add_argument("--cafjs", type=Path, help="the caf.js comparison (../shared/peers/cafjs)")
     args = ap.parse_args()
+    if args.big and not args.peers:
+        ap.error("--big needs --peers")
+    for given in (args.peers, args.cafjs):
+        if given is not None and not given.is_dir():
+            ap.error(f"{given} is not a directory")
     parts = [engine_goals(args.quick), commitment_goals(args.quick)]
     if args.peers:
         parts.append(peers_goals(args.peers.resolve(), args.peers_python, args.big))
