@@ -33,17 +33,43 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 
+def _listen_ports() -> Iterator[int]:
+    """Ports for this test worker's servers, in turn, forever: below the kernel's
+    ephemeral range, so that no outbound connection can be handed one between the
+    check that it is free and the server's bind (port 0 gives an ephemeral port, which
+    any test's client may take meanwhile), and a slice of its own per pytest-xdist
+    worker, so that two workers never pick the same."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        ephemeral = max(int(text.split()[0]), 20000)
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 10000
+    size = (ephemeral - low) // max(workers, 1)
+    first = low + worker * size
+    start = first + (os.getpid() % size)
+    last = first + size - 16  # room for a run of consecutive ports (free_port_run)
+    while True:
+        yield from range(start, last)
+        yield from range(first, start)
+
+
+_PORTS = _listen_ports()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 that was free just now and that no outbound connection can
+    take (see :func:`_listen_ports`)."""
+    return free_port_run(1)
 
 
 def free_port_run(count: int) -> int:
     """The first of ``count`` consecutive TCP ports on 127.0.0.1 that are all free (for
     ``troth serve --nodes N``, whose node i listens on port + i)."""
     while True:
-        base = free_port()
+        base = next(_PORTS)
         socks = []
         try:
             for offset in range(count):
@@ -239,25 +265,6 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait_shards: bool = True) -> NodeProcess:
-        """Start the node and wait until it serves. On its first start a node whose
-        port was taken meanwhile (``free_port`` can only promise a port was free when
-        it looked: another test's outbound connection may get it) starts again on
-        another; a restart keeps its port, which its clients know."""
-        attempts = 3 if self.proc is None else 1
-        while True:
-            attempts -= 1
-            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
-            self._spawn()
-            try:
-                wait_until(self._healthy if not wait_shards else self._serving, timeout=30)
-                return self
-            except AssertionError:
-                this_run = self.log_path.read_bytes()[logged:]
-                if attempts == 0 or b"Address already in use" not in this_run:
-                    raise
-            self.port = free_port()
-
-    def _spawn(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -278,6 +285,8 @@ class NodeProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        wait_until(self._healthy if not wait_shards else self._serving, timeout=30)
+        return self
 
     def _health(self) -> dict[str, Any] | None:
         assert self.proc is not None
