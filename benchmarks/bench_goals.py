@@ -11,7 +11,7 @@ are as noisy as the machine. Each benchmark's own JSON is kept under ``runs``.
 Run:  python benchmarks/bench_goals.py [--quick]
           [--peers ../shared/peers --peers-python /tmp/peersenv/bin/python [--big]]
           [--cafjs ../shared/peers/cafjs]
-Prints JSON; progress goes to stderr. On a 2-core machine about 3 minutes (1 with
+Prints JSON; progress goes to stderr. On a 2-core machine about 5 minutes (1 with
 ``--quick``), 4 more with the peers, 3 more for ``--big`` (the 100,000 herd) and 4
 with caf.js (one round).
 """
@@ -80,7 +80,7 @@ def bench(script: str, *args: str) -> Any:
 
 
 def engine_goals(quick: bool) -> tuple[list[Goal], dict[str, Any]]:
-    runtime = bench("bench_runtime.py", *(["--messages", "5000"] if quick else []))
+    runtime = bench("bench_runtime.py", *(["--messages", "5000"] if quick else ["--rounds", "3"]))
     activation = bench("bench_activation.py", "--actors", "20000" if quick else "100000")
     recovery = bench(
         "bench_cluster.py", "--recovery-only", "--actors", "2000" if quick else "10000"

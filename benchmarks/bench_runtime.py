@@ -1,11 +1,18 @@
 """Committed messages per second on one in-process node, against the raw commit
 script measured in the same run on the same machine and Redis.
 
-* ``raw_redis``: the commit script itself (``lua/commit.lua``), the same payload
-  shape, sent through the same group-commit batcher with the same number of
-  commits outstanding, and no actor: the ceiling that troth's persistence allows;
-* ``raw_sequential``: one commit after another, each awaited: one EVALSHA round
-  trip, the ceiling of a single actor called sequentially.
+* for 100 actors and more: the commit script itself (``lua/commit.lua``), the same
+  payload shape, sent through the same group-commit batcher with 1,000 actors'
+  worth of commits outstanding, and no actor: the ceiling that troth's persistence
+  allows;
+* for the single actor called sequentially: one commit after another, each
+  awaited: one EVALSHA round trip.
+
+The baseline is measured again around every row (before and after it), and each
+ratio is against the mean of the two: on a shared machine whose speed drifts by a
+third within minutes, one baseline at the start made the last rows' ratios say more
+about the machine than about troth (the measurements are in the row's ``raw``).
+With ``--rounds N`` each row is measured N times so, and reports the medians.
 
 troth's figures drive ``Engine.call`` from the node's own event loop, so they
 measure the engine, not a thread hand-off of the benchmark's own making. Each
@@ -13,6 +20,7 @@ message is a real ``increment`` of the helloworld counter (``async def`` and pla
 ``def`` variants), committed with its state, sequence number and reply.
 
 Run:  python benchmarks/bench_runtime.py [--messages 20000] [--actors 1,100,1000,10000]
+      [--rounds 1]
 Prints JSON. Figures on a shared 2-core machine are noisy: compare ratios.
 """
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 import uuid
 from typing import Any
@@ -153,28 +162,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--messages", type=int, default=20000)
     ap.add_argument("--actors", default="1,100,1000,10000")
+    ap.add_argument("--rounds", type=int, default=1, help="measurements a row (medians)")
     args = ap.parse_args()
     with redis_server() as url:
-        raw = bench_raw(url, args.messages, sequential=False)
-        raw_seq = bench_raw(url, min(args.messages, 5000), sequential=True)
         rows = []
         for n in (int(x) for x in args.actors.split(",")):
             sequential = n == 1
             msgs = min(args.messages, 5000) if sequential else args.messages
-            baseline = raw_seq if sequential else raw
             row: dict[str, Any] = {"actors": n, "messages": msgs, "sequential": sequential}
-            for type_ in ("acounter", "counter"):
-                rate = bench_troth(url, n, msgs, type_, sequential)
-                kind = "async" if type_ == "acounter" else "sync"
-                row[f"{kind}_msgs_per_s"] = round(rate)
-                row[f"{kind}_ratio_to_raw"] = round(rate / baseline, 3)
+            raws: list[int] = []
+            rates: dict[str, list[float]] = {"async": [], "sync": []}
+            ratios: dict[str, list[float]] = {"async": [], "sync": []}
+            for _ in range(args.rounds):
+                before = bench_raw(url, msgs, sequential)
+                got = {
+                    kind: bench_troth(url, n, msgs, type_, sequential)
+                    for kind, type_ in (("async", "acounter"), ("sync", "counter"))
+                }
+                after = bench_raw(url, msgs, sequential)
+                raws += [round(before), round(after)]
+                for kind, rate in got.items():
+                    rates[kind].append(rate)
+                    ratios[kind].append(rate / ((before + after) / 2))
+            row["raw"] = raws
+            for kind in rates:
+                row[f"{kind}_msgs_per_s"] = round(statistics.median(rates[kind]))
+                row[f"{kind}_ratio_to_raw"] = round(statistics.median(ratios[kind]), 3)
             rows.append(row)
     emit(
         {
             "benchmark": "runtime",
             "machine": machine(),
-            "raw_redis_commits_per_s": round(raw),
-            "raw_sequential_commits_per_s": round(raw_seq),
             "results": rows,
         }
     )
