@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any
 
-from common import emit, machine, redis_server, rss_bytes
+from common import emit, machine, redis_server, rss_bytes, windowed
 
 from troth.core.access import OPERATOR
 from troth.core.config import parse_config
@@ -49,21 +49,11 @@ def make_node(url: str, prefix: str) -> Node:
 
 def activate(node: Node, names: list[ActorName], method: str) -> float:
     async def drive() -> float:
-        sem = asyncio.Semaphore(WINDOW)
-
-        async def one(name: ActorName) -> None:
-            try:
-                await node.engine.call(name, method, [], {}, None, OPERATOR)
-            finally:
-                sem.release()
-
-        started = time.perf_counter()
-        tasks = []
-        for name in names:
-            await sem.acquire()
-            tasks.append(asyncio.ensure_future(one(name)))
-        await asyncio.gather(*tasks)
-        return time.perf_counter() - started
+        return await windowed(
+            len(names),
+            lambda i: node.engine.call(names[i], method, [], {}, None, OPERATOR),
+            WINDOW,
+        )
 
     return float(asyncio.run_coroutine_threadsafe(drive(), node.loop).result())
 

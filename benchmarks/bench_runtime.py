@@ -33,7 +33,7 @@ import time
 import uuid
 from typing import Any
 
-from common import emit, machine, redis_server
+from common import emit, machine, redis_server, windowed
 
 from troth.core import codec
 from troth.core.access import OPERATOR
@@ -51,25 +51,6 @@ WINDOW = 2000  # outstanding calls at most, like many concurrent clients
 
 def run_on(node: Node, coro: Any) -> Any:
     return asyncio.run_coroutine_threadsafe(coro, node.loop).result()
-
-
-async def windowed(total: int, make: Any, window: int = WINDOW) -> float:
-    """Run ``make(i)`` for i < total with at most ``window`` outstanding; seconds."""
-    sem = asyncio.Semaphore(window)
-
-    async def one(i: int) -> None:
-        try:
-            await make(i)
-        finally:
-            sem.release()
-
-    started = time.perf_counter()
-    tasks = []
-    for i in range(total):
-        await sem.acquire()
-        tasks.append(asyncio.ensure_future(one(i)))
-    await asyncio.gather(*tasks)
-    return time.perf_counter() - started
 
 
 def bench_troth(url: str, actors: int, messages: int, type_: str, sequential: bool) -> float:
@@ -94,13 +75,13 @@ def bench_troth(url: str, actors: int, messages: int, type_: str, sequential: bo
         return engine.call(name, method, [], {}, None, OPERATOR)
 
     async def drive() -> float:
-        await windowed(actors, lambda i: call(names[i], "increment"))  # create them
+        await windowed(actors, lambda i: call(names[i], "increment"), WINDOW)  # create them
         if sequential:
             started = time.perf_counter()
             for i in range(messages):
                 await call(names[i % actors], "increment")
             return time.perf_counter() - started
-        return await windowed(messages, lambda i: call(names[i % actors], "increment"))
+        return await windowed(messages, lambda i: call(names[i % actors], "increment"), WINDOW)
 
     try:
         elapsed = run_on(node, drive())
