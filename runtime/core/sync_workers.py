@@ -12,6 +12,14 @@ worker goes back to sleep only when the queue is empty, and only as many are awa
 the queue needs. Results go back to the loop together: one wake-up of the loop for
 all the calls that finished since it last took their results.
 
+Calls and results pass through ``collections.deque``, whose ``append`` and
+``popleft`` are atomic: no lock is taken for a call that finds a worker awake. The
+lock guards only a worker's going to sleep and its waking (a worker re-checks the
+queue under it before it sleeps, and the loop staffs under it after queuing, so no
+call is ever left with every worker asleep). A lock per call, taken by the loop and
+by the workers, had the loop wait for a worker that the GIL had stopped inside it:
+about 5 us a message with 10,000 actors.
+
 What a caller may rely on:
 
 - **Order**: calls start in the order they were queued (an actor runs one message at
@@ -73,11 +81,13 @@ class SyncWorkers:
     def __init__(self, workers: int, blocked_after: float = BLOCKED_AFTER) -> None:
         self.max_workers = max(1, workers)
         self.blocked_after = blocked_after
+        #: Guards the workers' sleeping and waking (``_workers``, ``_asleep``, ``awake``).
         self._lock = threading.Lock()
         self._queue: deque[_Call] = deque()
         self._workers: list[_Worker] = []
         self._asleep: list[_Worker] = []
-        self._results: list[tuple[_Call, bool, Any]] = []
+        self._results: deque[tuple[_Call, bool, Any]] = deque()
+        #: A ``_deliver`` is scheduled on the loop and has not begun taking results.
         self._delivery_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watch: asyncio.TimerHandle | None = None
@@ -86,12 +96,14 @@ class SyncWorkers:
     def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Queue ``fn``; its result (or exception) comes back on the running loop."""
         loop = self._loop = asyncio.get_running_loop()
+        if self._closed:
+            raise RuntimeError("the sync workers are closed")
         call = _Call(fn, loop.create_future())
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the sync workers are closed")
-            self._queue.append(call)
-            self._staff(time.monotonic())
+        self._queue.append(call)
+        now = time.monotonic()
+        if not self._taken(now):
+            with self._lock:
+                self._staff(now)
         if self._watch is None:
             self._watch = loop.call_later(self.blocked_after, self._check)
         return call.future
@@ -115,13 +127,21 @@ class SyncWorkers:
 
     # -- on the loop -------------------------------------------------------------------------
 
+    def _taken(self, now: float) -> bool:
+        """Whether a worker will take the queue soon: one awake, between calls or in a
+        call that has not run for ``blocked_after`` yet. Read without the lock: a
+        worker seen awake either takes the queue or, on its way to sleep, looks at
+        it again under the lock and finds what was queued before this look."""
+        return any(
+            w.awake and (not w.started or now - w.started < self.blocked_after)
+            for w in self._workers
+        )
+
     def _staff(self, now: float) -> None:
-        """Make sure someone takes the queue soon: an awake worker between calls or in
-        a call that has not run for ``blocked_after`` yet; else wake one, or start one
-        (up to ``max_workers``). Called with the lock held."""
-        for worker in self._workers:
-            if worker.awake and (not worker.started or now - worker.started < self.blocked_after):
-                return
+        """Make sure someone takes the queue soon (see :meth:`_taken`); else wake a
+        worker, or start one (up to ``max_workers``). Called with the lock held."""
+        if self._taken(now) or self._closed:
+            return
         if self._asleep:
             worker = self._asleep.pop()
             worker.awake = True
@@ -136,18 +156,20 @@ class SyncWorkers:
         """While calls are queued, look again every ``blocked_after``: the workers
         taking them may have blocked since."""
         self._watch = None
+        if not self._queue or self._closed:
+            return
         with self._lock:
-            if not self._queue or self._closed:
-                return
             self._staff(time.monotonic())
         assert self._loop is not None
         self._watch = self._loop.call_later(self.blocked_after, self._check)
 
     def _deliver(self) -> None:
-        with self._lock:
-            results, self._results = self._results, []
-            self._delivery_due = False
-        for call, ok, value in results:
+        # Cleared before taking results: a result handed back from now on schedules
+        # another delivery, one handed back before is taken by this one.
+        self._delivery_due = False
+        results = self._results
+        while results:
+            call, ok, value = results.popleft()
             if call.future.cancelled():
                 continue
             if ok:
@@ -158,29 +180,30 @@ class SyncWorkers:
     # -- on a worker thread ------------------------------------------------------------------
 
     def _work(self, worker: _Worker) -> None:
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                call = self._queue.popleft() if self._queue else None
-                if call is None:
+        queue = self._queue
+        while not self._closed:
+            try:
+                call = queue.popleft()
+            except IndexError:
+                with self._lock:
+                    if queue or self._closed:  # queued meanwhile: no sleep
+                        continue
                     worker.awake = False
                     self._asleep.append(worker)
-            if call is None:
                 worker.gate.acquire()  # until _staff or close releases it
                 continue
-            if call.future.cancelled():
-                continue
-            worker.started = time.monotonic()
-            # (no local keeps the result: a sleeping worker holds nothing of its last call)
-            self._hand_back(_outcome(call))
-            worker.started = 0.0
+            if not call.future.cancelled():
+                worker.started = time.monotonic()
+                self._hand_back(_outcome(call))
+                worker.started = 0.0
+            # A sleeping worker holds nothing of its last call: an actor that ended
+            # is freed at once, by reference counting.
+            del call
 
     def _hand_back(self, result: tuple[_Call, bool, Any]) -> None:
-        with self._lock:
-            self._results.append(result)
-            due, self._delivery_due = self._delivery_due, True
-        if not due:
+        self._results.append(result)
+        if not self._delivery_due:
+            self._delivery_due = True
             # (RuntimeError: the loop closed meanwhile, nobody waits any more)
             with contextlib.suppress(RuntimeError):
                 result[0].future.get_loop().call_soon_threadsafe(self._deliver)
