@@ -87,8 +87,9 @@ async def windowed(total: int, make: Callable[[int], Awaitable[Any]], window: in
         nonlocal left
         running.discard(task)
         sem.release()
-        if not task.cancelled() and task.exception() is not None:
-            errors.append(task.exception())  # type: ignore[arg-type]
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            errors.append(error)
         left -= 1
         if left == 0:
             done.set_result(None)
