@@ -49,8 +49,8 @@ def _listen_ports() -> Iterator[int]:
     low = 10000
     size = (ephemeral - low) // max(workers, 1)
     first = low + worker * size
-    start = first + (os.getpid() % size)
     last = first + size - 16  # room for a run of consecutive ports (free_port_run)
+    start = first + os.getpid() % (last - first)
     while True:
         yield from range(start, last)
         yield from range(first, start)
