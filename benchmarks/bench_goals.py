@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,10 @@ class Goal:
     @property
     def met(self) -> bool:
         return self.figure <= self.threshold if self.at_most else self.figure >= self.threshold
+
+
+#: A part of the sweep: its goals, and the benchmarks' own JSON by name.
+Part = tuple[list[Goal], dict[str, Any]]
 
 
 def progress(text: str) -> None:
@@ -79,7 +84,7 @@ def bench(script: str, *args: str) -> Any:
     return run_json([sys.executable, str(HERE / script), *args])
 
 
-def engine_goals(quick: bool) -> tuple[list[Goal], dict[str, Any]]:
+def engine_goals(quick: bool) -> Part:
     runtime = bench("bench_runtime.py", *(["--messages", "5000"] if quick else ["--rounds", "3"]))
     activation = bench("bench_activation.py", "--actors", "20000" if quick else "100000")
     recovery = bench(
@@ -111,7 +116,7 @@ def engine_goals(quick: bool) -> tuple[list[Goal], dict[str, Any]]:
     return goals, {"runtime": runtime, "activation": activation, "recovery": recovery}
 
 
-def commitment_goals(quick: bool) -> tuple[list[Goal], dict[str, Any]]:
+def commitment_goals(quick: bool) -> Part:
     sizes = ["--single", "800", "--batches", "8", "--due", "3000", "--fanout", "1000"]
     full = ["--single", "2000", "--batches", "20", "--due", "10000", "--fanout", "10000"]
     result = bench("bench_commitments.py", *(sizes if quick else full))
@@ -137,7 +142,7 @@ def commitment_goals(quick: bool) -> tuple[list[Goal], dict[str, Any]]:
     return goals, {"commitments": result}
 
 
-def peers_goals(peers: Path, python: str, big: bool) -> tuple[list[Goal], dict[str, Any]]:
+def peers_goals(peers: Path, python: str, big: bool) -> Part:
     env = harness_env()
     runs: dict[str, Any] = {}
 
@@ -171,7 +176,7 @@ def peers_goals(peers: Path, python: str, big: bool) -> tuple[list[Goal], dict[s
     return goals, {"peers": runs}
 
 
-def cafjs_goals(cafjs: Path) -> tuple[list[Goal], dict[str, Any]]:
+def cafjs_goals(cafjs: Path) -> Part:
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
         env = {**harness_env(), "CPU": "1", "NOKA": "0", "OUT": out.name}
         progress(f"{cafjs / 'run_vs_troth.sh'} 1 15")
@@ -187,6 +192,12 @@ def cafjs_goals(cafjs: Path) -> tuple[list[Goal], dict[str, Any]]:
     goals = []
     for n in (10, 100):
         by = {r["system"]: r for r in rows if r.get("numActors", r.get("numCAs")) == n}
+        missing = {"cafjs", "troth-http", "troth-ws"} - by.keys()
+        if missing:  # e.g. caf.js did not start: its log is in the harness's run directory
+            raise RuntimeError(
+                f"run_vs_troth.sh gave no {sorted(missing)} row for {n} actors "
+                f"(see its run directory's caf.log and troth.log; {cafjs / 'README.md'})"
+            )
         caf, http, ws = by["cafjs"], by["troth-http"], by["troth-ws"]
         goals += [
             Goal(f"{n} actors: HTTP calls against caf.js's", _ratio(http, caf), 2),
@@ -218,11 +229,26 @@ def main() -> None:
     for given in (args.peers, args.cafjs):
         if given is not None and not given.is_dir():
             ap.error(f"{given} is not a directory")
-    parts = [engine_goals(args.quick), commitment_goals(args.quick)]
+    todo: list[tuple[str, Callable[[], Part]]] = [
+        ("engine", lambda: engine_goals(args.quick)),
+        ("commitments", lambda: commitment_goals(args.quick)),
+    ]
     if args.peers:
-        parts.append(peers_goals(args.peers.resolve(), args.peers_python, args.big))
+        peers = args.peers.resolve()
+        todo.append(("peers", lambda: peers_goals(peers, args.peers_python, args.big)))
     if args.cafjs:
-        parts.append(cafjs_goals(args.cafjs.resolve()))
+        cafjs = args.cafjs.resolve()
+        todo.append(("cafjs", lambda: cafjs_goals(cafjs)))
+    # A part that fails (a harness not set up, a crashed run) is reported and the
+    # sweep goes on: the other parts' minutes of measurement are not thrown away.
+    parts: list[Part] = []
+    failed: dict[str, str] = {}
+    for name, part in todo:
+        try:
+            parts.append(part())
+        except Exception as exc:
+            progress(f"{name} failed: {exc}")
+            failed[name] = str(exc)
     goals = [goal for more, _ in parts for goal in more]
     runs = {name: run for _, kept in parts for name, run in kept.items()}
     emit(
@@ -232,9 +258,12 @@ def main() -> None:
             "met": sum(g.met for g in goals),
             "of": len(goals),
             "goals": [{**asdict(g), "met": g.met} for g in goals],
+            "failed": failed,
             "runs": runs,
         }
     )
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
