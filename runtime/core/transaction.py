@@ -500,6 +500,8 @@ class ActorRuntime:
         try:
             if self.needs_init and type(self.ca).init is not CA.init:
                 await self.invoke(self.ca.init)
+            if is_async(fn):  # (what the invoker does first, a coroutine less)
+                return await fn(*args, **(kwargs or {}))
             return await self.invoke(fn, *args, **(kwargs or {}))
         except TrothError:
             raise

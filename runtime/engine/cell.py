@@ -22,6 +22,7 @@ import inspect
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -381,6 +382,8 @@ class Cell:
             raise
 
     async def _call(self, rt: ActorRuntime, msg: Message) -> Any:
+        if msg.request_id is None or msg.new_id:  # no reply to look up: no await for it
+            return await rt.execute(msg, self._method(rt, msg), msg.args, msg.kwargs)
         resolved = await self._resolve(rt, msg)
         if isinstance(resolved, Outcome):
             return resolved.reply
@@ -394,6 +397,11 @@ class Cell:
             if prior is not None:
                 self.host.metrics.dedup_hits.inc()
                 return Outcome(prior[0])
+        return Call(msg, self._method(rt, msg), msg.args, msg.kwargs)
+
+    def _method(self, rt: ActorRuntime, msg: Message) -> Callable[..., Any]:
+        """The actor's method ``msg`` calls; raises for an unknown method or arguments
+        that do not fit it."""
         fn = getattr(rt.ca, msg.method, None)
         if fn is None:
             raise NotFoundError(f"{self.name.type} has no public method {msg.method!r}")
@@ -401,7 +409,7 @@ class Cell:
             argument_check(type(rt.ca), msg.method)(msg.args, msg.kwargs)
         except TypeError as exc:
             raise BadRequestError(f"{self.name.type}.{msg.method}: {exc}") from None
-        return Call(msg, fn, msg.args, msg.kwargs)
+        return fn
 
     async def _delete(self, rt: ActorRuntime, msg: Message) -> bool:
         """Delete the actor in a transaction of its own; False (and nothing written,
