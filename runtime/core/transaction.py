@@ -171,6 +171,10 @@ class Invoker:
     async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if is_async(fn):
             return await fn(*args, **kwargs)
+        return await self.off_loop(fn, *args, **kwargs)
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run the plain function ``fn`` on a worker thread."""
         # in the message's context (log context, trace), which threads do not inherit
         context = contextvars.copy_context()
         result = await self.workers.run(lambda: context.run(fn, *args, **kwargs))
@@ -500,9 +504,10 @@ class ActorRuntime:
         try:
             if self.needs_init and type(self.ca).init is not CA.init:
                 await self.invoke(self.ca.init)
-            if is_async(fn):  # (what the invoker does first, a coroutine less)
+            # (the invoker's choice, made here: a coroutine less a message)
+            if is_async(fn):
                 return await fn(*args, **(kwargs or {}))
-            return await self.invoke(fn, *args, **(kwargs or {}))
+            return await self.invoke.off_loop(fn, *args, **(kwargs or {}))
         except TrothError:
             raise
         except Exception as exc:

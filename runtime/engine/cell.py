@@ -402,7 +402,7 @@ class Cell:
     def _method(self, rt: ActorRuntime, msg: Message) -> Callable[..., Any]:
         """The actor's method ``msg`` calls; raises for an unknown method or arguments
         that do not fit it."""
-        fn = getattr(rt.ca, msg.method, None)
+        fn: Callable[..., Any] | None = getattr(rt.ca, msg.method, None)
         if fn is None:
             raise NotFoundError(f"{self.name.type} has no public method {msg.method!r}")
         try:
