@@ -382,22 +382,28 @@ class Cell:
             raise
 
     async def _call(self, rt: ActorRuntime, msg: Message) -> Any:
-        if msg.request_id is None or msg.new_id:  # no reply to look up: no await for it
-            return await rt.execute(msg, self._method(rt, msg), msg.args, msg.kwargs)
-        resolved = await self._resolve(rt, msg)
-        if isinstance(resolved, Outcome):
-            return resolved.reply
-        return await rt.execute(msg, resolved.fn, msg.args, msg.kwargs)
+        # (no coroutine for the replay look-up where there is none to make)
+        if msg.request_id is not None and not msg.new_id:
+            prior = await self._replayed(msg.request_id)
+            if prior is not None:
+                return prior[0]
+        return await rt.execute(msg, self._method(rt, msg), msg.args, msg.kwargs)
 
     async def _resolve(self, rt: ActorRuntime, msg: Message) -> Call | Outcome:
         """The call to run, or the reply committed for its ``request_id`` earlier;
         raises for an unknown method or arguments that do not fit it."""
         if msg.request_id is not None and not msg.new_id:
-            prior = await self.host.store.committed_reply(self.shard, self.key, msg.request_id)
+            prior = await self._replayed(msg.request_id)
             if prior is not None:
-                self.host.metrics.dedup_hits.inc()
                 return Outcome(prior[0])
         return Call(msg, self._method(rt, msg), msg.args, msg.kwargs)
+
+    async def _replayed(self, request_id: str) -> tuple[Any] | None:
+        """``(reply,)`` as committed earlier for ``request_id``, or None."""
+        prior = await self.host.store.committed_reply(self.shard, self.key, request_id)
+        if prior is not None:
+            self.host.metrics.dedup_hits.inc()
+        return prior
 
     def _method(self, rt: ActorRuntime, msg: Message) -> Callable[..., Any]:
         """The actor's method ``msg`` calls; raises for an unknown method or arguments
