@@ -214,6 +214,7 @@ class Node:
             quotas=self.quotas,
             plugins=self.plugin_factories,
             call=self.router.call,
+            call_many=self.router.call_many,
             clock=clock,
         )
         for ext in self.extensions:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from conftest import wait_until
 from troth import AppError
 from troth.client import AsyncClient, CallTimeout, Client, Notification
 from troth.core.access import OPERATOR
+from troth.core.errors import BadRequestError
 from troth.core.names import ActorName, shard_of
 from troth.edge.server import ServerThread
 from troth.node import Node
@@ -100,6 +102,60 @@ def test_calls_forwarded_together_travel_in_one_request_each_answered_alone(
     time.sleep(0.2)
     assert sent_to_b("/v1/cluster/calls") == 2 and sent_to_b("/v1/cluster/call") == 0
     assert b.call(names[0], "get").result(5) == 2
+
+
+def test_call_many_answers_each_call_in_order_wherever_its_actor_lives(
+    make_node: Callable[..., Node],
+) -> None:
+    """``Router.call_many`` (a batch of creations): the calls to the entry node's
+    actors go to its engine, the others travel together in one request to their
+    owner; each call gets its own reply or error, in order, and a refusal or a
+    timeout among them fails only that call."""
+    a = make_node("a", serve=True, node={"call_timeout_seconds": 1.0})
+    b = make_node("b", serve=True)
+    wait_until(lambda: balanced(a, b), timeout=10)
+    wait_until(lambda: len(a.leases.urls) == 2 and len(b.leases.urls) == 2, timeout=5)
+    names: list[ActorName] = []
+    for i in range(10_000):  # alternately an actor of a's shards and one of b's
+        name = ActorName("probe", f"alice-m{i}")
+        owner = a if len(names) % 2 == 0 else b
+        if owner.leases.epoch_of(shard_of(name, owner.keys.shard_count)) is not None:
+            names.append(name)
+        if len(names) == 10:
+            break
+    wait_until(
+        lambda: all(
+            a.leases.owner_of(shard_of(n, a.keys.shard_count)) == ("a" if i % 2 == 0 else "b")
+            for i, n in enumerate(names)
+        ),
+        timeout=5,
+    )
+
+    def batches_to_b() -> float:
+        sample = b.metrics.registry.get_sample_value(
+            "troth_http_requests_total",
+            {"method": "POST", "route": "/v1/cluster/calls", "status": "200"},
+        )
+        return sample or 0.0
+
+    before = batches_to_b()
+    args: list[list[Any]] = [[i] for i in range(10)]
+    args[3] = ["no such argument", "at all"]  # refused: too many arguments (on b)
+    out = asyncio.run_coroutine_threadsafe(
+        a.router.call_many(names, "set", args, OPERATOR, fresh=[True] * 10), a.loop
+    ).result(20)
+    assert [o for i, o in enumerate(out) if i != 3] == [r[0] for i, r in enumerate(args) if i != 3]
+    assert isinstance(out[3], BadRequestError)
+    assert a.call(names[0], "get").result(5)["value"] == 0
+    assert b.call(names[1], "get").result(5)["value"] == 1
+    wait_until(lambda: batches_to_b() == before + 1)  # b's five calls: one request
+    # a's actors nap past a's 1 s call deadline: those calls time out, b's do not
+    nap = [[1.5 if i % 2 == 0 else 0.1, f"t{i}"] for i in range(10)]
+    slow = asyncio.run_coroutine_threadsafe(
+        a.router.call_many(names, "nap", nap, OPERATOR, fresh=[False] * 10), a.loop
+    ).result(20)
+    assert all(isinstance(o, CallTimeout) for o in slow[0::2])
+    assert slow[1::2] == [[f"t{i}"] for i in range(1, 10, 2)]
 
 
 def test_forged_cluster_header_gets_no_special_rights(make_node: Callable[..., Node]) -> None:

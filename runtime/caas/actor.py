@@ -86,21 +86,16 @@ def creation(spec: CommitmentCreate, pending_quota: int | None = None) -> dict[s
     the actor, at its transaction's time). The API sends this, so the actor does not
     validate the creation a second time. With ``pending_quota`` (the principal's), the
     creation is refused when it is reached (on a single Redis: by the commit)."""
-    trigger = spec.trigger.model_dump(mode="json")
+    out = spec.model_dump(mode="json")  # (one call: a third cheaper than one a field)
+    del out["expires_at"]
     models = dict(_model_leaves(spec.trigger))
-    for path, leaf in leaves(trigger):
+    for path, leaf in leaves(out["trigger"]):
         model = models[path]
         if isinstance(model, TimeAfter) and model.timestamp is not None:
             leaf["due_ms"] = model.due_ms(0)
-    return {
-        "trigger": trigger,
-        "obligation": spec.obligation.model_dump(mode="json"),
-        "retry_policy": spec.retry_policy.model_dump(),
-        "expires_ms": spec.expires_ms(),
-        "dedup_key": spec.dedup_key,
-        "metadata": spec.metadata,
-        "pending_quota": pending_quota,
-    }
+    out["expires_ms"] = spec.expires_ms()
+    out["pending_quota"] = pending_quota
+    return out
 
 
 def _model_leaves(trigger: Any, path: str = "r") -> list[tuple[str, Any]]:
@@ -179,7 +174,6 @@ class Commitment(CA):
             rev=1,
             transitions=[{"status": "pending", "at_ms": created}],
         )
-        timers = self.plugins.timers
         if trigger["type"] == "time_after":  # armed: the delivery alone keeps the time
             wait_ms = max(0, trigger["due_ms"] - created)
             self.state["armed"] = self._deliver(
@@ -190,15 +184,20 @@ class Commitment(CA):
                 # memory before then anyway: at once, then (a burst of creations no
                 # longer holds a cell each for idle_seconds).
                 self.passivate()
+        # (the timers plugin only where there is a timer: an armed delivery needs none)
         for path, leaf in leaves(trigger):
             if leaf["type"] == "time_after" and "armed" not in self.state:
-                timers.at(leaf["due_ms"] / 1000, "on_time", path, name=f"t:{path}")
+                self.plugins.timers.at(leaf["due_ms"] / 1000, "on_time", path, name=f"t:{path}")
             elif leaf["type"] == "heartbeat":
-                timers.after(leaf["interval_seconds"], "on_time", path, name=f"t:{path}")
+                self.plugins.timers.after(
+                    leaf["interval_seconds"], "on_time", path, name=f"t:{path}"
+                )
         if self.state["expires_ms"] is not None:
-            timers.at(self.state["expires_ms"] / 1000, "expire", name="expire")
+            self.plugins.timers.at(self.state["expires_ms"] / 1000, "expire", name="expire")
         if event_types(trigger):  # the backstop of the API's own subscribe
-            timers.after(SUBSCRIBE_BACKSTOP_SECONDS, "subscribe_again", name="subscribe")
+            self.plugins.timers.after(
+                SUBSCRIBE_BACKSTOP_SECONDS, "subscribe_again", name="subscribe"
+            )
         self.plugins.commitments.index(
             principal,
             summary(self.state),

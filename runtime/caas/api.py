@@ -54,12 +54,18 @@ _PRINCIPAL = r"^[a-z0-9][a-z0-9_]{0,62}$"
 SEARCH_BUDGET = 100_000
 
 
+#: The times of a commitment's view, and their names in its JSON.
+_TIMES = tuple(
+    (f"{k}_ms", f"{k}_at") for k in ("created", "updated", "due", "fired", "expires", "retires")
+)
+
+
 def public(view: dict[str, Any]) -> dict[str, Any]:
     """The JSON shape of a commitment: times as ISO 8601 UTC."""
     out = {k: v for k, v in view.items() if k[-3:] != "_ms" and k != "rev"}  # (no call a key)
-    for k in ("created", "updated", "due", "fired", "expires", "retires"):
-        if f"{k}_ms" in view:
-            out[f"{k}_at"] = iso(view[f"{k}_ms"])
+    for ms, at in _TIMES:
+        if ms in view:
+            out[at] = iso(view[ms])
     if "attempts" in view and isinstance(view["attempts"], list):
         out["attempts"] = [
             {**{k: v for k, v in a.items() if k != "at_ms"}, "at": iso(a.get("at_ms"))}
@@ -171,28 +177,24 @@ def commitments_router(node: NodeContext) -> APIRouter:
                         await asyncio.to_thread(index.unbind_dedup, principal, spec.dedup_key, cid)
                 raise
 
-        async def one(spec: CommitmentCreate, cid: str, got: str) -> tuple[dict[str, Any], bool]:
-            name = actor(principal, got)
-            # create needs no cached reply (a second create returns the commitment as it
-            # is): that saves about 1 KB of Redis per commitment. A new id names no actor
-            # yet: its activation reads no checkpoint.
-            try:
-                view = await call(
-                    principal,
-                    name,
-                    "create",
-                    creation(spec, quota),
-                    reply_cache=False,
-                    fresh=got == cid,
-                    together=True,
-                )
-            except AppError as exc:  # its dedup_key names another (a single Redis)
-                other = exc.data.get("dedup_of") if isinstance(exc.data, dict) else None
-                if other is None:
-                    raise
-                return await call(principal, actor(principal, other), "get", together=True), False
-            # Subscribed before the reply: every event POSTed after it reaches the
-            # commitment (whose own subscribe, 30 s later, is only a backstop).
+        # All at once (at most MAX_BATCH): their commits share the batcher's round trips,
+        # and those of another node's commitments share one forwarded request. create
+        # needs no cached reply (a second create returns the commitment as it is): that
+        # saves about 1 KB of Redis per commitment. A new id names no actor yet: its
+        # activation reads no checkpoint.
+        names = [actor(principal, got) for got in bound]
+        outcomes = await node.call_many(
+            names,
+            "create",
+            [[creation(spec, quota)] for spec in specs],
+            Caller(principal, internal=True),
+            fresh=[got == cid for cid, got in zip(cids, bound, strict=True)],
+        )
+
+        async def finish(name: ActorName, view: dict[str, Any]) -> dict[str, Any]:
+            """``view`` once its commitment hears its events: subscribed before the
+            reply, so that every event POSTed after it reaches the commitment (whose
+            own subscribe, 30 s later, is only a backstop)."""
             try:
                 for event_type in event_types(view["trigger"]):
                     bus = ActorName.parse(bus_name(principal, event_type))
@@ -200,12 +202,35 @@ def commitments_router(node: NodeContext) -> APIRouter:
             except AppError:
                 await call(principal, name, "cancel")  # it could never hear its events
                 raise
-            return view, got == cid
+            return view
 
-        # All at once (at most MAX_BATCH): their commits share the batcher's round trips,
-        # and those of another node's commitments share one forwarded request.
-        work = [one(*c) for c in zip(specs, cids, bound, strict=True)]
-        made = [await work[0]] if len(work) == 1 else await asyncio.gather(*work)
+        async def existing(error: AppError) -> dict[str, Any]:
+            """The commitment a refused creation's ``dedup_key`` names (a single Redis)."""
+            other = error.data.get("dedup_of") if isinstance(error.data, dict) else None
+            if other is None:
+                raise error
+            view: dict[str, Any] = await call(
+                principal, actor(principal, other), "get", together=True
+            )
+            return view
+
+        for outcome in outcomes:
+            if isinstance(outcome, Exception) and not isinstance(outcome, AppError):
+                raise outcome
+        # (new: not refused for a dedup_key, nor bound to an existing commitment's id)
+        made = [
+            (view, got == cid and not isinstance(view, AppError))
+            for view, cid, got in zip(outcomes, cids, bound, strict=True)
+        ]
+        later = {
+            i: existing(view) if isinstance(view, AppError) else finish(names[i], view)
+            for i, view in enumerate(outcomes)
+            if isinstance(view, AppError) or event_types(view["trigger"])
+        }
+        if later:
+            views = await asyncio.gather(*later.values())
+            for i, view in zip(later, views, strict=True):
+                made[i] = (view, made[i][1])
         if not inline:
             # The commitment's outbox indexes it too (durably, after a crash, a second
             # later); doing it here as well means a listing or the pending quota sees it

@@ -127,6 +127,7 @@ class Commitments(OutboxPlugin):
             retry=retry,
             on_result=on_result,
             delay_seconds=delay_seconds,
+            packable=True,  # the commitment's validated JSON, and what fired it
         )
 
     def withdraw(self, entry_id: str, refusal: AppError) -> None:

@@ -63,12 +63,17 @@ def _constant(text: str) -> Any:
 #: An integer literal that may lie beyond 64 bits: below -(2**63) takes 19 digits after
 #: its sign, above 2**64-1 takes 20 (a match inside a string only costs the slow path).
 _LONG_DIGITS = re.compile(rb"-\d{19}|\d{20}")
+#: Every digit made ``0``: a document without a run of 19 zeros then has no long
+#: integer, found without the pattern (which tries every position: about 1.8 us per
+#: hundred bytes, a tenth of a batch of creations' parsing; this costs a twentieth).
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_RUN = b"0" * 19
 
 
 def loads(raw: bytes | str, what: str = "body") -> Any:
     """Parse ``raw`` strictly (see the module docstring); 422 naming the problem."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    if _LONG_DIGITS.search(data):
+    if _RUN in data.translate(_DIGITS_AS_ZERO) and _LONG_DIGITS.search(data):
         return _exact(data, what)
     try:
         value = orjson.loads(data)
@@ -80,18 +85,19 @@ def loads(raw: bytes | str, what: str = "body") -> Any:
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether orjson's ``value`` nests containers more than ``limit`` deep: a loop over
-    a stack, not a call a container (a batch of a hundred commitments has hundreds)."""
-    stack = [(value, 0)] if type(value) is dict or type(value) is list else []
-    pop, push = stack.pop, stack.append
-    while stack:
-        item, depth = pop()
-        if depth >= limit:
-            return True
-        for child in item.values() if type(item) is dict else item:
-            if type(child) is dict or type(child) is list:
-                push((child, depth + 1))
-    return False
+    """Whether orjson's ``value`` nests containers more than ``limit`` deep: one level
+    at a time, not a call a container (a batch of a hundred commitments has hundreds)."""
+    level = [value] if type(value) is dict or type(value) is list else []
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if type(item) is dict else item)
+            if type(child) is dict or type(child) is list
+        ]
+        if not level:
+            return False
+    return bool(level)
 
 
 def _exact(raw: bytes, what: str) -> Any:

@@ -260,17 +260,23 @@ class OutboxPlugin(BufferingPlugin[OutboxEntry]):
         delay_seconds: float = 0.0,
         kind: str | None = None,
         replace_id: str | None = None,
+        packable: bool = False,
     ) -> str:
         """Buffer one effect; returns its entry id (stable if the message is re-run).
         With ``replace_id`` the entry has that id and replaces one with the same id
-        that is buffered or committed and not yet performed (see OutboxEntry)."""
+        that is buffered or committed and not yet performed (see OutboxEntry).
+        ``spec`` is packed once here, so that a value msgpack cannot hold fails the
+        method that gave it rather than the commit; ``packable`` says the caller built
+        it of values known to pack (validated JSON), which spares that packing (a
+        delivery's payload may be 64 KB)."""
         kind = kind or self.kind
         txn = self._require_txn()
         if len(self._buffer) >= self.max_per_txn:
             raise ValueError(f"at most {self.max_per_txn} {kind} effects per transaction")
         if on_result is not None and (not on_result or on_result.startswith("_")):
             raise ValueError("on_result must name a public method of the actor")
-        codec.pack(spec)  # fail inside the method, not at commit, on bad arguments
+        if not packable:
+            codec.pack(spec)  # fail inside the method, not at commit, on bad arguments
         policy = stored_policy(self.default_retry if retry is None else retry)
         entry_id = replace_id or txn.next_id(kind)
         if replace_id is not None:
