@@ -217,7 +217,7 @@ def bench_fanout(url: str, receiver: Receiver, n: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--single", type=int, default=500)
-    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batches", type=int, default=100, help="requests of 100 creations")
     ap.add_argument("--due", type=int, default=10000)
     ap.add_argument("--fanout", type=int, default=10000, help="0 skips the fan-out")
     ap.add_argument("--nodes", type=int, default=1, help="nodes sharing one Redis")
