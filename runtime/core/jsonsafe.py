@@ -64,8 +64,8 @@ def _constant(text: str) -> Any:
 #: its sign, above 2**64-1 takes 20 (a match inside a string only costs the slow path).
 _LONG_DIGITS = re.compile(rb"-\d{19}|\d{20}")
 #: Every digit made ``0``: a document without a run of 19 zeros then has no long
-#: integer, found without the pattern (which tries every position: about 1.8 us per
-#: hundred bytes, a tenth of a batch of creations' parsing; this costs a twentieth).
+#: integer, which the pattern alone finds only by trying every position (1.8 us for a
+#: commitment's 120 bytes of JSON, more than orjson takes to parse them; this 0.05).
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _RUN = b"0" * 19
 
