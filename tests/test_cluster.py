@@ -158,6 +158,24 @@ def test_call_many_answers_each_call_in_order_wherever_its_actor_lives(
     assert slow[1::2] == [[f"t{i}"] for i in range(1, 10, 2)]
 
 
+def test_call_many_retries_a_call_whose_shard_is_not_served_for_a_moment(
+    make_node: Callable[..., Node],
+) -> None:
+    """A call of ``call_many`` that its node refuses without running it (the shard is
+    being handed over) is retried as ``call`` would, and answered once it can run."""
+    a = make_node("a")
+    names = [ActorName("probe", f"alice-r{i}") for i in range(3)]
+    held = shard_of(names[1], a.keys.shard_count)
+    a.engine._draining.add(held)
+
+    async def many() -> list[object]:
+        a.loop.call_later(0.3, a.engine._draining.discard, held)
+        return await a.router.call_many(names, "set", [[1], [2], [3]], OPERATOR, fresh=[True] * 3)
+
+    assert asyncio.run_coroutine_threadsafe(many(), a.loop).result(20) == [1, 2, 3]
+    assert a.call(names[1], "get").result(5)["value"] == 2
+
+
 def test_forged_cluster_header_gets_no_special_rights(make_node: Callable[..., Node]) -> None:
     a = make_node("a", serve=True, auth={"api_keys": {"key-alice-0123456789": "alice"}})
     resp = httpx.post(
