@@ -198,6 +198,8 @@ class AsyncClient:
         if self._runner is None:
             await self.connect()
         request_id = options.request_id or f"{self._id_prefix}{next(self._ids)}"
+        # an id made up here is new on the first attempt: the node looks up no reply
+        made_here = options.request_id is None
         timeout = options.timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self.timeout)
@@ -222,7 +224,9 @@ class AsyncClient:
                     if not inflight.take_now():
                         await inflight.take()
                     try:
-                        reply = await self._request(actor, method, args, kwargs, request_id)
+                        reply = await self._request(
+                            actor, method, args, kwargs, request_id, made_here and attempts == 1
+                        )
                     finally:
                         inflight.give()
             except TimeoutError:
@@ -242,7 +246,13 @@ class AsyncClient:
             backoff = min(RETRY_MAX, backoff * 2)
 
     async def _request(
-        self, actor: str, method: str, args: list[Any], kwargs: dict[str, Any], request_id: str
+        self,
+        actor: str,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        request_id: str,
+        first: bool,
     ) -> dict[str, Any]:
         ws = self._ws
         if ws is None:
@@ -261,6 +271,7 @@ class AsyncClient:
                         "args": args,
                         "kwargs": kwargs,
                         "request_id": request_id,
+                        "first": first,
                     }
                 )
             )

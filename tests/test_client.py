@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mypy import api as mypy_api
+from websockets.sync.client import connect
 
 from examples.helloworld.counter import AsyncCounter, Counter
 from troth.client import AsyncClient, Client
@@ -27,6 +29,39 @@ def test_call_options_never_reach_the_actor(make_node: Callable[..., Node]) -> N
         assert again == first
         assert client.call("probe/alice-o", "wait", timeout=3)["waits"] == 2
         assert client.actor(Counter, "alice-t").increment(by=2) == 2
+
+
+def test_a_first_attempt_skips_the_replay_look_up_and_a_repeat_does_not(
+    make_node: Callable[..., Node],
+) -> None:
+    """``first`` on a WebSocket call says its request id was made up for this very
+    attempt: the node looks up no committed reply for it (the client library sets it
+    on the first attempt of an id it made, never on a retry). Without it a repeated
+    request id gets the committed reply, the call not run again."""
+    node = make_node("n1", serve=True)
+
+    def dedup_hits() -> float:
+        return node.metrics.registry.get_sample_value("troth_request_dedup_hits_total") or 0.0
+
+    with connect(node.url.replace("http://", "ws://") + "/v1/ws") as ws:
+        json.loads(ws.recv())  # hello
+
+        def call(first: bool) -> object:
+            op = {"op": "call", "id": "c", "actor": "counter/alice-f", "method": "increment"}
+            ws.send(json.dumps({**op, "request_id": "r1", "first": first}))
+            reply = json.loads(ws.recv())
+            assert reply["op"] == "reply", reply
+            return reply["result"]
+
+        assert call(first=True) == 1
+        assert dedup_hits() == 0
+        assert call(first=False) == 1  # the retry of an attempt that committed: its reply
+        assert dedup_hits() == 1
+        assert call(first=True) == 2  # told the id is new: not looked up, run again
+        assert dedup_hits() == 1
+    with Client(node.url) as client:  # the library's own ids: each call runs once
+        assert [client.call("counter/alice-f", "increment") for _ in range(3)] == [3, 4, 5]
+    assert dedup_hits() == 1
 
 
 def test_async_typed_proxy_calls_through_the_class(make_node: Callable[..., Node]) -> None:

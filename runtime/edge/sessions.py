@@ -5,7 +5,7 @@ The protocol is JSON, one object per message, validated with pydantic.
 Client to node::
 
     {"op": "call", "id": "c1", "actor": "counter/alice-c1", "method": "increment",
-     "args": [1], "kwargs": {}, "request_id": "..."}
+     "args": [1], "kwargs": {}, "request_id": "...", "first": true}
     {"op": "subscribe", "actor": "counter/alice-c1", "since": "0-0"}
     {"op": "unsubscribe", "actor": "counter/alice-c1"}
 
@@ -17,12 +17,15 @@ Node to client::
     {"op": "notify", "actor": "...", "nid": "1700000000000-0", "data": ...}
 
 Calls are routed like HTTP calls (any node accepts any call) and run concurrently;
-replies carry the call's ``id``. A subscription streams the actor's committed
-notifications after ``since`` (a notification id; ``"0-0"`` for all that are kept),
-in commit order. ``hello`` lists the live nodes so that a client can reconnect
-elsewhere when this node dies; it then resends its pending calls with the same
-``request_id`` (never applied twice) and resubscribes after the last id it saw
-(never delivered twice).
+replies carry the call's ``id``. ``first`` (optional) says that ``request_id`` was
+made up by the client for this very attempt: no reply can be committed for it yet,
+so the node does not look one up (a Redis read less a call); a client that sets it
+on a repeated id only loses the de-duplication of its own call. A subscription
+streams the actor's committed notifications after ``since`` (a notification id;
+``"0-0"`` for all that are kept), in commit order. ``hello`` lists the live nodes so
+that a client can reconnect elsewhere when this node dies; it then resends its
+pending calls with the same ``request_id`` (never applied twice) and resubscribes
+after the last id it saw (never delivered twice).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class CallOp(_Op):
     args: list[Any] = Field(default_factory=list, max_length=100)
     kwargs: dict[str, Any] = Field(default_factory=dict, max_length=100)
     request_id: str | None = Field(None, min_length=1, max_length=200)
+    #: ``request_id`` was made up for this very attempt (see the module docstring).
+    first: bool = False
 
 
 def _stream_id(value: str) -> str:
@@ -196,7 +201,13 @@ class _Session:
             name = ActorName.parse(op.actor)
             check_method(op.method)
             result = await self.server.router.call(
-                name, op.method, op.args, op.kwargs, op.request_id, Caller(self.principal)
+                name,
+                op.method,
+                op.args,
+                op.kwargs,
+                op.request_id,
+                Caller(self.principal),
+                new_id=op.first and op.request_id is not None,
             )
         except TrothError as exc:
             await self._error(op.id, exc)
