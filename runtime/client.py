@@ -42,6 +42,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
+from troth.core import frames
 from troth.core.aio import LoopThread, Slots
 from troth.core.errors import CallTimeout, RetryableError, TrothError, error_from_dict
 from troth.core.names import ActorName, check_method
@@ -137,6 +138,12 @@ class AsyncClient:
         #: At most as many calls in flight as a node takes from one session.
         self._inflight = Slots(MAX_INFLIGHT)
         self.reconnects = -1  # connections made beyond the first
+        #: The node takes batch frames of up to this many bytes (its ``hello`` says
+        #: so); 0: one call a frame.
+        self._batch_bytes = 0
+        #: Calls waiting for the next batch frame, with their replies' futures.
+        self._outgoing: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -260,24 +267,47 @@ class AsyncClient:
         call_id = f"c{next(self._ids)}"
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[call_id] = fut
+        op = {
+            "op": "call",
+            "id": call_id,
+            "actor": actor,
+            "method": method,
+            "args": args,
+            "kwargs": kwargs,
+            "request_id": request_id,
+            "first": first,
+        }
         try:
-            await ws.send(
-                json.dumps(
-                    {
-                        "op": "call",
-                        "id": call_id,
-                        "actor": actor,
-                        "method": method,
-                        "args": args,
-                        "kwargs": kwargs,
-                        "request_id": request_id,
-                        "first": first,
-                    }
-                )
-            )
+            if self._batch_bytes:
+                self._outgoing.append((json.dumps(op), fut))
+                if self._flusher is None:
+                    self._flusher = asyncio.create_task(self._flush())
+            else:
+                await ws.send(json.dumps(op))
             return await fut
         finally:
             self._replies.pop(call_id, None)
+
+    async def _flush(self) -> None:
+        """Send the calls made during one turn of the event loop together, in batch
+        frames (:mod:`troth.core.frames`): one frame for all of them, or as few as fit
+        in what the node takes; then those made while these were being written."""
+        try:
+            while self._outgoing:
+                calls = [(text, fut) for text, fut in self._outgoing if not fut.done()]
+                self._outgoing = []
+                try:
+                    ws = self._ws
+                    if ws is None:
+                        raise ConnectionError("not connected")
+                    for frame in frames.join([text for text, _ in calls], self._batch_bytes):
+                        await ws.send(frame)
+                except (ConnectionError, WebSocketException) as exc:  # their callers retry
+                    for _, fut in calls:
+                        if not fut.done():
+                            fut.set_exception(exc)
+        finally:
+            self._flusher = None
 
     async def notifications(self, actor: str, since: str = "0-0") -> AsyncIterator[Notification]:
         """Committed notifications of ``actor`` after ``since``, forever, in order, once."""
@@ -310,7 +340,12 @@ class AsyncClient:
                     await self._send_subscribe(ws, sub)
                 self._connected.set()
                 async for raw in ws:
-                    self._dispatch(json.loads(raw))
+                    msg = json.loads(raw)
+                    if isinstance(msg, list):
+                        for one in msg:
+                            self._dispatch(one)
+                    else:
+                        self._dispatch(msg)
             except (ConnectionError, WebSocketException, OSError) as exc:
                 log.info("troth session lost: %r", exc)
             finally:
@@ -336,6 +371,7 @@ class AsyncClient:
                 log.debug("cannot connect to %s: %r", url, exc)
                 continue
             hello = json.loads(await ws.recv())
+            self._batch_bytes = int(hello.get("batch_bytes", 0))
             self._known = list(dict.fromkeys([*self.urls, *hello.get("nodes", [])]))
             return ws
         return None

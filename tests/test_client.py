@@ -1,4 +1,5 @@
-"""The client library: call options apart from method arguments, typed proxies."""
+"""The client library: call options apart from method arguments, typed proxies,
+batch frames."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mypy import api as mypy_api
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.sync.client import connect
 
 from examples.helloworld.counter import AsyncCounter, Counter
@@ -105,3 +108,44 @@ def test_typed_proxies_are_checked_by_mypy(tmp_path: Path) -> None:
     assert status == 1, out
     assert len(errors) == 2, out
     assert all("typed_use.py:11" in e or "typed_use.py:12" in e for e in errors), out
+
+
+async def _calls_through_a_stand_in_node(hello: dict[str, Any], calls: int) -> list[str]:
+    """``calls`` calls at once through one AsyncClient, to a WebSocket server on
+    127.0.0.1 that greets with ``hello`` and answers each call with its argument (as
+    it came: one object, or a batch); returns the frames the client sent."""
+    frames: list[str] = []
+
+    async def node(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"op": "hello", "node": "stand-in", "nodes": [], **hello}))
+        async for raw in ws:
+            assert isinstance(raw, str)
+            frames.append(raw)
+            message = json.loads(raw)
+            replies = [
+                {"op": "reply", "id": op["id"], "result": op["args"][0]}
+                for op in (message if isinstance(message, list) else [message])
+            ]
+            await ws.send(json.dumps(replies if isinstance(message, list) else replies[0]))
+
+    async with serve(node, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with AsyncClient(f"http://127.0.0.1:{port}", timeout=10) as client:
+            results = await asyncio.gather(
+                *(client.call("counter/alice-x", "echo", i) for i in range(calls))
+            )
+    assert results == list(range(calls))
+    return frames
+
+
+def test_concurrent_calls_go_out_in_batch_frames_within_the_node_s_limit() -> None:
+    frames = asyncio.run(_calls_through_a_stand_in_node({"batch_bytes": 2048}, 300))
+    batches = [json.loads(f) for f in frames if f.startswith("[")]
+    assert batches and len(frames) < 300 // 5  # several calls a frame
+    assert max(len(f) for f in frames) <= 2048
+    assert sum(len(b) for b in batches) + len(frames) - len(batches) == 300
+
+
+def test_a_node_that_does_not_offer_batches_gets_one_call_a_frame() -> None:
+    frames = asyncio.run(_calls_through_a_stand_in_node({}, 50))
+    assert len(frames) == 50 and not any(f.startswith("[") for f in frames)

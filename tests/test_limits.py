@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +18,7 @@ from websockets.sync.client import connect
 from websockets.typing import Origin
 
 from conftest import call, wait_until
+from troth.client import AsyncClient
 from troth.core.names import shard_of
 from troth.node import Node
 
@@ -134,6 +137,70 @@ def test_websocket_frames_are_bounded_and_checked(served: Node) -> None:
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_a_batch_frame_is_answered_op_by_op_and_bounded(make_node: Callable[..., Node]) -> None:
+    """A frame may carry a JSON array of ops (a batch): each is validated and answered
+    on its own, as if sent alone; a session that sent a batch receives its replies in
+    batches; a batch over 1,000 ops is refused whole."""
+    node = make_node("n1", serve=True, node={"max_body_bytes": 200_000})
+    with connect(ws_url(node)) as ws:
+        hello = json.loads(ws.recv())
+        assert hello["batch_bytes"] == 200_000  # node.max_body_bytes
+        call = {"op": "call", "actor": "counter/alice-b", "method": "increment"}
+        ws.send(json.dumps({**call, "id": "alone"}))
+        assert json.loads(ws.recv()) == {"op": "reply", "id": "alone", "result": 1}
+        batch = [
+            {**call, "id": "a", "args": [10]},
+            {"op": "call", "id": "bad", "actor": "counter/alice-b"},  # no method
+            {**call, "id": "b", "args": [100]},
+            {**call, "id": "c", "method": "_private"},
+            {"op": "subscribe", "actor": "counter/alice-b", "since": "0-0"},
+        ]
+        ws.send(json.dumps(batch))
+        replies: dict[str, dict[str, Any]] = {}
+        arrays = 0
+        while len(replies) < 4:
+            frame = json.loads(ws.recv())
+            arrays += isinstance(frame, list)
+            for message in frame if isinstance(frame, list) else [frame]:
+                if message["op"] != "notify":
+                    replies[message["id"]] = message
+        assert arrays >= 1
+        # started in order, as if each came in a frame of its own
+        assert (replies["a"]["result"], replies["b"]["result"]) == (11, 111)
+        assert replies["bad"]["error"]["type"] == "ValidationError"
+        assert replies["c"]["error"]["type"] == "NotFoundError"
+        ws.send(json.dumps([{**call, "id": f"x{i}"} for i in range(1001)]))
+        refused: list[dict[str, Any]] = []
+        while not refused:  # (past notifications of the subscription)
+            frame = json.loads(ws.recv())
+            refused = [
+                m for m in (frame if isinstance(frame, list) else [frame]) if m["op"] == "error"
+            ]
+        assert refused[0]["id"] is None and "at most 1000" in refused[0]["error"]["message"]
+        ws.send(json.dumps([{**call, "id": "after", "method": "get"}]))
+        while True:  # nothing of the refused batch ran
+            frame = json.loads(ws.recv())
+            found = [m for m in (frame if isinstance(frame, list) else [frame]) if m.get("id")]
+            if found:
+                assert found == [{"op": "reply", "id": "after", "result": 111}]
+                break
+
+
+def test_the_client_batches_its_calls_within_the_frames_a_node_takes(served: Node) -> None:
+    """200 calls at once through one client session: batched (else the node's 4 KiB
+    frames would hold about 25 of them), every frame small enough (else the node closes
+    the session with 1009 and the calls never finish), every call answered once."""
+
+    async def run() -> list[Any]:
+        async with AsyncClient(served.url, timeout=20) as client:
+            names = [f"counter/alice-p{i}" for i in range(200)]
+            return await asyncio.gather(
+                *(client.call(n, "increment", i + 1) for i, n in enumerate(names))
+            )
+
+    assert asyncio.run(run()) == list(range(1, 201))
 
 
 def test_subscriptions_are_bounded_per_node(make_node: Callable[..., Node]) -> None:

@@ -56,9 +56,13 @@ def balanced(rclient: redis.Redis, prefix: str, node_ids: list[str]) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sessions", ["a session per caller", "one pipelined session"])
 def test_kill9_churn_over_200_counters_loses_and_doubles_nothing(
-    spawn: Callable[..., NodeProcess], rclient: redis.Redis, prefix: str
+    spawn: Callable[..., NodeProcess], rclient: redis.Redis, prefix: str, sessions: str
 ) -> None:
+    """Callers keep incrementing 200 counters while nodes are killed and come back:
+    6 threads with a client each, or 48 callers sharing one asyncio client (its calls
+    go out in batch frames, and are resent together after a reconnect)."""
     nodes = [spawn(f"p{i}").start() for i in range(3)]
     urls = [n.url for n in nodes]
     acked: Counter[str] = Counter()
@@ -79,7 +83,27 @@ def test_kill9_churn_over_200_counters_loses_and_doubles_nothing(
                 with lock:
                     acked[counter] += 1
 
-    workers = [threading.Thread(target=drive, args=(w,)) for w in range(6)]
+    def pipelined() -> None:
+        async def caller(client: AsyncClient, rng: random.Random) -> None:
+            while not stop.is_set():
+                counter = f"counter/alice-k{rng.randrange(200)}"
+                await client.call(counter, "increment")
+                with lock:
+                    acked[counter] += 1
+
+        async def run() -> None:
+            async with AsyncClient(urls, timeout=30) as client:
+                await asyncio.gather(*(caller(client, random.Random(c)) for c in range(48)))
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:
+            failures.append(exc)
+
+    if sessions == "one pipelined session":
+        workers = [threading.Thread(target=pipelined)]
+    else:
+        workers = [threading.Thread(target=drive, args=(w,)) for w in range(6)]
     for t in workers:
         t.start()
 

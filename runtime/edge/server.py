@@ -293,7 +293,9 @@ class ServerThread:
             node.config.redis.timeout_seconds,
             node.batcher if node.cluster else None,
         )
-        self.sessions = SessionServer(node.router, hub, node.metrics, runtime.max_sessions)
+        self.sessions = SessionServer(
+            node.router, hub, node.metrics, runtime.max_sessions, node.config.node.max_body_bytes
+        )
         self.server = _uvicorn(node_app(node, self.sessions), node.config.node)
         self._serving: Future[None] | None = None
 

@@ -1,6 +1,8 @@
 """Client sessions over WebSocket (``/v1/ws``): calls and notifications.
 
-The protocol is JSON, one object per message, validated with pydantic.
+The protocol is JSON, one object per message, validated with pydantic; a frame
+carries one message, or a JSON array of several (a batch: see
+:mod:`troth.core.frames`).
 
 Client to node::
 
@@ -11,7 +13,7 @@ Client to node::
 
 Node to client::
 
-    {"op": "hello", "node": "...", "nodes": ["http://...", ...]}
+    {"op": "hello", "node": "...", "nodes": ["http://...", ...], "batch_bytes": 1048576}
     {"op": "reply", "id": "c1", "result": ...}
     {"op": "error", "id": "c1", "error": {"type": ..., "message": ...}}
     {"op": "notify", "actor": "...", "nid": "1700000000000-0", "data": ...}
@@ -25,7 +27,9 @@ streams the actor's committed notifications after ``since`` (a notification id;
 ``"0-0"`` for all that are kept), in commit order. ``hello`` lists the live nodes so
 that a client can reconnect elsewhere when this node dies; it then resends its
 pending calls with the same ``request_id`` (never applied twice) and resubscribes
-after the last id it saw (never delivered twice).
+after the last id it saw (never delivered twice). ``batch_bytes`` is the largest
+frame the node takes (``node.max_body_bytes``), batch or not; a batch holds at most
+1,000 messages.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from troth.cluster.routing import Router
-from troth.core import jsonsafe
+from troth.core import frames, jsonsafe
 from troth.core.access import Caller
 from troth.core.errors import BadRequestError, ForbiddenError, TrothError, UnavailableError
+from troth.core.frames import MAX_BATCH
 from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName, check_method, shard_of
 from troth.edge.notify_hub import NotificationHub, Subscription
@@ -50,6 +55,9 @@ log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 1000
 MAX_SUBSCRIPTIONS = 100
+#: A batch frame the node sends stays within this many characters (a longer message
+#: goes alone), well below the client library's largest frame (16 MiB).
+FRAME_CHARS = 1 << 20
 #: Largest stream id part (Redis stream ids are two unsigned 64-bit integers).
 _U64 = 2**64 - 1
 
@@ -99,9 +107,15 @@ class SessionServer:
     """Serves the WebSocket sessions of one node."""
 
     def __init__(
-        self, router: Router, hub: NotificationHub, metrics: NodeMetrics, max_sessions: int
+        self,
+        router: Router,
+        hub: NotificationHub,
+        metrics: NodeMetrics,
+        max_sessions: int,
+        max_frame_bytes: int,
     ) -> None:
         self.router = router
+        self.max_frame_bytes = max_frame_bytes
         self.leases = router.leases
         self.hub = hub
         self.max_sessions = max_sessions
@@ -131,19 +145,59 @@ class _Session:
         self.principal = principal
         self.calls: set[asyncio.Task[None]] = set()
         self.subs: dict[str, Subscription] = {}
+        #: The client sent a batch: it takes batches (see :meth:`send`).
+        self.batched = False
+        self._pending: list[str] = []
+        self._writer: asyncio.Task[None] | None = None
+        #: Set while fewer than ``MAX_BATCH`` messages wait for the writer.
+        self._room = asyncio.Event()
+        self._room.set()
 
     async def send(self, message: dict[str, Any]) -> None:
-        """One text frame. Concurrent sends need no lock: uvicorn writes each frame
-        whole, in one write, so frames never interleave."""
+        """Send ``message``, in order with every other. To a session that sends
+        batches, the messages of one turn of the event loop go out together (a batch
+        frame, written by one task); to any other, one text frame each, with no lock:
+        uvicorn writes each frame whole, in one write, so frames never interleave.
+
+        Bounded either way: a batched session holds at most ``MAX_BATCH`` messages
+        unsent, then its senders wait (as they wait for a slow reader otherwise)."""
         text = jsonsafe.dumps(message).decode()
-        await self.ws.send({"type": "websocket.send", "text": text})
+        if not self.batched:
+            await self.ws.send({"type": "websocket.send", "text": text})
+            return
+        while len(self._pending) >= MAX_BATCH:  # the client reads slower than it calls
+            self._room.clear()
+            await self._room.wait()
+        self._pending.append(text)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        """Write what is waiting, as batch frames, until nothing is."""
+        try:
+            while self._pending:
+                pending, self._pending = self._pending, []
+                self._room.set()
+                for frame in frames.join(pending, FRAME_CHARS):
+                    await self.ws.send({"type": "websocket.send", "text": frame})
+        except Exception:  # the session ended: its run loop sees to the rest
+            self._pending.clear()
+        finally:
+            self._writer = None
+            self._room.set()
 
     async def run(self) -> None:
         await self.ws.accept()
         leases = self.server.leases
         nodes = [leases.urls[n] for n in leases.live_nodes if n in leases.urls]
-        await self.send({"op": "hello", "node": leases.node_id, "nodes": nodes})
-        raw: Any = None
+        await self.send(
+            {
+                "op": "hello",
+                "node": leases.node_id,
+                "nodes": nodes,
+                "batch_bytes": self.server.max_frame_bytes,
+            }
+        )
         try:
             while True:
                 frame = await self.ws.receive()
@@ -154,38 +208,52 @@ class _Session:
                     break
                 try:
                     raw = jsonsafe.loads(frame["text"], "frame")
-                    op = ClientOp.validate_python(raw)
                 except BadRequestError as exc:
                     await self._error(None, exc)
                     continue
-                except ValidationError as exc:
-                    await self.send(
-                        {
-                            "op": "error",
-                            "id": _id_of(raw),
-                            "error": {"type": "ValidationError", "message": str(exc)},
-                        }
-                    )
-                    continue
-                if isinstance(op, CallOp):
-                    if len(self.calls) >= MAX_INFLIGHT:
-                        busy = UnavailableError(f"at most {MAX_INFLIGHT} calls in flight a session")
-                        await self._error(op.id, busy)
-                        continue
-                    task = asyncio.create_task(self._call(op))
-                    self.calls.add(task)
-                    task.add_done_callback(self.calls.discard)
-                elif isinstance(op, SubscribeOp):
-                    await self._subscribe(op)
+                if not isinstance(raw, list):
+                    await self._op(raw)
+                elif len(raw) > MAX_BATCH:
+                    await self._error(None, BadRequestError(f"at most {MAX_BATCH} ops a frame"))
                 else:
-                    self._unsubscribe(op.actor)
+                    self.batched = True
+                    for one in raw:
+                        await self._op(one)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
             for task in self.calls:
                 task.cancel()
+            if self._writer is not None:
+                self._writer.cancel()
             for actor in list(self.subs):
                 self._unsubscribe(actor)
+
+    async def _op(self, raw: Any) -> None:
+        """Validate and start one op of a frame."""
+        try:
+            op = ClientOp.validate_python(raw)
+        except ValidationError as exc:
+            await self.send(
+                {
+                    "op": "error",
+                    "id": _id_of(raw),
+                    "error": {"type": "ValidationError", "message": str(exc)},
+                }
+            )
+            return
+        if isinstance(op, CallOp):
+            if len(self.calls) >= MAX_INFLIGHT:
+                busy = UnavailableError(f"at most {MAX_INFLIGHT} calls in flight a session")
+                await self._error(op.id, busy)
+                return
+            task = asyncio.create_task(self._call(op))
+            self.calls.add(task)
+            task.add_done_callback(self.calls.discard)
+        elif isinstance(op, SubscribeOp):
+            await self._subscribe(op)
+        else:
+            self._unsubscribe(op.actor)
 
     def _actor(self, text: str) -> ActorName:
         name = ActorName.parse(text)
