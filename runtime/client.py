@@ -22,7 +22,10 @@ Guarantees:
   which says how many attempts were made; the call may still have committed, and
   retrying it with the same ``request_id`` tells its outcome without re-running it;
 * notifications of a subscribed actor arrive in commit order, each once, across
-  reconnects: the client resumes the subscription after the last id it saw.
+  reconnects: the client resumes the subscription after the last id it saw;
+* calls made at once share the session, in flight together (up to 1,000): those
+  made during one turn of the event loop go out in one frame, a batch
+  (:mod:`troth.core.frames`), to a node that takes batches.
 """
 
 from __future__ import annotations
