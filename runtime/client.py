@@ -281,11 +281,11 @@ class AsyncClient:
             "first": first,
         }
         try:
-            if self._batch_bytes:
+            if self._batch_bytes and len(self._replies) > 1:  # others in flight: batch
                 self._outgoing.append((json.dumps(op), fut))
                 if self._flusher is None:
                     self._flusher = asyncio.create_task(self._flush())
-            else:
+            else:  # (a lone call: no batch to wait for)
                 await ws.send(json.dumps(op))
             return await fut
         finally:
