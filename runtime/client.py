@@ -24,8 +24,8 @@ Guarantees:
 * notifications of a subscribed actor arrive in commit order, each once, across
   reconnects: the client resumes the subscription after the last id it saw;
 * calls made at once share the session, in flight together (up to 1,000): those
-  made during one turn of the event loop go out in one frame, a batch
-  (:mod:`troth.core.frames`), to a node that takes batches.
+  made during one turn of the event loop while others are in flight go out in one
+  frame, a batch (:mod:`troth.core.frames`), to a node that takes batches.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ A client that keeps many calls in flight over one session (the client library do
 would otherwise pay for each call, on both ends, a frame of its own: building and
 masking it, a write system call, a wake-up of the reader. Sent as one JSON array, the
 calls made during one turn of the client's event loop cost those once; so do the
-replies the node has ready in one turn of its own.
+replies the node has ready in one turn of its own. A call made while no other is in
+flight on its session goes at once, alone: there is nothing to batch it with, and
+waiting for the end of the turn only delays it.
 
 A batch means exactly what its messages would mean in separate frames, in the same
 order: each call still gets its own reply (or error), matched by its ``id``, and a
