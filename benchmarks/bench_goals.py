@@ -192,10 +192,18 @@ def cafjs_goals(cafjs: Path) -> Part:
             timeout=1800,
         )
         rows = [json.loads(line) for line in Path(out.name).read_text().splitlines()]
-    # the "client library (pipelining over its WebSocket)": the same callers
-    # sharing one session, measured right after (bench_sessions.py)
-    sessions = run_json([sys.executable, str(HERE / "bench_sessions.py"), "--seconds", "15"])
-    pipelined = sessions["calls_per_s_median"]
+    # The "client library (pipelining over its WebSocket)": the same callers
+    # sharing one session, against a session each, in one run of bench_sessions.py
+    # right after (on the harness's redis-server); that ratio times the harness's own
+    # (a session each against caf.js) is the goal's figure: bench_sessions.py's node
+    # runs apart from caf.js's and answers a session each 3-15% faster than the
+    # harness's, which would flatter the ratio if taken against caf.js directly.
+    env = {
+        **os.environ,
+        "TROTH_REDIS_SERVER": str(Path(harness_env()["TROTH_VENV"]) / "bin" / "redis-server"),
+    }
+    sessions = run_json([sys.executable, str(HERE / "bench_sessions.py"), "--seconds", "15"], env)
+    pipelined = sessions["pipelined_to_per_caller"]
     goals = []
     for n in (10, 100):
         by = {r["system"]: r for r in rows if r.get("numActors", r.get("numCAs")) == n}
@@ -217,7 +225,7 @@ def cafjs_goals(cafjs: Path) -> Part:
             Goal(f"{n} actors: client library calls against caf.js's", _ratio(ws, caf), 5),
             Goal(
                 f"{n} actors: client library calls pipelined over one session against caf.js's",
-                round(pipelined[f"pipelined_{n}"] / float(caf["throughput_rps"]), 2),
+                round(_ratio(ws, caf) * pipelined[str(n)], 2),
                 5,
             ),
         ]

@@ -14,7 +14,8 @@ loop, against one `troth serve` node (`ca.json.example`) and its own redis-serve
 
 The shapes alternate within each round (``--rounds``). Each row reports calls/s,
 p50/p99 latency and the CPU microseconds a call of the node and of the client (this
-process) took. Run: python benchmarks/bench_sessions.py [--seconds 15] [--rounds 1]
+process) took. The Redis is troth's benchmark server (``TROTH_REDIS_SERVER`` picks
+another). Run: python benchmarks/bench_sessions.py [--seconds 15] [--rounds 1]
 Prints JSON.
 """
 
