@@ -189,9 +189,10 @@ def test_a_batch_frame_is_answered_op_by_op_and_bounded(make_node: Callable[...,
 
 
 def test_the_client_batches_its_calls_within_the_frames_a_node_takes(served: Node) -> None:
-    """200 calls at once through one client session: batched (else the node's 4 KiB
-    frames would hold about 25 of them), every frame small enough (else the node closes
-    the session with 1009 and the calls never finish), every call answered once."""
+    """200 calls at once through one client session go out in batches that each fit
+    in the node's 4 KiB frames (about 25 calls; a larger frame would have the node
+    close the session with 1009, and the calls would never finish), and every call is
+    answered once."""
 
     async def run() -> list[Any]:
         async with AsyncClient(served.url, timeout=20) as client:
