@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import emit, machine
+from common import emit, harness_env, machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -71,14 +71,6 @@ def run_json(command: list[str], env: dict[str, str] | None = None) -> Any:
         return json.loads(out)
     except json.JSONDecodeError:
         return json.loads(out.splitlines()[-1])
-
-
-def harness_env() -> dict[str, str]:
-    """What the harnesses of ``../shared/peers`` read: this source tree, and the
-    environment where troth (its ``troth`` command, ``redis-server``) is installed:
-    ``$TROTH_VENV``, else this interpreter's."""
-    venv = os.environ.get("TROTH_VENV", sys.prefix)
-    return {**os.environ, "TROTH_SRC": str(ROOT), "TROTH_VENV": venv}
 
 
 def bench(script: str, *args: str) -> Any:

@@ -116,6 +116,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def harness_env() -> dict[str, str]:
+    """What the harnesses of ``../shared/peers`` read: this source tree, and the
+    environment where troth (its ``troth`` command, ``redis-server``) is installed:
+    ``$TROTH_VENV``, else this interpreter's."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    venv = os.environ.get("TROTH_VENV", sys.prefix)
+    return {**os.environ, "TROTH_SRC": root, "TROTH_VENV": venv}
+
+
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result, indent=2))
 
