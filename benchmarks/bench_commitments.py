@@ -3,7 +3,8 @@
 
 * ``create``: commitments created per second, one per request (8 concurrent
   clients) and in batches of 100 (4 concurrent clients), with the nodes' CPU time
-  per creation (steadier than rates on a shared machine);
+  per creation (steadier than rates on a shared machine); ``--rounds N`` measures
+  both N times and reports the medians;
 * ``due_together``: N commitments due in the same second (default 10,000): firing
   lateness p50/p99/max measured at a local receiver (arrival - due time), the
   drain time until the last one arrived, and Redis memory per pending commitment
@@ -100,13 +101,16 @@ def spec(target: str, **trigger: Any) -> dict[str, Any]:
 
 
 def bench_create(
-    url: str, target: str, single: int, batches: int, pids: list[int]
+    url: str, target: str, single: int, batches: int, pids: list[int], rounds: int = 1
 ) -> dict[str, Any]:
     """8 concurrent clients (tasks of one aiohttp client, so the load generator is not
-    what limits the rate), one commitment per request; then batches of 100, 4 at once."""
+    what limits the rate), one commitment per request; then batches of 100, 4 at once.
+    With ``rounds``, both phases are run that many times, one after the other, and
+    the medians reported (each round's figures beside them): a phase lasts a second
+    or so, and this machine's speed drifts by a third within minutes."""
     body = spec(target, delay_seconds=3600)
 
-    async def run() -> dict[str, Any]:
+    async def run() -> list[tuple[float, float, float, float]]:
         async with aiohttp.ClientSession(url) as api:
 
             async def post(path: str, payload: Any, n: int) -> None:
@@ -115,28 +119,43 @@ def bench_create(
                         assert resp.status in (200, 201), await resp.text()
                         await resp.read()
 
-            await post("/v1/commitments", body, 50)  # warm up
-            t, cpu = time.perf_counter(), cpu_seconds(pids)
-            await asyncio.gather(*(post("/v1/commitments", body, single // 8) for _ in range(8)))
-            single_rate = single // 8 * 8 / (time.perf_counter() - t)
-            single_cpu = (cpu_seconds(pids) - cpu) / (single // 8 * 8)
-            batch = {"commitments": [body] * 100}
-            t, cpu = time.perf_counter(), cpu_seconds(pids)
-            await asyncio.gather(
-                *(post("/v1/commitments/batch", batch, batches // 4) for _ in range(4))
-            )
-            batch_rate = batches // 4 * 4 * 100 / (time.perf_counter() - t)
-            batch_cpu = (cpu_seconds(pids) - cpu) / (batches // 4 * 4 * 100)
-        return {
-            "single_per_s": round(single_rate),
-            "batch_per_s": round(batch_rate),
-            # steadier than the rates on a shared machine; index updates a second after
-            # each creation may fall in the next phase
-            "node_cpu_us_per_single": round(single_cpu * 1e6),
-            "node_cpu_us_per_batched": round(batch_cpu * 1e6),
-        }
+            async def timed(
+                path: str, payload: Any, clients: int, each: int
+            ) -> tuple[float, float]:
+                """Creations a second, and node CPU seconds a creation."""
+                made = clients * each * len(payload.get("commitments", [payload]))
+                t, cpu = time.perf_counter(), cpu_seconds(pids)
+                await asyncio.gather(*(post(path, payload, each) for _ in range(clients)))
+                return made / (time.perf_counter() - t), (cpu_seconds(pids) - cpu) / made
 
-    return asyncio.run(run())
+            await post("/v1/commitments", body, 50)  # warm up
+            batch = {"commitments": [body] * 100}
+            return [
+                (
+                    *await timed("/v1/commitments", body, 8, single // 8),
+                    *await timed("/v1/commitments/batch", batch, 4, batches // 4),
+                )
+                for _ in range(rounds)
+            ]
+
+    measured = asyncio.run(run())
+    single_rate, single_cpu, batch_rate, batch_cpu = ([m[i] for m in measured] for i in range(4))
+    return {
+        "single_per_s": round(statistics.median(single_rate)),
+        "batch_per_s": round(statistics.median(batch_rate)),
+        # steadier than the rates on a shared machine
+        "node_cpu_us_per_single": round(statistics.median(single_cpu) * 1e6),
+        "node_cpu_us_per_batched": round(statistics.median(batch_cpu) * 1e6),
+        "rounds": [
+            {
+                "single_per_s": round(m[0]),
+                "batch_per_s": round(m[2]),
+                "node_cpu_us_per_single": round(m[1] * 1e6),
+                "node_cpu_us_per_batched": round(m[3] * 1e6),
+            }
+            for m in measured
+        ],
+    }
 
 
 def create_batches(url: str, body: dict[str, Any], n: int) -> list[str]:
@@ -221,16 +240,19 @@ def main() -> None:
     ap.add_argument("--due", type=int, default=10000)
     ap.add_argument("--fanout", type=int, default=10000, help="0 skips the fan-out")
     ap.add_argument("--nodes", type=int, default=1, help="nodes sharing one Redis")
+    ap.add_argument("--rounds", type=int, default=1, help="creation phases; medians reported")
     args = ap.parse_args()
-    if args.single < 8 or args.batches < 4 or args.due < 1 or args.fanout < 0:
-        ap.error("--single >= 8, --batches >= 4, --due >= 1, --fanout >= 0 (0 skips it)")
+    if args.single < 8 or args.batches < 4 or args.due < 1 or args.fanout < 0 or args.rounds < 1:
+        ap.error(
+            "--single >= 8, --batches >= 4, --due >= 1, --fanout >= 0 (0 skips it), --rounds >= 1"
+        )
     receiver = Receiver()
     with redis_server() as redis_url, tempfile.TemporaryDirectory() as tmp:
         nodes = start_nodes(node_config(Path(tmp)), redis_url, args.nodes, prefix="c")
         url = nodes[0][1]  # the first node takes every request, and forwards
         try:
             pids = [proc.pid for proc, _ in nodes]
-            create = bench_create(url, receiver.url, args.single, args.batches, pids)
+            create = bench_create(url, receiver.url, args.single, args.batches, pids, args.rounds)
             due = bench_due(url, redis_url, receiver, args.due, create["batch_per_s"], pids)
             fanout = bench_fanout(url, receiver, args.fanout) if args.fanout else None
         finally:

@@ -38,6 +38,16 @@ from common import emit, harness_env, machine
 
 SYSTEMS = ("troth", "baseline", "celery", "dramatiq", "arq", "rq", "apscheduler")
 SCENARIOS = ("herd", "spread", "crash")
+#: The table's names of the systems.
+NAMES = {
+    "troth": "troth",
+    "baseline": "bare Redis poller",
+    "celery": "Celery",
+    "dramatiq": "dramatiq",
+    "arq": "arq",
+    "rq": "RQ",
+    "apscheduler": "APScheduler",
+}
 
 
 def delay_for(n: int) -> int:
@@ -141,7 +151,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(rows, key=order):
-        head = f"| {r['n']:,} | {r['scenario']} | {r['system']} "
+        head = f"| {r['n']:,} | {r['scenario']} | {NAMES.get(r['system'], r['system'])} "
         if "error" in r:
             lines.append(head + f"| error: {r['error']} | | | | |")
             continue
