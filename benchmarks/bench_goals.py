@@ -6,8 +6,8 @@ one JSON with each goal's figure, its threshold and whether it was met.
 Where an issue sets a goal against a baseline (the raw commit script, the bare Redis
 poller, caf.js), the figure is the ratio measured in the same run, so a slow hour on
 a shared machine moves both sides; the absolute goals (creations a second, lateness)
-are as noisy as the machine, so the creation rates are medians of three rounds. Each
-benchmark's own JSON is kept under ``runs``.
+are as noisy as the machine, so the creation rates are medians of three rounds (one
+with ``--quick``). Each benchmark's own JSON is kept under ``runs``.
 
 Run:  python benchmarks/bench_goals.py [--quick]
           [--peers ../shared/peers --peers-python /tmp/peersenv/bin/python [--big]]

@@ -95,14 +95,15 @@ def run_one(
 ) -> dict[str, Any]:
     """One harness run; a failure (a system not set up, a timeout) becomes a row that
     says so, and the sitting goes on."""
+    failed = {"system": system, "n": n, "variant": scenario, "crash": scenario == "crash"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     except subprocess.TimeoutExpired:
-        return {"system": system, "n": n, "variant": scenario, "error": "timed out after 3600 s"}
+        return {**failed, "error": "timed out after 3600 s"}
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-        return {"system": system, "n": n, "variant": scenario, "error": tail[0][:300]}
+        return {**failed, "error": tail[0][:300]}
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 
