@@ -18,9 +18,10 @@ all N before it.
 Run:  python benchmarks/bench_peers.py --peers ../shared/peers
           --python /tmp/peersenv/bin/python --out /tmp/peers.jsonl
           [--sizes 1000,10000] [--systems troth,baseline,celery,...]
-          [--scenarios herd,spread,crash] [--markdown]
+          [--scenarios herd,spread,crash] [--markdown] [--report]
 Prints JSON (the runs in short and the table), or with ``--markdown`` the table
-alone; progress goes to stderr. A run takes 30 s to a few minutes: at 10,000 the
+alone; ``--report`` runs nothing and prints the file's table; progress goes to
+stderr. A run takes 30 s to a few minutes: at 10,000 the
 slowest systems drain about 150 deliveries a second.
 """
 
