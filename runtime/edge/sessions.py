@@ -46,7 +46,6 @@ from troth.cluster.routing import Router
 from troth.core import frames, jsonsafe
 from troth.core.access import Caller
 from troth.core.errors import BadRequestError, ForbiddenError, TrothError, UnavailableError
-from troth.core.frames import MAX_BATCH
 from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName, check_method, shard_of
 from troth.edge.notify_hub import NotificationHub, Subscription
@@ -149,7 +148,7 @@ class _Session:
         self.batched = False
         self._pending: list[str] = []
         self._writer: asyncio.Task[None] | None = None
-        #: Set while fewer than ``MAX_BATCH`` messages wait for the writer.
+        #: Set while fewer than ``frames.MAX_BATCH`` messages wait for the writer.
         self._room = asyncio.Event()
         self._room.set()
 
@@ -159,13 +158,14 @@ class _Session:
         frame, written by one task); to any other, one text frame each, with no lock:
         uvicorn writes each frame whole, in one write, so frames never interleave.
 
-        Bounded either way: a batched session holds at most ``MAX_BATCH`` messages
-        unsent, then its senders wait (as they wait for a slow reader otherwise)."""
+        Bounded either way: a batched session holds at most ``frames.MAX_BATCH``
+        messages unsent, then its senders wait (as they wait for a slow reader
+        otherwise)."""
         text = jsonsafe.dumps(message).decode()
         if not self.batched:
             await self.ws.send({"type": "websocket.send", "text": text})
             return
-        while len(self._pending) >= MAX_BATCH:  # the client reads slower than it calls
+        while len(self._pending) >= frames.MAX_BATCH:  # the client reads slower than it calls
             self._room.clear()
             await self._room.wait()
         self._pending.append(text)
@@ -213,8 +213,10 @@ class _Session:
                     continue
                 if not isinstance(raw, list):
                     await self._op(raw)
-                elif len(raw) > MAX_BATCH:
-                    await self._error(None, BadRequestError(f"at most {MAX_BATCH} ops a frame"))
+                elif len(raw) > frames.MAX_BATCH:
+                    await self._error(
+                        None, BadRequestError(f"at most {frames.MAX_BATCH} ops a frame")
+                    )
                 else:
                     self.batched = True
                     for one in raw:
