@@ -5,6 +5,7 @@ for them (the HTTP API, Redis and the receiver are real)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -38,6 +39,10 @@ def commit(api: httpx.Client, receiver: Receiver, trigger: dict[str, Any], **ext
 
 def view(api: httpx.Client, cid: str) -> dict[str, Any]:
     return dict(api.get(f"/v1/commitments/{cid}").json())
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def event(api: httpx.Client, event_type: str, **payload: Any) -> None:
@@ -145,6 +150,32 @@ def test_retries_follow_the_commitments_policy(
     assert keys == {cid}
 
 
+def test_a_retrying_delivery_shows_its_attempts_so_far(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    """The commitment learns its delivery's attempts with the outcome; until then a
+    GET shows them from the delivery's ledger entry, with the next attempt's time."""
+    receiver.script = [500, 502]
+    retry = {"max_attempts": 3, "initial_delay_seconds": 30, "backoff": "linear"}
+    cid = commit(api, receiver, {"type": "webhook", "event_type": "paid"}, retry_policy=retry)
+    assert view(api, cid)["next_attempt_at"] is None
+    event(api, "paid")
+    env.settle()
+    first = view(api, cid)
+    assert first["status"] == "triggered" and first["error"] is None
+    assert [(a["attempt"], a["status_code"]) for a in first["attempts"]] == [(1, 500)]
+    assert at(first["next_attempt_at"]) - at(first["fired_at"]) == timedelta(seconds=30)
+    env.advance(30)
+    second = view(api, cid)
+    assert [a["status_code"] for a in second["attempts"]] == [500, 502]
+    assert at(second["next_attempt_at"]) - at(second["attempts"][1]["at"]) == timedelta(seconds=60)
+    env.advance(60)
+    done = view(api, cid)
+    assert done["status"] == "fulfilled" and done["next_attempt_at"] is None
+    assert [a["status_code"] for a in done["attempts"]] == [500, 502, 200]
+    assert [t["status"] for t in done["transitions"]] == ["pending", "triggered", "fulfilled"]
+
+
 def test_a_crash_with_a_commitment_due_meanwhile_delivers_once(
     env: ActorTestEnv, api: httpx.Client, receiver: Receiver
 ) -> None:
@@ -183,8 +214,12 @@ def test_a_time_only_commitment_is_armed_and_triggered_from_its_due_time(
     assert not [f for f in timers if cid.encode() in f]
     env.advance(60)  # the first attempt: 503, the next in 30 s
     assert receiver.count() == 1
-    waiting = view(api, cid)
-    assert waiting["status"] == "triggered" and waiting["attempts"] == []
+    waiting = view(api, cid)  # the attempts so far, from the delivery's ledger entry
+    assert waiting["status"] == "triggered"
+    assert [(a["attempt"], a["status_code"]) for a in waiting["attempts"]] == [(1, 503)]
+    assert waiting["fired_at"] == waiting["due_at"] == waiting["transitions"][1]["at"]
+    assert waiting["fired_by"]["kind"] == "time"
+    assert at(waiting["next_attempt_at"]) - at(waiting["due_at"]) == timedelta(seconds=30)
     refused = api.delete(f"/v1/commitments/{cid}")
     assert refused.status_code == 409 and refused.json()["error"]["data"]["status"] == "triggered"
     env.advance(30)
@@ -194,6 +229,7 @@ def test_a_time_only_commitment_is_armed_and_triggered_from_its_due_time(
     assert done["fired_at"] == done["due_at"] == done["transitions"][1]["at"]
     assert done["fired_by"]["kind"] == "time" and done["fired_by"]["path"] == "r"
     assert [a["status_code"] for a in done["attempts"]] == [503, 200]
+    assert done["next_attempt_at"] is None
     bodies = [r.body for r in receiver.requests]
     assert [b["fired_at"] for b in bodies] == [bodies[0]["fired_at"]] * 2  # fired once
     assert [b["attempt"] for b in bodies] == [1, 2]

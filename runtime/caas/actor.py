@@ -222,9 +222,14 @@ class Commitment(CA):
 
     @internal
     def view(self) -> dict[str, Any]:
+        """The commitment as the API shows it; while triggered, with ``delivery``: the
+        ledger entry of its delivery under way, whose attempts so far and next attempt
+        (``next_attempt_ms``) the API adds (the commitment itself learns the attempts
+        with the outcome)."""
         s = self.state
-        return {
-            "status": self._status(),
+        status = self._status()
+        view = {
+            "status": status,
             **{
                 k: s.get(k)
                 for k in (
@@ -248,7 +253,13 @@ class Commitment(CA):
                     "retires_ms",
                 )
             },
+            "next_attempt_ms": None,
         }
+        if status == "triggered":
+            view["delivery"] = s.get("delivery") or s.get("armed")
+            if view["fired_by"] is None:  # armed, and due: its time fired it
+                view["fired_by"] = self._fired_by_time()
+        return view
 
     def _fired_by_time(self) -> dict[str, Any]:
         """What fired a time-only commitment (as ``on_time`` records it)."""
@@ -282,7 +293,7 @@ class Commitment(CA):
         self._require("failed", "retry")
         self._move("triggered")
         self.state["error"] = None
-        self._deliver()
+        self.state["delivery"] = self._deliver()
         return self.view()
 
     @internal
@@ -344,6 +355,7 @@ class Commitment(CA):
         """The outbox's final word on the delivery: every attempt, and the outcome. An
         armed delivery's word also says when it fired."""
         s = self.state
+        s.pop("delivery", None)
         if s.get("armed") and s["status"] == "pending":
             del s["armed"]
             fired = (result.get("value") or {}).get("fired_ms") or self.now_ms
@@ -354,18 +366,7 @@ class Commitment(CA):
             self._move("triggered", at_ms=fired, index=False)  # the outcome's move indexes
         if s.get("status") != "triggered":
             return
-        offset = len(self.state["attempts"])
-        for h in result.get("history", []):
-            self.state["attempts"].append(
-                {
-                    "attempt": offset + int(h.get("attempt", 0)),
-                    "at_ms": h.get("at_ms"),
-                    "status_code": h.get("status_code"),
-                    "error": h.get("error"),
-                    "duration_ms": h.get("duration_ms"),
-                }
-            )
-        self.state["attempts"] = self.state["attempts"][-MAX_ATTEMPTS_KEPT:]
+        s["attempts"] = with_attempts(s["attempts"], result.get("history", []))
         if result.get("ok"):
             self._move("fulfilled")
         else:
@@ -422,7 +423,7 @@ class Commitment(CA):
         self.state["due_ms"] = info.get("due_ms", now)
         self._stop_waiting()
         self._move("triggered")
-        self._deliver()
+        self.state["delivery"] = self._deliver()
 
     def _deliver(self, fired_by: dict[str, Any] | None = None, delay_seconds: float = 0) -> str:
         """The delivery, now; or with ``fired_by``, armed: performed at its due time
@@ -492,6 +493,24 @@ class Commitment(CA):
     def _index(self) -> None:
         s = self.state
         self.plugins.commitments.index(s["principal"], summary(s))
+
+
+def with_attempts(attempts: list[dict[str, Any]], history: list[dict[str, Any]]) -> list[Any]:
+    """``attempts`` followed by those of a delivery's ``history`` (as its ledger entry
+    keeps it), numbered on from them: a re-driven delivery counts its attempts
+    afresh. The last ``MAX_ATTEMPTS_KEPT`` are kept."""
+    offset = len(attempts)
+    rows = [
+        {
+            "attempt": offset + int(h.get("attempt", 0)),
+            "at_ms": h.get("at_ms"),
+            "status_code": h.get("status_code"),
+            "error": h.get("error"),
+            "duration_ms": h.get("duration_ms"),
+        }
+        for h in history
+    ]
+    return [*attempts, *rows][-MAX_ATTEMPTS_KEPT:]
 
 
 def summary(state: dict[str, Any]) -> dict[str, Any]:

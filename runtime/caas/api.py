@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from troth.caas.actor import bus_name, creation, event_types, summary
+from troth.caas.actor import bus_name, creation, event_types, summary, with_attempts
 from troth.caas.delivery import iso
 from troth.caas.models import (
     MAX_BATCH,
@@ -33,7 +33,8 @@ from troth.caas.models import (
 from troth.caas.plugin import CommitmentsFactory
 from troth.core.access import Caller
 from troth.core.errors import AppError, BadRequestError, NotFoundError, QuotaExceeded, TrothError
-from troth.core.names import ActorName
+from troth.core.names import ActorName, shard_of
+from troth.core.records import OutboxEntry
 from troth.edge.http_api import (
     FastJSONResponse,
     Principal,
@@ -56,13 +57,16 @@ SEARCH_BUDGET = 100_000
 
 #: The times of a commitment's view, and their names in its JSON.
 _TIMES = tuple(
-    (f"{k}_ms", f"{k}_at") for k in ("created", "updated", "due", "fired", "expires", "retires")
+    (f"{k}_ms", f"{k}_at")
+    for k in ("created", "updated", "due", "fired", "expires", "retires", "next_attempt")
 )
+#: What a view holds for the API's own use, not shown.
+_INTERNAL = ("rev", "delivery")
 
 
 def public(view: dict[str, Any]) -> dict[str, Any]:
     """The JSON shape of a commitment: times as ISO 8601 UTC."""
-    out = {k: v for k, v in view.items() if k[-3:] != "_ms" and k != "rev"}  # (no call a key)
+    out = {k: v for k, v in view.items() if k[-3:] != "_ms" and k not in _INTERNAL}
     for ms, at in _TIMES:
         if ms in view:
             out[at] = iso(view[ms])
@@ -118,10 +122,13 @@ def commitments_router(node: NodeContext) -> APIRouter:
         reply, so that the caller's next listing shows it (the commitment's outbox
         updates it too); on a single Redis the change's commit did."""
         if _ID.match(cid):
+            name = actor(principal, cid)
             try:
-                view = dict(await call(principal, actor(principal, cid), method))
+                view = dict(await call(principal, name, method))
                 if method != "get" and factory.inline_index is None:
                     await index.apply(principal, summary(view))
+                if method == "get" and view.get("delivery"):
+                    return await delivering(name, view)
                 return view
             except NotFoundError:
                 retired = await asyncio.to_thread(index.retired_at, principal, cid)
@@ -131,6 +138,29 @@ def commitments_router(node: NodeContext) -> APIRouter:
                         "commitments are deleted after plugins.commitments.retention_seconds"
                     ) from None
         raise NotFoundError(f"no commitment {cid!r}")
+
+    async def delivering(name: ActorName, view: dict[str, Any]) -> dict[str, Any]:
+        """``view`` of a triggered commitment with what its delivery's ledger entry
+        knows until the outcome reaches the commitment: the attempts so far, when it
+        fired (an armed delivery fires at its first attempt) and when the next attempt
+        is due. If the outcome reaches the commitment between the two reads, the view
+        is the commitment's own (the attempts come with the next GET)."""
+        outbox = node.keys.shard(shard_of(name, node.keys.shard_count)).outbox
+        raw = await asyncio.to_thread(node.client.hget, outbox, view["delivery"])
+        if raw is None:  # the outcome reached the commitment meanwhile
+            return view
+        entry = OutboxEntry.load(view["delivery"], raw)
+        fired = view["fired_ms"] or entry.spec.get("fired_ms")
+        transitions = view["transitions"]
+        if fired is not None and transitions[-1]["status"] != "triggered":
+            transitions = [*transitions, {"status": "triggered", "at_ms": fired}]
+        return {
+            **view,
+            "fired_ms": fired,
+            "transitions": transitions,
+            "attempts": with_attempts(view["attempts"], entry.history),
+            "next_attempt_ms": entry.next_ms if entry.status == "pending" else None,
+        }
 
     async def answer(who: str | None, cid: str, method: str) -> FastJSONResponse:
         """The JSON of a commitment after ``method`` (see :func:`on_commitment`)."""

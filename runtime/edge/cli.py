@@ -303,7 +303,10 @@ def parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", help="configuration file (ca.json)")
         sp.add_argument("--redis", help="Redis URL (else TROTH_REDIS_URL, config, embedded)")
-        sp.add_argument("--data-dir", help="embedded Redis data directory (default ./.troth)")
+        sp.add_argument(
+            "--data-dir",
+            help="embedded Redis data directory (default: node.data_dir, beside the config)",
+        )
 
     s = sub.add_parser("serve", help="start a node")
     common(s)

@@ -370,6 +370,7 @@ async function commitmentView(principal, id) {
       h("tr", {}, h("td", { class: "num" }, a.attempt || i + 1), h("td", {}, a.at),
         statusCell(a.error ? "failed" : "fulfilled"), h("td", {}, a.status_code ?? ""),
         h("td", { class: "num" }, a.duration_ms ?? ""), h("td", {}, a.error || "")))),
+    c.next_attempt_at ? h("p", { id: "next-attempt" }, `Next attempt at ${c.next_attempt_at}`) : null,
     h("h2", {}, "Commitment"),
     json(c),
   );
