@@ -497,8 +497,8 @@ class Commitment(CA):
 
 def with_attempts(attempts: list[dict[str, Any]], history: list[dict[str, Any]]) -> list[Any]:
     """``attempts`` followed by those of a delivery's ``history`` (as its ledger entry
-    keeps it), numbered on from them: a re-driven delivery counts its attempts
-    afresh. The last ``MAX_ATTEMPTS_KEPT`` are kept."""
+    keeps it), numbered on from them (a re-driven delivery's entry counts from 1
+    again); the last ``MAX_ATTEMPTS_KEPT``."""
     offset = len(attempts)
     rows = [
         {
