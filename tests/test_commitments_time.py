@@ -154,9 +154,10 @@ def test_a_retrying_delivery_shows_its_attempts_so_far(
     env: ActorTestEnv, api: httpx.Client, receiver: Receiver
 ) -> None:
     """The commitment learns its delivery's attempts with the outcome; until then a
-    GET shows them from the delivery's ledger entry, with the next attempt's time."""
-    receiver.script = [500, 502]
-    retry = {"max_attempts": 3, "initial_delay_seconds": 30, "backoff": "linear"}
+    GET shows them from the delivery's ledger entry, with the next attempt's time,
+    numbered on from those of an earlier delivery when a failed one is re-driven."""
+    receiver.script = [500, 502, 503]
+    retry = {"max_attempts": 2, "initial_delay_seconds": 30, "backoff": "linear"}
     cid = commit(api, receiver, {"type": "webhook", "event_type": "paid"}, retry_policy=retry)
     assert view(api, cid)["next_attempt_at"] is None
     event(api, "paid")
@@ -165,15 +166,23 @@ def test_a_retrying_delivery_shows_its_attempts_so_far(
     assert first["status"] == "triggered" and first["error"] is None
     assert [(a["attempt"], a["status_code"]) for a in first["attempts"]] == [(1, 500)]
     assert at(first["next_attempt_at"]) - at(first["fired_at"]) == timedelta(seconds=30)
+    env.advance(30)  # the second and last attempt: 502
+    failed = view(api, cid)
+    assert failed["status"] == "failed" and failed["next_attempt_at"] is None
+    assert [a["status_code"] for a in failed["attempts"]] == [500, 502]
+    assert api.post(f"/v1/commitments/{cid}/retry").status_code == 200
+    env.settle()  # the re-driven delivery's first attempt: 503
+    again = view(api, cid)
+    assert again["status"] == "triggered"
+    numbered = [(a["attempt"], a["status_code"]) for a in again["attempts"]]
+    assert numbered == [(1, 500), (2, 502), (3, 503)]
+    assert at(again["next_attempt_at"]) - at(again["attempts"][2]["at"]) == timedelta(seconds=30)
     env.advance(30)
-    second = view(api, cid)
-    assert [a["status_code"] for a in second["attempts"]] == [500, 502]
-    assert at(second["next_attempt_at"]) - at(second["attempts"][1]["at"]) == timedelta(seconds=60)
-    env.advance(60)
     done = view(api, cid)
     assert done["status"] == "fulfilled" and done["next_attempt_at"] is None
-    assert [a["status_code"] for a in done["attempts"]] == [500, 502, 200]
-    assert [t["status"] for t in done["transitions"]] == ["pending", "triggered", "fulfilled"]
+    assert [a["status_code"] for a in done["attempts"]] == [500, 502, 503, 200]
+    statuses = [t["status"] for t in done["transitions"]]
+    assert statuses == ["pending", "triggered", "failed", "triggered", "fulfilled"]
 
 
 def test_a_crash_with_a_commitment_due_meanwhile_delivers_once(
