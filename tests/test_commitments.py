@@ -63,9 +63,30 @@ def settled(cs: httpx.Client, cid: str, want: str = "fulfilled") -> dict[str, An
     return dict(cs.get(f"/v1/commitments/{cid}").json())
 
 
+def times_as_iso(doc: Any, where: str = "") -> int:
+    """Checks the contract's rule for a commitment's JSON, and a delivery's body: every
+    time, nested ones too, is ISO 8601 ``*_at`` (or ``at``), none Unix ms; senders'
+    payloads and metadata are theirs. Returns how many times it saw."""
+    seen = 0
+    if isinstance(doc, list):
+        return sum(times_as_iso(item, where) for item in doc)
+    if not isinstance(doc, dict):
+        return 0
+    for key, value in doc.items():
+        path = f"{where}.{key}"
+        assert not key.endswith("_ms") or key == "duration_ms", f"{path} is in ms"
+        if (key == "at" or key.endswith("_at")) and value is not None:
+            assert datetime.fromisoformat(value).tzinfo is not None, path
+            seen += 1
+        elif key not in ("payload", "metadata"):
+            seen += times_as_iso(value, path)
+    return seen
+
+
 def test_time_after_delivers_signed_body(cs: httpx.Client, receiver: Receiver) -> None:
     c = commit(cs, receiver, {"type": "time_after", "delay_seconds": 0.3})
     assert c["status"] == "pending" and c["due_at"]
+    assert c["trigger"]["due_at"] == c["due_at"] and times_as_iso(c) == 5
     done = settled(cs, c["id"])
     [req] = receiver.requests
     secret = cs.get("/v1/commitments-secret").json()["secret"]
@@ -75,6 +96,8 @@ def test_time_after_delivers_signed_body(cs: httpx.Client, receiver: Receiver) -
     assert body["commitment_id"] == c["id"] and body["payload"] == {"order": 17}
     assert body["attempt"] == 1 and body["lateness_seconds"] >= 0
     assert body["due_at"] and body["fired_at"] and body["trigger"]["kind"] == "time"
+    assert body["trigger"]["due_at"] == body["due_at"] == done["fired_by"]["due_at"]
+    assert times_as_iso(body) == 3 and times_as_iso(done) == 13
     assert [a["status_code"] for a in done["attempts"]] == [200]
     assert [t["status"] for t in done["transitions"]] == ["pending", "triggered", "fulfilled"]
 
@@ -137,7 +160,10 @@ def test_webhook_filters(cs: httpx.Client, receiver: Receiver) -> None:
     assert event(cs, "payment.completed", **base)["delivered_to"] == 1
     done = settled(cs, c["id"])
     assert done["fired_by"]["event"]["payload"]["amount"] == 150
-    assert receiver.requests[0].body["trigger"]["event"]["event_type"] == "payment.completed"
+    assert done["fired_by"]["event"]["received_at"] and times_as_iso(done["fired_by"]) == 2
+    fired_by = receiver.requests[0].body["trigger"]
+    assert fired_by["event"]["event_type"] == "payment.completed"
+    assert fired_by == done["fired_by"] and times_as_iso(receiver.requests[0].body) == 4
 
 
 def test_tool_complete(cs: httpx.Client, receiver: Receiver) -> None:
@@ -190,6 +216,9 @@ def test_compound_any_and_all_with_progress(cs: httpx.Client, receiver: Receiver
     time.sleep(0.4)
     pending = cs.get(f"/v1/commitments/{all_['id']}").json()
     assert pending["status"] == "pending" and set(pending["progress"]) == {"r.0", "r.2.1"}
+    assert pending["progress"]["r.2.1"]["event"]["event_type"] == "c"
+    assert times_as_iso(pending["progress"]) == 6  # at, due_at, received_at: each leaf
+    assert times_as_iso(any_["trigger"]) == 1  # the time_after's due_at
     event(cs, "tool_complete", tool_id="y")
     settled(cs, all_["id"])
 

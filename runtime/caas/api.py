@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
 from troth.caas.actor import bus_name, creation, event_types, summary, with_attempts
-from troth.caas.delivery import iso
+from troth.caas.delivery import iso, public_brief, public_trigger
 from troth.caas.models import (
     MAX_BATCH,
     STATUSES,
@@ -55,30 +56,56 @@ _PRINCIPAL = r"^[a-z0-9][a-z0-9_]{0,62}$"
 SEARCH_BUDGET = 100_000
 
 
-#: The times of a commitment's view, and their names in its JSON.
-_TIMES = tuple(
-    (f"{k}_ms", f"{k}_at")
-    for k in ("created", "updated", "due", "fired", "expires", "retires", "next_attempt")
-)
-#: What a view holds for the API's own use, not shown.
-_INTERNAL = ("rev", "delivery")
+def _attempts(attempts: Any) -> Any:
+    if not isinstance(attempts, list):  # a listing's summary counts them
+        return attempts
+    return [
+        {**{k: v for k, v in a.items() if k != "at_ms"}, "at": iso(a.get("at_ms"))}
+        for a in attempts
+    ]
+
+
+def _transitions(transitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"status": t["status"], "at": iso(t["at_ms"])} for t in transitions]
+
+
+def _progress(progress: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {path: public_brief(p) for path, p in progress.items()}
+
+
+def _if_dict(render: Callable[[dict[str, Any]], Any]) -> Callable[[Any], Any]:
+    return lambda value: render(value) if isinstance(value, dict) else value
+
+
+#: How a field of a commitment's view shows in its JSON: under which name, rendered
+#: how; None: not shown (the API's own). Other fields show as they are, but for other
+#: ``*_ms`` (a listing's summary keeps times of its own).
+_SHOWN: dict[str, tuple[str, Callable[[Any], Any]] | None] = {
+    **{
+        f"{k}_ms": (f"{k}_at", iso)
+        for k in ("created", "updated", "due", "fired", "expires", "retires", "next_attempt")
+    },
+    "attempts": ("attempts", _attempts),
+    "transitions": ("transitions", _transitions),
+    "trigger": ("trigger", _if_dict(public_trigger)),
+    "fired_by": ("fired_by", _if_dict(public_brief)),
+    "progress": ("progress", _if_dict(_progress)),
+    "rev": None,
+    "delivery": None,
+}
 
 
 def public(view: dict[str, Any]) -> dict[str, Any]:
-    """The JSON shape of a commitment: times as ISO 8601 UTC."""
-    out = {k: v for k, v in view.items() if k[-3:] != "_ms" and k not in _INTERNAL}
-    for ms, at in _TIMES:
-        if ms in view:
-            out[at] = iso(view[ms])
-    if "attempts" in view and isinstance(view["attempts"], list):
-        out["attempts"] = [
-            {**{k: v for k, v in a.items() if k != "at_ms"}, "at": iso(a.get("at_ms"))}
-            for a in view["attempts"]
-        ]
-    if "transitions" in view:
-        out["transitions"] = [
-            {"status": t["status"], "at": iso(t["at_ms"])} for t in view["transitions"]
-        ]
+    """The JSON shape of a commitment: times as ISO 8601 UTC ``*_at``, nested ones
+    too (kept as Unix ms inside)."""
+    out: dict[str, Any] = {}
+    for k, v in view.items():
+        if k in _SHOWN:
+            shown = _SHOWN[k]
+            if shown is not None:
+                out[shown[0]] = shown[1](v)
+        elif k[-3:] != "_ms":
+            out[k] = v
     return out
 
 

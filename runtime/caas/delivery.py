@@ -5,6 +5,11 @@ Body (JSON)::
     {"commitment_id", "payload", "trigger", "due_at", "fired_at",
      "lateness_seconds", "attempt"}
 
+``trigger`` says what fired it (:func:`public_brief`): ``kind`` (``time``, also for a
+heartbeat that lapsed, or ``event``), ``path`` (which leaf of the trigger: ``r``,
+``r.0``, ``r.1.2``), and ``due_at`` or the ``event`` (``event_id``, ``event_type``,
+``event_key``, ``payload``, ``received_at``).
+
 Headers: ``webhook-id`` (the commitment id, the same on every attempt),
 ``webhook-timestamp`` (Unix seconds of this attempt), ``webhook-signature``
 (``v1,`` + base64 HMAC-SHA256 of ``"{id}.{timestamp}.{body}"`` keyed by the
@@ -84,6 +89,40 @@ def iso(ms: int | None) -> str | None:
         return None
 
 
+def public_brief(info: dict[str, Any]) -> dict[str, Any]:
+    """What fired a commitment, or satisfied a leaf of its trigger (``fired_by``, a
+    ``progress`` entry, a delivery's ``trigger``) as its JSON shows it: with times as
+    ISO 8601 ``*_at``, like every time of a commitment (kept as Unix ms inside, so
+    entries stored before this rendering read the same). An event's payload is the
+    sender's and shown as sent."""
+    out = _times_shown(info)
+    event = info.get("event")
+    if isinstance(event, dict):
+        out["event"] = _times_shown(event)
+    return out
+
+
+def public_trigger(trigger: dict[str, Any]) -> dict[str, Any]:
+    """A trigger as its JSON shows it: as created, with a ``time_after``'s fixed time
+    as ``due_at`` (ISO 8601), in nested triggers too."""
+    out = _times_shown(trigger)
+    if isinstance(trigger.get("triggers"), list):
+        out["triggers"] = [public_trigger(t) for t in trigger["triggers"]]
+    return out
+
+
+def _times_shown(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its own ``*_ms`` times as ISO 8601 ``*_at`` (``at_ms``: ``at``);
+    nested values untouched."""
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if k.endswith("_ms"):
+            out["at" if k == "at_ms" else k[:-3] + "_at"] = iso(v)
+        else:
+            out[k] = v
+    return out
+
+
 def build(
     commitment_id: str, spec: dict[str, Any], attempt: int, secret: str
 ) -> tuple[bytes, dict[str, str]]:
@@ -94,7 +133,7 @@ def build(
         {
             "commitment_id": commitment_id,
             "payload": spec.get("payload"),
-            "trigger": spec.get("trigger"),
+            "trigger": public_brief(spec["trigger"]) if spec.get("trigger") else None,
             "due_at": iso(due),
             "fired_at": iso(fired),
             "lateness_seconds": round(max(0, fired - (due or fired)) / 1000, 3),
