@@ -10,30 +10,28 @@ from __future__ import annotations
 
 import time
 
-from demo_kit import Receiver, api, create, event
+from demo_kit import Receiver, api
 
 
 def main() -> None:
     client, receiver = api(), Receiver()
-    c = create(
-        client,
+    c = client.create(
         {
             "type": "heartbeat",
             "event_type": "backup.ok",
             "filters": {"host": "db1"},
             "interval_seconds": 1.0,
         },
-        receiver.url + "/alert",
-        {"alert": "db1 backups stopped"},
+        {"target": receiver.url + "/alert", "payload": {"alert": "db1 backups stopped"}},
     )
     for i in range(5):
         time.sleep(0.5)
-        event(client, "backup.ok", host="db1", run=i)
+        client.publish("backup.ok", {"host": "db1", "run": i})
         print("backup.ok", i)
     assert receiver.deliveries == [], "fired while the heartbeat was alive"
     print("backups stop...")
     [alert] = receiver.wait_for(1, timeout=10)
-    print("alert delivered:", alert["payload"], "for", c["id"])
+    print("alert delivered:", alert["payload"], "for", c.id)
     receiver.close()
 
 

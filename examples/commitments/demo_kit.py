@@ -1,8 +1,9 @@
-"""Shared by the commitment examples: a node URL, a local receiver, a small client.
+"""Shared by the commitment examples: the node's URL and a local receiver.
 
 Each example talks to a running node (``TROTH_URL``, default http://127.0.0.1:8700,
-e.g. ``troth serve --config ca.json.example``) and runs its own webhook receiver on
-127.0.0.1, so it shows the whole loop: promise, trigger, signed delivery.
+e.g. ``troth serve --config ca.json.example``; ``TROTH_TOKEN`` when it has API keys)
+through :mod:`troth.caas.client`, and runs its own webhook receiver on 127.0.0.1, so
+it shows the whole loop: promise, trigger, signed delivery.
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
-
-URL = os.environ.get("TROTH_URL", "http://127.0.0.1:8700")
-TOKEN = os.environ.get("TROTH_TOKEN")
+from troth.caas.client import Commitments
 
 
-def api() -> httpx.Client:
-    headers = {"authorization": f"Bearer {TOKEN}"} if TOKEN else {}
-    return httpx.Client(base_url=URL, headers=headers, timeout=30)
+def api() -> Commitments:
+    url = os.environ.get("TROTH_URL", "http://127.0.0.1:8700")
+    return Commitments(url, token=os.environ.get("TROTH_TOKEN"))
 
 
 class Receiver:
@@ -66,20 +64,3 @@ class Receiver:
 
     def close(self) -> None:
         self.server.shutdown()
-
-
-def create(
-    client: httpx.Client, trigger: dict[str, Any], target: str, payload: Any, **extra: Any
-) -> dict[str, Any]:
-    resp = client.post(
-        "/v1/commitments",
-        json={"trigger": trigger, "obligation": {"target": target, "payload": payload}, **extra},
-    )
-    resp.raise_for_status()
-    return dict(resp.json())
-
-
-def event(client: httpx.Client, event_type: str, **payload: Any) -> None:
-    client.post(
-        "/v1/events", json={"event_type": event_type, "payload": payload}
-    ).raise_for_status()

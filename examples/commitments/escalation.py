@@ -25,32 +25,27 @@ def main() -> None:
     )
     args = ap.parse_args()
     client, receiver = api(), Receiver()
-    batch = client.post(
-        "/v1/commitments/batch",
-        json={
-            "commitments": [
-                {
-                    "trigger": {"type": "time_after", "delay_seconds": minutes * 60 * args.scale},
-                    "obligation": {
-                        "target": f"{receiver.url}/{step}",
-                        "payload": {"incident": "INC-42", "step": step},
-                    },
-                }
-                for step, minutes in LADDER
-            ]
-        },
+    made = client.create_many(
+        [
+            {
+                "trigger": {"type": "time_after", "delay_seconds": minutes * 60 * args.scale},
+                "obligation": {
+                    "target": f"{receiver.url}/{step}",
+                    "payload": {"incident": "INC-42", "step": step},
+                },
+            }
+            for step, minutes in LADDER
+        ]
     )
-    batch.raise_for_status()
-    ids = [c["id"] for c in batch.json()["commitments"]]
     deadline = time.monotonic() + LADDER[1][1] * 60 * args.scale
     while not receiver.deliveries and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(args.ack_after)
     print("incident acknowledged: cancelling the rest of the ladder")
-    results = client.post("/v1/commitments/batch/cancel", json={"ids": ids}).json()["results"]
+    results = client.cancel_many([c.id for c in made])
     time.sleep(LADDER[-1][1] * 60 * args.scale + 0.5)
     fired = [d["payload"]["step"] for d in receiver.deliveries]
-    cancelled = [LADDER[i][0] for i, r in enumerate(results) if r.get("status") == "cancelled"]
+    cancelled = [LADDER[i][0] for i, r in enumerate(results) if r.status == "cancelled"]
     print("fired:", fired, "cancelled:", cancelled)
     assert fired == ["assign"] and cancelled == ["escalate", "page"]
     receiver.close()

@@ -12,15 +12,14 @@ import random
 import threading
 import time
 
-from demo_kit import Receiver, api, create, event
+from demo_kit import Receiver, api
 
 TOOLS = ["search", "summarize", "translate", "classify"]
 
 
 def main() -> None:
     client, receiver = api(), Receiver()
-    c = create(
-        client,
+    c = client.create(
         {
             "type": "compound",
             "operator": "all",
@@ -28,13 +27,12 @@ def main() -> None:
                 {"type": "tool_complete", "tool_id": t, "outcome": "success"} for t in TOOLS
             ],
         },
-        receiver.url + "/report",
-        {"job": "job-7"},
+        {"target": receiver.url + "/report", "payload": {"job": "job-7"}},
     )
 
     def run(tool: str) -> None:
         time.sleep(random.uniform(0.1, 0.8))
-        event(client, "tool_complete", tool_id=tool, outcome="success")
+        client.publish("tool_complete", {"tool_id": tool, "outcome": "success"})
         print("completed", tool)
 
     workers = [threading.Thread(target=run, args=(t,)) for t in TOOLS]
@@ -43,9 +41,9 @@ def main() -> None:
     for w in workers:
         w.join()
     [report] = receiver.wait_for(1)
-    print("fan-in delivered once all tools completed:", report["trigger"]["kind"], c["id"])
-    time_ok = client.get(f"/v1/commitments/{c['id']}").json()
-    assert sorted(time_ok["progress"]) == [f"r.{i}" for i in range(len(TOOLS))]
+    print("fan-in delivered once all tools completed:", report["trigger"]["kind"], c.id)
+    done = client.get(c.id)
+    assert sorted(done.progress) == [f"r.{i}" for i in range(len(TOOLS))]
     receiver.close()
 
 

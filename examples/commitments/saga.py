@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from demo_kit import Receiver, api, create
+from demo_kit import Receiver, api
 
 STEPS = ["reserve", "charge", "ship"]
 
@@ -24,20 +24,16 @@ def main() -> None:
         print(f"step {step} done (attempt {d['attempt']}, {d['lateness_seconds']}s late)")
         nxt = STEPS.index(step) + 1
         if nxt < len(STEPS):
-            create(
-                client,
+            client.create(
                 {"type": "time_after", "delay_seconds": 0.2},
-                receiver.url + "/" + STEPS[nxt],
-                {"step": STEPS[nxt], "order": 17},
-                dedup_key=f"order-17-{STEPS[nxt]}",
+                {"target": receiver.url + "/" + STEPS[nxt], "payload": {"step": STEPS[nxt]}},
+                dedup_key=f"order-17-{STEPS[nxt]}",  # a handler run twice promises once
             )
 
     receiver = Receiver(on_delivery)
-    create(
-        client,
+    client.create(
         {"type": "time_after", "delay_seconds": 0.2},
-        receiver.url + "/reserve",
-        {"step": "reserve", "order": 17},
+        {"target": receiver.url + "/reserve", "payload": {"step": "reserve"}},
     )
     done = receiver.wait_for(len(STEPS))
     assert [d["payload"]["step"] for d in done] == STEPS

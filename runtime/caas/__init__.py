@@ -6,7 +6,7 @@ obligation (an HTTP delivery), a retry policy, an optional expiry and an optiona
 sent, so a commitment survives the death of every process that heard it.
 
 ==============  ==============================================================
-``models``      the JSON contract (pydantic): triggers, filters, commitments
+``models``      the JSON contract (pydantic): what is sent and what is answered
 ``filters``     event payload matching (``field``, ``field_gte``, ``field_in``...)
 ``actor``       the ``commitment`` actor (state machine) and the per-principal
                 event bus actors that fan events out
@@ -14,6 +14,7 @@ sent, so a commitment survives the death of every process that heard it.
 ``delivery``    Standard Webhooks signing of deliveries
 ``plugin``      the ``commitments`` plugin: signed deliveries, index updates
 ``api``         the ``/v1/commitments`` and ``/v1/events`` HTTP endpoints
+``client``      a Python client of those endpoints (sync and asyncio)
 ``extension``   :class:`CaaS`, which hosts all of the above on every node
 ==============  ==============================================================
 

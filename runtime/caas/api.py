@@ -28,8 +28,13 @@ from troth.caas.models import (
     TRIGGER_TYPES,
     BatchCancel,
     BatchCreate,
+    CancelResults,
+    Commitment,
+    CommitmentBatch,
     CommitmentCreate,
+    CommitmentPage,
     EventIn,
+    EventReceipt,
 )
 from troth.caas.plugin import CommitmentsFactory
 from troth.core.access import Caller
@@ -298,7 +303,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
     @api.post(
         "/commitments",
         status_code=201,
-        response_model=dict[str, Any],
+        response_model=Commitment,
         openapi_extra=body_schema(CommitmentCreate),
         summary="Create a commitment (200 with the existing one for a known dedup_key)",
     )
@@ -312,7 +317,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
     @api.post(
         "/commitments/batch",
         status_code=201,
-        response_model=dict[str, Any],
+        response_model=CommitmentBatch,
         openapi_extra=body_schema(BatchCreate),
         summary=f"Create up to {MAX_BATCH} commitments; all are validated first",
     )
@@ -325,7 +330,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     @api.post(
         "/commitments/batch/cancel",
-        response_model=dict[str, Any],
+        response_model=CancelResults,
         openapi_extra=body_schema(BatchCancel),
         summary="Cancel several commitments; each gets its own result",
     )
@@ -343,7 +348,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         return FastJSONResponse({"results": await asyncio.gather(*(one(c) for c in ids))})
 
     @api.get(
-        "/commitments", response_model=dict[str, Any], summary="List commitments, newest first"
+        "/commitments", response_model=CommitmentPage, summary="List commitments, newest first"
     )
     async def list_(
         who: Principal,
@@ -363,7 +368,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     @api.get(
         "/commitments/{cid}",
-        response_model=dict[str, Any],
+        response_model=Commitment,
         summary="A commitment with its delivery attempts",
     )
     async def get(cid: str, who: Principal) -> FastJSONResponse:
@@ -371,7 +376,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     @api.delete(
         "/commitments/{cid}",
-        response_model=dict[str, Any],
+        response_model=Commitment,
         summary="Cancel a pending or failed commitment (409 if not)",
     )
     async def cancel(cid: str, who: Principal) -> FastJSONResponse:
@@ -379,7 +384,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     @api.post(
         "/commitments/{cid}/retry",
-        response_model=dict[str, Any],
+        response_model=Commitment,
         summary="Re-drive a failed commitment (409 if not)",
     )
     async def retry(cid: str, who: Principal) -> FastJSONResponse:
@@ -388,6 +393,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
     @api.post(
         "/events",
         status_code=202,
+        response_model=EventReceipt,
         openapi_extra=body_schema(EventIn),
         summary="Record an event and fan it out to the commitments waiting for it",
     )
@@ -464,6 +470,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     @api.get(
         "/admin/commitments/{principal}/{cid}",
+        response_model=Commitment,
         tags=["operators"],
         summary="A commitment with its transitions and delivery attempts",
     )
@@ -472,6 +479,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     @api.post(
         "/admin/commitments/{principal}/{cid}/retry",
+        response_model=Commitment,
         tags=["operators"],
         summary="Re-drive a failed commitment (a dead letter)",
     )
@@ -480,6 +488,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
 
     @api.post(
         "/admin/commitments/{principal}/{cid}/cancel",
+        response_model=Commitment,
         tags=["operators"],
         summary="Cancel a pending or failed commitment",
     )

@@ -7,20 +7,22 @@ than a silently ignored option.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from troth.caas import filters as _filters
 from troth.core.retry import RetryPolicy
+from troth.edge.http_api import ErrorDetail
 from troth.plugins.outbound import MAX_HEADERS, check_headers, check_url
 
 MAX_DEPTH = 4
 MAX_CHILDREN = 20
 MAX_BATCH = 100
 MAX_PAYLOAD_BYTES = 64 * 1024
-STATUSES = ("pending", "triggered", "fulfilled", "failed", "cancelled", "expired")
+Status = Literal["pending", "triggered", "fulfilled", "failed", "cancelled", "expired"]
+STATUSES: tuple[str, ...] = get_args(Status)
 TERMINAL = frozenset({"fulfilled", "failed", "cancelled", "expired"})
 TRIGGER_TYPES = ("time_after", "webhook", "tool_complete", "compound", "heartbeat")
 #: The event type that ``tool_complete`` triggers listen to.
@@ -202,3 +204,98 @@ class EventIn(_Model):
     @classmethod
     def _payload_size(cls, v: dict[str, Any]) -> dict[str, Any]:
         return dict(_bounded(v, "payload"))
+
+
+# -- what the API answers ----------------------------------------------------------------
+
+
+class _Answer(BaseModel):
+    """An answer of the API. Unknown fields are kept, not refused: the contract only
+    ever adds fields, and a client older than its node must still read it."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Attempt(_Answer):
+    attempt: int = Field(description="1 for the first attempt of the commitment's delivery.")
+    at: datetime | None
+    status_code: int | None = Field(None, description="The target's answer; None: no answer.")
+    error: str | None = None
+    duration_ms: float | None = None
+
+
+class Transition(_Answer):
+    status: Status
+    at: datetime
+
+
+class Commitment(_Answer):
+    """A commitment, as ``GET /v1/commitments/{id}`` and every write answer it. Times
+    are ISO 8601 UTC ``*_at``; ``trigger``, ``fired_by`` and ``progress`` keep the
+    created trigger's shape, with a ``time_after``'s fixed time as ``due_at``."""
+
+    id: str
+    status: Status
+    trigger: dict[str, Any]
+    obligation: dict[str, Any]
+    retry_policy: dict[str, Any]
+    dedup_key: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    fired_by: dict[str, Any] | None = Field(None, description="What fired it (also sent).")
+    progress: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="The leaves of its trigger satisfied so far."
+    )
+    attempts: list[Attempt] = Field(default_factory=list)
+    error: str | None = Field(None, description="Why its last attempt failed.")
+    transitions: list[Transition] = Field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime
+    due_at: datetime | None = None
+    fired_at: datetime | None = None
+    expires_at: datetime | None = None
+    retires_at: datetime | None = Field(None, description="When a finished one is deleted.")
+    next_attempt_at: datetime | None = Field(None, description="While a delivery retries.")
+
+
+class CommitmentSummary(_Answer):
+    """A commitment as a listing shows it."""
+
+    id: str
+    status: Status
+    trigger_type: str
+    target: str
+    dedup_key: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    due_at: datetime | None = None
+    attempts: int = 0
+    retires_at: datetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommitmentPage(_Answer):
+    items: list[CommitmentSummary]
+    next_cursor: str | None = Field(None, description="For the next page; None: the last.")
+
+
+class CommitmentBatch(_Answer):
+    commitments: list[Commitment]
+
+
+class CancelResult(_Answer):
+    """One id's outcome in a batch cancel: its ``status`` now, or the ``error``."""
+
+    id: str
+    status: Status | None = None
+    error: ErrorDetail | None = None
+
+
+class CancelResults(_Answer):
+    results: list[CancelResult]
+
+
+class EventReceipt(_Answer):
+    event_id: str
+    event_type: str
+    duplicate: bool = Field(description="Its event_key was seen before: nothing fired.")
+    delivered_to: int = Field(description="Commitments waiting for it that it reached.")

@@ -1,0 +1,208 @@
+"""The commitments client (``troth.caas.client``), sync and asyncio, against a real node
+and a real receiver; its resend rules as pure logic on httpx's mock transport."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pydantic
+import pytest
+
+from conftest import Receiver, wait_until
+from troth.caas import delivery
+from troth.caas.client import AsyncCommitments, Commitments
+from troth.caas.models import Commitment
+from troth.core.errors import AppError, AuthError, CallTimeout, NotFoundError
+from troth.node import Node
+
+KEY_A, KEY_B = "a" * 16, "b" * 16
+
+
+@pytest.fixture
+def keyed(make_node: Callable[..., Node]) -> Node:
+    return make_node("n1", serve=True, auth={"api_keys": {KEY_A: "a", KEY_B: "b"}})
+
+
+@pytest.fixture
+def cs(keyed: Node) -> Iterator[Commitments]:
+    assert keyed.url is not None
+    with Commitments(keyed.url, token=KEY_A, timeout=15) as client:
+        yield client
+
+
+def settled(cs: Commitments, cid: str, want: str = "fulfilled") -> Commitment:
+    wait_until(lambda: cs.get(cid).status == want, timeout=10)
+    return cs.get(cid)
+
+
+def test_create_get_and_a_signed_delivery(cs: Commitments, receiver: Receiver) -> None:
+    due = datetime.now(UTC) + timedelta(seconds=0.3)
+    c = cs.create(
+        {"type": "time_after", "timestamp": due},
+        {"target": receiver.url + "/hook", "payload": {"order": 17}},
+        dedup_key="order-17",
+        metadata={"customer": "c1"},
+    )
+    assert c.status == "pending" and c.id.startswith("cm_")
+    assert c.due_at is not None and abs((c.due_at - due).total_seconds()) < 0.002
+    assert c.metadata == {"customer": "c1"} and c.dedup_key == "order-17"
+    again = cs.create(
+        {"type": "time_after", "delay_seconds": 99}, {"target": receiver.url}, dedup_key="order-17"
+    )
+    assert again.id == c.id and again.due_at == c.due_at  # the first one, unchanged
+    done = settled(cs, c.id)
+    assert [(a.attempt, a.status_code) for a in done.attempts] == [(1, 200)]
+    assert [t.status for t in done.transitions] == ["pending", "triggered", "fulfilled"]
+    assert done.fired_at is not None and done.retires_at is not None
+    [req] = receiver.requests
+    assert delivery.verify(cs.secret(), req.headers, req.raw)
+    assert req.body["payload"] == {"order": 17}
+
+
+def test_events_fire_once_per_key(cs: Commitments, receiver: Receiver) -> None:
+    c = cs.create(
+        {"type": "webhook", "event_type": "paid", "filters": {"amount_gte": 100}},
+        {"target": receiver.url},
+    )
+    assert cs.publish("paid", {"amount": 5}).delivered_to == 1  # reached, did not match
+    first = cs.publish("paid", {"amount": 150}, event_key="pay-1")
+    second = cs.publish("paid", {"amount": 150}, event_key="pay-1")
+    assert not first.duplicate and second.duplicate and second.delivered_to == 0
+    done = settled(cs, c.id)
+    assert done.fired_by is not None and done.fired_by["event"]["payload"] == {"amount": 150}
+    assert receiver.count() == 1
+
+
+def test_listing_pages_cancel_and_errors(cs: Commitments, keyed: Node, receiver: Receiver) -> None:
+    made = cs.create_many(
+        [
+            {
+                "trigger": {"type": "webhook", "event_type": f"e{i}"},
+                "obligation": {"target": receiver.url},
+            }
+            for i in range(5)
+        ]
+    )
+    assert len(made) == 5 and len({c.id for c in made}) == 5
+    listed = list(cs.list(status="pending", limit=2))  # three pages
+    assert {s.id for s in listed} == {c.id for c in made} and len(listed) == 5
+    order = [(s.created_at, s.id) for s in listed]
+    assert order == sorted(order, reverse=True)  # newest first (a batch's: by id)
+    assert all(s.trigger_type == "webhook" and s.attempts == 0 for s in listed)
+    assert cs.cancel(made[0].id).status == "cancelled"
+    with pytest.raises(AppError) as refused:
+        cs.cancel(made[0].id)
+    assert refused.value.data == {"status": "cancelled"}
+    results = cs.cancel_many([made[1].id, "cm_" + "0" * 32])
+    assert results[0].status == "cancelled" and results[1].error is not None
+    assert results[1].error.type == "NotFoundError"
+    with pytest.raises(NotFoundError):
+        cs.get("cm_" + "0" * 32)
+    assert keyed.url is not None
+    with Commitments(keyed.url, token=KEY_B) as other:  # another principal sees none
+        assert list(other.list()) == []
+        with pytest.raises(NotFoundError):
+            other.get(made[2].id)
+    with Commitments(keyed.url, token="x" * 16) as stranger, pytest.raises(AuthError):
+        stranger.get(made[2].id)
+
+
+def test_bad_input_is_refused_before_anything_is_sent(cs: Commitments) -> None:
+    with pytest.raises(pydantic.ValidationError, match="delay_seconds"):
+        cs.create({"type": "time_after", "delay_seconds": -1}, {"target": "http://x.example"})
+    with pytest.raises(pydantic.ValidationError, match="scheme"):
+        cs.create({"type": "webhook", "event_type": "e"}, {"target": "ftp://x.example"})
+    with pytest.raises(ValueError, match="not a commitment id"):
+        cs.get("../admin")
+    assert list(cs.list()) == []
+
+
+def test_async_client_and_a_dead_node_first(keyed: Node, receiver: Receiver) -> None:
+    with socket.socket() as s:  # a port nobody listens on: the first URL is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert keyed.url is not None
+
+    async def run() -> None:
+        async with AsyncCommitments([dead, keyed.url], token=KEY_A, timeout=15) as cs:
+            c = await cs.create(
+                {"type": "tool_complete", "tool_id": "t1"}, {"target": receiver.url}
+            )
+            assert (await cs.publish("tool_complete", {"tool_id": "t1"})).delivered_to == 1
+            for _ in range(100):
+                if (await cs.get(c.id)).status == "fulfilled":
+                    break
+                await asyncio.sleep(0.1)
+            assert [s.status async for s in cs.list()] == ["fulfilled"]
+            assert (await cs.secret()).startswith("whsec_")
+
+    asyncio.run(run())
+    assert receiver.count() == 1
+
+
+# -- resends: pure logic, on httpx's mock transport ------------------------------------
+
+
+def scripted(*answers: int | type[httpx.TransportError]) -> tuple[httpx.MockTransport, list[str]]:
+    """A transport answering each request with the next of ``answers``: a status (with
+    a commitment or an error body) or a transport error raised."""
+    sent: list[str] = []
+    view = {
+        "id": "cm_" + "1" * 32,
+        "status": "pending",
+        "trigger": {"type": "webhook", "event_type": "e"},
+        "obligation": {"target": "http://x.example"},
+        "retry_policy": {},
+        "created_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-01T00:00:00Z",
+    }
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(f"{request.method} {request.url.host}")
+        answer = answers[len(sent) - 1]
+        if not isinstance(answer, int):
+            raise answer("scripted", request=request)
+        if answer == 503:
+            error = {"type": "UnavailableError", "message": "moving"}
+            return httpx.Response(503, json={"error": error}, headers={"retry-after": "0"})
+        return httpx.Response(answer, json=view)
+
+    return httpx.MockTransport(handle), sent
+
+
+def client(transport: httpx.MockTransport) -> Commitments:
+    return Commitments(["http://a.test", "http://b.test"], timeout=5, transport=transport)
+
+
+def create(cs: Commitments, **extra: Any) -> Commitment:
+    trigger = {"type": "webhook", "event_type": "e"}
+    return cs.create(trigger, {"target": "http://x.example"}, **extra)
+
+
+def test_a_503_is_sent_again_after_its_retry_after() -> None:
+    transport, sent = scripted(503, 503, 201)
+    assert create(client(transport)).id == "cm_" + "1" * 32
+    assert sent == ["POST a.test"] * 3
+
+
+def test_an_unsent_request_goes_to_the_next_node() -> None:
+    transport, sent = scripted(httpx.ConnectError, 201)
+    create(client(transport))
+    assert sent == ["POST a.test", "POST b.test"]
+
+
+def test_a_lost_answer_is_resent_only_when_that_is_harmless() -> None:
+    transport, sent = scripted(httpx.ReadError)
+    with pytest.raises(CallTimeout, match="may have been applied"):
+        create(client(transport))  # no dedup_key: a second might make a second
+    assert sent == ["POST a.test"]
+    transport, sent = scripted(httpx.ReadError, 200)
+    create(client(transport), dedup_key="k")
+    transport, reads = scripted(httpx.RemoteProtocolError, 200)
+    client(transport).get("cm_" + "1" * 32)
+    assert sent == ["POST a.test", "POST b.test"] and reads == ["GET a.test", "GET b.test"]
