@@ -334,7 +334,9 @@ class Commitments:
         return self.send(get(cid))
 
     def cancel(self, cid: str) -> Commitment:
-        """Cancel a pending or failed commitment (``AppError`` otherwise)."""
+        """Cancel a pending or failed commitment (``AppError`` otherwise: its ``data``
+        says the status, ``cancelled`` too when a resend after a lost answer finds the
+        first one done)."""
         return self.send(cancel(cid))
 
     def cancel_many(self, ids: Sequence[str]) -> list[CancelResult]:
