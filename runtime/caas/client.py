@@ -106,15 +106,15 @@ def _spec(
     dedup_key: str | None,
     metadata: dict[str, Any] | None,
 ) -> CommitmentCreate:
-    given = {"retry_policy": retry_policy, "expires_at": expires_at, "dedup_key": dedup_key}
-    given["metadata"] = metadata
-    return CommitmentCreate.model_validate(
-        {
-            "trigger": trigger,
-            "obligation": obligation,
-            **{k: v for k, v in given.items() if v is not None},
-        }
-    )
+    body = {"trigger": trigger, "obligation": obligation}
+    optional = {
+        "retry_policy": retry_policy,
+        "expires_at": expires_at,
+        "dedup_key": dedup_key,
+        "metadata": metadata,
+    }
+    body.update((k, v) for k, v in optional.items() if v is not None)
+    return CommitmentCreate.model_validate(body)
 
 
 def create(spec: CommitmentCreate) -> Request[Commitment]:

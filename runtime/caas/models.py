@@ -1,7 +1,9 @@
 """The commitments JSON contract, as pydantic models.
 
-Every model forbids unknown fields, so a typo is a 422 naming the field rather
-than a silently ignored option.
+Every model of a request forbids unknown fields, so a typo is a 422 naming the field
+rather than a silently ignored option. The models of answers (:class:`Commitment` and
+the others at the end of this module) keep unknown fields instead: the API documents
+its answers with them, and :mod:`troth.caas.client` reads them.
 """
 
 from __future__ import annotations
