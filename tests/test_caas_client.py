@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -60,8 +61,17 @@ def test_create_get_and_a_signed_delivery(cs: Commitments, receiver: Receiver) -
     assert [t.status for t in done.transitions] == ["pending", "triggered", "fulfilled"]
     assert done.fired_at is not None and done.retires_at is not None
     [req] = receiver.requests
-    assert delivery.verify(cs.secret(), req.headers, req.raw)
-    assert req.body["payload"] == {"order": 17}
+    got = delivery.receive(cs.secret(), req.headers, req.raw)
+    assert got.commitment_id == c.id and got.payload == {"order": 17} and got.attempt == 1
+    assert got.due_at == done.due_at and got.fired_at == done.fired_at
+    assert got.trigger == {"kind": "time", "path": "r", "due_at": req.body["due_at"]}
+    for secret, body, now in (
+        ("whsec_" + "A" * 32, req.raw, None),  # another principal's secret
+        (cs.secret(), req.raw.replace(b"17", b"18"), None),  # tampered with
+        (cs.secret(), req.raw, time.time() + 301),  # replayed 5 minutes later
+    ):
+        with pytest.raises(delivery.InvalidSignature):
+            delivery.receive(secret, req.headers, body, now)
 
 
 def test_events_fire_once_per_key(cs: Commitments, receiver: Receiver) -> None:

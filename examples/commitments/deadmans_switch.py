@@ -31,7 +31,7 @@ def main() -> None:
     assert receiver.deliveries == [], "fired while the heartbeat was alive"
     print("backups stop...")
     [alert] = receiver.wait_for(1, timeout=10)
-    print("alert delivered:", alert["payload"], "for", c.id)
+    print("alert delivered:", alert.payload, "for", c.id)
     receiver.close()
 
 

@@ -3,12 +3,13 @@
 Each example talks to a running node (``TROTH_URL``, default http://127.0.0.1:8700,
 e.g. ``troth serve --config ca.json.example``; ``TROTH_TOKEN`` when it has API keys)
 through :mod:`troth.caas.client`, and runs its own webhook receiver on 127.0.0.1, so
-it shows the whole loop: promise, trigger, signed delivery.
+it shows the whole loop: promise, trigger, signed delivery. The receiver checks each
+delivery's signature with the principal's secret (:func:`troth.caas.delivery.receive`)
+and answers 401 to one that does not check out.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -17,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from troth.caas.client import Commitments
+from troth.caas.delivery import InvalidSignature, receive
+from troth.caas.models import Delivery
 
 
 def api() -> Commitments:
@@ -25,27 +28,35 @@ def api() -> Commitments:
 
 
 class Receiver:
-    """Records deliveries (de-duplicated by Idempotency-Key, as a receiver should)."""
+    """Records deliveries whose signature checks out, once each (de-duplicated by the
+    commitment id, their Idempotency-Key, as a receiver should)."""
 
-    def __init__(self, on_delivery: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.deliveries: list[dict[str, Any]] = []
+    def __init__(self, on_delivery: Callable[[Delivery], None] | None = None) -> None:
+        self.deliveries: list[Delivery] = []
         self.seen: set[str] = set()
         self.lock = threading.Lock()
+        with api() as client:
+            secret = client.secret()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                key = self.headers["idempotency-key"]
+                body = self.rfile.read(int(self.headers["content-length"]))
+                try:
+                    delivery = receive(secret, dict(self.headers), body)
+                except InvalidSignature:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
                 with receiver.lock:
-                    fresh = key not in receiver.seen
-                    receiver.seen.add(key)
+                    fresh = delivery.commitment_id not in receiver.seen
+                    receiver.seen.add(delivery.commitment_id)
                     if fresh:
-                        receiver.deliveries.append({"path": self.path, **body})
+                        receiver.deliveries.append(delivery)
                 self.send_response(200)
                 self.end_headers()
                 if fresh and on_delivery:
-                    on_delivery({"path": self.path, **body})
+                    on_delivery(delivery)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -54,7 +65,7 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def wait_for(self, n: int, timeout: float = 30) -> list[dict[str, Any]]:
+    def wait_for(self, n: int, timeout: float = 30) -> list[Delivery]:
         deadline = time.monotonic() + timeout
         while len(self.deliveries) < n:
             if time.monotonic() > deadline:

@@ -44,7 +44,7 @@ def main() -> None:
     print("incident acknowledged: cancelling the rest of the ladder")
     results = client.cancel_many([c.id for c in made])
     time.sleep(LADDER[-1][1] * 60 * args.scale + 0.5)
-    fired = [d["payload"]["step"] for d in receiver.deliveries]
+    fired = [d.payload["step"] for d in receiver.deliveries]
     cancelled = [LADDER[i][0] for i, r in enumerate(results) if r.status == "cancelled"]
     print("fired:", fired, "cancelled:", cancelled)
     assert fired == ["assign"] and cancelled == ["escalate", "page"]

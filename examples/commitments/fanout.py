@@ -41,7 +41,8 @@ def main() -> None:
     for w in workers:
         w.join()
     [report] = receiver.wait_for(1)
-    print("fan-in delivered once all tools completed:", report["trigger"]["kind"], c.id)
+    assert report.trigger is not None and report.trigger["kind"] == "event"
+    print("fan-in delivered once all tools completed:", report.commitment_id == c.id)
     done = client.get(c.id)
     assert sorted(done.progress) == [f"r.{i}" for i in range(len(TOOLS))]
     receiver.close()

@@ -8,9 +8,9 @@ N+1; troth keeps each promise even if the process that made it dies meanwhile.
 
 from __future__ import annotations
 
-from typing import Any
-
 from demo_kit import Receiver, api
+
+from troth.caas.models import Delivery
 
 STEPS = ["reserve", "charge", "ship"]
 
@@ -19,9 +19,9 @@ def main() -> None:
     client = api()
     receiver: Receiver
 
-    def on_delivery(d: dict[str, Any]) -> None:
-        step = d["payload"]["step"]
-        print(f"step {step} done (attempt {d['attempt']}, {d['lateness_seconds']}s late)")
+    def on_delivery(d: Delivery) -> None:
+        step = d.payload["step"]
+        print(f"step {step} done (attempt {d.attempt}, {d.lateness_seconds}s late)")
         nxt = STEPS.index(step) + 1
         if nxt < len(STEPS):
             client.create(
@@ -36,7 +36,7 @@ def main() -> None:
         {"target": receiver.url + "/reserve", "payload": {"step": "reserve"}},
     )
     done = receiver.wait_for(len(STEPS))
-    assert [d["payload"]["step"] for d in done] == STEPS
+    assert [d.payload["step"] for d in done] == STEPS
     print("saga complete:", " -> ".join(STEPS))
     receiver.close()
 

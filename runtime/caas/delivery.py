@@ -14,8 +14,8 @@ Headers: ``webhook-id`` (the commitment id, the same on every attempt),
 ``webhook-timestamp`` (Unix seconds of this attempt), ``webhook-signature``
 (``v1,`` + base64 HMAC-SHA256 of ``"{id}.{timestamp}.{body}"`` keyed by the
 principal's secret), and ``Idempotency-Key`` (the commitment id). A receiver
-verifies with :func:`verify` (or any Standard Webhooks library) and de-duplicates on
-the idempotency key.
+checks and reads it with :func:`receive` (or :func:`verify` and any JSON parser, or any
+Standard Webhooks library) and de-duplicates on the idempotency key.
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from troth.caas.models import Delivery
 
 SECRET_PREFIX = "whsec_"
 TOLERANCE_SECONDS = 300
@@ -73,6 +76,23 @@ def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None 
         return False
     expected = sign(secret, msg_id, ts, body)
     return any(hmac.compare_digest(expected, g) for g in given)
+
+
+class InvalidSignature(ValueError):
+    """A delivery whose signature does not check out with the secret, or whose
+    timestamp is more than :data:`TOLERANCE_SECONDS` away: not from troth, or
+    replayed."""
+
+
+def receive(
+    secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None
+) -> Delivery:
+    """A delivery's body, once its signature and timestamp check out (headers in any
+    case, ``body`` as received, before any parsing). Raises :class:`InvalidSignature`,
+    or pydantic's ``ValidationError`` for a body that is not a delivery's."""
+    if not verify(secret, {k.lower(): v for k, v in headers.items()}, body, now):
+        raise InvalidSignature("the delivery's signature or timestamp does not check out")
+    return Delivery.model_validate_json(body)
 
 
 @functools.lru_cache(maxsize=4096)

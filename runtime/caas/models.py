@@ -301,3 +301,19 @@ class EventReceipt(_Answer):
     event_type: str
     duplicate: bool = Field(description="Its event_key was seen before: nothing fired.")
     delivered_to: int = Field(description="Commitments waiting for it that it reached.")
+
+
+class Delivery(_Answer):
+    """The body of a commitment's delivery, as its target receives it, signed (see
+    :func:`troth.caas.delivery.receive`). Every attempt carries the same
+    ``commitment_id``, also its ``Idempotency-Key``: a receiver de-duplicates on it."""
+
+    commitment_id: str
+    payload: Any = None
+    trigger: dict[str, Any] | None = Field(
+        None, description="What fired it, as the commitment's fired_by shows it."
+    )
+    due_at: datetime | None = None
+    fired_at: datetime
+    lateness_seconds: float = Field(description="From due_at to fired_at.")
+    attempt: int = Field(description="1 for the first attempt.")
