@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ import httpx
 import pydantic
 import pytest
 
-from conftest import Receiver, wait_until
+from conftest import NodeProcess, Receiver, wait_until
 from troth.caas import delivery
 from troth.caas.client import AsyncCommitments, Commitments
 from troth.caas.models import Commitment
@@ -200,10 +201,12 @@ def test_a_503_is_sent_again_after_its_retry_after() -> None:
     assert sent == ["POST a.test"] * 3
 
 
-def test_an_unsent_request_goes_to_the_next_node() -> None:
-    transport, sent = scripted(httpx.ConnectError, 201)
-    create(client(transport))
-    assert sent == ["POST a.test", "POST b.test"]
+def test_an_unsent_request_goes_to_the_next_node_which_the_next_ones_try_first() -> None:
+    transport, sent = scripted(httpx.ConnectError, 201, 201)
+    cs = client(transport)
+    create(cs)
+    create(cs)
+    assert sent == ["POST a.test", "POST b.test", "POST b.test"]
 
 
 def test_a_lost_answer_is_resent_only_when_that_is_harmless() -> None:
@@ -216,3 +219,41 @@ def test_a_lost_answer_is_resent_only_when_that_is_harmless() -> None:
     transport, reads = scripted(httpx.RemoteProtocolError, 200)
     client(transport).get("cm_" + "1" * 32)
     assert sent == ["POST a.test", "POST b.test"] and reads == ["GET a.test", "GET b.test"]
+
+
+# -- through a kill -9 -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_creates_through_a_kill9_of_one_of_two_nodes_land_once_each(
+    spawn: Callable[..., NodeProcess], receiver: Receiver
+) -> None:
+    """A client creating one commitment after another (each with its dedup_key) while
+    one of its two nodes is killed: every create answers, none twice, none is lost,
+    and each is delivered under its one key."""
+    n = 300
+    nodes = [spawn(f"p{i}").start() for i in (1, 2)]
+    wait_until(lambda: all(httpx.get(p.url + "/health").json()["shards"] < 64 for p in nodes))
+    made: list[str] = []
+
+    def create_all() -> None:
+        with Commitments([p.url for p in nodes], timeout=30) as cs:
+            for i in range(n):
+                trigger = {"type": "time_after", "delay_seconds": 4}
+                c = cs.create(trigger, {"target": receiver.url}, dedup_key=f"k{i}")
+                made.append(c.id)
+
+    creator = threading.Thread(target=create_all)
+    creator.start()
+    wait_until(lambda: len(made) >= n // 3, timeout=30)
+    nodes[0].kill()
+    at_kill = len(made)
+    creator.join(timeout=90)
+    assert not creator.is_alive() and len(made) == n
+    assert at_kill < n, "the kill came after every create: the test proved nothing"
+    assert len(set(made)) == n  # a resent create found its first one, never made two
+    with Commitments(nodes[1].url, timeout=30) as cs:
+        assert {s.id for s in cs.list()} == set(made)
+        wait_until(lambda: len({r.headers["idempotency-key"] for r in receiver.requests}) >= n, 60)
+        assert {r.headers["idempotency-key"] for r in receiver.requests} == set(made)
+        wait_until(lambda: {s.status for s in cs.list()} == {"fulfilled"}, timeout=30)

@@ -28,8 +28,9 @@ Guarantees:
   for a commitment retired after its retention), ``BadRequestError`` (422),
   ``QuotaExceeded`` (429), ``AuthError`` / ``ForbiddenError``;
 * a request the node answers 503 (nothing was done: an actor moving, Redis away) is
-  sent again after its ``Retry-After``, and one no node accepted a connection for goes
-  to the next of ``urls``, until ``timeout`` has passed;
+  sent again after its ``Retry-After``, and one whose connection a node refused goes
+  to the next of ``urls``, until ``timeout`` has passed; requests go first to the node
+  that answered last;
 * a request whose answer was lost after it was sent is sent again only when
   repeating it is harmless: reads, cancels, creates with a ``dedup_key``, events
   with an ``event_key``. Otherwise it raises ``CallTimeout``: it may have been
@@ -225,7 +226,11 @@ class _Attempts:
 
     urls: Sequence[str]
     deadline: float
+    #: Which of ``urls`` it goes to (modulo their number): first the one that answered
+    #: the client last, so that a dead node costs one refused connection, not one a
+    #: request.
     index: int = 0
+    failed: int = 0
 
     def after_answer(self, resp: httpx.Response) -> float | None:
         """How long to wait before sending again, or None: ``resp`` is the answer."""
@@ -243,7 +248,8 @@ class _Attempts:
                 "have been applied (a create with a dedup_key can be sent again safely)"
             ) from exc
         self.index += 1
-        wait = 0.0 if self.index % len(self.urls) else 0.5
+        self.failed += 1
+        wait = 0.0 if self.failed % len(self.urls) else 0.5  # all tried: a pause
         if time.monotonic() + wait >= self.deadline:
             raise CallTimeout(
                 f"{request.method} {request.path}: no node answered in time "
@@ -286,6 +292,7 @@ class Commitments:
     ) -> None:
         """``transport``: httpx's, e.g. for TLS or proxy settings of your own."""
         self.urls = _urls(urls)
+        self._answered = 0  # the index in urls of the node that answered last
         #: How long a call may take in all, its resends included.
         self.timeout = timeout
         self._http = httpx.Client(headers=_headers(token), timeout=timeout, transport=transport)
@@ -301,13 +308,14 @@ class Commitments:
 
     def send(self, request: Request[T]) -> T:
         """Send one request of this module (see the guarantees above)."""
-        attempts = _Attempts(self.urls, time.monotonic() + self.timeout)
+        attempts = _Attempts(self.urls, time.monotonic() + self.timeout, self._answered)
         while True:
             try:
                 resp = self._http.request(**request.to(attempts.url))
             except httpx.TransportError as exc:
                 time.sleep(attempts.after_failure(request, exc))
                 continue
+            self._answered = attempts.index % len(self.urls)
             if (wait := attempts.after_answer(resp)) is None:
                 return _answer(request, resp)
             time.sleep(wait)
@@ -387,6 +395,7 @@ class AsyncCommitments:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.urls = _urls(urls)
+        self._answered = 0  # the index in urls of the node that answered last
         self.timeout = timeout
         self._http = httpx.AsyncClient(
             headers=_headers(token), timeout=timeout, transport=transport
@@ -402,13 +411,14 @@ class AsyncCommitments:
         await self._http.aclose()
 
     async def send(self, request: Request[T]) -> T:
-        attempts = _Attempts(self.urls, time.monotonic() + self.timeout)
+        attempts = _Attempts(self.urls, time.monotonic() + self.timeout, self._answered)
         while True:
             try:
                 resp = await self._http.request(**request.to(attempts.url))
             except httpx.TransportError as exc:
                 await asyncio.sleep(attempts.after_failure(request, exc))
                 continue
+            self._answered = attempts.index % len(self.urls)
             if (wait := attempts.after_answer(resp)) is None:
                 return _answer(request, resp)
             await asyncio.sleep(wait)
