@@ -19,7 +19,7 @@ from conftest import NodeProcess, Receiver, wait_until
 from troth.caas import delivery
 from troth.caas.client import AsyncCommitments, Commitments
 from troth.caas.models import Commitment
-from troth.core.errors import AppError, AuthError, CallTimeout, NotFoundError
+from troth.core.errors import AppError, AuthError, BadRequestError, CallTimeout, NotFoundError
 from troth.node import Node
 
 KEY_A, KEY_B = "a" * 16, "b" * 16
@@ -257,3 +257,13 @@ def test_creates_through_a_kill9_of_one_of_two_nodes_land_once_each(
         wait_until(lambda: len({r.headers["idempotency-key"] for r in receiver.requests}) >= n, 60)
         assert {r.headers["idempotency-key"] for r in receiver.requests} == set(made)
         wait_until(lambda: {s.status for s in cs.list()} == {"fulfilled"}, timeout=30)
+
+
+def test_a_malformed_request_the_node_refuses_raises_bad_request() -> None:
+    """A node's own 422 (a rule newer than this client, say) is troth's BadRequestError."""
+    problem = {"type": "ValidationError", "message": "query.limit: too large", "data": []}
+    transport = httpx.MockTransport(lambda _: httpx.Response(422, json={"error": problem}))
+    with pytest.raises(BadRequestError, match="too large"):
+        client(transport).get("cm_" + "1" * 32)
+    with pytest.raises(ValueError, match="between 1 and 500"):
+        list(client(transport).list(limit=501))

@@ -24,6 +24,7 @@ from troth.caas.actor import bus_name, creation, event_types, summary, with_atte
 from troth.caas.delivery import iso, public_brief, public_trigger
 from troth.caas.models import (
     MAX_BATCH,
+    MAX_PAGE,
     STATUSES,
     TRIGGER_TYPES,
     BatchCancel,
@@ -354,7 +355,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         who: Principal,
         status: str | None = Query(None, description=f"One of {', '.join(STATUSES)}"),
         trigger_type: str | None = Query(None, description=f"One of {', '.join(TRIGGER_TYPES)}"),
-        limit: int = Query(50, ge=1, le=500),
+        limit: int = Query(50, ge=1, le=MAX_PAGE),
         cursor: str | None = Query(None, max_length=200, pattern=r"^\d+:cm_[0-9a-f]{32}$"),
     ) -> FastJSONResponse:
         if status is not None and status not in STATUSES:
@@ -444,7 +445,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         status: str | None = Query(None, description=f"One of {', '.join(STATUSES)}"),
         q: str | None = Query(None, max_length=200, description="A commitment id or dedup_key"),
         meta: str | None = Query(None, max_length=400, description="KEY=VALUE of its metadata"),
-        limit: int = Query(50, ge=1, le=500),
+        limit: int = Query(50, ge=1, le=MAX_PAGE),
         cursor: str | None = Query(None, max_length=200, pattern=r"^\d+:cm_[0-9a-f]{32}$"),
     ) -> dict[str, Any]:
         if status is not None and status not in STATUSES:

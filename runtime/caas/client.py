@@ -51,6 +51,7 @@ import httpx
 from pydantic import BaseModel
 
 from troth.caas.models import (
+    MAX_PAGE,
     BatchCancel,
     BatchCreate,
     CancelResult,
@@ -146,6 +147,8 @@ def get(cid: str) -> Request[Commitment]:
 def page(
     status: Status | None, trigger_type: str | None, limit: int, cursor: str | None
 ) -> Request[CommitmentPage]:
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must lie between 1 and {MAX_PAGE}")
     params = {"status": status, "trigger_type": trigger_type, "limit": limit, "cursor": cursor}
     return Request(
         "GET",

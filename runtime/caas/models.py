@@ -22,6 +22,8 @@ from troth.plugins.outbound import MAX_HEADERS, check_headers, check_url
 MAX_DEPTH = 4
 MAX_CHILDREN = 20
 MAX_BATCH = 100
+#: Most commitments a listing's page holds.
+MAX_PAGE = 500
 MAX_PAYLOAD_BYTES = 64 * 1024
 Status = Literal["pending", "triggered", "fulfilled", "failed", "cancelled", "expired"]
 STATUSES: tuple[str, ...] = get_args(Status)

@@ -186,6 +186,8 @@ def error_from_dict(data: dict[str, Any], http_status: int = 500) -> TrothError:
         extra = data.get("data")
         wait = extra.get("retry_after") if isinstance(extra, dict) else None
         return QuotaExceeded(message, wait if isinstance(wait, int) and wait > 0 else 1)
+    if kind == "ValidationError":  # the HTTP layer's 422 for a malformed request
+        return BadRequestError(message)
     cls = _BY_NAME.get(kind)
     if cls is not None:
         return cls(message)
