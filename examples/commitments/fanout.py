@@ -41,8 +41,8 @@ def main() -> None:
     for w in workers:
         w.join()
     [report] = receiver.wait_for(1)
-    assert report.trigger is not None and report.trigger["kind"] == "event"
-    print("fan-in delivered once all tools completed:", report.commitment_id == c.id)
+    assert report.commitment_id == c.id and report.trigger is not None
+    print("fan-in delivered once all tools completed, by the", report.trigger["path"], "event")
     done = client.get(c.id)
     assert sorted(done.progress) == [f"r.{i}" for i in range(len(TOOLS))]
     receiver.close()
