@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -267,3 +269,19 @@ def test_a_malformed_request_the_node_refuses_raises_bad_request() -> None:
         client(transport).get("cm_" + "1" * 32)
     with pytest.raises(ValueError, match="between 1 and 500"):
         list(client(transport).list(limit=501))
+
+
+def test_the_client_loads_no_node() -> None:
+    """An agent that only makes promises imports the client, not the node's HTTP stack."""
+    code = (
+        "import sys, troth.caas.client, troth.caas.delivery\n"
+        "loaded = ('fastapi', 'uvicorn', 'troth.edge', 'troth.engine', 'troth.node')\n"
+        "print([m for m in loaded if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    import troth.caas
+
+    assert troth.caas.CaaS.__name__ == "CaaS"  # still there for configurations
+    with pytest.raises(AttributeError):
+        _ = troth.caas.Nothing

@@ -23,6 +23,20 @@ protocol and the HTTP helpers of :mod:`troth.edge.http_api`); the runtime never
 imports it.
 """
 
-from troth.caas.extension import CaaS
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from troth.caas.extension import CaaS
+
+
+def __getattr__(name: str) -> Any:
+    """``CaaS`` is imported when asked for: a program that only uses
+    :mod:`troth.caas.client` does not load the node's HTTP stack."""
+    if name == "CaaS":
+        from troth.caas.extension import CaaS
+
+        return CaaS
+    raise AttributeError(f"module 'troth.caas' has no attribute {name!r}")
+
 
 __all__ = ["CaaS"]

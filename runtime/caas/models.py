@@ -15,8 +15,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from troth.caas import filters as _filters
+from troth.core.errors import ErrorDetail
 from troth.core.retry import RetryPolicy
-from troth.edge.http_api import ErrorDetail
 from troth.plugins.outbound import MAX_HEADERS, check_headers, check_url
 
 MAX_DEPTH = 4

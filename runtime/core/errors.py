@@ -15,6 +15,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    """An error as it travels (HTTP bodies as ``{"error": ...}``, WebSocket replies,
+    outbox results): what :meth:`TrothError.to_dict` writes and
+    :func:`error_from_dict` reads."""
+
+    type: str
+    message: str
+    data: Any = None
+
 
 class TrothError(Exception):
     """Base class of every error troth raises on purpose."""

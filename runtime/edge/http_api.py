@@ -53,7 +53,7 @@ from troth.cluster.routing import (
 from troth.core import jsonsafe, tracing
 from troth.core.access import Caller
 from troth.core.config import Config
-from troth.core.errors import AuthError, ForbiddenError, QuotaExceeded, TrothError
+from troth.core.errors import AuthError, ErrorDetail, ForbiddenError, QuotaExceeded, TrothError
 from troth.core.metrics import NodeMetrics
 from troth.core.names import ActorName, check_method
 from troth.edge.sessions import SessionServer
@@ -84,12 +84,6 @@ class Health(BaseModel):
     active_actors: int | None = None
     draining: bool | None = None
     error: str | None = None
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    data: Any = None
 
 
 class ErrorReply(BaseModel):
