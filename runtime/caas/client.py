@@ -282,7 +282,23 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
-class Commitments:
+class _Nodes:
+    """What both clients keep between calls: the nodes, how long a call may take in
+    all (its resends included), and which node answered last."""
+
+    def __init__(self, urls: str | Sequence[str], timeout: float) -> None:
+        self.urls = _urls(urls)
+        self.timeout = timeout
+        self._answered = 0  # the index in urls of the node that answered last
+
+    def _attempts(self) -> _Attempts:
+        return _Attempts(self.urls, time.monotonic() + self.timeout, self._answered)
+
+    def _answered_by(self, attempts: _Attempts) -> None:
+        self._answered = attempts.index % len(self.urls)
+
+
+class Commitments(_Nodes):
     """The commitments API of a troth node (or of any of ``urls``), synchronously."""
 
     def __init__(
@@ -294,10 +310,7 @@ class Commitments:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         """``transport``: httpx's, e.g. for TLS or proxy settings of your own."""
-        self.urls = _urls(urls)
-        self._answered = 0  # the index in urls of the node that answered last
-        #: How long a call may take in all, its resends included.
-        self.timeout = timeout
+        super().__init__(urls, timeout)
         self._http = httpx.Client(headers=_headers(token), timeout=timeout, transport=transport)
 
     def __enter__(self) -> Commitments:
@@ -311,14 +324,14 @@ class Commitments:
 
     def send(self, request: Request[T]) -> T:
         """Send one request of this module (see the guarantees above)."""
-        attempts = _Attempts(self.urls, time.monotonic() + self.timeout, self._answered)
+        attempts = self._attempts()
         while True:
             try:
                 resp = self._http.request(**request.to(attempts.url))
             except httpx.TransportError as exc:
                 time.sleep(attempts.after_failure(request, exc))
                 continue
-            self._answered = attempts.index % len(self.urls)
+            self._answered_by(attempts)
             if (wait := attempts.after_answer(resp)) is None:
                 return _answer(request, resp)
             time.sleep(wait)
@@ -386,7 +399,7 @@ class Commitments:
             cursor = found.next_cursor
 
 
-class AsyncCommitments:
+class AsyncCommitments(_Nodes):
     """:class:`Commitments` with ``await``."""
 
     def __init__(
@@ -397,9 +410,7 @@ class AsyncCommitments:
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.urls = _urls(urls)
-        self._answered = 0  # the index in urls of the node that answered last
-        self.timeout = timeout
+        super().__init__(urls, timeout)
         self._http = httpx.AsyncClient(
             headers=_headers(token), timeout=timeout, transport=transport
         )
@@ -414,14 +425,14 @@ class AsyncCommitments:
         await self._http.aclose()
 
     async def send(self, request: Request[T]) -> T:
-        attempts = _Attempts(self.urls, time.monotonic() + self.timeout, self._answered)
+        attempts = self._attempts()
         while True:
             try:
                 resp = await self._http.request(**request.to(attempts.url))
             except httpx.TransportError as exc:
                 await asyncio.sleep(attempts.after_failure(request, exc))
                 continue
-            self._answered = attempts.index % len(self.urls)
+            self._answered_by(attempts)
             if (wait := attempts.after_answer(resp)) is None:
                 return _answer(request, resp)
             await asyncio.sleep(wait)
