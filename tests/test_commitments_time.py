@@ -4,6 +4,7 @@ for them (the HTTP API, Redis and the receiver are real)."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import troth
 from conftest import Receiver
 from troth.core import codec
+from troth.core.access import Caller
 from troth.core.records import OutboxEntry
 from troth.testing import ActorTestEnv
 
@@ -128,6 +130,40 @@ def test_expiry(env: ActorTestEnv, api: httpx.Client, receiver: Receiver) -> Non
     event(api, "never")
     env.settle()
     assert receiver.count() == 0
+
+
+def test_a_commitment_that_could_never_fire_is_refused(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver
+) -> None:
+    now = env.clock.now_ms() / 1000
+    hook = {"target": f"{receiver.url}/hook"}
+    never = {"type": "webhook", "event_type": "never"}
+    past = api.post(
+        "/v1/commitments", json={"trigger": never, "obligation": hook, "expires_at": now - 1}
+    )
+    assert past.status_code == 422, past.text
+    assert past.json()["error"]["message"].startswith("expires_at ")
+    due_later = {"type": "time_after", "timestamp": now + 600}
+    batch = api.post(
+        "/v1/commitments/batch",
+        json={
+            "commitments": [
+                {"trigger": never, "obligation": hook, "expires_at": now + 300},
+                {"trigger": due_later, "obligation": hook, "expires_at": now + 600},
+            ]
+        },
+    )
+    assert batch.status_code == 422, batch.text
+    assert "commitments[1].expires_at" in batch.json()["error"]["message"]
+    assert api.get("/v1/commitments").json()["items"] == []  # the whole batch: nothing
+    # A resend of a creation that landed is answered with it, even once it expired.
+    body = {"trigger": never, "obligation": hook, "expires_at": now + 300, "dedup_key": "k1"}
+    first = api.post("/v1/commitments", json=body)
+    assert first.status_code == 201, first.text
+    env.advance(301)
+    again = api.post("/v1/commitments", json=body)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"] and again.json()["status"] == "expired"
 
 
 def test_retries_follow_the_commitments_policy(
@@ -266,9 +302,16 @@ def test_a_cancel_that_loses_the_race_to_the_delivery_is_refused_and_writes_noth
 def test_a_time_only_commitment_that_expires_before_it_is_due_is_never_delivered(
     env: ActorTestEnv, api: httpx.Client, receiver: Receiver, rclient: Any
 ) -> None:
-    expires = env.clock.now_ms() / 1000 + 30
-    trigger = {"type": "time_after", "delay_seconds": 60}
-    cid = commit(api, receiver, trigger, expires_at=expires)
+    # The API refuses such a commitment (it could never fire), so it is made on the
+    # actor itself: the expiry must still take back its armed delivery.
+    cid = f"cm_{secrets.token_hex(16)}"
+    spec = {
+        "trigger": {"type": "time_after", "delay_seconds": 60},
+        "obligation": {"target": f"{receiver.url}/hook"},
+        "expires_at": env.clock.now_ms() / 1000 + 30,
+    }
+    env.call(f"commitment/local-{cid}", "create", spec, caller=Caller("local", internal=True))
+    assert armed_delivery(rclient, env.config.redis.key_prefix, cid)
     env.advance(30)
     assert view(api, cid)["status"] == "expired"
     env.advance(3600)

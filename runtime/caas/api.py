@@ -36,6 +36,7 @@ from troth.caas.models import (
     CommitmentPage,
     EventIn,
     EventReceipt,
+    TimeAfter,
 )
 from troth.caas.plugin import CommitmentsFactory
 from troth.core.access import Caller
@@ -207,6 +208,30 @@ def commitments_router(node: NodeContext) -> APIRouter:
                 60,
             )
 
+    async def refuse_lapsed(principal: str, specs: list[CommitmentCreate], batch: bool) -> None:
+        """Refuse (422, before anything is written) a commitment that would expire
+        before it could fire: an ``expires_at`` already past (a wrong time zone, a
+        stale request), or not after a lone ``time_after``'s due time. It would only
+        ever become ``expired``. A resend of a creation that landed passes (its
+        ``dedup_key`` is bound): it answers with that commitment, as a resend must."""
+        now = node.clock.now_ms()
+        for i, spec in enumerate(specs):
+            expires = spec.expires_ms()
+            if expires is None:
+                continue
+            trigger = spec.trigger
+            fires = trigger.due_ms(now) if isinstance(trigger, TimeAfter) else now
+            if expires > fires:
+                continue
+            if spec.dedup_key is not None and await index.bound(principal, spec.dedup_key):
+                continue
+            field = f"commitments[{i}].expires_at" if batch else "expires_at"
+            when = "it is due" if isinstance(trigger, TimeAfter) else "now"
+            raise BadRequestError(
+                f"{field} {iso(expires)} is not after {when} ({iso(fires)}): "
+                "the commitment could never fire"
+            )
+
     async def create_many(
         principal: str, specs: list[CommitmentCreate]
     ) -> list[tuple[dict[str, Any], bool]]:
@@ -312,6 +337,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
     async def create(request: Request) -> FastJSONResponse:
         who = resolve_principal(request)  # not a dependency: see HotPath
         spec = await json_body(request, CommitmentCreate)
+        await refuse_lapsed(who or LOCAL_PRINCIPAL, [spec], batch=False)
         ((view, created),) = await create_many(who or LOCAL_PRINCIPAL, [spec])
         return FastJSONResponse(public(view), status_code=201 if created else 200)
 
@@ -326,6 +352,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
     async def create_batch(request: Request) -> FastJSONResponse:
         who = resolve_principal(request)
         batch = await json_body(request, BatchCreate)
+        await refuse_lapsed(who or LOCAL_PRINCIPAL, batch.commitments, batch=True)
         made = await create_many(who or LOCAL_PRINCIPAL, batch.commitments)
         return FastJSONResponse({"commitments": [public(v) for v, _ in made]}, status_code=201)
 

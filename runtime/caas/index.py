@@ -298,6 +298,12 @@ class CommitmentIndex:
         (reply,) = await self._writer().results(lambda c: c.append(("HGET", count, "pending")))
         return int(reply or 0)
 
+    async def bound(self, principal: str, dedup_key: str) -> str | None:
+        """The commitment id ``dedup_key`` is bound to, if any."""
+        dedup = self._k(principal, "dedup")
+        (reply,) = await self._writer().results(lambda c: c.append(("HGET", dedup, dedup_key)))
+        return reply.decode() if reply else None
+
     def unbind_dedup(self, principal: str, dedup_key: str, cid: str) -> None:
         """Undo a binding of ``dedup_key`` to ``cid`` whose creation was refused."""
         key = self._k(principal, "dedup")
