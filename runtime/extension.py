@@ -24,6 +24,17 @@ Guarantees an extension can rely on:
   when absent) and are validated by the plugin's own ``settings_model``.
 * :meth:`Extension.status` reads Redis only; it runs in ``troth status``, where no
   node need be running.
+
+Commands of the ``troth`` command line come from installed packages, not from the
+configuration (the command line is parsed before any configuration is read): an
+entry point of the group :data:`COMMANDS` names a function that takes argparse's
+subparsers and adds its commands, each with ``func(args, config) -> int`` as its
+default (``troth commitments`` is :func:`troth.caas.cli.add_commands`)::
+
+    [project.entry-points."troth.commands"]
+    orders = "myapp.cli:add_commands"
+
+A package whose commands fail to load is reported, and the others still work.
 """
 
 from __future__ import annotations
@@ -48,7 +59,10 @@ if TYPE_CHECKING:
     from troth.core.plugin import PluginFactory
     from troth.engine.quotas import Quotas
 
-__all__ = ["CallFn", "CallManyFn", "Extension", "NodeContext", "load_extensions"]
+__all__ = ["COMMANDS", "CallFn", "CallManyFn", "Extension", "NodeContext", "load_extensions"]
+
+#: The entry point group of packages that add commands to ``troth`` (see above).
+COMMANDS = "troth.commands"
 
 
 class CallFn(Protocol):

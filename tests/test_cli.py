@@ -234,3 +234,23 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.strip() == f"troth {__version__}"
+
+
+def test_installed_packages_add_commands_and_a_broken_one_is_reported(tmp_path: Path) -> None:
+    """Commands come from the entry point group ``troth.commands`` of what is installed
+    (``troth commitments`` is one); one that fails to load leaves the others working."""
+    dist = tmp_path / "broken_cmds-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-cmds\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[troth.commands]\nbroken = no_such_module:add\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "troth.edge.cli", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "commitments" in out.stdout and "status" in out.stdout
+    assert "the commands of no_such_module:add did not load" in out.stderr

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import uuid
+from importlib.metadata import entry_points
 
 import httpx
 
@@ -27,7 +28,7 @@ from troth.core.names import ActorName, check_method, shard_of
 from troth.core.redis_clients import discovered_client
 from troth.edge import admin, embedded_redis
 from troth.edge.logs import setup_logging
-from troth.extension import load_extensions
+from troth.extension import COMMANDS, load_extensions
 from troth.node import Node
 
 
@@ -390,6 +391,12 @@ def parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("action", choices=["start", "stop", "url"])
     s.set_defaults(func=cmd_redis)
+
+    for entry in entry_points(group=COMMANDS):  # e.g. troth commitments
+        try:
+            entry.load()(sub)
+        except Exception as exc:  # a broken package must not take the command line down
+            print(f"troth: the commands of {entry.value} did not load: {exc}", file=sys.stderr)
     return p
 
 

@@ -1,0 +1,124 @@
+"""``troth commitments``: the command line (its entry point, as installed) against a
+real node with API keys and a real receiver."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Receiver, free_port, wait_until
+from troth.edge.cli import main
+from troth.node import Node
+
+KEY = "k" * 16
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Troth = Callable[..., Ran]
+
+
+@pytest.fixture
+def troth(
+    make_node: Callable[..., Node],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Troth:
+    """``troth commitments ...`` reaching a keyed node through TROTH_URL and TROTH_TOKEN."""
+    node = make_node("n1", serve=True, auth={"api_keys": {KEY: "p"}})
+    monkeypatch.setenv("TROTH_URL", str(node.url))
+    monkeypatch.setenv("TROTH_TOKEN", KEY)
+
+    def run(*args: str, stdin: str = "") -> Ran:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = main(["commitments", *args])
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return run
+
+
+def spec(receiver: Receiver, **extra: Any) -> dict[str, Any]:
+    return {
+        "trigger": {"type": "webhook", "event_type": "paid", "filters": {"amount_gte": 100}},
+        "obligation": {"target": f"{receiver.url}/hook", "payload": {"order": 17}},
+        **extra,
+    }
+
+
+def test_create_list_publish_get_cancel(troth: Troth, receiver: Receiver, tmp_path: Path) -> None:
+    file = tmp_path / "one.json"
+    file.write_text(json.dumps(spec(receiver, dedup_key="order-17")))
+    made = troth("create", str(file))
+    assert made.returncode == 0, made.stderr
+    cid = json.loads(made.stdout)["id"]
+    again = troth("create", str(file))  # the same dedup_key: the same commitment
+    assert again.returncode == 0 and json.loads(again.stdout)["id"] == cid
+    batch = troth("create", "-", stdin=json.dumps([spec(receiver), spec(receiver)]))
+    assert batch.returncode == 0, batch.stderr
+    others = [c["id"] for c in json.loads(batch.stdout)]
+    assert len(others) == 2 and cid not in others
+
+    table = troth("list", "--status", "pending")
+    assert table.returncode == 0 and len(table.stdout.splitlines()) == 3
+    assert all(line.split()[1:3] == ["pending", "webhook"] for line in table.stdout.splitlines())
+    lines = troth("list", "--json", "--limit", "2").stdout.splitlines()
+    assert {json.loads(line)["id"] for line in lines} == set(others)  # the newest two
+
+    cancel = troth("cancel", others[0], "cm_" + "0" * 32)
+    assert cancel.returncode == 1  # one of them could not be cancelled
+    ok, missing = json.loads(cancel.stdout)
+    assert ok == {"id": others[0], "status": "cancelled"}
+    assert missing["error"]["type"] == "NotFoundError"
+
+    sent = troth("publish", "paid", '{"amount": 150}', "--key", "pay-1")
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["delivered_to"] == 2  # the cancelled one no longer waits
+    repeat = json.loads(troth("publish", "paid", '{"amount": 150}', "--key", "pay-1").stdout)
+    assert repeat["duplicate"] is True
+    wait_until(lambda: receiver.count() == 2, timeout=10)
+    done = json.loads(troth("get", cid).stdout)
+    assert done["status"] in ("triggered", "fulfilled") and done["fired_by"]["kind"] == "event"
+    assert troth("secret").stdout.startswith("whsec_")
+
+
+def test_bad_input_is_refused_before_anything_is_sent(
+    troth: Troth, receiver: Receiver, tmp_path: Path
+) -> None:
+    bad = spec(receiver)
+    bad["trigger"] = {"type": "time_after", "delay_seconds": "soon"}
+    refused = troth("create", "-", stdin=json.dumps([spec(receiver), bad]))
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "commitments.1.trigger.time_after.delay_seconds" in refused.stderr
+    for args, says in (
+        (("create", str(tmp_path / "absent.json")), "cannot read"),
+        (("create", "-"), "not JSON"),
+        (("publish", "paid", "{oops"), "the payload is not JSON"),
+        (("get", "cm_x/../y"), "not a commitment id"),
+        (("list", "--limit", "0"), "--limit"),
+    ):
+        got = troth(*args, stdin="")
+        assert got.returncode == 2 and says in got.stderr, (args, got.stderr)
+    listed = troth("list")
+    assert listed.returncode == 0 and listed.stdout == ""  # nothing was created
+
+
+def test_errors_are_the_nodes_own(troth: Troth, receiver: Receiver) -> None:
+    missing = troth("get", "cm_" + "0" * 32)
+    assert missing.returncode == 2 and "NotFoundError" in missing.stderr
+    denied = troth("list", "--token", "w" * 16)
+    assert denied.returncode == 2 and "AuthError" in denied.stderr
+    down = troth("list", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "1")
+    assert down.returncode == 2 and "CallTimeout" in down.stderr
