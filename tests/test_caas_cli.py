@@ -74,8 +74,10 @@ def test_create_list_publish_get_cancel(troth: Troth, receiver: Receiver, tmp_pa
     table = troth("list", "--status", "pending")
     assert table.returncode == 0 and len(table.stdout.splitlines()) == 3
     assert all(line.split()[1:3] == ["pending", "webhook"] for line in table.stdout.splitlines())
-    lines = troth("list", "--json", "--limit", "2").stdout.splitlines()
+    two = troth("list", "--json", "--limit", "2")
+    lines = two.stdout.splitlines()
     assert {json.loads(line)["id"] for line in lines} == set(others)  # the newest two
+    assert "more than 2" in two.stderr
 
     cancel = troth("cancel", others[0], "cm_" + "0" * 32)
     assert cancel.returncode == 1  # one of them could not be cancelled

@@ -139,7 +139,11 @@ def _act(cs: Commitments, args: argparse.Namespace) -> int:
             raise BadRequestError("--limit must be at least 1")
         page = min(args.limit, MAX_PAGE)
         listed = cs.list(args.status, args.trigger_type, limit=page)
-        for item in itertools.islice(listed, args.limit):
+        items = list(itertools.islice(listed, args.limit + 1))
+        if len(items) > args.limit:
+            items.pop()
+            print(f"(more than {args.limit}: raise --limit)", file=sys.stderr)
+        for item in items:
             if args.json:
                 print(item.model_dump_json())
             else:
