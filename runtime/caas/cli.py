@@ -14,10 +14,7 @@ message; the exit status is 2)::
     troth commitments publish payment.completed '{"amount": 150}' --key pay-17
     troth commitments cancel cm_... cm_...
 
-The node is ``--url`` (repeatable: the next is tried when one refuses), else
-``TROTH_URL`` (comma-separated), else the one ``--config`` describes
-(``node.host``, ``node.port``), else ``http://127.0.0.1:8700``. The API key is
-``--token``, else ``TROTH_TOKEN``.
+Which node and which API key: see :func:`node_urls` and ``--help``.
 """
 
 from __future__ import annotations
@@ -96,7 +93,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def node_urls(args: argparse.Namespace, config: Config) -> list[str]:
-    """``--url``, else ``TROTH_URL``, else the configured node (see the module docstring)."""
+    """``--url`` (repeatable: the next is tried when one refuses), else ``TROTH_URL``
+    (comma-separated), else the node ``--config`` describes, else the default one."""
     if args.url:
         return list(args.url)
     from_env = [u.strip() for u in os.environ.get("TROTH_URL", "").split(",") if u.strip()]
