@@ -19,8 +19,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
 from troth.core.catalog import import_class
-from troth.core.config import ConfigError
+from troth.core.config import ConfigError, problems
 from troth.core.plugin import PluginContext, PluginFactory
 from troth.plugins.http import HttpFactory
 from troth.plugins.log import LogFactory
@@ -66,6 +68,8 @@ def build_factories(
             )
         try:
             factories[name] = cls(context, options)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid configuration: {problems(exc, f'plugins.{name}')}") from exc
         except ValueError as exc:
             raise ConfigError(f"plugins.{name}: {exc}") from exc
     return factories

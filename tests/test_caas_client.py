@@ -4,6 +4,7 @@ and a real receiver; its resend rules as pure logic on httpx's mock transport.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import subprocess
 import sys
@@ -16,11 +17,14 @@ from typing import Any
 import httpx
 import pydantic
 import pytest
+import standardwebhooks
 
 from conftest import NodeProcess, Receiver, wait_until
 from troth.caas import delivery
 from troth.caas.client import AsyncCommitments, Commitments
+from troth.caas.delivery import new_secret
 from troth.caas.models import Commitment
+from troth.core.config import ConfigError
 from troth.core.errors import AppError, AuthError, BadRequestError, CallTimeout, NotFoundError
 from troth.node import Node
 
@@ -75,6 +79,48 @@ def test_create_get_and_a_signed_delivery(cs: Commitments, receiver: Receiver) -
     ):
         with pytest.raises(delivery.InvalidSignature):
             delivery.receive(secret, req.headers, body, now)
+
+
+def test_deliveries_verify_with_the_standard_webhooks_reference(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    """Any Standard Webhooks library verifies troth's deliveries: here the reference
+    implementation, with a configured secret and with a principal's random one."""
+    configured = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    commitments = {
+        "allow_loopback": True,
+        "timeout_seconds": 2,
+        "signing_secrets": {"a": configured},
+    }
+    node = make_node(
+        "n1",
+        serve=True,
+        auth={"api_keys": {KEY_A: "a", KEY_B: "b"}},
+        plugins={"commitments": commitments},
+    )
+    assert node.url is not None
+    for key in (KEY_A, KEY_B):
+        with Commitments(node.url, token=key, timeout=15) as cs:
+            secret = cs.secret()
+            assert (secret == configured) is (key == KEY_A)
+            c = cs.create({"type": "time_after", "delay_seconds": 0}, {"target": receiver.url})
+            settled(cs, c.id)
+            [req] = [r for r in receiver.requests if r.body["commitment_id"] == c.id]
+            assert standardwebhooks.Webhook(secret).verify(req.raw, req.headers) == req.body
+            with pytest.raises(standardwebhooks.WebhookVerificationError):
+                standardwebhooks.Webhook(new_secret()).verify(req.raw, req.headers)
+
+
+def test_a_signing_secret_no_standard_library_reads_is_refused(
+    make_node: Callable[..., Node],
+) -> None:
+    for bad in ("hunter2-but-longer-than-24", "whsec_" + "A" * 8, "whsec_not base64!"):
+        settings = {"allow_loopback": True, "signing_secrets": {"acme": bad}}
+        with pytest.raises(ConfigError) as refused:
+            make_node("n1", plugins={"commitments": settings})
+        message = str(refused.value)
+        assert "plugins.commitments.signing_secrets" in message and "'acme'" in message
+        assert bad not in message  # a secret is never echoed
 
 
 def test_events_fire_once_per_key(cs: Commitments, receiver: Receiver) -> None:

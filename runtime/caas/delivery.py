@@ -43,19 +43,29 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def _key(secret: str) -> bytes:
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: ``whsec_`` and the base64 of 24 to
+    64 bytes (padding optional), as every Standard Webhooks library reads it, so that
+    any of them verifies troth's deliveries. Raises ValueError (without the secret's
+    text) for anything else."""
     raw = secret.removeprefix(SECRET_PREFIX)
     try:
-        return base64.b64decode(raw, validate=True)
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except ValueError:
-        return raw.encode()
+        key = b""
+    if not secret.startswith(SECRET_PREFIX) or not 24 <= len(key) <= 64:
+        raise ValueError(
+            "a signing secret is 'whsec_' and the base64 of 24 to 64 random bytes "
+            "(Standard Webhooks)"
+        )
+    return key
 
 
 @functools.lru_cache(maxsize=1024)
 def _keyed(secret: str) -> hmac.HMAC:
     """An HMAC keyed with ``secret`` and fed nothing yet, copied for each signature:
     keying it (and fetching SHA-256 from OpenSSL 3) costs more than the hash."""
-    return hmac.new(_key(secret), digestmod=hashlib.sha256)
+    return hmac.new(secret_key(secret), digestmod=hashlib.sha256)
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from troth.caas import delivery
 from troth.caas.index import COMMIT_STEP, CommitmentIndex
@@ -73,6 +73,17 @@ class CommitmentSettings(BaseModel):
     signing_secrets: dict[str, str] = Field(
         default_factory=dict, description="Principal -> whsec_ secret; others get a random one."
     )
+
+    @field_validator("signing_secrets")
+    @classmethod
+    def _standard_secrets(cls, secrets: dict[str, str]) -> dict[str, str]:
+        for principal, secret in secrets.items():
+            try:
+                delivery.secret_key(secret)
+            except ValueError as exc:  # (the message names the principal, never the secret)
+                raise ValueError(f"principal {principal!r}: {exc}") from None
+        return secrets
+
     retention_seconds: float = Field(
         86_400.0,
         ge=0,

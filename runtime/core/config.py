@@ -249,10 +249,16 @@ def parse_config(data: Any, base_dir: str | os.PathLike[str] = ".") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from exc
+        raise ConfigError(f"invalid configuration: {problems(exc)}") from exc
+
+
+def problems(exc: ValidationError, prefix: str = "") -> str:
+    """What a validation error says, each problem as ``key.path: message``; never the
+    input (a configuration holds secrets)."""
+    head = [prefix] if prefix else []
+    return "; ".join(
+        ".".join([*head, *map(str, err["loc"])]) + f": {err['msg']}" for err in exc.errors()
+    )
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
