@@ -254,3 +254,11 @@ def test_installed_packages_add_commands_and_a_broken_one_is_reported(tmp_path: 
     assert out.returncode == 0, out.stderr
     assert "commitments" in out.stdout and "status" in out.stdout
     assert "the commands of no_such_module:add did not load" in out.stderr
+
+
+def test_an_unreachable_redis_is_one_line_not_a_traceback() -> None:
+    where = f"redis://127.0.0.1:{free_port()}"
+    for command in (("serve", "--port", "0"), ("status",), ("call", "counter/a-b", "get")):
+        out = troth(*command, "--redis", where, check=False)
+        assert out.returncode == 2, (command, out.stderr)
+        assert out.stderr.startswith("troth: RedisUnavailable: ") and "Traceback" not in out.stderr

@@ -18,11 +18,12 @@ import uuid
 from importlib.metadata import entry_points
 
 import httpx
+import redis
 
 from troth import __version__
 from troth.core.access import DELETE_ACTOR, SYSTEM
 from troth.core.config import Config, load_config
-from troth.core.errors import TrothError, error_from_dict
+from troth.core.errors import RedisUnavailable, TrothError, error_from_dict
 from troth.core.keys import KeySpace
 from troth.core.names import ActorName, check_method, shard_of
 from troth.core.redis_clients import discovered_client
@@ -405,11 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         return int(args.func(args, config))
+    except redis.RedisError as exc:  # (e.g. none listens where --redis says)
+        error: TrothError = RedisUnavailable(str(exc))
     except TrothError as exc:
-        print(f"troth: {exc.type_name}: {exc}", file=sys.stderr)
-        return 2
+        error = exc
     except KeyboardInterrupt:
         return 130
+    print(f"troth: {error.type_name}: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
