@@ -20,10 +20,9 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -113,7 +112,6 @@ def argument_check(cls: type, method: str) -> ArgumentCheck:
 class Envelope:
     message: Message
     future: asyncio.Future[Any] | None = None
-    enqueued: float = field(default_factory=time.monotonic)
     #: The sender's trace context (None while tracing is off), for the message's span.
     trace: Any = None
 
