@@ -48,8 +48,34 @@ def build_factories(
 ) -> dict[str, PluginFactory]:
     """Instantiate the configured plugins and the ``required`` ones (those of the
     extensions, configured or not); errors name the plugin and the bad setting."""
-    required = required or {}
     factories: dict[str, PluginFactory] = {}
+    for name, cls, options in _resolved(settings, required or {}):
+        try:
+            factories[name] = cls(context, options)
+        except ValueError as exc:
+            raise _refused(name, exc) from exc
+    return factories
+
+
+def check_settings(
+    settings: dict[str, Any], required: Mapping[str, type[PluginFactory]] | None = None
+) -> None:
+    """What :func:`build_factories` checks with no node at hand (every plugin found,
+    its settings valid by its ``settings_model``): ``troth serve`` checks first, so a
+    mistake starts nothing, not even the embedded Redis."""
+    for name, cls, options in _resolved(settings, required or {}):
+        if cls.settings_model is not None:
+            try:
+                cls.settings_model.model_validate(options)
+            except ValueError as exc:
+                raise _refused(name, exc) from exc
+
+
+def _resolved(
+    settings: dict[str, Any], required: Mapping[str, type[PluginFactory]]
+) -> list[tuple[str, type[PluginFactory], dict[str, Any]]]:
+    """Each plugin to load: its name, its factory class and its settings."""
+    found = []
     for name, raw in {**dict.fromkeys(required), **settings}.items():
         options = dict(raw or {})
         class_path = options.pop("class", None)
@@ -66,10 +92,11 @@ def build_factories(
                 f"plugins.{name}: unknown plugin (built-in: {sorted(BUILTIN)}; others come "
                 "with their extension, or give a 'class')"
             )
-        try:
-            factories[name] = cls(context, options)
-        except ValidationError as exc:
-            raise ConfigError(f"invalid configuration: {problems(exc, f'plugins.{name}')}") from exc
-        except ValueError as exc:
-            raise ConfigError(f"plugins.{name}: {exc}") from exc
-    return factories
+        found.append((name, cls, options))
+    return found
+
+
+def _refused(name: str, exc: ValueError) -> ConfigError:
+    if isinstance(exc, ValidationError):  # (its wording, never its input: secrets)
+        return ConfigError(f"invalid configuration: {problems(exc, f'plugins.{name}')}")
+    return ConfigError(f"plugins.{name}: {exc}")

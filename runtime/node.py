@@ -55,7 +55,7 @@ from troth.engine.outbox import OutboxDispatcher
 from troth.engine.quotas import Quotas
 from troth.engine.scheduler import TimerScheduler
 from troth.extension import Extension, NodeContext, load_extensions
-from troth.plugins import BUILTIN, build_factories
+from troth.plugins import BUILTIN, build_factories, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,14 @@ def _extension_plugins(extensions: list[Extension]) -> dict[str, type[PluginFact
                 raise ConfigError(f"extensions: plugin {name!r} is defined twice")
             plugins[name] = cls
     return plugins
+
+
+def check_config(config: Config) -> None:
+    """Check what ``config`` says without Redis: its extensions, its actor types
+    (imported and checked) and every plugin's settings. Raises ConfigError."""
+    extensions = load_extensions(config)
+    Catalog.from_config(config, _extension_types(extensions))
+    check_settings(config.plugins, _extension_plugins(extensions))
 
 
 def default_node_id() -> str:

@@ -162,6 +162,27 @@ def test_bad_config_is_reported(tmp_path: Path) -> None:
     assert "node.port" in out.stderr and "typo" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"types": {"x": {"class": "no_such_module:X"}}}, "cannot import 'no_such_module'"),
+        ({"plugins": {"http": {"timeout_seconds": -1}}}, "plugins.http.timeout_seconds"),
+        ({"plugins": {"nosuch": {}}}, "plugins.nosuch: unknown plugin"),
+    ],
+)
+def test_serve_with_a_bad_config_starts_nothing(
+    tmp_path: Path, config: dict[str, object], says: str
+) -> None:
+    """Not even the embedded Redis: the configuration is checked first."""
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps(config))
+    data = tmp_path / "data"
+    out = troth("serve", "--config", str(cfg), "--data-dir", str(data), "--port", "0", check=False)
+    started = embedded_redis.stop(str(data))  # (one that started must not outlive the test)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
+    assert not started
+
+
 @pytest.mark.slow
 def test_serve_nodes_runs_and_restarts_several_node_processes(
     tmp_path: Path, redis_url: str, prefix: str

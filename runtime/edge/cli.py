@@ -30,7 +30,7 @@ from troth.core.redis_clients import discovered_client
 from troth.edge import admin, embedded_redis
 from troth.edge.logs import setup_logging
 from troth.extension import COMMANDS, load_extensions
-from troth.node import Node
+from troth.node import Node, check_config
 
 
 def redis_url(args: argparse.Namespace, config: Config, start: bool) -> str:
@@ -55,6 +55,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.access_log:
         config.node.access_log = True
+    check_config(config)  # a mistake starts nothing, not even the embedded Redis
     url = redis_url(args, config, start=True)
     if args.nodes > 1:
         from troth.edge.supervisor import supervise
