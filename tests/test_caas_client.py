@@ -114,7 +114,7 @@ def test_deliveries_verify_with_the_standard_webhooks_reference(
 def test_a_signing_secret_no_standard_library_reads_is_refused(
     make_node: Callable[..., Node],
 ) -> None:
-    for bad in ("hunter2-but-longer-than-24", "whsec_" + "A" * 8, "whsec_not base64!"):
+    for bad in ("hunter2-but-longer-than-24", "whsec_" + "A" * 8, "whsec_" + "A" * 90, "whsec_x y"):
         settings = {"allow_loopback": True, "signing_secrets": {"acme": bad}}
         with pytest.raises(ConfigError) as refused:
             make_node("n1", plugins={"commitments": settings})

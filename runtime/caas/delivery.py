@@ -44,16 +44,16 @@ def new_secret() -> str:
 
 
 def secret_key(secret: str) -> bytes:
-    """The HMAC key of a Standard Webhooks secret: ``whsec_`` and the base64 of 24 to
-    64 bytes (padding optional), as every Standard Webhooks library reads it, so that
-    any of them verifies troth's deliveries. Raises ValueError (without the secret's
-    text) for anything else."""
+    """The HMAC key of a Standard Webhooks secret: ``whsec_`` (which may be left out)
+    and the base64 of 24 to 64 bytes (padding optional), as every Standard Webhooks
+    library reads it, so that any of them verifies troth's deliveries. Raises
+    ValueError (without the secret's text) for anything else."""
     raw = secret.removeprefix(SECRET_PREFIX)
     try:
         key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except ValueError:
         key = b""
-    if not secret.startswith(SECRET_PREFIX) or not 24 <= len(key) <= 64:
+    if not 24 <= len(key) <= 64:
         raise ValueError(
             "a signing secret is 'whsec_' and the base64 of 24 to 64 random bytes "
             "(Standard Webhooks)"
