@@ -73,6 +73,12 @@ class CommitmentSettings(BaseModel):
     signing_secrets: dict[str, str] = Field(
         default_factory=dict, description="Principal -> whsec_ secret; others get a random one."
     )
+    retention_seconds: float = Field(
+        86_400.0,
+        ge=0,
+        le=365 * 86_400,
+        description="How long a finished commitment is kept before it is deleted.",
+    )
 
     @field_validator("signing_secrets")
     @classmethod
@@ -83,13 +89,6 @@ class CommitmentSettings(BaseModel):
             except ValueError as exc:  # (the message names the principal, never the secret)
                 raise ValueError(f"principal {principal!r}: {exc}") from None
         return secrets
-
-    retention_seconds: float = Field(
-        86_400.0,
-        ge=0,
-        le=365 * 86_400,
-        description="How long a finished commitment is kept before it is deleted.",
-    )
 
 
 class Commitments(OutboxPlugin):
