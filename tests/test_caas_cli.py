@@ -124,3 +124,23 @@ def test_errors_are_the_nodes_own(troth: Troth, receiver: Receiver) -> None:
     assert denied.returncode == 2 and "AuthError" in denied.stderr
     down = troth("list", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "1")
     assert down.returncode == 2 and "CallTimeout" in down.stderr
+
+
+def test_secret_and_its_rotation(troth: Troth) -> None:
+    first = troth("secret")
+    assert first.returncode == 0 and first.stdout.startswith("whsec_")
+    rotated = troth("secret", "--rotate", "--keep-previous", "60")
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.strip()
+    assert new.startswith("whsec_") and new != first.stdout.strip()
+    assert "every node signs with the new secret from" in rotated.stderr
+    assert "the previous one signs too until" in rotated.stderr
+    shown = troth("secret", "--json")
+    info = json.loads(shown.stdout)
+    assert info["secret"] == new and info["previous_expires_at"] and not info["configured"]
+    leaked = troth("secret", "--rotate", "--keep-previous", "0")
+    assert "the previous one no longer signs" in leaked.stderr
+    for args in (["--keep-previous", "5"], ["--rotate", "--keep-previous", "-1"]):
+        refused = troth("secret", *args)
+        assert refused.returncode == 2 and "keep" in refused.stderr, refused.stderr
+    assert troth("secret").stdout.strip() == leaked.stdout.strip()  # nothing more rotated

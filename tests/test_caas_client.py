@@ -17,13 +17,15 @@ from typing import Any
 import httpx
 import pydantic
 import pytest
+import redis
 import standardwebhooks
 
 from conftest import NodeProcess, Receiver, wait_until
-from troth.caas import delivery
+from troth.caas import delivery, signing
 from troth.caas.client import AsyncCommitments, Commitments
 from troth.caas.delivery import new_secret
 from troth.caas.models import Commitment
+from troth.caas.plugin import CommitmentsFactory
 from troth.core.config import ConfigError
 from troth.core.errors import AppError, AuthError, BadRequestError, CallTimeout, NotFoundError
 from troth.node import Node
@@ -121,6 +123,137 @@ def test_a_signing_secret_no_standard_library_reads_is_refused(
         message = str(refused.value)
         assert "plugins.commitments.signing_secrets" in message and "'acme'" in message
         assert bad not in message  # a secret is never echoed
+
+
+def delivered(cs: Commitments, receiver: Receiver) -> tuple[bytes, dict[str, str]]:
+    """A delivery made now: its body and headers as received."""
+    c = cs.create({"type": "time_after", "delay_seconds": 0}, {"target": receiver.url})
+    settled(cs, c.id)
+    [req] = [r for r in receiver.requests if r.body["commitment_id"] == c.id]
+    return req.raw, req.headers
+
+
+def verifies(secret: str, raw: bytes, headers: dict[str, str]) -> bool:
+    """Whether the Standard Webhooks reference library accepts the delivery."""
+    try:
+        standardwebhooks.Webhook(secret).verify(raw, headers)
+    except standardwebhooks.WebhookVerificationError:
+        return False
+    return True
+
+
+def test_a_rotated_secret_signs_beside_the_previous_one_for_a_while(
+    keyed: Node, cs: Commitments, receiver: Receiver
+) -> None:
+    """A rotation without a lost delivery: the new secret signs at once, the previous
+    one beside it until it expires; a rotation with no grace ends it at once (a
+    leak). Another principal's secret is untouched."""
+    assert keyed.url is not None
+    first = cs.secret_info()
+    assert not first.configured and first.rotated_at is None
+    with Commitments(keyed.url, token=KEY_B) as other:
+        b_secret = other.secret()
+    started = datetime.now(UTC)
+    rotated = cs.rotate_secret(keep_previous_seconds=3600)
+    second = rotated.secret
+    assert second != first.secret and cs.secret() == second and not rotated.configured
+    assert rotated.rotated_at is not None and rotated.previous_expires_at is not None
+    assert abs((rotated.rotated_at - started).total_seconds()) < 2
+    until = rotated.previous_expires_at - rotated.rotated_at
+    assert abs(until.total_seconds() - 3600) < 0.002
+    assert rotated.signing_everywhere_at == rotated.rotated_at + timedelta(seconds=10)
+    raw, headers = delivered(cs, receiver)
+    assert len(headers["webhook-signature"].split()) == 2
+    assert verifies(second, raw, headers) and verifies(first.secret, raw, headers)
+    assert delivery.receive([new_secret(), second], headers, raw).attempt == 1
+
+    third = cs.rotate_secret(keep_previous_seconds=0)  # the last one leaked
+    assert third.secret not in (first.secret, second) and third.previous_expires_at is None
+    raw, headers = delivered(cs, receiver)
+    assert len(headers["webhook-signature"].split()) == 1
+    assert verifies(third.secret, raw, headers)
+    assert not verifies(second, raw, headers) and not verifies(first.secret, raw, headers)
+    assert cs.secret_info().previous_expires_at is None
+    with Commitments(keyed.url, token=KEY_B) as other:
+        assert other.secret() == b_secret
+
+
+def test_a_rotation_reaches_every_node_within_the_refresh(
+    make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another node signs with the new secret, beside the previous one, once it reads
+    the secrets again (``REFRESH_SECONDS``; 0.5 s here)."""
+    monkeypatch.setattr(signing, "REFRESH_SECONDS", 0.5)
+    auth = {"api_keys": {KEY_A: "a"}}
+    n1, n2 = make_node("n1", serve=True, auth=auth), make_node("n2", auth=auth)
+    assert n1.url is not None
+
+    def signing_on_n2() -> tuple[str, ...]:
+        factory = n2.plugin_factories["commitments"]
+        assert isinstance(factory, CommitmentsFactory)
+        secrets = factory.secrets
+        now_ms = int(time.time() * 1000)
+        return asyncio.run_coroutine_threadsafe(secrets.signing("a", now_ms), n2.loop).result()
+
+    with Commitments(n1.url, token=KEY_A) as cs:
+        old = cs.secret()
+        assert signing_on_n2() == (old,)
+        new = cs.rotate_secret().secret
+    wait_until(lambda: signing_on_n2() == (new, old), timeout=3)
+
+
+def test_configured_secrets_all_sign_and_rotate_in_the_configuration(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    newer, older = new_secret(), new_secret()
+    settings = {"allow_loopback": True, "signing_secrets": {"a": [newer, older]}}
+    node = make_node(
+        "n1", serve=True, auth={"api_keys": {KEY_A: "a"}}, plugins={"commitments": settings}
+    )
+    assert node.url is not None
+    with Commitments(node.url, token=KEY_A, timeout=15) as cs:
+        info = cs.secret_info()
+        assert info.secret == newer and info.configured and info.rotated_at is None
+        raw, headers = delivered(cs, receiver)
+        assert verifies(newer, raw, headers) and verifies(older, raw, headers)
+        with pytest.raises(AppError, match=r"plugins\.commitments\.signing_secrets"):
+            cs.rotate_secret()
+        assert cs.secret() == newer
+    for bad in ([], [newer, newer], [newer] * 5):
+        refused = {"allow_loopback": True, "signing_secrets": {"a": bad}}
+        with pytest.raises(ConfigError, match="distinct secrets"):
+            make_node("n2", plugins={"commitments": refused})
+
+
+def test_a_secret_kept_before_rotation_existed_is_carried_over(
+    make_node: Callable[..., Node], redis_url: str, prefix: str
+) -> None:
+    """A principal's random secret as troth kept it before (a string key) stays its
+    secret after an upgrade, and its old key goes."""
+    kept = new_secret()
+    r = redis.Redis.from_url(redis_url)
+    r.set(f"{prefix}:whsec:a", kept)
+    node = make_node("n1", serve=True, auth={"api_keys": {KEY_A: "a"}})
+    assert node.url is not None
+    with Commitments(node.url, token=KEY_A) as cs:
+        assert cs.secret() == kept
+        assert not r.exists(f"{prefix}:whsec:a")
+        assert cs.rotate_secret().secret != kept
+
+
+def test_a_rotation_is_bounded(keyed: Node, cs: Commitments) -> None:
+    assert keyed.url is not None
+    for keep in (-1, 31 * 86_400):
+        with pytest.raises(pydantic.ValidationError):
+            cs.rotate_secret(keep_previous_seconds=keep)
+        resp = httpx.post(
+            f"{keyed.url}/v1/commitments-secret/rotate",
+            json={"keep_previous_seconds": keep},
+            headers={"authorization": f"Bearer {KEY_A}"},
+        )
+        assert resp.status_code == 422, resp.text
+        assert "keep_previous_seconds" in resp.text
+    assert cs.secret_info().rotated_at is None  # nothing rotated
 
 
 def test_events_fire_once_per_key(cs: Commitments, receiver: Receiver) -> None:

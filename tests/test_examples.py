@@ -43,7 +43,9 @@ def test_versioning_demo(redis_url: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["saga.py", "escalation.py", "deadmans_switch.py", "fanout.py"])
+@pytest.mark.parametrize(
+    "script", ["saga.py", "escalation.py", "deadmans_switch.py", "fanout.py", "rotation.py"]
+)
 def test_commitment_pattern_examples(api: httpx.Client, script: str) -> None:
     out = subprocess.run(
         [sys.executable, script],

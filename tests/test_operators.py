@@ -212,9 +212,13 @@ def test_cli_actors_outbox_delete_and_drain(
     config.write_text(json.dumps(base_config(prefix)))
     common = ["--config", str(config), "--redis", redis_url]
 
+    errors: list[str] = []
+
     def troth(*args: str) -> tuple[int, str]:
         code = main([args[0], *common, *args[1:]])
-        return code, capsys.readouterr().out
+        out = capsys.readouterr()
+        errors.append(out.err)
+        return code, out.out
 
     with httpx.Client(base_url=a.url, timeout=15) as api:
         call(api, "counter/c1", "increment")
@@ -226,7 +230,11 @@ def test_cli_actors_outbox_delete_and_drain(
     assert troth("outbox", "redrive", entry) == (0, f"pending  {entry}\n")
     wait_until(lambda: receiver.count() == 3)
     assert troth("delete", "probe/alice-q") == (0, "deleted probe/alice-q\n")
-    assert troth("actors", "--type", "probe") == (0, "\n")
+    assert troth("actors", "--type", "probe") == (0, "")
+    assert errors[-1] == "(no actors of type 'probe')\n"
+    assert troth("actors", "--type", "countr") == (0, "")  # a typo: the hint names the types
+    assert "(no actors of type 'countr'; the types this configuration names: " in errors[-1]
+    assert "counter" in errors[-1]
     code, out = troth("drain", "nb", "--wait", "20")
     assert code == 0 and "nb is drained" in out
     assert not b.leases.owned and len(a.leases.owned) == 64

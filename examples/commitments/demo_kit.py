@@ -4,8 +4,9 @@ Each example talks to a running node (``TROTH_URL``, default http://127.0.0.1:87
 e.g. ``troth serve --config ca.json.example``; ``TROTH_TOKEN`` when it has API keys)
 through :mod:`troth.caas.client`, and runs its own webhook receiver on 127.0.0.1, so
 it shows the whole loop: promise, trigger, signed delivery. The receiver checks each
-delivery's signature with the principal's secret (:func:`troth.caas.delivery.receive`)
-and answers 401 to one that does not check out.
+delivery's signature with the principal's secret (:func:`troth.caas.delivery.receive`;
+``secrets``: those it accepts, e.g. two while the secret is rotated) and answers 401
+to one that does not check out.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ class Receiver:
         self.seen: set[str] = set()
         self.lock = threading.Lock()
         with api() as client:
-            secret = client.secret()
+            self.secrets = [client.secret()]
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 try:
-                    delivery = receive(secret, dict(self.headers), body)
+                    delivery = receive(receiver.secrets, dict(self.headers), body)
                 except InvalidSignature:
                     self.send_response(401)
                     self.end_headers()

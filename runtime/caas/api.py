@@ -13,6 +13,7 @@ not duplicated, when it is retried with the same key.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
 from collections.abc import Callable
@@ -36,9 +37,12 @@ from troth.caas.models import (
     CommitmentPage,
     EventIn,
     EventReceipt,
+    SecretRotation,
+    SigningSecret,
     TimeAfter,
 )
 from troth.caas.plugin import CommitmentsFactory
+from troth.caas.signing import REFRESH_SECONDS, SecretState
 from troth.core.access import Caller
 from troth.core.errors import AppError, BadRequestError, NotFoundError, QuotaExceeded, TrothError
 from troth.core.names import ActorName, shard_of
@@ -54,6 +58,8 @@ from troth.edge.http_api import (
     resolve_principal,
 )
 from troth.extension import NodeContext
+
+log = logging.getLogger(__name__)
 
 #: The principal of every call when the node has no API keys (loopback only).
 LOCAL_PRINCIPAL = "local"
@@ -114,6 +120,21 @@ def public(view: dict[str, Any]) -> dict[str, Any]:
         elif k[-3:] != "_ms":
             out[k] = v
     return out
+
+
+def shown_secret(principal: str, state: SecretState, now_ms: int) -> dict[str, Any]:
+    """A principal's secrets as :class:`SigningSecret` shows them (not the previous
+    secret itself: a receiver that still needs it has it)."""
+    rotated = state.rotated_ms
+    until = state.previous_until_ms
+    return {
+        "principal": principal,
+        "secret": state.current,
+        "configured": bool(state.configured),
+        "rotated_at": iso(rotated),
+        "signing_everywhere_at": iso(rotated + int(REFRESH_SECONDS * 1000)) if rotated else None,
+        "previous_expires_at": iso(until) if until and until > now_ms else None,
+    }
 
 
 def commitments_router(node: NodeContext) -> APIRouter:
@@ -523,10 +544,31 @@ def commitments_router(node: NodeContext) -> APIRouter:
     async def admin_cancel(principal: str, cid: str, _: WriteOperator) -> FastJSONResponse:
         return await answer(checked(principal), cid, "cancel")
 
-    @api.get("/commitments-secret", summary="This principal's webhook signing secret")
-    async def secret(who: Principal) -> dict[str, str]:
+    @api.get(
+        "/commitments-secret",
+        response_model=SigningSecret,
+        summary="This principal's webhook signing secret",
+    )
+    async def secret(who: Principal) -> FastJSONResponse:
         principal = who or LOCAL_PRINCIPAL
-        value = await asyncio.to_thread(factory.secret, principal)
-        return {"principal": principal, "secret": value}
+        state = await factory.secrets.state(principal, fresh=True)
+        return FastJSONResponse(shown_secret(principal, state, node.clock.now_ms()))
+
+    @api.post(
+        "/commitments-secret/rotate",
+        response_model=SigningSecret,
+        openapi_extra=body_schema(SecretRotation),
+        summary="A new signing secret; the current one signs beside it for a while",
+    )
+    async def rotate_secret(request: Request, who: Principal) -> FastJSONResponse:
+        rotation = await json_body(request, SecretRotation)
+        principal = who or LOCAL_PRINCIPAL
+        now_ms = node.clock.now_ms()
+        try:
+            state = await factory.secrets.rotate(principal, rotation.keep_previous_seconds, now_ms)
+        except ValueError as exc:  # a configured secret
+            raise AppError(str(exc)) from None
+        log.info("principal %s rotated its signing secret", principal)
+        return FastJSONResponse(shown_secret(principal, state, now_ms))
 
     return api

@@ -89,7 +89,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     a.add_argument("event_type")
     a.add_argument("payload", nargs="?", default="{}", help="a JSON object (default {})")
     a.add_argument("--key", help="event_key: the same key twice is one event")
-    action("secret", "the principal's webhook signing secret")
+    a = action("secret", "the principal's webhook signing secret; --rotate makes a new one")
+    a.add_argument(
+        "--rotate",
+        action="store_true",
+        help="a new secret; the current one goes on signing beside it for --keep-previous",
+    )
+    a.add_argument(
+        "--keep-previous",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --rotate: how long the current secret goes on signing (default 86400; "
+        "0: it stops at once, e.g. when it leaked)",
+    )
+    a.add_argument("--json", action="store_true", help="the secret with its rotation's times")
 
 
 def node_urls(args: argparse.Namespace, config: Config) -> list[str]:
@@ -120,7 +134,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 
 def _act(cs: Commitments, args: argparse.Namespace) -> int:
     from troth.caas import client
-    from troth.caas.models import MAX_PAGE, BatchCreate, CommitmentCreate
+    from troth.caas.models import KEEP_PREVIOUS_SECONDS, MAX_PAGE, BatchCreate, CommitmentCreate
 
     if args.action == "create":
         specs = _json(_read(args.file), "the file")
@@ -159,7 +173,29 @@ def _act(cs: Commitments, args: argparse.Namespace) -> int:
         payload = _json(args.payload, "the payload")
         _print(cs.publish(args.event_type, payload, event_key=args.key).model_dump(mode="json"))
     else:  # secret
-        print(cs.secret())
+        if args.keep_previous is not None and not args.rotate:
+            raise BadRequestError("--keep-previous goes with --rotate")
+        if args.rotate:
+            keep = KEEP_PREVIOUS_SECONDS if args.keep_previous is None else args.keep_previous
+            info = cs.send(client.rotate_secret(keep))
+        else:
+            info = cs.secret_info()
+        if args.json:
+            _print(info.model_dump(mode="json"))
+            return 0
+        print(info.secret)
+        if args.rotate:
+            everywhere = info.signing_everywhere_at
+            previous = info.previous_expires_at
+            print(
+                f"every node signs with the new secret from {everywhere:%Y-%m-%d %H:%M:%S}Z; "
+                + (
+                    f"the previous one signs too until {previous:%Y-%m-%d %H:%M:%S}Z"
+                    if previous
+                    else "the previous one no longer signs"
+                ),
+                file=sys.stderr,
+            )
     return 0
 
 

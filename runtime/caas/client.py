@@ -51,6 +51,7 @@ import httpx
 from pydantic import BaseModel
 
 from troth.caas.models import (
+    KEEP_PREVIOUS_SECONDS,
     MAX_PAGE,
     BatchCancel,
     BatchCreate,
@@ -64,6 +65,8 @@ from troth.caas.models import (
     EventIn,
     EventReceipt,
     Obligation,
+    SecretRotation,
+    SigningSecret,
     Status,
 )
 from troth.core.errors import CallTimeout, TrothError, error_from_dict
@@ -194,8 +197,20 @@ def publish(
     )
 
 
-def secret() -> Request[str]:
-    return Request("GET", "/v1/commitments-secret", lambda body: str(body["secret"]))
+def secret_info() -> Request[SigningSecret]:
+    return Request("GET", "/v1/commitments-secret", SigningSecret.model_validate)
+
+
+def rotate_secret(keep_previous_seconds: float) -> Request[SigningSecret]:
+    """Not repeatable: a second rotation would retire the secret the first made."""
+    rotation = SecretRotation(keep_previous_seconds=keep_previous_seconds)
+    return Request(
+        "POST",
+        "/v1/commitments-secret/rotate",
+        SigningSecret.model_validate,
+        _dump(rotation),
+        repeatable=False,
+    )
 
 
 def _id(cid: str) -> str:
@@ -383,7 +398,17 @@ class Commitments(_Nodes):
 
     def secret(self) -> str:
         """The principal's webhook signing secret (``whsec_...``)."""
-        return self.send(secret())
+        return self.send(secret_info()).secret
+
+    def secret_info(self) -> SigningSecret:
+        """The signing secret, and where its rotation stands."""
+        return self.send(secret_info())
+
+    def rotate_secret(self, keep_previous_seconds: float = KEEP_PREVIOUS_SECONDS) -> SigningSecret:
+        """A new signing secret. Every node signs with it from ``signing_everywhere_at``
+        on; the current one goes on signing beside it for ``keep_previous_seconds``
+        (0: it stops at once). Move the receiver to the new one in between."""
+        return self.send(rotate_secret(keep_previous_seconds))
 
     # (last: a method named ``list`` hides the builtin in the annotations after it)
     def list(
@@ -477,7 +502,15 @@ class AsyncCommitments(_Nodes):
         return await self.send(publish(event_type, payload, event_key))
 
     async def secret(self) -> str:
-        return await self.send(secret())
+        return (await self.send(secret_info())).secret
+
+    async def secret_info(self) -> SigningSecret:
+        return await self.send(secret_info())
+
+    async def rotate_secret(
+        self, keep_previous_seconds: float = KEEP_PREVIOUS_SECONDS
+    ) -> SigningSecret:
+        return await self.send(rotate_secret(keep_previous_seconds))
 
     # (last, as in :class:`Commitments`)
     async def list(

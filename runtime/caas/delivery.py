@@ -13,9 +13,11 @@ heartbeat that lapsed, or ``event``), ``path`` (which leaf of the trigger: ``r``
 Headers: ``webhook-id`` (the commitment id, the same on every attempt),
 ``webhook-timestamp`` (Unix seconds of this attempt), ``webhook-signature``
 (``v1,`` + base64 HMAC-SHA256 of ``"{id}.{timestamp}.{body}"`` keyed by the
-principal's secret), and ``Idempotency-Key`` (the commitment id). A receiver
-checks and reads it with :func:`receive` (or :func:`verify` and any JSON parser, or any
-Standard Webhooks library) and de-duplicates on the idempotency key.
+principal's secret; while a secret is being rotated, one such signature per secret,
+separated by spaces: see :mod:`troth.caas.signing`), and ``Idempotency-Key`` (the
+commitment id). A receiver checks and reads it with :func:`receive` (or
+:func:`verify` and any JSON parser, or any Standard Webhooks library) and
+de-duplicates on the idempotency key.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,8 +76,14 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + binascii.b2a_base64(mac.digest(), newline=False).decode()
 
 
-def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None = None) -> bool:
-    """Check a delivery's signature and timestamp (headers with lowercase names)."""
+def verify(
+    secret: str | Sequence[str],
+    headers: dict[str, str],
+    body: bytes,
+    now: float | None = None,
+) -> bool:
+    """Check a delivery's signature and timestamp (headers with lowercase names).
+    Several secrets (a receiver in the middle of a rotation): any one will do."""
     try:
         ts = int(headers["webhook-timestamp"])
         msg_id = headers["webhook-id"]
@@ -84,8 +92,11 @@ def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None 
         return False
     if abs((now or time.time()) - ts) > TOLERANCE_SECONDS:
         return False
-    expected = sign(secret, msg_id, ts, body)
-    return any(hmac.compare_digest(expected, g) for g in given)
+    for one in [secret] if isinstance(secret, str) else secret:
+        expected = sign(one, msg_id, ts, body)
+        if any(hmac.compare_digest(expected, g) for g in given):
+            return True
+    return False
 
 
 class InvalidSignature(ValueError):
@@ -95,10 +106,11 @@ class InvalidSignature(ValueError):
 
 
 def receive(
-    secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None
+    secret: str | Sequence[str], headers: Mapping[str, str], body: bytes, now: float | None = None
 ) -> Delivery:
     """A delivery's body, once its signature and timestamp check out (headers in any
-    case, ``body`` as received, before any parsing). Raises :class:`InvalidSignature`,
+    case, ``body`` as received, before any parsing; several secrets: any one will do).
+    Raises :class:`InvalidSignature`,
     or pydantic's ``ValidationError`` for a body that is not a delivery's."""
     if not verify(secret, {k.lower(): v for k, v in headers.items()}, body, now):
         raise InvalidSignature("the delivery's signature or timestamp does not check out")
@@ -154,10 +166,11 @@ def _times_shown(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def build(
-    commitment_id: str, spec: dict[str, Any], attempt: int, secret: str
+    commitment_id: str, spec: dict[str, Any], attempt: int, secrets: Sequence[str]
 ) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one attempt of a delivery (``spec`` as
-    ``Commitments.deliver`` stores it, with ``fired_ms`` set)."""
+    ``Commitments.deliver`` stores it, with ``fired_ms`` set), signed with each of
+    ``secrets``."""
     due, fired = spec.get("due_ms"), spec["fired_ms"]
     body = orjson.dumps(
         {
@@ -176,7 +189,7 @@ def build(
         "content-type": "application/json",
         "webhook-id": commitment_id,
         "webhook-timestamp": str(ts),
-        "webhook-signature": sign(secret, commitment_id, ts, body),
+        "webhook-signature": " ".join(sign(s, commitment_id, ts, body) for s in secrets),
         "idempotency-key": commitment_id,
     }
     return body, headers

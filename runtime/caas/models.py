@@ -210,6 +210,22 @@ class EventIn(_Model):
         return dict(_bounded(v, "payload"))
 
 
+#: How long a rotated signing secret goes on signing, unless the rotation says.
+KEEP_PREVIOUS_SECONDS = 86_400.0
+#: The longest a rotated signing secret may go on signing (30 days).
+MAX_KEEP_PREVIOUS_SECONDS = 30 * 86_400.0
+
+
+class SecretRotation(_Model):
+    keep_previous_seconds: float = Field(
+        KEEP_PREVIOUS_SECONDS,
+        ge=0,
+        le=MAX_KEEP_PREVIOUS_SECONDS,
+        description="How long the current secret goes on signing beside the new one "
+        "(0: it stops at once, e.g. when it leaked).",
+    )
+
+
 # -- what the API answers ----------------------------------------------------------------
 
 
@@ -303,6 +319,23 @@ class EventReceipt(_Answer):
     event_type: str
     duplicate: bool = Field(description="Its event_key was seen before: nothing fired.")
     delivered_to: int = Field(description="Commitments waiting for it that it reached.")
+
+
+class SigningSecret(_Answer):
+    """A principal's webhook signing secret, and where its rotation stands."""
+
+    principal: str
+    secret: str = Field(description="The newest secret (whsec_...): verify with this one.")
+    configured: bool = Field(
+        description="Set in the node's configuration: rotated there, not through the API."
+    )
+    rotated_at: datetime | None = Field(None, description="When it was last rotated.")
+    signing_everywhere_at: datetime | None = Field(
+        None, description="From when every node signs with `secret` (after a rotation)."
+    )
+    previous_expires_at: datetime | None = Field(
+        None, description="Until when the previous secret also signs every delivery."
+    )
 
 
 class Delivery(_Answer):

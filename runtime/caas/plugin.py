@@ -14,9 +14,10 @@ Three outbox kinds, all performed after the commit that decided them:
   commitment (``on_event``). A fan-out cut short by a crash starts again; a
   commitment that has taken an event already ignores it (it remembers the ids).
 
-Signing secrets: ``signing_secrets`` maps principals to ``whsec_...`` secrets; a
-principal without one gets a random secret, kept in Redis, which the API shows to
-that principal at ``GET /v1/commitments-secret``.
+Signing secrets: ``signing_secrets`` maps principals to ``whsec_...`` secrets (or
+lists of them, newest first: each signs); a principal without one gets a random
+secret, kept in Redis, which the API shows to that principal at
+``GET /v1/commitments-secret`` and rotates (:mod:`troth.caas.signing`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from troth.caas import delivery
 from troth.caas.index import COMMIT_STEP, CommitmentIndex
+from troth.caas.signing import MAX_CONFIGURED, SigningSecrets
 from troth.core.access import SYSTEM, Caller
 from troth.core.errors import AppError, CallTimeout, RetryableError, TrothError
 from troth.core.metrics import LoopCounter, LoopHistogram
@@ -70,8 +72,12 @@ class CommitmentSettings(BaseModel):
     allow_loopback: bool = Field(False, description="Allow deliveries to 127.0.0.0/8, ::1.")
     allow_private: bool = Field(False, description="Allow private and link-local targets.")
     timeout_seconds: float = Field(10.0, gt=0, le=120, description="Per delivery attempt.")
-    signing_secrets: dict[str, str] = Field(
-        default_factory=dict, description="Principal -> whsec_ secret; others get a random one."
+    signing_secrets: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description=(
+            "Principal -> whsec_ secret, or a list of them, newest first (each signs: "
+            "rotation); others get a random one."
+        ),
     )
     retention_seconds: float = Field(
         86_400.0,
@@ -82,13 +88,24 @@ class CommitmentSettings(BaseModel):
 
     @field_validator("signing_secrets")
     @classmethod
-    def _standard_secrets(cls, secrets: dict[str, str]) -> dict[str, str]:
-        for principal, secret in secrets.items():
-            try:
-                delivery.secret_key(secret)
-            except ValueError as exc:  # (the message names the principal, never the secret)
-                raise ValueError(f"principal {principal!r}: {exc}") from None
+    def _standard_secrets(cls, secrets: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        for principal, given in secrets.items():
+            listed = [given] if isinstance(given, str) else given
+            # (the messages name the principal, never a secret)
+            if not 1 <= len(listed) <= MAX_CONFIGURED or len(set(listed)) < len(listed):
+                raise ValueError(
+                    f"principal {principal!r}: list 1 to {MAX_CONFIGURED} distinct secrets"
+                )
+            for secret in listed:
+                try:
+                    delivery.secret_key(secret)
+                except ValueError as exc:
+                    raise ValueError(f"principal {principal!r}: {exc}") from None
         return secrets
+
+    def configured_secrets(self) -> dict[str, list[str]]:
+        """Each configured principal's secrets, newest first."""
+        return {p: [s] if isinstance(s, str) else s for p, s in self.signing_secrets.items()}
 
 
 class Commitments(OutboxPlugin):
@@ -224,8 +241,8 @@ class WebhookExecutor:
             spec["fired_ms"] = m.context.clock.now_ms()
         if entry.attempts == 1 and spec.get("due_ms") is not None:
             m.lateness.observe(max(0, spec["fired_ms"] - spec["due_ms"]) / 1000)
-        secret = m.secret(spec["principal"])
-        body, headers = delivery.build(entry.idempotency_key, spec, entry.attempts, secret)
+        secrets = await m.secrets.signing(spec["principal"], m.context.clock.now_ms())
+        body, headers = delivery.build(entry.idempotency_key, spec, entry.attempts, secrets)
         started = time.perf_counter()
         resp = await self.client.attempt(
             "POST", spec["target"], content=body, headers=headers, repeatable=True
@@ -350,17 +367,11 @@ class CommitmentsFactory(PluginFactory):
             (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
-        self._secrets: dict[str, str] = dict(self.settings.signing_secrets)
+        #: The secrets that sign each principal's deliveries.
+        self.secrets = SigningSecrets(
+            self.settings.configured_secrets(), context.batcher, context.keys.prefix
+        )
         self._webhook = WebhookExecutor(self)
-
-    def secret(self, principal: str) -> str:
-        """The principal's signing secret (configured, or random and kept in Redis)."""
-        found = self._secrets.get(principal)
-        if found is None:
-            key = f"{self.context.keys.prefix}:whsec:{principal}"
-            self.context.client.set(key, delivery.new_secret(), nx=True)
-            found = self._secrets[principal] = self.context.client.get(key).decode()
-        return found
 
     def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
         return Commitments(actor, pstate, self.settings.retention_seconds, self.inline_index)

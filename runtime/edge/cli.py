@@ -173,10 +173,23 @@ def cmd_actors(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps({"actors": names, "more": cursor is not None}, indent=2))
     else:
-        print("\n".join(names))
+        if names:
+            print("\n".join(names))
         if cursor is not None:
             print(f"(more than {len(names)}: raise --limit)", file=sys.stderr)
+        elif not names:
+            print(_none_found(args.type, config), file=sys.stderr)
     return 0
+
+
+def _none_found(actor_type: str | None, config: Config) -> str:
+    """Why ``troth actors`` printed nothing, with a hint for a mistyped type."""
+    if actor_type is None:
+        return "(no actors)"
+    hint = ""
+    if actor_type not in config.types:
+        hint = f"; the types this configuration names: {', '.join(sorted(config.types)) or 'none'}"
+    return f"(no actors of type {actor_type!r}{hint})"
 
 
 def cmd_delete(args: argparse.Namespace, config: Config) -> int:
