@@ -241,6 +241,39 @@ def test_a_secret_kept_before_rotation_existed_is_carried_over(
         assert cs.rotate_secret().secret != kept
 
 
+def test_an_operator_rotates_a_principals_secret(make_node: Callable[..., Node]) -> None:
+    """A leaked secret, rotated by an operator with no grace; a tenant may not."""
+    ops, reader = "o" * 16, "r" * 16
+    node = make_node(
+        "n1",
+        serve=True,
+        auth={
+            "api_keys": {KEY_A: "a", KEY_B: "b", ops: "ops", reader: "audit"},
+            "operators": {"ops": "write", "audit": "read"},
+        },
+    )
+    assert node.url is not None
+    with Commitments(node.url, token=KEY_A) as cs:
+        leaked = cs.secret()
+    path = f"{node.url}/v1/admin/commitments-secret/a/rotate"
+    for key, status in ((KEY_B, 403), (reader, 403), (None, 401)):
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        assert httpx.post(path, headers=headers).status_code == status
+    resp = httpx.post(
+        path, json={"keep_previous_seconds": 0}, headers={"authorization": f"Bearer {ops}"}
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["principal"] == "a" and body["previous_expires_at"] is None
+    with Commitments(node.url, token=KEY_A) as cs:
+        assert cs.secret() == body["secret"] != leaked
+    bad = httpx.post(
+        f"{node.url}/v1/admin/commitments-secret/A!/rotate",
+        headers={"authorization": f"Bearer {ops}"},
+    )
+    assert bad.status_code == 422
+
+
 def test_a_rotation_is_bounded(keyed: Node, cs: Commitments) -> None:
     assert keyed.url is not None
     for keep in (-1, 31 * 86_400):

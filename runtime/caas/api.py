@@ -561,14 +561,34 @@ def commitments_router(node: NodeContext) -> APIRouter:
         summary="A new signing secret; the current one signs beside it for a while",
     )
     async def rotate_secret(request: Request, who: Principal) -> FastJSONResponse:
+        return await rotated(request, who or LOCAL_PRINCIPAL, "itself")
+
+    @api.post(
+        "/admin/commitments-secret/{principal}/rotate",
+        response_model=SigningSecret,
+        openapi_extra=body_schema(SecretRotation),
+        tags=["operators"],
+        summary="Rotate a principal's signing secret (e.g. when it leaked)",
+    )
+    async def admin_rotate_secret(
+        principal: str, request: Request, _: WriteOperator
+    ) -> FastJSONResponse:
+        who = resolve_principal(request)
+        return await rotated(request, checked(principal), f"operator {who or LOCAL_PRINCIPAL}")
+
+    async def rotated(request: Request, principal: str, by: str) -> FastJSONResponse:
         rotation = await json_body(request, SecretRotation)
-        principal = who or LOCAL_PRINCIPAL
         now_ms = node.clock.now_ms()
         try:
             state = await factory.secrets.rotate(principal, rotation.keep_previous_seconds, now_ms)
         except ValueError as exc:  # a configured secret
             raise AppError(str(exc)) from None
-        log.info("principal %s rotated its signing secret", principal)
+        log.info(
+            "principal %s's signing secret rotated by %s; the previous one signs %ss more",
+            principal,
+            by,
+            rotation.keep_previous_seconds,
+        )
         return FastJSONResponse(shown_secret(principal, state, now_ms))
 
     return api

@@ -327,7 +327,7 @@ class SigningSecret(_Answer):
     principal: str
     secret: str = Field(description="The newest secret (whsec_...): verify with this one.")
     configured: bool = Field(
-        description="Set in the node's configuration: rotated there, not through the API."
+        False, description="Set in the node's configuration: rotated there, not through the API."
     )
     rotated_at: datetime | None = Field(None, description="When it was last rotated.")
     signing_everywhere_at: datetime | None = Field(
