@@ -110,8 +110,8 @@ def receive(
 ) -> Delivery:
     """A delivery's body, once its signature and timestamp check out (headers in any
     case, ``body`` as received, before any parsing; several secrets: any one will do).
-    Raises :class:`InvalidSignature`,
-    or pydantic's ``ValidationError`` for a body that is not a delivery's."""
+    Raises :class:`InvalidSignature`, or pydantic's ``ValidationError`` for a body that
+    is not a delivery's."""
     if not verify(secret, {k.lower(): v for k, v in headers.items()}, body, now):
         raise InvalidSignature("the delivery's signature or timestamp does not check out")
     return Delivery.model_validate_json(body)
