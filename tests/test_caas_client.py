@@ -20,7 +20,7 @@ import pytest
 import redis
 import standardwebhooks
 
-from conftest import NodeProcess, Receiver, wait_until
+from conftest import NodeProcess, Receiver, on_cluster_too, wait_until
 from troth.caas import delivery, signing
 from troth.caas.client import AsyncCommitments, Commitments
 from troth.caas.delivery import new_secret
@@ -142,6 +142,7 @@ def verifies(secret: str, raw: bytes, headers: dict[str, str]) -> bool:
     return True
 
 
+@on_cluster_too
 def test_a_rotated_secret_signs_beside_the_previous_one_for_a_while(
     keyed: Node, cs: Commitments, receiver: Receiver
 ) -> None:

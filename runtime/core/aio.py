@@ -52,6 +52,14 @@ class LoopThread:
                 self.loop.close()
 
 
+def start(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """``asyncio.create_task(coro)`` on the running loop, made directly: the loop's own
+    ``create_task`` (asyncio's and uvloop's alike) adds about 1 us a task to what the
+    task itself costs (about 4 us), and the engine starts one for each message to an
+    idle actor. (A task factory set on the loop is not used: troth's loops set none.)"""
+    return asyncio.Task(coro, loop=asyncio.get_running_loop())
+
+
 class Background:
     """Fire-and-forget tasks, referenced until they finish (asyncio keeps only weak
     references to tasks, so an unreferenced one may vanish mid-flight)."""
@@ -60,7 +68,7 @@ class Background:
         self._tasks: set[asyncio.Future[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
-        task = asyncio.ensure_future(coro)
+        task = start(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from troth.cluster.routing import Router
-from troth.core import frames, jsonsafe
+from troth.core import aio, frames, jsonsafe
 from troth.core.access import Caller
 from troth.core.errors import BadRequestError, ForbiddenError, TrothError, UnavailableError
 from troth.core.metrics import NodeMetrics
@@ -249,7 +249,7 @@ class _Session:
                 busy = UnavailableError(f"at most {MAX_INFLIGHT} calls in flight a session")
                 await self._error(op.id, busy)
                 return
-            task = asyncio.create_task(self._call(op))
+            task = aio.start(self._call(op))
             self.calls.add(task)
             task.add_done_callback(self.calls.discard)
         elif isinstance(op, SubscribeOp):

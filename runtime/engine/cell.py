@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import redis
 
-from troth.core import logcontext, tracing
+from troth.core import aio, logcontext, tracing
 from troth.core.actor import CA, Plugins
 from troth.core.catalog import ActorType
 from troth.core.checkpoint import CheckpointStore
@@ -183,7 +183,7 @@ class Cell:
             self.pulse_queued = True
         self.mailbox.append(envelope)
         if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._drain())
+            self.task = aio.start(self._drain())
 
     async def stop(self) -> None:
         """Stop after the messages already queued have run (the engine has already
