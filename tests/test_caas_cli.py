@@ -144,3 +144,16 @@ def test_secret_and_its_rotation(troth: Troth) -> None:
         refused = troth("secret", *args)
         assert refused.returncode == 2 and "keep" in refused.stderr, refused.stderr
     assert troth("secret").stdout.strip() == leaked.stdout.strip()  # nothing more rotated
+
+
+def test_list_by_dedup_key_and_metadata(troth: Troth, receiver: Receiver, tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(spec(receiver, dedup_key="order-9", metadata={"customer": "c2"})))
+    made = json.loads(troth("create", str(path)).stdout)
+    found = troth("list", "--dedup-key", "order-9")
+    assert found.returncode == 0 and made["id"] in found.stdout
+    assert troth("list", "--dedup-key", "order-10").stdout == ""
+    rows = troth("list", "--meta", "customer=c2", "--json").stdout.splitlines()
+    assert [json.loads(r)["id"] for r in rows] == [made["id"]]
+    refused = troth("list", "--meta", "customer")
+    assert refused.returncode == 2 and "KEY=VALUE" in refused.stderr

@@ -125,6 +125,42 @@ def test_a_signing_secret_no_standard_library_reads_is_refused(
         assert bad not in message  # a secret is never echoed
 
 
+def test_found_by_dedup_key_and_searched_by_metadata(
+    keyed: Node, cs: Commitments, receiver: Receiver
+) -> None:
+    """A tenant finds its commitment by its own business key (to cancel it, say)
+    and searches by metadata; another tenant finds none of them."""
+    assert keyed.url is not None
+    later = {"type": "time_after", "delay_seconds": 3600}
+    target = {"target": receiver.url}
+    first = cs.create(later, target, metadata={"customer": "c1"})
+    keyed_one = cs.create(later, target, dedup_key="order-9", metadata={"customer": "c2"})
+    newest = cs.create(later, target, metadata={"customer": "c1", "tier": 2})
+    found = cs.find("order-9")
+    assert found is not None and found.id == keyed_one.id and found.dedup_key == "order-9"
+    assert cs.find("order-10") is None
+    page = cs.search({"customer": "c1"})
+    assert [c.id for c in page.items] == [newest.id, first.id] and not page.truncated
+    assert [c.id for c in cs.search({"tier": "2"}).items] == [newest.id]  # compared as text
+    cs.cancel(first.id)
+    assert [c.id for c in cs.search({"customer": "c1"}, status="cancelled").items] == [first.id]
+    assert cs.search({"customer": "c1"}, trigger_type="webhook").items == []
+    assert [c.id for c in cs.search({"customer": "c1"}, limit=1).items] == [newest.id]
+    with Commitments(keyed.url, token=KEY_B) as other:
+        assert other.find("order-9") is None and other.search({"customer": "c1"}).items == []
+    for bad in ({}, {"customer": "c1", "tier": "2"}):
+        with pytest.raises(ValueError):
+            cs.search(bad)
+    headers = {"authorization": f"Bearer {KEY_A}"}
+    for params in (
+        {"dedup_key": "order-9", "metadata": "customer=c1"},
+        {"dedup_key": "order-9", "cursor": f"1:cm_{'0' * 32}"},
+        {"metadata": "customer"},
+    ):
+        resp = httpx.get(f"{keyed.url}/v1/commitments", params=params, headers=headers)
+        assert resp.status_code == 422, (params, resp.text)
+
+
 def delivered(cs: Commitments, receiver: Receiver) -> tuple[bytes, dict[str, str]]:
     """A delivery made now: its body and headers as received."""
     c = cs.create({"type": "time_after", "delay_seconds": 0}, {"target": receiver.url})

@@ -405,15 +405,51 @@ def commitments_router(node: NodeContext) -> APIRouter:
         trigger_type: str | None = Query(None, description=f"One of {', '.join(TRIGGER_TYPES)}"),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
         cursor: str | None = Query(None, max_length=200, pattern=r"^\d+:cm_[0-9a-f]{32}$"),
+        dedup_key: str | None = Query(
+            None, min_length=1, max_length=200, description="Only the one with this dedup_key"
+        ),
+        metadata: str | None = Query(
+            None,
+            max_length=400,
+            description="KEY=VALUE: only those whose metadata has it (a scan of at most "
+            f"{SEARCH_BUDGET:,} commitments: `truncated` says it stopped there)",
+        ),
     ) -> FastJSONResponse:
         if status is not None and status not in STATUSES:
             raise BadRequestError(f"status must be one of {list(STATUSES)}")
         if trigger_type is not None and trigger_type not in TRIGGER_TYPES:
             raise BadRequestError(f"trigger_type must be one of {list(TRIGGER_TYPES)}")
-        items, nxt = await asyncio.to_thread(
-            index.page, who or LOCAL_PRINCIPAL, status, trigger_type, limit, cursor
+        principal = who or LOCAL_PRINCIPAL
+        if dedup_key is None and metadata is None:
+            items, nxt = await asyncio.to_thread(
+                index.page, principal, status, trigger_type, limit, cursor
+            )
+            return FastJSONResponse({"items": [public(i) for i in items], "next_cursor": nxt})
+        if dedup_key is not None and metadata is not None:
+            raise BadRequestError("give dedup_key or metadata, not both")
+        if cursor is not None:
+            raise BadRequestError("a search by dedup_key or metadata has one page: no cursor")
+        truncated = False
+        if dedup_key is not None:
+            cid = await index.bound(principal, dedup_key)
+            items = await asyncio.to_thread(index.find, principal, cid) if cid else []
+        else:
+            assert metadata is not None
+            key, sep, value = metadata.partition("=")
+            if not sep or not key:
+                raise BadRequestError("metadata must be KEY=VALUE")
+            items, truncated = await asyncio.to_thread(
+                index.search_metadata, principal, key, value, status, MAX_PAGE, SEARCH_BUDGET
+            )
+        items = [
+            i
+            for i in items
+            if (status is None or i["status"] == status)
+            and (trigger_type is None or i.get("trigger_type") == trigger_type)
+        ][:limit]
+        return FastJSONResponse(
+            {"items": [public(i) for i in items], "next_cursor": None, "truncated": truncated}
         )
-        return FastJSONResponse({"items": [public(i) for i in items], "next_cursor": nxt})
 
     @api.get(
         "/commitments/{cid}",

@@ -78,6 +78,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     a.add_argument("--status", help="only those in this status")
     a.add_argument("--trigger-type", help="only those with this trigger type")
     a.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    a.add_argument("--dedup-key", help="only the one created with this dedup_key")
+    a.add_argument("--meta", metavar="KEY=VALUE", help="only those whose metadata has it")
     a.add_argument("--json", action="store_true", help="one JSON object a line")
     a = action("get", "a commitment with its delivery attempts")
     a.add_argument("id")
@@ -150,11 +152,25 @@ def _act(cs: Commitments, args: argparse.Namespace) -> int:
         if args.limit < 1:
             raise BadRequestError("--limit must be at least 1")
         page = min(args.limit, MAX_PAGE)
-        listed = cs.list(args.status, args.trigger_type, limit=page)
-        items = list(itertools.islice(listed, args.limit + 1))
-        if len(items) > args.limit:
-            items.pop()
-            print(f"(more than {args.limit}: raise --limit)", file=sys.stderr)
+        if args.dedup_key is not None or args.meta is not None:
+            meta = None
+            if args.meta is not None:
+                key, sep, value = args.meta.partition("=")
+                if not sep or not key:
+                    raise BadRequestError("--meta must be KEY=VALUE")
+                meta = {key: value}
+            found = cs.send(
+                client.search(args.dedup_key, meta, args.status, args.trigger_type, page)
+            )
+            items = found.items
+            if found.truncated:
+                print("(the search stopped before it had looked at every one)", file=sys.stderr)
+        else:
+            listed = cs.list(args.status, args.trigger_type, limit=page)
+            items = list(itertools.islice(listed, args.limit + 1))
+            if len(items) > args.limit:
+                items.pop()
+                print(f"(more than {args.limit}: raise --limit)", file=sys.stderr)
         for item in items:
             if args.json:
                 print(item.model_dump_json())

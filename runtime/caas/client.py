@@ -161,6 +161,29 @@ def page(
     )
 
 
+def search(
+    dedup_key: str | None,
+    metadata: dict[str, str] | None,
+    status: Status | None,
+    trigger_type: str | None,
+    limit: int,
+) -> Request[CommitmentPage]:
+    if (dedup_key is None) == (metadata is None):
+        raise ValueError("search by dedup_key or by metadata (one of them)")
+    if metadata is not None and len(metadata) != 1:
+        raise ValueError("search by one metadata key and its value")
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must lie between 1 and {MAX_PAGE}")
+    params: dict[str, Any] = {"limit": limit}
+    if dedup_key is not None:
+        params["dedup_key"] = dedup_key
+    if metadata is not None:
+        [(key, value)] = metadata.items()
+        params["metadata"] = f"{key}={value}"
+    params.update((k, v) for k, v in (("status", status), ("trigger_type", trigger_type)) if v)
+    return Request("GET", "/v1/commitments", CommitmentPage.model_validate, params=params)
+
+
 def cancel(cid: str) -> Request[Commitment]:
     return Request("DELETE", f"/v1/commitments/{_id(cid)}", Commitment.model_validate)
 
@@ -396,6 +419,24 @@ class Commitments(_Nodes):
         ``event_key``)."""
         return self.send(publish(event_type, payload, event_key))
 
+    def find(self, dedup_key: str) -> CommitmentSummary | None:
+        """The commitment created with ``dedup_key``, if any (as listings show it)."""
+        found = self.send(search(dedup_key, None, None, None, 1)).items
+        return found[0] if found else None
+
+    def search(
+        self,
+        metadata: dict[str, str],
+        status: Status | None = None,
+        trigger_type: str | None = None,
+        *,
+        limit: int = 100,
+    ) -> CommitmentPage:
+        """Newest first, at most ``limit``, the commitments whose metadata has the one
+        ``{key: value}`` given (compared as text). Metadata is not indexed: the node
+        looks at 100,000 commitments at most, and ``truncated`` says it stopped there."""
+        return self.send(search(None, metadata, status, trigger_type, limit))
+
     def secret(self) -> str:
         """The principal's webhook signing secret (``whsec_...``)."""
         return self.send(secret_info()).secret
@@ -500,6 +541,20 @@ class AsyncCommitments(_Nodes):
         event_key: str | None = None,
     ) -> EventReceipt:
         return await self.send(publish(event_type, payload, event_key))
+
+    async def find(self, dedup_key: str) -> CommitmentSummary | None:
+        found = (await self.send(search(dedup_key, None, None, None, 1))).items
+        return found[0] if found else None
+
+    async def search(
+        self,
+        metadata: dict[str, str],
+        status: Status | None = None,
+        trigger_type: str | None = None,
+        *,
+        limit: int = 100,
+    ) -> CommitmentPage:
+        return await self.send(search(None, metadata, status, trigger_type, limit))
 
     async def secret(self) -> str:
         return (await self.send(secret_info())).secret

@@ -296,6 +296,9 @@ class CommitmentSummary(_Answer):
 class CommitmentPage(_Answer):
     items: list[CommitmentSummary]
     next_cursor: str | None = Field(None, description="For the next page; None: the last.")
+    truncated: bool = Field(
+        False, description="A search by metadata stopped before it had looked at every one."
+    )
 
 
 class CommitmentBatch(_Answer):
