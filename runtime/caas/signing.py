@@ -116,6 +116,8 @@ class SigningSecrets:
         if read is None:
             read = self._reads[principal] = asyncio.ensure_future(self._read(principal))
             read.add_done_callback(lambda _: self._reads.pop(principal, None))
+            # (its error is taken even if every waiter left: none is logged as unread)
+            read.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             return await asyncio.shield(read)
         except Exception as exc:
