@@ -122,6 +122,14 @@ def public(view: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def key_value(text: str, name: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (a metadata search's query parameter ``name``) as its two parts."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise BadRequestError(f"{name} must be KEY=VALUE")
+    return key, value
+
+
 def shown_secret(principal: str, state: SecretState, now_ms: int) -> dict[str, Any]:
     """A principal's secrets as :class:`SigningSecret` shows them (not the previous
     secret itself: a receiver that still needs it has it)."""
@@ -435,9 +443,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
             items = await asyncio.to_thread(index.find, principal, cid) if cid else []
         else:
             assert metadata is not None
-            key, sep, value = metadata.partition("=")
-            if not sep or not key:
-                raise BadRequestError("metadata must be KEY=VALUE")
+            key, value = key_value(metadata, "metadata")
             items, truncated = await asyncio.to_thread(
                 index.search_metadata, principal, key, value, status, MAX_PAGE, SEARCH_BUDGET
             )
@@ -538,9 +544,7 @@ def commitments_router(node: NodeContext) -> APIRouter:
         if q:
             items = await asyncio.to_thread(index.find, principal, q)
         elif meta:
-            key, sep, value = meta.partition("=")
-            if not sep or not key:
-                raise BadRequestError("meta must be KEY=VALUE")
+            key, value = key_value(meta, "meta")
             items, truncated = await asyncio.to_thread(
                 index.search_metadata, principal, key, value, status, limit, SEARCH_BUDGET
             )

@@ -147,11 +147,15 @@ def get(cid: str) -> Request[Commitment]:
     return Request("GET", f"/v1/commitments/{_id(cid)}", Commitment.model_validate)
 
 
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must lie between 1 and {MAX_PAGE}")
+
+
 def page(
     status: Status | None, trigger_type: str | None, limit: int, cursor: str | None
 ) -> Request[CommitmentPage]:
-    if not 1 <= limit <= MAX_PAGE:
-        raise ValueError(f"limit must lie between 1 and {MAX_PAGE}")
+    _check_limit(limit)
     params = {"status": status, "trigger_type": trigger_type, "limit": limit, "cursor": cursor}
     return Request(
         "GET",
@@ -172,8 +176,7 @@ def search(
         raise ValueError("search by dedup_key or by metadata (one of them)")
     if metadata is not None and len(metadata) != 1:
         raise ValueError("search by one metadata key and its value")
-    if not 1 <= limit <= MAX_PAGE:
-        raise ValueError(f"limit must lie between 1 and {MAX_PAGE}")
+    _check_limit(limit)
     params: dict[str, Any] = {"limit": limit}
     if dedup_key is not None:
         params["dedup_key"] = dedup_key
