@@ -242,6 +242,8 @@ class Node:
         """Register, claim shards (synchronously: a lone node owns all on return)."""
         self.client.set(self.keys.secret, secrets.token_hex(32), nx=True)
         self.router.secret = self.client.get(self.keys.secret).decode()
+        for factory in self.plugin_factories.values():
+            factory.start()
         self._on_loop(self._start_engine()).result(timeout=10)
         self.scheduler.start()
         self.dispatcher.start()

@@ -37,7 +37,10 @@ def troth(
     capsys: pytest.CaptureFixture[str],
 ) -> Troth:
     """``troth commitments ...`` reaching a keyed node through TROTH_URL and TROTH_TOKEN."""
-    node = make_node("n1", serve=True, auth={"api_keys": {KEY: "p"}})
+    commitments = {"allow_loopback": True, "timeout_seconds": 2, "indexed_metadata": ["customer"]}
+    node = make_node(
+        "n1", serve=True, auth={"api_keys": {KEY: "p"}}, plugins={"commitments": commitments}
+    )
     monkeypatch.setenv("TROTH_URL", str(node.url))
     monkeypatch.setenv("TROTH_TOKEN", KEY)
 
@@ -157,3 +160,11 @@ def test_list_by_dedup_key_and_metadata(troth: Troth, receiver: Receiver, tmp_pa
     assert [json.loads(r)["id"] for r in rows] == [made["id"]]
     refused = troth("list", "--meta", "customer")
     assert refused.returncode == 2 and "KEY=VALUE" in refused.stderr
+    # An indexed key (once its index is built) lists page after page, up to --limit.
+    path.write_text(json.dumps([spec(receiver, metadata={"customer": "c3"})] * 3))
+    batch = [c["id"] for c in json.loads(troth("create", str(path)).stdout)]
+    wait_until(
+        lambda: "more than 2" in troth("list", "--meta", "customer=c3", "--limit", "2").stderr
+    )
+    rows = troth("list", "--meta", "customer=c3", "--limit", "5", "--json").stdout.splitlines()
+    assert sorted(json.loads(r)["id"] for r in rows) == sorted(batch) and len(rows) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from troth.caas.models import Commitment
 from troth.caas.plugin import CommitmentsFactory
 from troth.core.config import ConfigError
 from troth.core.errors import AppError, AuthError, BadRequestError, CallTimeout, NotFoundError
+from troth.edge.server import ServerThread
 from troth.node import Node
 
 KEY_A, KEY_B = "a" * 16, "b" * 16
@@ -159,6 +161,88 @@ def test_found_by_dedup_key_and_searched_by_metadata(
     ):
         resp = httpx.get(f"{keyed.url}/v1/commitments", params=params, headers=headers)
         assert resp.status_code == 422, (params, resp.text)
+
+
+@on_cluster_too
+def test_an_indexed_metadata_key_is_searched_exactly_a_page_at_a_time(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    """A key listed in ``indexed_metadata`` is searched through its index: exact,
+    newest first, a page at a time. Commitments created before it was listed are
+    found too: the first search builds the index (and scans meanwhile). A node that
+    starts without the key ends the index's generation; listed again, the index is
+    built afresh, with what that node created meanwhile."""
+    auth = {"api_keys": {KEY_A: "a", KEY_B: "b"}}
+    plain = {"commitments": {"allow_loopback": True}}
+    indexed = {"commitments": {"allow_loopback": True, "indexed_metadata": ["customer", "vip"]}}
+    later = {"type": "time_after", "delay_seconds": 3600}
+    target = {"target": receiver.url}
+    created: list[str] = []  # customer c1, oldest first
+
+    @contextlib.contextmanager
+    def client(name: str, plugins: dict[str, Any]) -> Iterator[Commitments]:
+        """A node serving its API for the block; stopped after it."""
+        node = make_node(name, auth=auth, plugins=plugins)
+        server = ServerThread(node).start()
+        try:
+            with Commitments(server.url, token=KEY_A) as cs:
+                yield cs
+        finally:
+            server.stop()
+            node.stop()
+
+    def every_page(cs: Commitments, query: dict[str, str], **filters: Any) -> list[str]:
+        ids, cursor = [], None
+        while True:
+            page = cs.search(query, limit=2, cursor=cursor, **filters)
+            ids += [c.id for c in page.items]
+            if page.next_cursor is None:
+                return ids
+            cursor = page.next_cursor
+
+    def indexed_search(cs: Commitments) -> None:
+        """Search until the index is built (the searches before it scan: one page)."""
+        wait_until(lambda: cs.search({"customer": "c1"}, limit=2).next_cursor is not None)
+        assert every_page(cs, {"customer": "c1"}) == created[::-1]
+
+    with client("n1", plain) as cs:
+        for i in range(3):
+            created.append(cs.create(later, target, metadata={"customer": "c1", "n": i}).id)
+        cs.create(later, target, metadata={"customer": "c2"})
+        long = cs.create(later, target, metadata={"customer": "x" * 201}).id  # never indexed
+
+    with client("n2", indexed) as cs:
+        created.append(cs.create(later, target, metadata={"customer": "c1", "vip": True}).id)
+        page = cs.search({"customer": "c1"}, limit=2)  # builds the index, scans meanwhile
+        assert [c.id for c in page.items] == created[:-3:-1]
+        indexed_search(cs)
+        assert every_page(cs, {"vip": "true"}) == [created[-1]]  # JSON's text of true
+        cs.cancel(created[0])
+        assert every_page(cs, {"customer": "c1"}, status="cancelled") == [created[0]]
+        assert every_page(cs, {"customer": "c1"}, status="pending") == created[:0:-1]
+        assert [c.id for c in cs.search({"customer": "x" * 201}).items] == [long]  # a scan
+        with pytest.raises(BadRequestError, match="not indexed"):
+            cs.search({"n": "1"}, cursor="1:cm_" + "0" * 32)
+        with Commitments(cs.urls[0], token=KEY_B) as other:
+            assert other.search({"customer": "c1"}).items == []
+
+    with client("n3", plain) as cs:  # ends the index's generation
+        created.append(cs.create(later, target, metadata={"customer": "c1"}).id)
+
+    with client("n4", indexed) as cs:
+        indexed_search(cs)  # with what n3 created, unindexed
+
+
+def test_indexed_metadata_keys_are_checked(make_node: Callable[..., Node]) -> None:
+    for keys, why in (
+        (["a", "a"], "once"),
+        (["a=b"], "no '='"),
+        ([f"k{i}" for i in range(17)], "at most 16"),
+        ([""], "at least 1"),
+    ):
+        with pytest.raises(ConfigError, match="indexed_metadata") as refused:
+            make_node("n1", plugins={"commitments": {"indexed_metadata": keys}})
+        assert why in str(refused.value)
 
 
 def delivered(cs: Commitments, receiver: Receiver) -> tuple[bytes, dict[str, str]]:

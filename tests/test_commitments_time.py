@@ -348,20 +348,25 @@ def mentions(client: Any, prefix: str, needle: str) -> list[str]:
 def test_retention_deletes_every_key_of_a_finished_commitment(
     redis_url: str, receiver: Receiver, rclient: Any
 ) -> None:
-    config = {"plugins": {"commitments": {"allow_loopback": True, "retention_seconds": 3600}}}
+    settings = {"allow_loopback": True, "retention_seconds": 3600, "indexed_metadata": ["order"]}
+    config = {"plugins": {"commitments": settings}}
     with (
         ActorTestEnv({}, redis_url=redis_url, serve=True, config=config) as env,
         httpx.Client(base_url=env.url, timeout=15) as api,
     ):
         prefix = env.config.redis.key_prefix
-        done = commit(api, receiver, {"type": "time_after", "delay_seconds": 10})
+        meta = {"order": "o-1", "note": "not indexed"}
+        done = commit(api, receiver, {"type": "time_after", "delay_seconds": 10}, metadata=meta)
         waiting = commit(api, receiver, {"type": "time_after", "delay_seconds": 86_400})
         on_event = commit(api, receiver, {"type": "webhook", "event_type": "e"})
-        cancelled = commit(api, receiver, {"type": "webhook", "event_type": "e"}, dedup_key="once")
+        cancelled = commit(
+            api, receiver, {"type": "webhook", "event_type": "e"}, dedup_key="once", metadata=meta
+        )
         api.delete(f"/v1/commitments/{cancelled}")
         env.advance(10)
         assert view(api, done)["status"] == "fulfilled"
         assert mentions(rclient, prefix, done)  # kept during its retention
+        assert f"{prefix}:{{cm:local}}:m:5:order=o-1 (zset)" in mentions(rclient, prefix, done)
         env.advance(3599)
         assert view(api, done)["status"] == "fulfilled"
         env.advance(1)

@@ -419,8 +419,10 @@ def commitments_router(node: NodeContext) -> APIRouter:
         metadata: str | None = Query(
             None,
             max_length=400,
-            description="KEY=VALUE: only those whose metadata has it (a scan of at most "
-            f"{SEARCH_BUDGET:,} commitments: `truncated` says it stopped there)",
+            description="KEY=VALUE: only those whose metadata has it. A key listed in "
+            "`indexed_metadata` reads its index, a page at a time; any other is a scan of "
+            f"at most {SEARCH_BUDGET:,} commitments, one page (`truncated` says it "
+            "stopped there)",
         ),
     ) -> FastJSONResponse:
         if status is not None and status not in STATUSES:
@@ -428,33 +430,41 @@ def commitments_router(node: NodeContext) -> APIRouter:
         if trigger_type is not None and trigger_type not in TRIGGER_TYPES:
             raise BadRequestError(f"trigger_type must be one of {list(TRIGGER_TYPES)}")
         principal = who or LOCAL_PRINCIPAL
-        if dedup_key is None and metadata is None:
+        if dedup_key is not None and metadata is not None:
+            raise BadRequestError("give dedup_key or metadata, not both")
+        truncated = False
+        if dedup_key is not None:
+            if cursor is not None:
+                raise BadRequestError("a search by dedup_key has one page: no cursor")
+            cid = await index.bound(principal, dedup_key)
+            found = await asyncio.to_thread(index.find, principal, cid) if cid else []
+            items = [
+                i
+                for i in found
+                if (status is None or i["status"] == status)
+                and (trigger_type is None or i.get("trigger_type") == trigger_type)
+            ]
+            nxt = None
+        elif metadata is not None:
+            key, value = key_value(metadata, "metadata")
+            items, nxt, truncated = await asyncio.to_thread(
+                index.search_metadata,
+                principal,
+                key,
+                value,
+                status,
+                trigger_type,
+                limit,
+                cursor,
+                SEARCH_BUDGET,
+            )
+        else:
             items, nxt = await asyncio.to_thread(
                 index.page, principal, status, trigger_type, limit, cursor
             )
             return FastJSONResponse({"items": [public(i) for i in items], "next_cursor": nxt})
-        if dedup_key is not None and metadata is not None:
-            raise BadRequestError("give dedup_key or metadata, not both")
-        if cursor is not None:
-            raise BadRequestError("a search by dedup_key or metadata has one page: no cursor")
-        truncated = False
-        if dedup_key is not None:
-            cid = await index.bound(principal, dedup_key)
-            items = await asyncio.to_thread(index.find, principal, cid) if cid else []
-        else:
-            assert metadata is not None
-            key, value = key_value(metadata, "metadata")
-            items, truncated = await asyncio.to_thread(
-                index.search_metadata, principal, key, value, status, MAX_PAGE, SEARCH_BUDGET
-            )
-        items = [
-            i
-            for i in items
-            if (status is None or i["status"] == status)
-            and (trigger_type is None or i.get("trigger_type") == trigger_type)
-        ][:limit]
         return FastJSONResponse(
-            {"items": [public(i) for i in items], "next_cursor": None, "truncated": truncated}
+            {"items": [public(i) for i in items], "next_cursor": nxt, "truncated": truncated}
         )
 
     @api.get(
@@ -545,8 +555,16 @@ def commitments_router(node: NodeContext) -> APIRouter:
             items = await asyncio.to_thread(index.find, principal, q)
         elif meta:
             key, value = key_value(meta, "meta")
-            items, truncated = await asyncio.to_thread(
-                index.search_metadata, principal, key, value, status, limit, SEARCH_BUDGET
+            items, nxt, truncated = await asyncio.to_thread(
+                index.search_metadata,
+                principal,
+                key,
+                value,
+                status,
+                None,
+                limit,
+                cursor,
+                SEARCH_BUDGET,
             )
         else:
             items, nxt = await asyncio.to_thread(index.page, principal, status, None, limit, cursor)

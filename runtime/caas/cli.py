@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -33,9 +34,12 @@ from troth.core.errors import BadRequestError
 
 if TYPE_CHECKING:
     from troth.caas.client import Commitments
+    from troth.caas.models import CommitmentSummary
 
 __all__ = ["add_commands"]
 
+#: What ``list --meta`` says when a scan stopped before the end.
+STOPPED = "(the search stopped before it had looked at every one)"
 #: How a listing shows each commitment when not asked for JSON.
 _ROW = "{id:35} {status:10} {trigger_type:13} {due:20} {target}"
 
@@ -159,18 +163,28 @@ def _act(cs: Commitments, args: argparse.Namespace) -> int:
                 if not sep or not key:
                     raise BadRequestError("--meta must be KEY=VALUE")
                 meta = {key: value}
-            found = cs.send(
-                client.search(args.dedup_key, meta, args.status, args.trigger_type, page)
-            )
-            items = found.items
-            if found.truncated:
-                print("(the search stopped before it had looked at every one)", file=sys.stderr)
+
+            def found() -> Iterator[CommitmentSummary]:  # (an indexed key's pages)
+                cursor = None
+                while True:
+                    search = client.search(
+                        args.dedup_key, meta, args.status, args.trigger_type, page, cursor
+                    )
+                    got = cs.send(search)
+                    if got.truncated:
+                        print(STOPPED, file=sys.stderr)
+                    yield from got.items
+                    if not got.next_cursor:
+                        return
+                    cursor = got.next_cursor
+
+            listed: Iterator[CommitmentSummary] = found()
         else:
             listed = cs.list(args.status, args.trigger_type, limit=page)
-            items = list(itertools.islice(listed, args.limit + 1))
-            if len(items) > args.limit:
-                items.pop()
-                print(f"(more than {args.limit}: raise --limit)", file=sys.stderr)
+        items = list(itertools.islice(listed, args.limit + 1))
+        if len(items) > args.limit:
+            items.pop()
+            print(f"(more than {args.limit}: raise --limit)", file=sys.stderr)
         for item in items:
             if args.json:
                 print(item.model_dump_json())

@@ -171,6 +171,7 @@ def search(
     status: Status | None,
     trigger_type: str | None,
     limit: int,
+    cursor: str | None = None,
 ) -> Request[CommitmentPage]:
     if (dedup_key is None) == (metadata is None):
         raise ValueError("search by dedup_key or by metadata (one of them)")
@@ -183,7 +184,8 @@ def search(
     if metadata is not None:
         [(key, value)] = metadata.items()
         params["metadata"] = f"{key}={value}"
-    params.update((k, v) for k, v in (("status", status), ("trigger_type", trigger_type)) if v)
+    optional = (("status", status), ("trigger_type", trigger_type), ("cursor", cursor))
+    params.update((k, v) for k, v in optional if v)
     return Request("GET", "/v1/commitments", CommitmentPage.model_validate, params=params)
 
 
@@ -434,11 +436,14 @@ class Commitments(_Nodes):
         trigger_type: str | None = None,
         *,
         limit: int = 100,
+        cursor: str | None = None,
     ) -> CommitmentPage:
         """Newest first, at most ``limit``, the commitments whose metadata has the one
-        ``{key: value}`` given (compared as text). Metadata is not indexed: the node
-        looks at 100,000 commitments at most, and ``truncated`` says it stopped there."""
-        return self.send(search(None, metadata, status, trigger_type, limit))
+        ``{key: value}`` given (a number or boolean as JSON writes it: ``"true"``).
+        A key the node lists in ``indexed_metadata`` reads its index: pass the page's
+        ``next_cursor`` as ``cursor`` for the next. Any other key is a scan of 100,000
+        commitments at most, one page, and ``truncated`` says it stopped there."""
+        return self.send(search(None, metadata, status, trigger_type, limit, cursor))
 
     def secret(self) -> str:
         """The principal's webhook signing secret (``whsec_...``)."""
@@ -556,8 +561,9 @@ class AsyncCommitments(_Nodes):
         trigger_type: str | None = None,
         *,
         limit: int = 100,
+        cursor: str | None = None,
     ) -> CommitmentPage:
-        return await self.send(search(None, metadata, status, trigger_type, limit))
+        return await self.send(search(None, metadata, status, trigger_type, limit, cursor))
 
     async def secret(self) -> str:
         return (await self.send(secret_info())).secret

@@ -12,7 +12,12 @@ P:{cm:p}:count             hash    status -> number of commitments
 P:{cm:p}:dedup             hash    dedup_key -> commitment id
 P:{cm:p}:ended             zset    finished commitment id -> when it is retired (ms)
 P:{cm:p}:gone:ID           string  a retired commitment's tombstone (expires)
+P:{cm:p}:m:N:KEY=VALUE     zset    commitment id -> created (ms), for each indexed
+                                   metadata key (N: the key's length)
+P:{cm:p}:mready            hash    indexed metadata key -> generation built
 P:principals               set     principals that have commitments (for metrics)
+P:cm:mindex                hash    indexed metadata key -> its generation
+P:cm:mindex:gen            string  the last generation given
 =========================  ======  ================================================
 
 The commitment actor is the source of truth. On a single Redis its summary moves
@@ -28,10 +33,24 @@ converges on the actor's state. The last summary of a commitment, committed in t
 transaction that deletes it (retention), says ``retired``: the index then removes
 every row of it and leaves a tombstone for a while, so that a late summary cannot
 bring it back and a GET can say it was retired.
+
+**Metadata.** A search by metadata is a scan of the principal's summaries, unless
+the key is listed in ``indexed_metadata``: a new commitment then joins the index of
+each listed key its metadata has (``P:{cm:p}:m:...``, in the same step as its
+summary), and a search by that key reads it, exact and a page at a time. The index
+of a key listed after commitments had it is built from their summaries, per
+principal, by the first search that needs it (which scans meanwhile); it is trusted
+once built for the key's current *generation*. A node that starts without a key
+listed ends its generation (the node then indexes nothing for it, so the index can
+no longer be complete); listed again, the key gets a new generation, whose index is
+built afresh. A retired commitment leaves every metadata index it may be in.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Collection
 from functools import partial
 from typing import Any
 
@@ -40,10 +59,12 @@ import redis
 
 from troth.caas.models import STATUSES
 from troth.core.batcher import Batcher, Command
-from troth.core.errors import AppError, QuotaExceeded
+from troth.core.errors import AppError, BadRequestError, QuotaExceeded
 from troth.core.keys import KeySpace
 from troth.core.records import CommitStep
 from troth.core.scripts import Script, load_lua
+
+log = logging.getLogger(__name__)
 
 #: Principals whose index keys are kept made (a bound: principals come from outside).
 STEP_KEYS_CACHED = 4096
@@ -52,6 +73,27 @@ STEP_KEYS_CACHED = 4096
 #: out the id (the row's hash field): most rows are pending commitments, for which
 #: they are all null, and the rows are a quarter of what one keeps in Redis.
 _NULLABLE = ("dedup_key", "due_ms", "ended_ms", "retires_ms")
+
+
+#: Metadata keys one deployment may index (each costs a key a value a principal).
+MAX_INDEXED_KEYS = 16
+#: Metadata values longer than this (as text) are not indexed: searched by a scan.
+MAX_INDEXED_TEXT = 200
+#: Metadata indexes built at once on one node (more searches scan meanwhile).
+MAX_BUILDS = 4
+#: Summaries one build reads a round trip.
+BUILD_CHUNK = 500
+
+
+def metadata_text(value: Any) -> str | None:
+    """A metadata value as a search compares it: a string as it is, a number or a
+    boolean as JSON writes it (``true``, ``10``, ``1.5``); None for what a search never
+    matches (null, lists, objects)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return orjson.dumps(value).decode()
+    return None
 
 
 def _stored(summary: dict[str, Any]) -> bytes:
@@ -73,12 +115,24 @@ class CommitmentIndex:
     index updates of many commitments travel together. A reader (``troth status``,
     the metrics) needs no batcher."""
 
-    def __init__(self, client: redis.Redis, keys: KeySpace, batcher: Batcher | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: KeySpace,
+        batcher: Batcher | None = None,
+        indexed_metadata: Collection[str] = (),
+    ) -> None:
         self.client = client
         self.batcher = batcher
         self.prefix = keys.prefix
+        #: The metadata keys whose values are indexed (``indexed_metadata``).
+        self.indexed = frozenset(indexed_metadata)
         self._principals = f"{self.prefix}:principals"
+        self._generations = f"{self.prefix}:cm:mindex"
         self._apply = Script(f"{FUNCTIONS}\nreturn cmindex_apply(KEYS, ARGV)")
+        self._backfill = Script(load_lua("cmbackfill.lua", "troth.caas"))
+        self._builds: set[tuple[str, str]] = set()  # (principal, key) being built here
+        self._builds_lock = threading.Lock()
         self._known: set[str] = set()  # principals already in P:principals
         self._step_key_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
@@ -154,12 +208,112 @@ class CommitmentIndex:
         cid = summary["id"]
         before, after = self._step_keys(principal)
         keys = [*before, self._k(principal, f"gone:{cid}"), *after]
+        if "metadata" in summary and (self.indexed or summary["status"] == "retired"):
+            keys += self._metadata_keys(principal, summary)
         quota = "" if pending_quota is None else pending_quota
         args = [cid, summary["rev"], _stored(summary), tombstone_ms, bind or "", quota]
         if listed:
             keys.append(self._principals)
         args.append(principal if listed else "")
         return keys, [*args, *STATUSES]
+
+    def _metadata_key(self, principal: str, key: str, text: str) -> str:
+        return self._k(principal, f"m:{len(key)}:{key}={text}")
+
+    def _metadata_keys(self, principal: str, summary: dict[str, Any]) -> list[str]:
+        """The metadata indexes a commitment joins: those of the indexed keys; once
+        retired, those of every key (one listed earlier may have indexed it)."""
+        every = summary["status"] == "retired"
+        found = []
+        for key, value in summary["metadata"].items():
+            if every or key in self.indexed:
+                text = metadata_text(value)
+                if text is not None and len(text) <= MAX_INDEXED_TEXT:
+                    found.append(self._metadata_key(principal, key, text))
+        return found
+
+    def reconcile_metadata(self) -> None:
+        """At a node's start: give each newly indexed metadata key a generation, and
+        end that of each key no longer indexed (the node will not index it, so its
+        index cannot be trusted again). Every node should list the same keys."""
+        known = {k.decode() for k in self.client.hkeys(self._generations)}
+        for key in sorted(known - self.indexed):
+            self.client.hdel(self._generations, key)
+            log.info("metadata key %r is no longer indexed", key)
+        for key in sorted(self.indexed - known):
+            generation = self.client.incr(f"{self._generations}:gen")
+            if self.client.hsetnx(self._generations, key, generation):
+                log.info("metadata key %r indexed (generation %d)", key, generation)
+
+    def _indexed(self, principal: str, key: str, value: str) -> bool:
+        """Whether a search by ``key=value`` may read the index: the key is indexed and
+        its index for this principal was built for the key's current generation (if
+        not, the build starts, and this search scans)."""
+        if key not in self.indexed or len(value) > MAX_INDEXED_TEXT:
+            return False
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(self._generations, key)
+        pipe.hget(self._k(principal, "mready"), key)
+        generation, ready = pipe.execute()
+        if generation is None:  # a node without the key started since: scan
+            return False
+        if ready == generation:
+            return True
+        self._build_soon(principal, key, generation.decode())
+        return False
+
+    def _build_soon(self, principal: str, key: str, generation: str) -> None:
+        with self._builds_lock:
+            if (principal, key) in self._builds or len(self._builds) >= MAX_BUILDS:
+                return
+            self._builds.add((principal, key))
+        threading.Thread(
+            target=self._build,
+            args=(principal, key, generation),
+            name=f"troth-metadata-index-{key}",
+            daemon=True,
+        ).start()
+
+    def _build(self, principal: str, key: str, generation: str) -> None:
+        """Add the principal's commitments that have ``key`` to its index, and mark the
+        index built for ``generation``. New commitments join it meanwhile by
+        themselves; one retired meanwhile is left out (``lua/cmbackfill.lua``)."""
+        summaries = self._k(principal, "sum")
+        added = seen = 0
+        try:
+            chunk: list[tuple[str, int, str]] = []
+            for cid, raw in self.client.hscan_iter(summaries, count=BUILD_CHUNK):
+                seen += 1
+                row = orjson.loads(raw)
+                text = metadata_text((row.get("metadata") or {}).get(key))
+                if text is not None and len(text) <= MAX_INDEXED_TEXT:
+                    chunk.append((self._metadata_key(principal, key, text), row["created_ms"], cid))
+                if len(chunk) >= BUILD_CHUNK:
+                    added += self._add_rows(summaries, chunk)
+                    chunk = []
+            added += self._add_rows(summaries, chunk)
+            if (self.client.hget(self._generations, key) or b"").decode() == generation:
+                self.client.hset(self._k(principal, "mready"), key, generation)
+            log.info(
+                "metadata index of %r for principal %s built: %d of %d commitments added",
+                key,
+                principal,
+                added,
+                seen,
+            )
+        except redis.RedisError as exc:  # the next search starts it again
+            log.warning("building the metadata index of %r for %s failed: %s", key, principal, exc)
+        finally:
+            with self._builds_lock:
+                self._builds.discard((principal, key))
+
+    def _add_rows(self, summaries: str, rows: list[tuple[str, int, str]]) -> int:
+        if not rows:
+            return 0
+        keys = [summaries, *(zset for zset, _, _ in rows)]
+        args = [a for _, created, cid in rows for a in (cid, created)]
+        (added,) = self._backfill.run_many(self.client, [(keys, args)])
+        return int(added)
 
     def retired_at(self, principal: str, cid: str) -> int | None:
         """When ``cid`` was retired (ms), while its tombstone lasts."""
@@ -190,9 +344,11 @@ class CommitmentIndex:
         trigger_type: str | None,
         limit: int,
         cursor: str | None,
+        within: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Newest first. The cursor is ``created_ms:id`` of the last item returned."""
-        key = self._k(principal, f"s:{status}" if status else "all")
+        """Newest first. The cursor is ``created_ms:id`` of the last item returned.
+        ``within``: the zset listed instead of the status's (a metadata index)."""
+        key = within or self._k(principal, f"s:{status}" if status else "all")
         items: list[dict[str, Any]] = []
         max_score: str = "+inf"
         after: tuple[int, str] | None = None
@@ -239,11 +395,31 @@ class CommitmentIndex:
         return [found] if found else []
 
     def search_metadata(
-        self, principal: str, key: str, value: str, status: str | None, limit: int, budget: int
-    ) -> tuple[list[dict[str, Any]], bool]:
-        """Commitments whose ``metadata[key]`` reads ``value`` (compared as text), newest
-        first; looks at ``budget`` summaries at most and says whether it stopped
-        there (a search is a scan: metadata is not indexed)."""
+        self,
+        principal: str,
+        key: str,
+        value: str,
+        status: str | None,
+        trigger_type: str | None,
+        limit: int,
+        cursor: str | None,
+        budget: int,
+    ) -> tuple[list[dict[str, Any]], str | None, bool]:
+        """Commitments whose ``metadata[key]`` reads ``value`` (see
+        :func:`metadata_text`), newest first: ``(items, next cursor, truncated)``.
+
+        An indexed key (see the module docstring) reads its index, a page at a time.
+        Any other is a scan of ``budget`` summaries at most, one page, and
+        ``truncated`` says whether it stopped there."""
+        if self._indexed(principal, key, value):
+            within = self._metadata_key(principal, key, value)
+            items, nxt = self.page(principal, status, trigger_type, limit, cursor, within)
+            return items, nxt, False
+        if cursor is not None:
+            raise BadRequestError(
+                f"metadata key {key!r} is not indexed (indexed_metadata): its search has "
+                "one page, no cursor"
+            )
         found: list[dict[str, Any]] = []
         seen = 0
         for cid, raw in self.client.hscan_iter(self._k(principal, "sum"), count=1000):
@@ -251,11 +427,14 @@ class CommitmentIndex:
             if seen > budget:
                 break
             s = _row(cid.decode(), raw)
-            meta = s.get("metadata") or {}
-            if key in meta and str(meta[key]) == value and (not status or s["status"] == status):
+            if (
+                metadata_text((s.get("metadata") or {}).get(key)) == value
+                and (not status or s["status"] == status)
+                and (not trigger_type or s["trigger_type"] == trigger_type)
+            ):
                 found.append(s)
         found.sort(key=lambda s: (s["created_ms"], s["id"]), reverse=True)
-        return found[:limit], seen > budget
+        return found[:limit], None, seen > budget
 
     def counts(self) -> dict[tuple[str, str], int]:
         """(principal, status) -> count, over every principal."""

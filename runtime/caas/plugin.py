@@ -25,12 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from troth.caas import delivery
-from troth.caas.index import COMMIT_STEP, CommitmentIndex
+from troth.caas.index import COMMIT_STEP, MAX_INDEXED_KEYS, CommitmentIndex
 from troth.caas.signing import MAX_CONFIGURED, SigningSecrets
 from troth.core.access import SYSTEM, Caller
 from troth.core.errors import AppError, CallTimeout, RetryableError, TrothError
@@ -85,6 +85,14 @@ class CommitmentSettings(BaseModel):
         le=365 * 86_400,
         description="How long a finished commitment is kept before it is deleted.",
     )
+    indexed_metadata: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        default_factory=list,
+        max_length=MAX_INDEXED_KEYS,
+        description=(
+            "Metadata keys whose values are indexed: a search by one is exact and "
+            "pages; one by another key scans."
+        ),
+    )
 
     @field_validator("signing_secrets")
     @classmethod
@@ -102,6 +110,16 @@ class CommitmentSettings(BaseModel):
                 except ValueError as exc:
                     raise ValueError(f"principal {principal!r}: {exc}") from None
         return secrets
+
+    @field_validator("indexed_metadata")
+    @classmethod
+    def _searchable_keys(cls, keys: list[str]) -> list[str]:
+        if len(set(keys)) < len(keys):
+            raise ValueError("list each key once")
+        for key in keys:
+            if "=" in key:  # a search is KEY=VALUE, split at the first "="
+                raise ValueError(f"metadata key {key!r}: no '=' in a searchable key")
+        return keys
 
     def configured_secrets(self) -> dict[str, list[str]]:
         """Each configured principal's secrets, newest first."""
@@ -347,7 +365,9 @@ class CommitmentsFactory(PluginFactory):
 
     def __init__(self, context: PluginContext, settings: dict[str, Any]) -> None:
         super().__init__(context, settings)
-        self.index = CommitmentIndex(context.client, context.keys, context.batcher)
+        self.index = CommitmentIndex(
+            context.client, context.keys, context.batcher, self.settings.indexed_metadata
+        )
         #: The index when commits update it (a single Redis; None on Redis Cluster).
         self.inline_index = None if context.cluster else self.index
         r = context.metrics.registry
@@ -372,6 +392,9 @@ class CommitmentsFactory(PluginFactory):
             self.settings.configured_secrets(), context.batcher, context.keys.prefix
         )
         self._webhook = WebhookExecutor(self)
+
+    def start(self) -> None:
+        self.index.reconcile_metadata()
 
     def for_actor(self, actor: ActorName, pstate: dict[str, Any]) -> ActorPlugin:
         return Commitments(actor, pstate, self.settings.retention_seconds, self.inline_index)

@@ -202,6 +202,10 @@ class PluginFactory:
         commit as :class:`~troth.core.records.CommitStep`\\ s in ``prepare``."""
         return {}
 
+    def start(self) -> None:
+        """Set up what the plugin keeps in Redis, when the node starts (before it
+        serves; Redis is reachable through ``context.client``)."""
+
     def close(self) -> None:
         """Release shared resources when the node stops."""
 

@@ -5,9 +5,12 @@
 -- outbox's updates may repeat or arrive out of order.
 -- A summary whose status is "retired" removes the commitment from the index (and
 -- its dedup_key binding) and leaves a tombstone that expires after ARGV[4] ms.
+-- A new row joins the metadata indexes named (zsets: id -> created); a retired one
+-- leaves them.
 -- KEYS: 1 all (zset)  2 summaries (hash)  3 counts (hash)  4 dedup (hash)
 --       5 ended (zset: finished id -> when it is retired)  6 this id's tombstone (string)
 --       7.. one zset per status, in the order of ARGV[8..]
+--       then the metadata indexes of this commitment (zsets), if any
 --       last, with ARGV[7]: the set of principals
 -- ARGV: 1 id  2 rev  3 summary JSON  4 tombstone ms
 --       5 dedup_key to bind the id to ('' none)  6 pending quota to check ('' none)
@@ -49,6 +52,8 @@ local function cmindex_apply(KEYS, ARGV)
   local new = cjson.decode(ARGV[3])
   local retired = new.status == 'retired'
   local nstatus = #ARGV - 7
+  local first_meta = 7 + nstatus
+  local last_meta = #KEYS - (ARGV[7] ~= '' and 1 or 0)
   local created = new.created_ms
   for i = 1, nstatus do
     local name = ARGV[7 + i]
@@ -65,6 +70,9 @@ local function cmindex_apply(KEYS, ARGV)
     redis.call('ZREM', KEYS[1], id)
     redis.call('HDEL', KEYS[2], id)
     redis.call('ZREM', KEYS[5], id)
+    for i = first_meta, last_meta do
+      redis.call('ZREM', KEYS[i], id)
+    end
     if type(new.dedup_key) == 'string' and redis.call('HGET', KEYS[4], new.dedup_key) == id then
       redis.call('HDEL', KEYS[4], new.dedup_key)
     end
@@ -86,6 +94,9 @@ local function cmindex_apply(KEYS, ARGV)
   end
   if not old then -- (a row's place in the listing, its creation, never moves)
     redis.call('ZADD', KEYS[1], created, id)
+    for i = first_meta, last_meta do
+      redis.call('ZADD', KEYS[i], created, id)
+    end
   end
   redis.call('HSET', KEYS[2], id, ARGV[3])
   return 1
