@@ -168,3 +168,24 @@ def test_list_by_dedup_key_and_metadata(troth: Troth, receiver: Receiver, tmp_pa
     )
     rows = troth("list", "--meta", "customer=c3", "--limit", "5", "--json").stdout.splitlines()
     assert sorted(json.loads(r)["id"] for r in rows) == sorted(batch) and len(rows) == 3
+
+
+def test_reschedule(troth: Troth, receiver: Receiver, tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    later = {"type": "time_after", "delay_seconds": 3600}
+    path.write_text(json.dumps({"trigger": later, "obligation": {"target": receiver.url}}))
+    cid = json.loads(troth("create", str(path)).stdout)["id"]
+    moved = troth("reschedule", cid, "--at", "2100-01-02T03:04:05Z")
+    assert moved.returncode == 0 and json.loads(moved.stdout)["due_at"] == "2100-01-02T03:04:05Z"
+    moved = troth("reschedule", cid, "--at", "4102542245")  # Unix seconds: the same time
+    assert json.loads(moved.stdout)["due_at"] == "2100-01-02T03:04:05Z"
+    assert troth("reschedule", cid, "--in", "0.1").returncode == 0
+    wait_until(lambda: len(receiver.requests) == 1)
+    for args, says in (
+        (["--at", "tomorrow"], "ISO 8601"),
+        (["--at", "2100-01-02T03:04:05"], "timezone"),
+    ):
+        refused = troth("reschedule", cid, *args)
+        assert refused.returncode == 2 and says in refused.stderr, refused.stderr
+    with pytest.raises(SystemExit):  # argparse's own refusal
+        troth("reschedule", cid, "--in", "1", "--at", "4102542245")

@@ -233,6 +233,27 @@ def test_an_indexed_metadata_key_is_searched_exactly_a_page_at_a_time(
         indexed_search(cs)  # with what n3 created, unindexed
 
 
+@on_cluster_too
+def test_a_commitment_brought_forward_is_delivered_then(
+    keyed: Node, cs: Commitments, receiver: Receiver
+) -> None:
+    c = cs.create({"type": "time_after", "delay_seconds": 3600}, {"target": receiver.url})
+    later = datetime.now(UTC) + timedelta(hours=2)
+    moved = cs.reschedule(c.id, later)
+    assert moved.due_at is not None and abs((moved.due_at - later).total_seconds()) < 0.002
+    [listed] = list(cs.list())
+    assert listed.due_at == moved.due_at  # the listing follows at once, on a cluster too
+    cs.reschedule(c.id, delay_seconds=0.2)
+    done = settled(cs, c.id)
+    [req] = receiver.requests
+    assert req.body["commitment_id"] == c.id and done.due_at is not None
+    assert done.due_at - c.created_at < timedelta(seconds=5)
+    with pytest.raises(AppError, match="fulfilled"):
+        cs.reschedule(c.id, delay_seconds=5)
+    with pytest.raises(pydantic.ValidationError):
+        cs.reschedule(c.id)  # neither a time nor a delay
+
+
 def test_indexed_metadata_keys_are_checked(make_node: Callable[..., Node]) -> None:
     for keys, why in (
         (["a", "a"], "once"),

@@ -299,6 +299,78 @@ def test_a_cancel_that_loses_the_race_to_the_delivery_is_refused_and_writes_noth
     assert rclient.hexists(key, entry_id)
 
 
+def test_a_pending_commitment_is_rescheduled_later_then_sooner(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver, rclient: Any
+) -> None:
+    """Snoozed, then brought forward: it is delivered once, at the last time it was
+    given, under its own id, with its dedup_key kept; its earlier deliveries were
+    taken back."""
+    cid = commit(api, receiver, {"type": "time_after", "delay_seconds": 3600}, dedup_key="r-1")
+    start = env.clock.now_ms()
+    later = api.post(f"/v1/commitments/{cid}/reschedule", json={"delay_seconds": 7200})
+    assert later.status_code == 200, later.text
+    moved = later.json()
+    assert at(moved["due_at"]).timestamp() * 1000 == start + 7_200_000
+    assert moved["trigger"]["delay_seconds"] == 7200 and moved["status"] == "pending"
+    assert moved["dedup_key"] == "r-1" and moved["id"] == cid
+    env.advance(3600)
+    assert receiver.count() == 0 and view(api, cid)["status"] == "pending"
+    sooner = (start + 5_400_000) / 1000
+    moved = api.post(f"/v1/commitments/{cid}/reschedule", json={"timestamp": sooner}).json()
+    assert at(moved["due_at"]).timestamp() == sooner == at(moved["trigger"]["due_at"]).timestamp()
+    listed = api.get("/v1/commitments", params={"dedup_key": "r-1"}).json()["items"]
+    assert [i["due_at"] for i in listed] == [moved["due_at"]]  # the index follows
+    env.advance(1799.999)
+    assert receiver.count() == 0
+    env.advance(0.001)
+    assert view(api, cid)["status"] == "fulfilled" and receiver.count() == 1
+    env.advance(7200)
+    [req] = receiver.requests  # once: the deliveries it was armed with before are gone
+    assert req.body["lateness_seconds"] == 0 and at(req.body["due_at"]).timestamp() == sooner
+    assert req.headers["idempotency-key"] == cid
+    with pytest.raises(AssertionError, match="no delivery"):
+        armed_delivery(rclient, env.config.redis.key_prefix, cid)
+
+
+def test_what_cannot_be_rescheduled_is_refused_and_writes_nothing(
+    env: ActorTestEnv, api: httpx.Client, receiver: Receiver, rclient: Any
+) -> None:
+    def reschedule(cid: str, **when: Any) -> httpx.Response:
+        return api.post(f"/v1/commitments/{cid}/reschedule", json=when)
+
+    on_event = commit(api, receiver, {"type": "webhook", "event_type": "e"})
+    refused = reschedule(on_event, delay_seconds=5)
+    assert (
+        refused.status_code == 409 and refused.json()["error"]["data"]["trigger_type"] == "webhook"
+    )
+    soon = commit(api, receiver, {"type": "time_after", "delay_seconds": 60})
+    for body in ({}, {"delay_seconds": 5, "timestamp": 1e9}, {"delay_seconds": -1}):
+        assert reschedule(soon, **body).status_code == 422, body
+    assert reschedule("cm_" + "0" * 32, delay_seconds=5).status_code == 404
+    # An expiry it could not fire before: refused; before it, moved.
+    expiring = commit(
+        api,
+        receiver,
+        {"type": "time_after", "delay_seconds": 60},
+        expires_at=env.clock.now_ms() / 1000 + 120,
+    )
+    refused = reschedule(expiring, delay_seconds=120)
+    assert refused.status_code == 422 and "expires_at" in refused.json()["error"]["message"]
+    assert reschedule(expiring, delay_seconds=119).status_code == 200
+    # Its delivery began (on a node whose clock is ahead): refused, nothing written.
+    key, entry_id, entry = armed_delivery(rclient, env.config.redis.key_prefix, soon)
+    rclient.hset(key, entry_id, codec.pack({**entry, "status": "attempting", "attempts": 1}))
+    before = view(api, soon)
+    refused = reschedule(soon, delay_seconds=3600)
+    assert refused.status_code == 409 and "its delivery began" in refused.text
+    assert view(api, soon) == before and rclient.hexists(key, entry_id)
+    rclient.hset(key, entry_id, codec.pack(entry))  # (as it was: it fires when due)
+    env.advance(60)
+    assert view(api, soon)["status"] == "fulfilled"
+    refused = reschedule(soon, delay_seconds=5)
+    assert refused.status_code == 409 and refused.json()["error"]["data"]["status"] == "fulfilled"
+
+
 def test_a_time_only_commitment_that_expires_before_it_is_due_is_never_delivered(
     env: ActorTestEnv, api: httpx.Client, receiver: Receiver, rclient: Any
 ) -> None:

@@ -44,7 +44,8 @@ def test_versioning_demo(redis_url: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "script", ["saga.py", "escalation.py", "deadmans_switch.py", "fanout.py", "rotation.py"]
+    "script",
+    ["saga.py", "escalation.py", "deadmans_switch.py", "fanout.py", "rotation.py", "snooze.py"],
 )
 def test_commitment_pattern_examples(api: httpx.Client, script: str) -> None:
     out = subprocess.run(

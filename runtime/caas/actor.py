@@ -32,9 +32,10 @@ import hashlib
 from typing import Any
 
 from troth.caas import filters
+from troth.caas.delivery import iso
 from troth.caas.models import TERMINAL, TOOL_EVENT, CommitmentCreate, Compound, TimeAfter
 from troth.core.actor import CA, internal
-from troth.core.errors import AppError, NotFoundError
+from troth.core.errors import AppError, BadRequestError, NotFoundError
 from troth.core.names import ActorName
 
 MAX_SUBSCRIBERS = 10_000
@@ -280,6 +281,50 @@ class Commitment(CA):
         """Pending: it will never fire. Failed (a dead letter): it will not be re-driven."""
         self._require(("pending", "failed"), "cancel")
         self._finish_waiting("cancelled")
+        return self.view()
+
+    @internal
+    async def reschedule(self, when: dict[str, Any]) -> dict[str, Any]:
+        """A pending commitment whose trigger is one ``time_after`` fires at another time
+        (``when``: :class:`Reschedule` as JSON, with a timestamp's ``due_ms``; a delay
+        counts from this transaction), sooner or later; its ``dedup_key``, id and
+        idempotency key stay. The armed delivery is taken back and armed again in one
+        commit, which is refused (409) if it began meanwhile, on any node: it is
+        delivered at the old time or the new one, never both."""
+        self._require("pending", "reschedule")
+        s = self.state
+        if s["trigger"]["type"] != "time_after":
+            raise AppError(
+                "only a commitment whose trigger is one time_after can be rescheduled",
+                {"trigger_type": s["trigger"]["type"]},
+            )
+        now = self.now_ms
+        due = when.get("due_ms")
+        if due is None:
+            due = now + int(when["delay_seconds"] * 1000)
+        if s["expires_ms"] is not None and due >= s["expires_ms"]:
+            raise BadRequestError(
+                f"the new due time {iso(due)} is not before expires_at "
+                f"{iso(s['expires_ms'])}: the commitment could never fire"
+            )
+        armed = s.pop("armed", None)
+        if armed:
+            began = "cannot reschedule a commitment that is triggered: its delivery began"
+            self.plugins.commitments.withdraw(armed, AppError(began, {"status": "triggered"}))
+        else:  # (created before deliveries were armed: its timer keeps the time)
+            self.plugins.timers.cancel("t:r")
+        s["trigger"] = {"type": "time_after", **when, "due_ms": due}
+        s["due_ms"] = due
+        s["updated_ms"] = now
+        s["rev"] += 1
+        wait_ms = max(0, due - now)
+        if armed:
+            s["armed"] = self._deliver(fired_by=self._fired_by_time(), delay_seconds=wait_ms / 1000)
+        else:
+            self.plugins.timers.at(due / 1000, "on_time", "r", name="t:r")
+        if wait_ms > (self.idle_seconds or 0) * 1000:
+            self.passivate()
+        self._index()
         return self.view()
 
     @internal

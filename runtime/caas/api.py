@@ -37,6 +37,7 @@ from troth.caas.models import (
     CommitmentPage,
     EventIn,
     EventReceipt,
+    Reschedule,
     SecretRotation,
     SigningSecret,
     TimeAfter,
@@ -178,16 +179,16 @@ def commitments_router(node: NodeContext) -> APIRouter:
             together=together,
         )
 
-    async def on_commitment(principal: str, cid: str, method: str) -> dict[str, Any]:
+    async def on_commitment(principal: str, cid: str, method: str, *args: Any) -> dict[str, Any]:
         """Call a commitment's method; 404 for an id that is not one of ``principal``'s
         commitments (the actor refuses and writes nothing), saying so if it was retired.
-        On Redis Cluster the index is updated after a change (cancel, retry) before the
-        reply, so that the caller's next listing shows it (the commitment's outbox
-        updates it too); on a single Redis the change's commit did."""
+        On Redis Cluster the index is updated after a change (cancel, retry, reschedule)
+        before the reply, so that the caller's next listing shows it (the commitment's
+        outbox updates it too); on a single Redis the change's commit did."""
         if _ID.match(cid):
             name = actor(principal, cid)
             try:
-                view = dict(await call(principal, name, method))
+                view = dict(await call(principal, name, method, *args))
                 if method != "get" and factory.inline_index is None:
                     await index.apply(principal, summary(view))
                 if method == "get" and view.get("delivery"):
@@ -490,6 +491,20 @@ def commitments_router(node: NodeContext) -> APIRouter:
     )
     async def retry(cid: str, who: Principal) -> FastJSONResponse:
         return await answer(who, cid, "retry")
+
+    @api.post(
+        "/commitments/{cid}/reschedule",
+        response_model=Commitment,
+        openapi_extra=body_schema(Reschedule),
+        summary="Move a pending time_after commitment's due time (409 if it cannot move)",
+    )
+    async def reschedule(cid: str, request: Request, who: Principal) -> FastJSONResponse:
+        when = await json_body(request, Reschedule)
+        args = when.model_dump(mode="json")
+        if when.timestamp is not None:
+            args["due_ms"] = when.due_ms(0)
+        view = await on_commitment(who or LOCAL_PRINCIPAL, cid, "reschedule", args)
+        return FastJSONResponse(public(view))
 
     @api.post(
         "/events",

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -91,6 +92,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     a.add_argument("ids", nargs="+", metavar="id")
     a = action("retry", "deliver a failed commitment again (a dead letter)")
     a.add_argument("id")
+    a = action("reschedule", "move a pending time_after commitment's due time")
+    a.add_argument("id")
+    when = a.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", metavar="TIME", help="ISO 8601 with a timezone, or Unix seconds")
+    when.add_argument("--in", dest="delay", type=float, metavar="SECONDS", help="from now")
     a = action("publish", "publish an event: the commitments waiting for it fire")
     a.add_argument("event_type")
     a.add_argument("payload", nargs="?", default="{}", help="a JSON object (default {})")
@@ -199,6 +205,9 @@ def _act(cs: Commitments, args: argparse.Namespace) -> int:
         return 1 if any(r.error for r in results) else 0
     elif args.action == "retry":
         _print(cs.retry(args.id).model_dump(mode="json"))
+    elif args.action == "reschedule":
+        at = None if args.at is None else _moment(args.at)
+        _print(cs.reschedule(args.id, at, delay_seconds=args.delay).model_dump(mode="json"))
     elif args.action == "publish":
         payload = _json(args.payload, "the payload")
         _print(cs.publish(args.event_type, payload, event_key=args.key).model_dump(mode="json"))
@@ -237,6 +246,18 @@ def _read(path: str) -> str:
             return f.read()
     except OSError as exc:
         raise BadRequestError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _moment(text: str) -> datetime | float:
+    """``--at``: ISO 8601 (with a timezone, checked by the model) or Unix seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequestError(f"--at {text!r}: give ISO 8601 or Unix seconds") from None
 
 
 def _json(text: str, what: str) -> Any:

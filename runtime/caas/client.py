@@ -65,6 +65,7 @@ from troth.caas.models import (
     EventIn,
     EventReceipt,
     Obligation,
+    Reschedule,
     SecretRotation,
     SigningSecret,
     Status,
@@ -207,6 +208,21 @@ def retry(cid: str) -> Request[Commitment]:
     """Not repeatable: a second re-drive of a delivery that failed again is another."""
     return Request(
         "POST", f"/v1/commitments/{_id(cid)}/retry", Commitment.model_validate, repeatable=False
+    )
+
+
+def _when(timestamp: datetime | float | None, delay_seconds: float | None) -> Reschedule:
+    return Reschedule.model_validate({"timestamp": timestamp, "delay_seconds": delay_seconds})
+
+
+def reschedule(cid: str, when: Reschedule) -> Request[Commitment]:
+    """Repeatable only at a timestamp: a delay counts from when the node takes it."""
+    return Request(
+        "POST",
+        f"/v1/commitments/{_id(cid)}/reschedule",
+        Commitment.model_validate,
+        _dump(when),
+        repeatable=when.timestamp is not None,
     )
 
 
@@ -413,6 +429,19 @@ class Commitments(_Nodes):
         """Re-drive a failed commitment's delivery (a dead letter)."""
         return self.send(retry(cid))
 
+    def reschedule(
+        self,
+        cid: str,
+        timestamp: datetime | float | None = None,
+        *,
+        delay_seconds: float | None = None,
+    ) -> Commitment:
+        """Move a pending commitment whose trigger is one ``time_after`` to ``timestamp``
+        (a ``datetime`` with a timezone, or Unix seconds), or ``delay_seconds`` from
+        now; sooner or later. ``AppError`` (409) if it cannot move: not pending, its
+        delivery began, another kind of trigger."""
+        return self.send(reschedule(cid, _when(timestamp, delay_seconds)))
+
     def publish(
         self,
         event_type: str,
@@ -540,6 +569,15 @@ class AsyncCommitments(_Nodes):
 
     async def retry(self, cid: str) -> Commitment:
         return await self.send(retry(cid))
+
+    async def reschedule(
+        self,
+        cid: str,
+        timestamp: datetime | float | None = None,
+        *,
+        delay_seconds: float | None = None,
+    ) -> Commitment:
+        return await self.send(reschedule(cid, _when(timestamp, delay_seconds)))
 
     async def publish(
         self,

@@ -9,7 +9,7 @@ its answers with them, and :mod:`troth.caas.client` reads them.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Self, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -64,13 +64,12 @@ Moment = Annotated[
 ]
 
 
-class TimeAfter(_Model):
-    type: Literal["time_after"]
+class _When(_Model):
     timestamp: Moment | None = Field(None, description="When to fire.")
     delay_seconds: float | None = Field(None, ge=0, le=10 * 365 * 86_400)
 
     @model_validator(mode="after")
-    def _one_of(self) -> TimeAfter:
+    def _one_of(self) -> Self:
         if (self.timestamp is None) == (self.delay_seconds is None):
             raise ValueError("give exactly one of timestamp or delay_seconds")
         if self.timestamp is not None:
@@ -82,6 +81,15 @@ class TimeAfter(_Model):
             return created_ms + int(self.delay_seconds * 1000)
         assert self.timestamp is not None
         return unix_ms(self.timestamp, "timestamp")
+
+
+class TimeAfter(_When):
+    type: Literal["time_after"]
+
+
+class Reschedule(_When):
+    """A new due time for a pending commitment whose trigger is one ``time_after``: a
+    ``timestamp``, or ``delay_seconds`` from when the commitment takes it."""
 
 
 class EventFilterMixin(_Model):
