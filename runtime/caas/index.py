@@ -83,6 +83,8 @@ MAX_INDEXED_TEXT = 200
 MAX_BUILDS = 4
 #: Summaries one build reads a round trip.
 BUILD_CHUNK = 500
+#: A build logs its progress every so many summaries read.
+BUILD_PROGRESS = 100_000
 
 
 def metadata_text(value: Any) -> str | None:
@@ -133,6 +135,7 @@ class CommitmentIndex:
         self._backfill = Script(load_lua("cmbackfill.lua", "troth.caas"))
         self._builds: set[tuple[str, str]] = set()  # (principal, key) being built here
         self._builds_lock = threading.Lock()
+        self._closed = threading.Event()  # the node stops: builds stop at their next step
         self._known: set[str] = set()  # principals already in P:principals
         self._step_key_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
@@ -283,7 +286,11 @@ class CommitmentIndex:
         try:
             chunk: list[tuple[str, int, str]] = []
             for cid, raw in self.client.hscan_iter(summaries, count=BUILD_CHUNK):
+                if self._closed.is_set():
+                    return  # (not marked built: the next search starts again)
                 seen += 1
+                if seen % BUILD_PROGRESS == 0:
+                    log.info("metadata index of %r for %s: %d read", key, principal, seen)
                 row = orjson.loads(raw)
                 text = metadata_text((row.get("metadata") or {}).get(key))
                 if text is not None and len(text) <= MAX_INDEXED_TEXT:
@@ -306,6 +313,10 @@ class CommitmentIndex:
         finally:
             with self._builds_lock:
                 self._builds.discard((principal, key))
+
+    def close(self) -> None:
+        """Stop the builds under way (the node stops)."""
+        self._closed.set()
 
     def _add_rows(self, summaries: str, rows: list[tuple[str, int, str]]) -> int:
         if not rows:

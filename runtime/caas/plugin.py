@@ -406,5 +406,8 @@ class CommitmentsFactory(PluginFactory):
         fanout = FanoutExecutor(self.context, self.settings.timeout_seconds)
         return [self._webhook, IndexExecutor(self.index), fanout]
 
+    def close(self) -> None:
+        self.index.close()
+
     async def aclose(self) -> None:
         await self._webhook.client.aclose()
