@@ -237,11 +237,13 @@ class Batcher:
         self._scheduled = False
         self._background = Background()
 
-    async def run(self, add: Queue, count: int = 1, *scripts: Script) -> list[Any]:
-        """Queue ``count`` commands (added by ``add``) and return their results.
+    def submit(self, add: Queue, count: int = 1, *scripts: Script) -> asyncio.Future[list[Any]]:
+        """Queue ``count`` commands (added by ``add``); the future of their results.
 
         ``scripts`` names the Lua scripts ``add`` calls, to be reloaded on NOSCRIPT.
-        Redis errors of the round trip itself (connection, timeout) are raised.
+        Redis errors of the round trip itself (connection, timeout) are the future's.
+        (A future, not a coroutine: the engine's commit awaits it with one coroutine
+        frame less held a message.)
         """
         loop = asyncio.get_running_loop()
         request = _Request(add, count, loop.create_future(), scripts)
@@ -249,7 +251,11 @@ class Batcher:
         if not self._scheduled and self._inflight < self.concurrency:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await request.future
+        return request.future
+
+    async def run(self, add: Queue, count: int = 1, *scripts: Script) -> list[Any]:
+        """:meth:`submit`, awaited."""
+        return await self.submit(add, count, *scripts)
 
     async def results(self, add: Queue, count: int = 1, *scripts: Script) -> list[Any]:
         """:meth:`run`, raising the first error reply (a refused command) instead of

@@ -20,6 +20,7 @@ writes are part of the commit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -171,29 +172,48 @@ class CheckpointStore:
 
     async def commit(self, req: CommitRequest) -> CommitResult:
         """One transaction's atomic, fenced commit (``lua/commit.lua``; also when the
-        actor deletes itself).
+        actor deletes itself): :meth:`send`, :meth:`result`, then :meth:`count_new`.
 
         Redis errors propagate: the outcome is then unknown, and the ``seq`` guard
         makes a retry of the same request safe.
         """
+        result = self.result(await self.send(req))
+        if result.ok and req.count_for:
+            await self.count_new(req)
+        return result
+
+    def send(self, req: CommitRequest) -> asyncio.Future[list[Any]]:
+        """Queue the commit's round trip; the future of its reply, for :meth:`result`.
+        (A future rather than a coroutine: the engine awaits it without a frame of
+        this store's held for each message in flight.)"""
         sk = self.keys.shard(req.shard)
         script = self._commit
         keys = self._commit_keys(sk, req.name)
         for step in req.ops.steps:
             keys.extend(step.keys)
         args = [self.node_id, req.epoch, str(req.expected_seq), self._payload(req)]
-        res, *_ = await self.batcher.run(lambda c: script.queue(c, keys, args), 1, script)
+        return self.batcher.submit(lambda c: script.queue(c, keys, args), 1, script)
+
+    @staticmethod
+    def result(replies: list[Any]) -> CommitResult:
+        """What a commit's reply says; an error reply is raised."""
+        res = replies[0]
         if isinstance(res, Exception):
             raise res
         if int(res[0]) != 1:
             return CommitResult(False, _text(res[1]), _text(res[2]) if len(res) > 2 else "")
-        if req.count_for:  # after the commit: a refused one creates no actor
-            quota = self.keys.quota(req.count_for)
-            try:
-                await self.batcher.results(lambda c: c.append(("HINCRBY", quota, "actors", 1)))
-            except Exception as exc:  # committed all the same: the count is what may lag
-                log.warning("counting %s's new actor %s failed: %s", req.count_for, req.name, exc)
-        return CommitResult(ok=True)
+        return _COMMITTED
+
+    async def count_new(self, req: CommitRequest) -> None:
+        """After a new actor's commit (a refused one creates no actor): its owner's count
+        of actors goes up. A failure is logged; the actor is committed all the same,
+        and only the count lags."""
+        assert req.count_for is not None
+        quota = self.keys.quota(req.count_for)
+        try:
+            await self.batcher.results(lambda c: c.append(("HINCRBY", quota, "actors", 1)))
+        except Exception as exc:
+            log.warning("counting %s's new actor %s failed: %s", req.count_for, req.name, exc)
 
     @staticmethod
     def _commit_keys(sk: ShardKeys, name: str) -> list[str]:
@@ -255,6 +275,9 @@ class CheckpointStore:
 def _commit_script(steps: Mapping[str, str]) -> Script:
     chunks = [f"-- step {name}\n{lua}\n" for name, lua in sorted(steps.items())]
     return Script("".join(["local STEPS = {}\n", *chunks, load_lua("commit.lua")]))
+
+
+_COMMITTED = CommitResult(ok=True)
 
 
 def _text(value: Any) -> str:

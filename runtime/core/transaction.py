@@ -447,10 +447,12 @@ class ActorRuntime:
         self.hooks.before_commit(request.ops)
         try:
             with tracing.span("troth.commit"):
-                result = await self.store.commit(request)
+                result = self.store.result(await self.store.send(request))
         except Exception as exc:
             raise StaleActivation(f"commit of {self.name} failed: {exc}") from exc
         self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
+        if result.ok and request.count_for:
+            await self.store.count_new(request)
         if not result.ok:
             if result.reason == "timer":
                 raise TimerAlreadyHandled(result.detail)

@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -220,18 +220,10 @@ class Cell:
                         {"troth.actor": self.key, "troth.kind": msg.kind},
                     ):
                         reply = await self._handle(msg)
-            except TrothError as exc:
-                self._settle(envelope, error=exc)
-            except redis.RedisError as exc:
-                # Loading or a look-up failed: nothing ran. Start afresh next time.
-                self._fail(RedisUnavailable(f"{self.name}: Redis unavailable: {exc}"))
-                self._settle(envelope, error=self.failure)
-            except asyncio.CancelledError:
-                self._settle(envelope, error=UnavailableError(f"{self.name}: stopped"))
-                raise
-            except Exception as exc:  # a bug in troth itself: never lose the caller
-                log.exception("%s: internal error handling %s", self.name, msg.kind)
-                self._settle(envelope, error=UnavailableError(f"internal error: {exc}"))
+            except BaseException as exc:
+                self._settle(envelope, error=self._error_of(exc, f"a {msg.kind}"))
+                if not isinstance(exc, Exception):
+                    raise
             else:
                 self._settle(envelope, reply=reply)
             if self.runtime is not None and self.runtime.deleted:
@@ -289,7 +281,7 @@ class Cell:
             resolving = len(group)
             outcomes = await rt.execute_group(calls) if calls else []
         except BaseException as exc:
-            error = self._group_failed(exc)
+            error = self._error_of(exc, "a group of calls")
             for envelope in [*waiting, *group[resolving:]]:
                 self._settle(envelope, error=error)
             if not isinstance(exc, Exception):
@@ -301,9 +293,10 @@ class Cell:
         if rt.deleted:
             self._fail(UnavailableError(f"{self.name} was deleted; call again"))
 
-    def _group_failed(self, exc: BaseException) -> TrothError:
-        """The error every call of a failed group gets, as :meth:`_handle` would give
-        it to one call (and the cell stops serving when it must)."""
+    def _error_of(self, exc: BaseException, what: str) -> TrothError:
+        """The error a caller gets for ``exc``, raised while handling ``what`` (one
+        message, or a group of calls: each gets it); the cell stops serving when it
+        must (its activation is stale, Redis failed, or the error says retry)."""
         if isinstance(exc, StaleActivation):
             error: TrothError = UnavailableError(str(exc))
             self._fail(error)
@@ -318,7 +311,7 @@ class Cell:
         elif isinstance(exc, asyncio.CancelledError):
             error = UnavailableError(f"{self.name}: stopped")
         else:
-            log.exception("%s: internal error handling a group of calls", self.name)
+            log.exception("%s: internal error handling %s", self.name, what)
             error = UnavailableError(f"internal error: {exc}")
         return error
 
@@ -346,45 +339,46 @@ class Cell:
                 error.to_dict(),
             )
 
-    async def _handle(self, msg: Message) -> Any:
+    def _handle(self, msg: Message) -> Awaitable[Any]:
+        """What handling ``msg`` takes, to be awaited: for an active actor, the
+        transaction's own coroutine (no frame of the cell's held while its commit is
+        in flight, which with thousands of messages in flight costs more than the
+        call). A failure is raised or comes with the awaiting; see :meth:`_error_of`."""
         if self.failure is not None:
             raise self.failure
-        if self.runtime is None:
-            try:
-                self.runtime = await self._activate(msg.fresh)
-            except TrothError as exc:
-                keep = isinstance(exc, RetryableError | QuotaExceeded)
-                self._fail(exc if keep else ActivationError(str(exc)))
-                raise
         rt = self.runtime
+        if rt is None:
+            return self._activate_then(msg)
+        if msg.kind == "call":
+            if msg.request_id is not None and not msg.new_id:
+                return self._call(rt, msg)
+            return rt.execute(msg, self._method(rt, msg), msg.args, msg.kwargs)
+        if msg.kind == "pulse":
+            return rt.execute(msg, rt.ca.pulse)
+        if msg.kind == "timer":
+            return self._fire(rt, msg)
+        if msg.kind == "result":
+            return self._take_result(rt, msg)
+        if msg.kind == "delete":  # an operator's order: the actor's last transaction
+            return self._delete(rt, msg)
+        raise BadRequestError(f"unknown message kind {msg.kind!r}")
+
+    async def _activate_then(self, msg: Message) -> Any:
         try:
-            if msg.kind == "call":
-                reply = await self._call(rt, msg)
-            elif msg.kind == "pulse":
-                reply = await rt.execute(msg, rt.ca.pulse)
-            elif msg.kind == "timer":
-                reply = await self._fire(rt, msg)
-            elif msg.kind == "result":
-                reply = await self._take_result(rt, msg)
-            elif msg.kind == "delete":  # an operator's order: the actor's last transaction
-                reply = await self._delete(rt, msg)
-            else:
-                raise BadRequestError(f"unknown message kind {msg.kind!r}")
-            return reply
-        except StaleActivation as exc:
-            error = UnavailableError(str(exc))
-            self._fail(error)
-            raise error from exc
-        except RetryableError as exc:
-            self._fail(exc)
+            self.runtime = await self._activate(msg.fresh)
+        except TrothError as exc:
+            keep = isinstance(exc, RetryableError | QuotaExceeded)
+            self._fail(exc if keep else ActivationError(str(exc)))
             raise
+        return await self._handle(msg)
 
     async def _call(self, rt: ActorRuntime, msg: Message) -> Any:
-        # (no coroutine for the replay look-up where there is none to make)
-        if msg.request_id is not None and not msg.new_id:
-            prior = await self._replayed(msg.request_id)
-            if prior is not None:
-                return prior[0]
+        """A call whose request id an earlier attempt may have used: its committed
+        reply, if there is one; else the call."""
+        assert msg.request_id is not None
+        prior = await self._replayed(msg.request_id)
+        if prior is not None:
+            return prior[0]
         return await rt.execute(msg, self._method(rt, msg), msg.args, msg.kwargs)
 
     async def _resolve(self, rt: ActorRuntime, msg: Message) -> Call | Outcome:
