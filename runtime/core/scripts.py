@@ -35,7 +35,7 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    def queue(self, commands: list[tuple[Any, ...]], keys: list[str], args: list[Any]) -> None:
+    def queue(self, commands: list[tuple[Any, ...]], keys: Sequence[str], args: list[Any]) -> None:
         """Append the call to a batch of commands (:class:`~troth.core.batcher.Batcher`)."""
         commands.append(("EVALSHA", self.sha, len(keys), *keys, *args))
 

@@ -210,6 +210,7 @@ class ActorRuntime:
         packed again: one of them is no longer configured)."""
         self.name = name
         self.key = str(name)  # (its Redis keys' and log lines' name, made once)
+        self._keys: tuple[str, ...] = ()  # (see _make_keys)
         self.shard = shard
         self.epoch = epoch
         self.ca = ca
@@ -578,7 +579,14 @@ class ActorRuntime:
             autonomous=self.autonomous,
             delete=self.deleting,
             count_for=self.count_for if self.needs_init else None,
+            keys=self._keys or self._make_keys(),
         )
+
+    def _make_keys(self) -> tuple[str, ...]:
+        """This actor's commit keys, made at its first commit (one that only reads
+        never needs them)."""
+        self._keys = self.store.commit_keys(self.shard, self.key)
+        return self._keys
 
     def _rollback(
         self, state: bytes | None = None, pstate: bytes | None = None, whole: bool = True
