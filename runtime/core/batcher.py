@@ -72,7 +72,7 @@ Command = tuple[Any, ...]
 Queue = Callable[[list[Command]], None]  # appends a request's commands
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
     add: Queue
     count: int
