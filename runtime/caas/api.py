@@ -226,6 +226,30 @@ def commitments_router(node: NodeContext) -> APIRouter:
             "next_attempt_ms": entry.next_ms if entry.status == "pending" else None,
         }
 
+    async def search_metadata(
+        principal: str,
+        query: str,
+        name: str,
+        status: str | None,
+        trigger_type: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[dict[str, Any]], str | None, bool]:
+        """A search by the ``KEY=VALUE`` in the query parameter ``name`` (see
+        :meth:`CommitmentIndex.search_metadata`), off the loop."""
+        key, value = key_value(query, name)
+        return await asyncio.to_thread(
+            index.search_metadata,
+            principal,
+            key,
+            value,
+            status,
+            trigger_type,
+            limit,
+            cursor,
+            SEARCH_BUDGET,
+        )
+
     async def answer(who: str | None, cid: str, method: str) -> FastJSONResponse:
         """The JSON of a commitment after ``method`` (see :func:`on_commitment`)."""
         return FastJSONResponse(public(await on_commitment(who or LOCAL_PRINCIPAL, cid, method)))
@@ -447,17 +471,8 @@ def commitments_router(node: NodeContext) -> APIRouter:
             ]
             nxt = None
         elif metadata is not None:
-            key, value = key_value(metadata, "metadata")
-            items, nxt, truncated = await asyncio.to_thread(
-                index.search_metadata,
-                principal,
-                key,
-                value,
-                status,
-                trigger_type,
-                limit,
-                cursor,
-                SEARCH_BUDGET,
+            items, nxt, truncated = await search_metadata(
+                principal, metadata, "metadata", status, trigger_type, limit, cursor
             )
         else:
             items, nxt = await asyncio.to_thread(
@@ -569,17 +584,8 @@ def commitments_router(node: NodeContext) -> APIRouter:
         if q:
             items = await asyncio.to_thread(index.find, principal, q)
         elif meta:
-            key, value = key_value(meta, "meta")
-            items, nxt, truncated = await asyncio.to_thread(
-                index.search_metadata,
-                principal,
-                key,
-                value,
-                status,
-                None,
-                limit,
-                cursor,
-                SEARCH_BUDGET,
+            items, nxt, truncated = await search_metadata(
+                principal, meta, "meta", status, None, limit, cursor
             )
         else:
             items, nxt = await asyncio.to_thread(index.page, principal, status, None, limit, cursor)

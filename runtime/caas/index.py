@@ -220,20 +220,24 @@ class CommitmentIndex:
         args.append(principal if listed else "")
         return keys, [*args, *STATUSES]
 
-    def _metadata_key(self, principal: str, key: str, text: str) -> str:
+    def _metadata_key(self, principal: str, key: str, value: Any) -> str | None:
+        """The index of ``key`` holding commitments whose ``key`` is ``value``; None for a
+        value no index holds (see :func:`metadata_text`, ``MAX_INDEXED_TEXT``)."""
+        text = metadata_text(value)
+        if text is None or len(text) > MAX_INDEXED_TEXT:
+            return None
         return self._k(principal, f"m:{len(key)}:{key}={text}")
 
     def _metadata_keys(self, principal: str, summary: dict[str, Any]) -> list[str]:
         """The metadata indexes a commitment joins: those of the indexed keys; once
         retired, those of every key (one listed earlier may have indexed it)."""
         every = summary["status"] == "retired"
-        found = []
-        for key, value in summary["metadata"].items():
-            if every or key in self.indexed:
-                text = metadata_text(value)
-                if text is not None and len(text) <= MAX_INDEXED_TEXT:
-                    found.append(self._metadata_key(principal, key, text))
-        return found
+        found = (
+            self._metadata_key(principal, key, value)
+            for key, value in summary["metadata"].items()
+            if every or key in self.indexed
+        )
+        return [k for k in found if k is not None]
 
     def reconcile_metadata(self) -> None:
         """At a node's start: give each newly indexed metadata key a generation, and
@@ -292,9 +296,9 @@ class CommitmentIndex:
                 if seen % BUILD_PROGRESS == 0:
                     log.info("metadata index of %r for %s: %d read", key, principal, seen)
                 row = orjson.loads(raw)
-                text = metadata_text((row.get("metadata") or {}).get(key))
-                if text is not None and len(text) <= MAX_INDEXED_TEXT:
-                    chunk.append((self._metadata_key(principal, key, text), row["created_ms"], cid))
+                zset = self._metadata_key(principal, key, (row.get("metadata") or {}).get(key))
+                if zset is not None:
+                    chunk.append((zset, row["created_ms"], cid))
                 if len(chunk) >= BUILD_CHUNK:
                     added += self._add_rows(summaries, chunk)
                     chunk = []
@@ -424,6 +428,7 @@ class CommitmentIndex:
         ``truncated`` says whether it stopped there."""
         if self._indexed(principal, key, value):
             within = self._metadata_key(principal, key, value)
+            assert within is not None  # (a string within MAX_INDEXED_TEXT: _indexed)
             items, nxt = self.page(principal, status, trigger_type, limit, cursor, within)
             return items, nxt, False
         if cursor is not None:
