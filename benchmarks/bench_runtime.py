@@ -17,7 +17,8 @@ With ``--rounds N`` each row is measured N times so, and reports the medians.
 troth's figures drive ``Engine.call`` from the node's own event loop, so they
 measure the engine, not a thread hand-off of the benchmark's own making. Each
 message is a real ``increment`` of the helloworld counter (``async def`` and plain
-``def`` variants), committed with its state, sequence number and reply.
+``def`` variants, and plain ``def`` on a node pinned to one CPU: ``runtime.cpu``),
+committed with its state, sequence number and reply.
 
 Run:  python benchmarks/bench_runtime.py [--messages 20000] [--actors 1,100,1000,10000]
       [--rounds 1]
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 import uuid
@@ -49,14 +51,31 @@ from troth.node import Node
 WINDOW = 2000  # outstanding calls at most, like many concurrent clients
 
 
+#: (name, actor type, runtime.cpu): ``async def`` and plain ``def`` methods, and plain
+#: ``def`` with the node pinned to one CPU (its first), where handing a call to a
+#: worker thread and back costs a fraction of what it costs across CPUs.
+VARIANTS = (
+    ("async", "acounter", None),
+    ("sync", "counter", None),
+    (
+        "sync_pinned",
+        "counter",
+        min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    ),
+)
+
+
 def run_on(node: Node, coro: Any) -> Any:
     return asyncio.run_coroutine_threadsafe(coro, node.loop).result()
 
 
-def bench_troth(url: str, actors: int, messages: int, type_: str, sequential: bool) -> float:
+def bench_troth(
+    url: str, actors: int, messages: int, type_: str, sequential: bool, cpu: int | None = None
+) -> float:
     config = parse_config(
         {
             "redis": {"key_prefix": f"b{uuid.uuid4().hex[:8]}"},
+            "runtime": {"cpu": cpu},
             "types": {
                 "counter": {"class": "examples.helloworld.counter:Counter"},
                 "acounter": {"class": "examples.helloworld.counter:AsyncCounter"},
@@ -152,13 +171,13 @@ def main() -> None:
             msgs = min(args.messages, 5000) if sequential else args.messages
             row: dict[str, Any] = {"actors": n, "messages": msgs, "sequential": sequential}
             raws: list[int] = []
-            rates: dict[str, list[float]] = {"async": [], "sync": []}
-            ratios: dict[str, list[float]] = {"async": [], "sync": []}
+            rates: dict[str, list[float]] = {kind: [] for kind, _, _ in VARIANTS}
+            ratios: dict[str, list[float]] = {kind: [] for kind, _, _ in VARIANTS}
             for _ in range(args.rounds):
                 before = bench_raw(url, msgs, sequential)
                 got = {
-                    kind: bench_troth(url, n, msgs, type_, sequential)
-                    for kind, type_ in (("async", "acounter"), ("sync", "counter"))
+                    kind: bench_troth(url, n, msgs, type_, sequential, cpu)
+                    for kind, type_, cpu in VARIANTS
                 }
                 after = bench_raw(url, msgs, sequential)
                 raws += [round(before), round(after)]

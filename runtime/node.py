@@ -37,7 +37,7 @@ from troth.cluster.routing import Router
 from troth.core import tracing
 from troth.core.access import OPERATOR, Caller
 from troth.core.actor import CA
-from troth.core.aio import LoopThread
+from troth.core.aio import LoopThread, check_cpu
 from troth.core.batcher import Batcher
 from troth.core.catalog import Catalog
 from troth.core.checkpoint import CheckpointStore
@@ -86,6 +86,18 @@ def check_config(config: Config) -> None:
     extensions = load_extensions(config)
     Catalog.from_config(config, _extension_types(extensions))
     check_settings(config.plugins, _extension_plugins(extensions))
+    _pinned_cpu(config)
+
+
+def _pinned_cpu(config: Config) -> int | None:
+    """``runtime.cpu``, once checked against the CPUs this process may use."""
+    cpu = config.runtime.cpu
+    if cpu is not None:
+        try:
+            check_cpu(cpu)
+        except ValueError as exc:
+            raise ConfigError(f"runtime.cpu: {exc}") from None
+    return cpu
 
 
 def default_node_id() -> str:
@@ -119,7 +131,7 @@ class Node:
         self._probe = redis_client(redis_url, min(2.0, timeout), 2, cluster=self.cluster)
         self.keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
         self.metrics = NodeMetrics()
-        self.loop_thread = LoopThread(f"troth-engine-{self.node_id}")
+        self.loop_thread = LoopThread(f"troth-engine-{self.node_id}", _pinned_cpu(config))
         self.loop = self.loop_thread.loop
         self.aclient = async_redis_client(redis_url, timeout, cluster=self.cluster)
         self.batcher = Batcher(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import weakref
 from functools import partial
@@ -62,6 +63,14 @@ class Probe(troth.CA):
         """A plain method that blocks its thread (a slow library, time.sleep)."""
         time.sleep(seconds)
         return seconds
+
+    def cpus(self) -> list[int]:
+        """The CPUs the thread running a plain method may use."""
+        return sorted(os.sched_getaffinity(0))
+
+    async def loop_cpus(self) -> list[int]:
+        """The CPUs the node's event loop may use."""
+        return sorted(os.sched_getaffinity(0))
 
     async def nap(self, seconds: float, tag: str) -> list[str]:
         """Read, await, write: the actor takes no other message meanwhile."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -168,6 +169,7 @@ def test_bad_config_is_reported(tmp_path: Path) -> None:
         ({"types": {"x": {"class": "no_such_module:X"}}}, "cannot import 'no_such_module'"),
         ({"plugins": {"http": {"timeout_seconds": -1}}}, "plugins.http.timeout_seconds"),
         ({"plugins": {"nosuch": {}}}, "plugins.nosuch: unknown plugin"),
+        ({"runtime": {"cpu": 4096}}, "runtime.cpu: CPU 4096 is not one this process may run on"),
     ],
 )
 def test_serve_with_a_bad_config_starts_nothing(
@@ -197,6 +199,8 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
     port = free_port_run(2)
     client = redis_client(redis_url)
     keys = KeySpace(prefix, 64)
+    allowed = sorted(os.sched_getaffinity(0))
+    first_cpu = allowed[-1]  # node 0 there, node 1 on the next (the first again, round)
     log = (tmp_path / "sup.log").open("wb")  # the supervisor's and its nodes' logs
     sup = subprocess.Popen(
         [
@@ -214,6 +218,8 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
             str(port),
             "--node-id",
             "sup",
+            "--cpu",
+            str(first_cpu),
         ],
         cwd=REPO,
         stdout=log,
@@ -223,6 +229,9 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
     try:
         for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"):
             wait_until(partial(_healthy, url), timeout=30)
+        for i in range(2):  # each node's loop is pinned to its own CPU
+            node_pid = int(client.hget(keys.node(f"sup-{i}"), "pid") or 0)
+            assert {allowed[(len(allowed) - 1 + i) % len(allowed)]} in _thread_cpus(node_pid)
         pid = int(client.hget(keys.node("sup-1"), "pid") or 0)
         os.kill(pid, signal.SIGKILL)  # an operator kills one node: it comes back
         wait_until(
@@ -239,6 +248,15 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
         client.close()
         log.close()
     assert not _healthy(f"http://127.0.0.1:{port}")
+
+
+def _thread_cpus(pid: int) -> list[set[int]]:
+    """The CPUs each thread of process ``pid`` may run on."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            found.append(os.sched_getaffinity(int(tid)))
+    return found
 
 
 def _healthy(url: str) -> bool:

@@ -5,6 +5,7 @@ themselves."""
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +79,24 @@ def test_a_blocking_sync_method_does_not_stall_other_actors(
         node.call(other, "set", [2]).result(5)
         assert time.monotonic() - started < 0.1
     assert blocked.result(5) == 1.5
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_runtime_cpu_pins_the_loop_and_the_plain_method_workers_only(
+    make_node: Callable[..., Node],
+) -> None:
+    """``runtime.cpu``: the event loop and the threads running plain methods are
+    pinned to that CPU; the program that embeds the node keeps its own placement. A
+    CPU this process may not use is refused before anything starts."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cpu = allowed[-1]
+    node = make_node("n1", runtime={"cpu": cpu})
+    probe = ActorName("probe", "alice-cpu")
+    assert node.call(probe, "loop_cpus").result(5) == [cpu]
+    assert node.call(probe, "cpus").result(5) == [cpu]
+    assert sorted(os.sched_getaffinity(0)) == allowed
+    with pytest.raises(ConfigError, match=r"runtime\.cpu: CPU 4096 is not one"):
+        make_node("n2", runtime={"cpu": 4096})
 
 
 def test_a_read_commits_nothing_and_is_still_fenced(

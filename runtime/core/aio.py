@@ -7,6 +7,7 @@ synchronous client library runs its :class:`~troth.client.AsyncClient` on anothe
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import warnings
 from collections import deque
@@ -27,13 +28,38 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def check_cpu(cpu: int) -> None:
+    """Raise ValueError unless this process may pin a thread to ``cpu`` (Linux only)."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("pinning to a CPU needs Linux (os.sched_setaffinity)")
+    allowed = sorted(os.sched_getaffinity(0))
+    if cpu not in allowed:
+        raise ValueError(f"CPU {cpu} is not one this process may run on (allowed: {allowed})")
+
+
 class LoopThread:
-    def __init__(self, name: str) -> None:
+    """An event loop running on a thread of its own.
+
+    With ``cpu``, the thread is pinned to that CPU before the loop starts, and so is
+    every thread it starts later (Linux threads inherit their creator's affinity): a
+    node's plain-``def`` workers and its helper threads. Their Python code takes
+    turns under the GIL anyway, and a thread woken on the CPU of the thread that
+    wakes it is woken for a fraction of the cost of one woken on another (on this
+    project's virtual machines, 4 us against 60 us a round trip: waking an idle
+    virtual CPU costs a trip through the hypervisor).
+    """
+
+    def __init__(self, name: str, cpu: int | None = None) -> None:
+        if cpu is not None:
+            check_cpu(cpu)
+        self.cpu = cpu
         self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})  # this thread only (0: the caller)
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 

@@ -107,6 +107,12 @@ class RuntimeConfig(_Model):
         description="Threads that run plain (non-async) actor methods; async ones run on "
         "the node's event loop.",
     )
+    cpu: int | None = Field(
+        None,
+        ge=0,
+        description="Pin the node's event loop and the threads it starts (the plain-def "
+        "workers) to this CPU (Linux); null: the kernel places them.",
+    )
     max_mailbox: int = Field(10_000, ge=1, description="Queued messages per actor before 503.")
     group_commit_max: int = Field(
         32,

@@ -55,12 +55,15 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.access_log:
         config.node.access_log = True
+    if args.cpu is not None:
+        config.runtime.cpu = args.cpu
     check_config(config)  # a mistake starts nothing, not even the embedded Redis
     url = redis_url(args, config, start=True)
     if args.nodes > 1:
         from troth.edge.supervisor import supervise
 
         port = config.node.port if args.port is None else args.port
+        args.cpu = config.runtime.cpu  # (from the file too: node i then gets the i-th)
         return supervise(args, url, port)
     serve_forever(
         config,
@@ -335,6 +338,12 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="run this many nodes, one process each, on consecutive ports against the "
         "same Redis (a node uses one core; default 1)",
+    )
+    s.add_argument(
+        "--cpu",
+        type=int,
+        help="pin the node's event loop and its worker threads to this CPU (Linux; "
+        "runtime.cpu); with --nodes, node i to the i-th CPU from this one",
     )
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--log-format", choices=["text", "json"], default="text")

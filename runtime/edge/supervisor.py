@@ -7,12 +7,16 @@ ports (node ids ``ID-0`` ... ``ID-N-1`` when ``--node-id`` is given), passes
 SIGTERM and SIGINT on to them (each drains and releases its shards), and starts
 again, under the same node id, a node that exits without being asked to: it then
 reclaims its shards at once.
+
+With ``--cpu C`` node ``i`` is pinned to the ``i``-th CPU counted from ``C`` (see
+``runtime.cpu``): one node a core, none of them moved between cores by the kernel.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -33,7 +37,17 @@ def child_command(args: argparse.Namespace, redis_url: str, port: int, index: in
         cmd += ["--host", args.host]
     if args.node_id:
         cmd += ["--node-id", f"{args.node_id}-{index}"]
+    if args.cpu is not None:
+        cmd += ["--cpu", str(nth_cpu(args.cpu, index))]
     return cmd
+
+
+def nth_cpu(first: int, index: int) -> int:
+    """The CPU of node ``index`` when node 0 is pinned to ``first``: the CPUs this
+    process may use, in order from ``first``, round again when there are more nodes
+    than CPUs (``first`` was checked by the command line)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[(allowed.index(first) + index) % len(allowed)]
 
 
 def supervise(args: argparse.Namespace, redis_url: str, port: int) -> int:
