@@ -368,6 +368,7 @@ class Node:
             "active": str(len(self.engine.cells)),
             "shards": str(len(self.leases.owned)),
             "served": self.leases.served_bitmap(),
+            "cpu": "" if self.loop_thread.cpu is None else str(self.loop_thread.cpu),
         }
 
     # -- calls -------------------------------------------------------------------------

@@ -193,6 +193,7 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
     from conftest import base_config
     from troth.core.keys import KeySpace
     from troth.core.redis_clients import redis_client
+    from troth.edge import admin
 
     config = tmp_path / "ca.json"
     config.write_text(json.dumps(base_config(prefix)))
@@ -229,9 +230,11 @@ def test_serve_nodes_runs_and_restarts_several_node_processes(
     try:
         for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"):
             wait_until(partial(_healthy, url), timeout=30)
-        for i in range(2):  # each node's loop is pinned to its own CPU
+        shown = {n["id"]: n["cpu"] for n in admin.status(client, keys, [])["nodes"]}
+        for i in range(2):  # each node's loop is pinned to its own CPU, as status shows
+            cpu = allowed[(len(allowed) - 1 + i) % len(allowed)]
             node_pid = int(client.hget(keys.node(f"sup-{i}"), "pid") or 0)
-            assert {allowed[(len(allowed) - 1 + i) % len(allowed)]} in _thread_cpus(node_pid)
+            assert {cpu} in _thread_cpus(node_pid) and shown[f"sup-{i}"] == cpu
         pid = int(client.hget(keys.node("sup-1"), "pid") or 0)
         os.kill(pid, signal.SIGKILL)  # an operator kills one node: it comes back
         wait_until(

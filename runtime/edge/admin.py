@@ -87,6 +87,7 @@ def status(
                 "live": expiry > now,
                 "url": decoded.get("url", ""),
                 "pid": decoded.get("pid", ""),
+                "cpu": int(decoded["cpu"]) if decoded.get("cpu") else None,  # runtime.cpu
                 "shards": owners.get(node_id, 0),
                 "active_actors": int(decoded.get("active", 0) or 0),
                 "lease_expires_in_seconds": round((expiry - now) / 1000, 1),

@@ -88,11 +88,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         f"actors: {data['actors']}   timers: {data['timers']}   "
         f"outbox: {data['outbox']['pending']} pending, {data['outbox']['stuck']} dead/uncertain"
     )
-    print(f"{'NODE':40} {'LIVE':5} {'SHARDS':>6} {'ACTIVE':>7}  URL")
+    print(f"{'NODE':40} {'LIVE':5} {'SHARDS':>6} {'ACTIVE':>7} {'CPU':>4}  URL")
     for n in data["nodes"]:
+        cpu = "-" if n["cpu"] is None else n["cpu"]  # pinned by runtime.cpu, or not
         print(
             f"{n['id']:40} {'yes' if n['live'] else 'no':5} {n['shards']:>6} "
-            f"{n['active_actors']:>7}  {n['url']}"
+            f"{n['active_actors']:>7} {cpu:>4}  {n['url']}"
         )
     for ext in extensions:
         section = data.get(ext.name)

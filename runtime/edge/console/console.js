@@ -112,7 +112,7 @@ async function nodesView() {
     ),
     h("h2", {}, "Nodes"),
     table(
-      ["node", "live", "shards", "active actors", "url", "lease expires in", ""],
+      ["node", "live", "shards", "active actors", "cpu", "url", "lease expires in", ""],
       st.nodes.map((n) =>
         h(
           "tr",
@@ -121,6 +121,7 @@ async function nodesView() {
           h("td", {}, n.live ? "yes" : "no"),
           h("td", { class: "num" }, n.shards),
           h("td", { class: "num" }, n.active_actors),
+          h("td", { class: "num", title: "pinned by runtime.cpu" }, n.cpu ?? "-"),
           h("td", {}, n.url),
           h("td", { class: "num" }, n.lease_expires_in_seconds + " s"),
           h(
