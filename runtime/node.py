@@ -117,6 +117,7 @@ class Node:
     ) -> None:
         self.config = config
         self.clock = clock
+        cpu = _pinned_cpu(config)  # (checked before anything starts)
         tracing.from_env()
         self.extensions = load_extensions(config)
         self.catalog = Catalog.from_config(config, _extension_types(self.extensions))
@@ -131,7 +132,7 @@ class Node:
         self._probe = redis_client(redis_url, min(2.0, timeout), 2, cluster=self.cluster)
         self.keys = KeySpace(config.redis.key_prefix, config.cluster.shards)
         self.metrics = NodeMetrics()
-        self.loop_thread = LoopThread(f"troth-engine-{self.node_id}", _pinned_cpu(config))
+        self.loop_thread = LoopThread(f"troth-engine-{self.node_id}", cpu)
         self.loop = self.loop_thread.loop
         self.aclient = async_redis_client(redis_url, timeout, cluster=self.cluster)
         self.batcher = Batcher(
