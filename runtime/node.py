@@ -242,6 +242,7 @@ class Node:
             for collector in ext.collectors(self.context):
                 self.metrics.registry.register(collector)
         self.stopped = False
+        self.metrics.loop_schedule.watch(self.loop_thread.native_id)
         self.metrics.bind_gauges(
             active=lambda: len(self.engine.cells),
             shards=lambda: len(self.leases.owned),

@@ -99,6 +99,14 @@ def test_health_and_metrics(api: httpx.Client) -> None:
         "troth_timer_backlog",
     ):
         assert metric in m, metric
+    if sys.platform == "linux":  # the event loop's thread as the kernel scheduled it
+        seconds = {
+            line.split()[0]: float(line.split()[1])
+            for line in m.splitlines()
+            if line.startswith("troth_loop_cpu")
+        }
+        assert seconds["troth_loop_cpu_seconds_total"] > 0
+        assert seconds["troth_loop_cpu_wait_seconds_total"] >= 0
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,8 @@ class LoopThread:
         self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        #: The thread's id for the kernel (``/proc/self/task/ID``).
+        self.native_id: int = self._thread.native_id or 0
 
     def _run(self) -> None:
         if self.cpu is not None:

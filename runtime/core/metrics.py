@@ -9,6 +9,7 @@ counts for every message, call and delivery is kept in :class:`LoopCounter` and
 
 from __future__ import annotations
 
+import os
 import time
 from abc import abstractmethod
 from bisect import bisect_left
@@ -158,6 +159,50 @@ class LoopHistogram(_LoopMetric[HistogramChild]):
         return [family]
 
 
+class ThreadSchedule(Collector):
+    """How long one thread (the node's event loop) ran on a CPU, and how long it was
+    ready to run but waited for one: the kernel's ``schedstat`` of the thread, read at
+    scrape time (Linux; nothing is exported elsewhere).
+
+    The waiting is what a node's users feel and its CPU figures do not show: another
+    process on the same CPU (or a node pinned by ``runtime.cpu`` to a CPU that
+    another takes), or threads of its own doing CPU-heavy work without the GIL.
+    ``rate(wait) / rate(run)`` is the share of its work the loop had to wait for."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._path: str | None = None
+        registry.register(self)
+
+    def watch(self, native_id: int) -> None:
+        """Report the thread ``native_id`` (``threading.get_native_id()``)."""
+        path = f"/proc/self/task/{native_id}/schedstat"
+        self._path = path if os.path.exists(path) else None
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # (what it exports depends on the platform)
+
+    def collect(self) -> Iterable[Metric]:
+        if self._path is None:
+            return []
+        try:
+            with open(self._path) as f:
+                ran_ns, waited_ns = (int(v) for v in f.read().split()[:2])
+        except (OSError, ValueError):  # the thread ended (the node stopped)
+            return []
+        return [
+            CounterMetricFamily(
+                "troth_loop_cpu_seconds",
+                "Time the node's event loop ran on a CPU.",
+                value=ran_ns / 1e9,
+            ),
+            CounterMetricFamily(
+                "troth_loop_cpu_wait_seconds",
+                "Time the node's event loop was ready to run and waited for a CPU.",
+                value=waited_ns / 1e9,
+            ),
+        ]
+
+
 class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -247,6 +292,7 @@ class NodeMetrics:
         #: ``outbox_attempt(kind, outcome)``: the series of ``outbox_attempts``.
         self.outbox_attempt = self.outbox_attempts.labels
         self.timers_fired = LoopCounter("troth_timers_fired", "Timers handled.", registry=r)
+        self.loop_schedule = ThreadSchedule(r)
         self.timer_lateness = LoopHistogram(
             "troth_timer_lateness_seconds",
             "How late timers fired.",
