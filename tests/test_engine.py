@@ -66,10 +66,23 @@ def test_an_awaiting_actor_stays_serialized_while_others_run(
     assert second.result(5) == ["a", "b"]  # the second read after the first wrote
 
 
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        {},
+        pytest.param(
+            {"cpu": min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0},
+            marks=pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux"),
+            id="pinned",
+        ),
+    ],
+)
 def test_a_blocking_sync_method_does_not_stall_other_actors(
-    make_node: Callable[..., Node],
+    make_node: Callable[..., Node], runtime: dict[str, int]
 ) -> None:
-    node = make_node("n1")
+    """Also on a node pinned to one CPU (``runtime.cpu``): its workers share the
+    loop's CPU, and one that sleeps takes none of it."""
+    node = make_node("n1", runtime=runtime)
     blocker, other = ActorName("probe", "alice-block"), ActorName("probe", "alice-free")
     node.call(other, "get").result(5)
     blocked = node.call(blocker, "block", [1.5])
