@@ -395,9 +395,20 @@ def test_an_operator_rotates_a_principals_secret(make_node: Callable[..., Node])
         },
     )
     assert node.url is not None
+    where = f"{node.url}/v1/admin/commitments-secret/a"
+    as_reader = {"authorization": f"Bearer {reader}"}
+    # An operator who reads sees where it stands, never the secret; reading makes none.
+    assert httpx.get(where, headers=as_reader).json() == {
+        "principal": "a",
+        "made": False,
+        "configured": False,
+    }
     with Commitments(node.url, token=KEY_A) as cs:
         leaked = cs.secret()
-    path = f"{node.url}/v1/admin/commitments-secret/a/rotate"
+    seen = httpx.get(where, headers=as_reader).json()
+    assert seen["made"] and seen["rotated_at"] is None and "secret" not in seen
+    assert httpx.get(where, headers={"authorization": f"Bearer {KEY_A}"}).status_code == 403
+    path = f"{where}/rotate"
     for key, status in ((KEY_B, 403), (reader, 403), (None, 401)):
         headers = {"authorization": f"Bearer {key}"} if key else {}
         assert httpx.post(path, headers=headers).status_code == status
@@ -409,6 +420,9 @@ def test_an_operator_rotates_a_principals_secret(make_node: Callable[..., Node])
     assert body["principal"] == "a" and body["previous_expires_at"] is None
     with Commitments(node.url, token=KEY_A) as cs:
         assert cs.secret() == body["secret"] != leaked
+    seen = httpx.get(where, headers=as_reader).json()
+    assert seen["rotated_at"] == body["rotated_at"] and seen["previous_expires_at"] is None
+    assert leaked not in str(seen) and body["secret"] not in str(seen)
     bad = httpx.post(
         f"{node.url}/v1/admin/commitments-secret/A!/rotate",
         headers={"authorization": f"Bearer {ops}"},

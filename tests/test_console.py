@@ -1,9 +1,9 @@
 """The web console (/ui) in a real headless browser: Debian's chromium, driven by
 selenium through Debian's chromedriver (installed here with apt-get when missing).
 
-Load it, navigate nodes, actors and commitments, re-drive a dead letter and watch it
-delivered, without a reload. ``TROTH_SCREENSHOTS=DIR`` saves the pictures the
-README shows.
+Load it, navigate nodes, actors and commitments, rotate a principal's signing
+secret, re-drive a dead letter and watch it delivered, without a reload.
+``TROTH_SCREENSHOTS=DIR`` saves the pictures the README shows.
 """
 
 from __future__ import annotations
@@ -65,6 +65,19 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
+
+
+def accept_alert(browser: object) -> bool:
+    """Accept the page's ``confirm()``, once it is up."""
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+    assert isinstance(browser, WebDriver)
+    try:
+        browser.switch_to.alert.accept()
+    except NoAlertPresentException:
+        return False
+    return True
 
 
 def test_console_navigates_and_redrives_a_dead_letter(
@@ -155,6 +168,17 @@ def test_console_navigates_and_redrives_a_dead_letter(
     act(lambda: browser.find_element(By.CSS_SELECTOR, submit).click())
     wait_until(lambda: cid in text(), timeout=10)
     shot("commitments")
+
+    # The principal's signing secret: where it stands (never the secret), then rotated
+    # at once, as after a leak (the button asks first).
+    wait_until(lambda: "Signing secret of local" in text() and "never rotated" in text())
+    rotate_now = "//button[contains(., 'stopping now')]"
+    act(lambda: browser.find_element(By.XPATH, rotate_now).click())
+    wait_until(lambda: accept_alert(browser), timeout=5)
+    wait_until(lambda: "rotated at" in text(), timeout=10)
+    with httpx.Client(base_url=node.url, timeout=15) as api:
+        secret = api.get("/v1/commitments-secret").json()
+    assert secret["rotated_at"] is not None and secret["secret"] not in text()
 
     # Dead letters: re-drive it; the page shows it delivered without a reload.
     act(lambda: browser.find_element(By.ID, "nav-dead").click())

@@ -40,6 +40,7 @@ from troth.caas.models import (
     Reschedule,
     SecretRotation,
     SigningSecret,
+    SigningSecretStatus,
     TimeAfter,
 )
 from troth.caas.plugin import CommitmentsFactory
@@ -134,11 +135,20 @@ def key_value(text: str, name: str) -> tuple[str, str]:
 def shown_secret(principal: str, state: SecretState, now_ms: int) -> dict[str, Any]:
     """A principal's secrets as :class:`SigningSecret` shows them (not the previous
     secret itself: a receiver that still needs it has it)."""
+    return {"principal": principal, "secret": state.current, **_rotation(state, now_ms)}
+
+
+def secret_status(principal: str, state: SecretState | None, now_ms: int) -> dict[str, Any]:
+    """:class:`SigningSecretStatus`: no secret in it (``state`` None: none made yet)."""
+    if state is None:
+        return {"principal": principal, "made": False, "configured": False}
+    return {"principal": principal, "made": True, **_rotation(state, now_ms)}
+
+
+def _rotation(state: SecretState, now_ms: int) -> dict[str, Any]:
     rotated = state.rotated_ms
     until = state.previous_until_ms
     return {
-        "principal": principal,
-        "secret": state.current,
         "configured": bool(state.configured),
         "rotated_at": iso(rotated),
         "signing_everywhere_at": iso(rotated + int(REFRESH_SECONDS * 1000)) if rotated else None,
@@ -641,6 +651,16 @@ def commitments_router(node: NodeContext) -> APIRouter:
     )
     async def rotate_secret(request: Request, who: Principal) -> FastJSONResponse:
         return await rotated(request, who or LOCAL_PRINCIPAL, "itself")
+
+    @api.get(
+        "/admin/commitments-secret/{principal}",
+        response_model=SigningSecretStatus,
+        tags=["operators"],
+        summary="Where a principal's signing secret stands (never the secret itself)",
+    )
+    async def admin_secret(principal: str, _: ReadOperator) -> FastJSONResponse:
+        state = await factory.secrets.peek(checked(principal))
+        return FastJSONResponse(secret_status(principal, state, node.clock.now_ms()))
 
     @api.post(
         "/admin/commitments-secret/{principal}/rotate",

@@ -332,21 +332,34 @@ class EventReceipt(_Answer):
     delivered_to: int = Field(description="Commitments waiting for it that it reached.")
 
 
-class SigningSecret(_Answer):
-    """A principal's webhook signing secret, and where its rotation stands."""
+class _SecretRotation(_Answer):
+    """Where the rotation of a principal's signing secret stands."""
 
-    principal: str
-    secret: str = Field(description="The newest secret (whsec_...): verify with this one.")
     configured: bool = Field(
         False, description="Set in the node's configuration: rotated there, not through the API."
     )
     rotated_at: datetime | None = Field(None, description="When it was last rotated.")
     signing_everywhere_at: datetime | None = Field(
-        None, description="From when every node signs with `secret` (after a rotation)."
+        None, description="From when every node signs with the newest secret (after a rotation)."
     )
     previous_expires_at: datetime | None = Field(
         None, description="Until when the previous secret also signs every delivery."
     )
+
+
+class SigningSecret(_SecretRotation):
+    """A principal's webhook signing secret, and where its rotation stands."""
+
+    principal: str
+    secret: str = Field(description="The newest secret (whsec_...): verify with this one.")
+
+
+class SigningSecretStatus(_SecretRotation):
+    """Where a principal's webhook signing secret stands, without the secret: what an
+    operator sees (``GET /v1/admin/commitments-secret/{principal}``)."""
+
+    principal: str
+    made: bool = Field(description="The principal has a secret (one is made at its first use).")
 
 
 class Delivery(_Answer):

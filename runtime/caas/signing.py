@@ -153,6 +153,16 @@ class SigningSecrets:
             self._cache[principal] = _Read(state, loop.time())
         return state
 
+    async def peek(self, principal: str) -> SecretState | None:
+        """The principal's secrets as Redis has them now, or None if none was made
+        yet: unlike :meth:`state`, a read that makes nothing (for operators looking)."""
+        configured = self._configured.get(principal)
+        if configured is not None:
+            return configured
+        key = self._key(principal)
+        (reply,) = await self._batcher.results(lambda c: c.append(("HMGET", key, *_FIELDS)))
+        return _state(reply)
+
     async def signing(self, principal: str, now_ms: int) -> tuple[str, ...]:
         """The secrets that sign the principal's delivery made at ``now_ms``."""
         return (await self.state(principal)).signing(now_ms)

@@ -351,6 +351,34 @@ async function commitmentsView() {
     form,
     commitmentRows(page.items, commitmentActions),
     page.truncated ? h("p", {}, "The search stopped before the end: narrow it.") : null,
+    await secretSection(S.principal || "local"),
+  );
+}
+
+// Where the principal's webhook signing secret stands: never the secret itself
+// (the tenant reads it with its own key). A write operator may rotate it, e.g. when
+// it leaked: the previous one then stops signing at once, or signs 24 h more.
+async function secretSection(principal) {
+  const path = `/v1/admin/commitments-secret/${encodeURIComponent(principal)}`;
+  const s = await api("GET", path);
+  const rotate = (keep) => api("POST", path + "/rotate", { keep_previous_seconds: keep });
+  let facts;
+  if (!s.made) facts = "none made yet (one is made when it first signs a delivery)";
+  else if (s.configured) facts = "set in the nodes' configuration (rotated there)";
+  else {
+    facts = s.rotated_at ? `rotated at ${s.rotated_at}` : "never rotated";
+    if (s.previous_expires_at) facts += `; the previous one signs too until ${s.previous_expires_at}`;
+  }
+  return h(
+    "div",
+    { id: "secret" },
+    h("h2", {}, `Signing secret of ${principal}`),
+    h("p", { id: "secret-status" }, facts),
+    canWrite() && s.made && !s.configured
+      ? h("p", {},
+          action("Rotate, the previous secret signing 24 h more", () => rotate(86400), true), " ",
+          action("Rotate, the previous secret stopping now", () => rotate(0), true))
+      : null,
   );
 }
 
