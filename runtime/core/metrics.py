@@ -167,7 +167,8 @@ class ThreadSchedule(Collector):
     The waiting is what a node's users feel and its CPU figures do not show: another
     process on the same CPU (or a node pinned by ``runtime.cpu`` to a CPU that
     another takes), or threads of its own doing CPU-heavy work without the GIL.
-    ``rate(wait) / rate(run)`` is the share of its work the loop had to wait for."""
+    ``rate(wait) / (rate(run) + rate(wait))`` is the share of the time the loop
+    wanted a CPU that it spent waiting for one (the Grafana panel's "waiting")."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._path: str | None = None
