@@ -37,7 +37,7 @@ from troth.cluster.routing import Router
 from troth.core import tracing
 from troth.core.access import OPERATOR, Caller
 from troth.core.actor import CA
-from troth.core.aio import LoopThread, check_cpu
+from troth.core.aio import LoopThread, check_cpu, pinned
 from troth.core.batcher import Batcher
 from troth.core.catalog import Catalog
 from troth.core.checkpoint import CheckpointStore
@@ -259,9 +259,10 @@ class Node:
         for factory in self.plugin_factories.values():
             factory.start()
         self._on_loop(self._start_engine()).result(timeout=10)
-        self.scheduler.start()
-        self.dispatcher.start()
-        self.leases.start()
+        with pinned(self.loop_thread.cpu):  # their threads on the loop's CPU, if pinned
+            self.scheduler.start()
+            self.dispatcher.start()
+            self.leases.start()
         log.info(
             "node %s started: %d shards, types %s",
             self.node_id,

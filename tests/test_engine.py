@@ -95,18 +95,24 @@ def test_a_blocking_sync_method_does_not_stall_other_actors(
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
-def test_runtime_cpu_pins_the_loop_and_the_plain_method_workers_only(
+def test_runtime_cpu_pins_the_nodes_threads_only(
     make_node: Callable[..., Node],
 ) -> None:
-    """``runtime.cpu``: the event loop and the threads running plain methods are
-    pinned to that CPU; the program that embeds the node keeps its own placement. A
-    CPU this process may not use is refused before anything starts."""
+    """``runtime.cpu``: the event loop, the threads running plain methods and the
+    node's other threads are pinned to that CPU; the program that embeds the node
+    keeps its own placement. A CPU this process may not use is refused before
+    anything starts."""
     allowed = sorted(os.sched_getaffinity(0))
     cpu = allowed[-1]
     node = make_node("n1", runtime={"cpu": cpu})
     probe = ActorName("probe", "alice-cpu")
     assert node.call(probe, "loop_cpus").result(5) == [cpu]
     assert node.call(probe, "cpus").result(5) == [cpu]
+    # the due-time queues' and the lease heartbeat's threads too
+    helpers = [node.scheduler.queue._thread, node.dispatcher.queue._thread, node.leases._thread]
+    for thread in helpers:
+        assert thread is not None and thread.native_id is not None
+        assert os.sched_getaffinity(thread.native_id) == {cpu}, thread.name
     assert sorted(os.sched_getaffinity(0)) == allowed
     with pytest.raises(ConfigError, match=r"runtime\.cpu: CPU 4096 is not one"):
         make_node("n2", runtime={"cpu": 4096})

@@ -7,11 +7,12 @@ synchronous client library runs its :class:`~troth.client.AsyncClient` on anothe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import warnings
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -35,6 +36,22 @@ def check_cpu(cpu: int) -> None:
     allowed = sorted(os.sched_getaffinity(0))
     if cpu not in allowed:
         raise ValueError(f"CPU {cpu} is not one this process may run on (allowed: {allowed})")
+
+
+@contextlib.contextmanager
+def pinned(cpu: int | None) -> Iterator[None]:
+    """Within it, the calling thread runs on ``cpu``, and so will every thread it
+    starts (they inherit the pin); after it, the calling thread runs where it did
+    before. ``None``: nothing changes."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class LoopThread:

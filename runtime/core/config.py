@@ -110,8 +110,9 @@ class RuntimeConfig(_Model):
     cpu: int | None = Field(
         None,
         ge=0,
-        description="Pin the node's event loop and the threads it starts (the plain-def "
-        "workers) to this CPU (Linux); null: the kernel places them.",
+        description="Pin the node's threads (its event loop, the plain-def workers, the "
+        "due-time queues, the lease heartbeat) to this CPU (Linux); null: the kernel "
+        "places them.",
     )
     max_mailbox: int = Field(10_000, ge=1, description="Queued messages per actor before 503.")
     group_commit_max: int = Field(
