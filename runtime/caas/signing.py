@@ -132,8 +132,7 @@ class SigningSecrets:
         loop = asyncio.get_running_loop()
         started = loop.time()
         key = self._key(principal)
-        (reply,) = await self._batcher.results(lambda c: c.append(("HMGET", key, *_FIELDS)))
-        state = _state(reply)
+        state = await self._stored(principal)
         if state is None:  # the first use: the secret troth kept before, or a new one
             legacy = self._legacy_key(principal)
             (kept,) = await self._batcher.results(lambda c: c.append(("GET", legacy)))
@@ -156,9 +155,9 @@ class SigningSecrets:
     async def peek(self, principal: str) -> SecretState | None:
         """The principal's secrets as Redis has them now, or None if none was made
         yet: unlike :meth:`state`, a read that makes nothing (for operators looking)."""
-        configured = self._configured.get(principal)
-        if configured is not None:
-            return configured
+        return self._configured.get(principal) or await self._stored(principal)
+
+    async def _stored(self, principal: str) -> SecretState | None:
         key = self._key(principal)
         (reply,) = await self._batcher.results(lambda c: c.append(("HMGET", key, *_FIELDS)))
         return _state(reply)

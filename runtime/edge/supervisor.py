@@ -51,12 +51,13 @@ def nth_cpu(first: int, index: int) -> int:
 
 
 def supervise(args: argparse.Namespace, redis_url: str, port: int) -> int:
-    if args.cpu is not None and args.nodes > len(os.sched_getaffinity(0)):
+    cpus = len(os.sched_getaffinity(0)) if args.cpu is not None else 0
+    if cpus and args.nodes > cpus:
         log.warning(
             "%d nodes pinned to %d CPUs: some share one, and none can move to an idle "
             "one (leave out --cpu to let the kernel place them)",
             args.nodes,
-            len(os.sched_getaffinity(0)),
+            cpus,
         )
     commands = [child_command(args, redis_url, port, i) for i in range(args.nodes)]
     children = [subprocess.Popen(cmd) for cmd in commands]
