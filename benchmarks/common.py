@@ -18,6 +18,8 @@ from typing import Any
 
 import redis
 
+import troth.engine.engine  # noqa: F401  (the hot path: compiled or not, see machine())
+from troth.core import compiled
 from troth.edge.embedded_redis import MEMORY_SETTINGS, redis_binary
 
 
@@ -113,6 +115,8 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # troth's modules that run compiled here (none: installed with TROTH_PURE_PYTHON)
+        "compiled": compiled.compiled(),
     }
 
 

@@ -34,7 +34,7 @@ import redis
 
 from troth.cluster.leases import LeaseManager
 from troth.cluster.routing import Router
-from troth.core import tracing
+from troth.core import compiled, tracing
 from troth.core.access import OPERATOR, Caller
 from troth.core.actor import CA
 from troth.core.aio import LoopThread, check_cpu, pinned
@@ -264,11 +264,18 @@ class Node:
             self.dispatcher.start()
             self.leases.start()
         log.info(
-            "node %s started: %d shards, types %s",
+            "node %s started: %d shards, types %s, %d modules compiled",
             self.node_id,
             len(self.leases.owned),
             sorted(t.name for t in self.catalog),
+            len(compiled.compiled()),
         )
+        for name in compiled.stale():
+            log.warning(
+                "%s runs compiled from an older version of its .py file: install troth "
+                "again to run the edit (or install with TROTH_PURE_PYTHON=1)",
+                name,
+            )
 
     async def _start_engine(self) -> None:
         self.engine.start()

@@ -371,6 +371,9 @@ class ActorRuntime:
                 self.metrics.message_counter(self.name.type, msg.kind).inc()
                 logcontext.bind(self.store.node_id, self.key, msg.request_id)
                 self._grouped = i > 0
+                # (what a failure does comes after the ``finally``: mypyc, which
+                # compiles this module, has no ``break``/``continue`` inside one)
+                failed: Exception | None = None
                 try:
                     reply = await self._run(txn, msg, call.fn, call.args, call.kwargs)
                     if self._broken:
@@ -378,17 +381,22 @@ class ActorRuntime:
                     prepared = self._prepare(msg, reply, state, pstate)
                 except Exception as exc:
                     self._rollback(state, pstate, whole=False)
-                    if self._broken:
-                        break
-                    if not isinstance(exc, TrothError):  # a plugin's veto, or a bug of ours
-                        log.exception("%s: %s failed in a group", self.name, msg.method)
-                        exc = UnavailableError(f"internal error: {exc}")
-                    self.metrics.rollbacks.labels(self.name.type, type(exc).__name__).inc()
-                    outcomes.append(Outcome(error=exc))
-                    continue
+                    failed = exc
                 finally:
+                    broken = self._broken
                     self._txn = None
                     self._grouped = self._broken = False
+                if failed is not None:
+                    if broken:
+                        break
+                    if not isinstance(failed, TrothError):  # a plugin's veto, or a bug of ours
+                        log.error(
+                            "%s: %s failed in a group", self.name, msg.method, exc_info=failed
+                        )
+                        failed = UnavailableError(f"internal error: {failed}")
+                    self.metrics.rollbacks.labels(self.name.type, type(failed).__name__).inc()
+                    outcomes.append(Outcome(error=failed))
+                    continue
                 if prepared.changed:
                     writes += 1
                     state, pstate = prepared.state, prepared.pstate
