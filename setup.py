@@ -43,6 +43,7 @@ HOT = (
     "troth/core/metrics.py",
     "troth/core/names.py",
     "troth/core/records.py",
+    "troth/core/sync_workers.py",
     "troth/core/tracing.py",
     "troth/core/transaction.py",
     "troth/engine/cell.py",

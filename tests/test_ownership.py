@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -33,6 +34,24 @@ def test_stale_epoch_commit_is_refused_and_actor_stops(node: Node, rclient: redi
     # The intruder is not a live node: the node reclaims the shard and serves again.
     wait_until(lambda: node.leases.epoch_of(shard) is not None, timeout=5)
     assert wait_until(lambda: _try(node), timeout=5) == 2
+
+
+def test_a_shard_lost_while_a_message_runs_fails_it_as_the_caller_can_retry(
+    node: Node, rclient: redis.Redis
+) -> None:
+    """The lease moves while ``nap`` awaits; the node forgets the shard's cells. The
+    nap then makes its first plugin and commits: refused, and the caller is told to
+    retry (not an actor error about an activation that ended under it)."""
+    name = ActorName("probe", "alice-napper")
+    napping = node.call(name, "nap", [0.6, "a"])
+    time.sleep(0.3)  # activated, and awaiting
+    shard = shard_of(name, node.keys.shard_count)
+    lease = node.keys.shard(shard).lease
+    rclient.hset(lease, "epoch", int(rclient.hget(lease, "epoch")) + 1)
+    asyncio.run_coroutine_threadsafe(node.engine.drop_shards({shard}, drain=False), node.loop)
+    with pytest.raises(RetryableError):
+        napping.result(5)
+    assert admin.inspect(rclient, node.keys, name) is None  # nothing of it committed
 
 
 def _try(node: Node) -> int | None:

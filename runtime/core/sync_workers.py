@@ -185,12 +185,8 @@ class SyncWorkers:
             try:
                 call = queue.popleft()
             except IndexError:
-                with self._lock:
-                    if queue or self._closed:  # queued meanwhile: no sleep
-                        continue
-                    worker.awake = False
-                    self._asleep.append(worker)
-                worker.gate.acquire()  # until _staff or close releases it
+                if self._may_sleep(worker):
+                    worker.gate.acquire()  # until _staff or close releases it
                 continue
             if not call.future.cancelled():
                 worker.started = time.monotonic()
@@ -199,6 +195,16 @@ class SyncWorkers:
             # A sleeping worker holds nothing of its last call: an actor that ended
             # is freed at once, by reference counting.
             del call
+
+    def _may_sleep(self, worker: _Worker) -> bool:
+        """Whether ``worker``, finding the queue empty, may sleep (it is then listed
+        asleep): not if a call was queued meanwhile."""
+        with self._lock:
+            if self._queue or self._closed:
+                return False
+            worker.awake = False
+            self._asleep.append(worker)
+            return True
 
     def _hand_back(self, result: tuple[_Call, bool, Any]) -> None:
         self._results.append(result)

@@ -229,7 +229,10 @@ class Cell:
             if self.runtime is not None and self.runtime.deleted:
                 self._fail(UnavailableError(f"{self.name} was deleted; call again"))
         rt = self.runtime
-        if rt is None or self.failure is not None:
+        if rt is None:
+            return
+        if self.failure is not None:
+            self._close()  # (it failed while a message ran: see _fail)
             return
         if rt.needs_init or (rt.passivating and not self.atype.autonomous):
             # Nothing of this actor was ever committed (its first messages were refused
@@ -546,14 +549,20 @@ class Cell:
         return rt
 
     def _fail(self, error: TrothError) -> None:
-        """Stop serving: fail what is queued, and let the engine forget this cell."""
+        """Stop serving: fail what is queued, and let the engine forget this cell.
+
+        A message running now (its shard was lost meanwhile) runs on to its end, and
+        its commit is refused: its actor and plugins are let go after it, by the
+        cell's task, so that it fails as the caller can retry, not on a plugin it
+        can no longer make."""
         if self.failure is not None:
             return
         self.failure = error
         self.host.cell_stopped(self)
         while self.mailbox:
             self._settle(self.mailbox.popleft(), error=error)
-        self._close()
+        if self.task is None or self.task.done() or self.task is asyncio.current_task():
+            self._close()
 
 
 async def _nothing() -> None:
