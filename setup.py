@@ -70,6 +70,7 @@ BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "ins
 
 
 def compiled_extensions() -> list[Any]:
+    """The C extensions of ``HOT``; none for a metadata run or with TROTH_PURE_PYTHON."""
     if os.environ.get("TROTH_PURE_PYTHON") or not BUILDS & set(sys.argv[1:]):
         return []
     from mypyc.build import mypycify
