@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import tomllib
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
@@ -51,3 +53,18 @@ def test_a_source_edited_after_the_build_is_stale(
     modules = {m.__name__: m for m in (built, pure, other)}
     assert compiled.compiled(modules) == ["troth.core.built"]
     assert compiled.stale(modules) == (["troth.core.built"] if stale else [])
+
+
+def test_coverage_leaves_out_exactly_the_compiled_modules() -> None:
+    """``HOT`` in setup.py and coverage's ``omit`` in pyproject.toml name the same
+    modules: one added to the build without the other would be counted as untested,
+    or one dropped from it would go unmeasured."""
+    root = Path(__file__).resolve().parent.parent
+    tree = ast.parse((root / "setup.py").read_text())
+    hot = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "HOT"
+    )
+    omit = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["coverage"]["run"]["omit"]
+    assert sorted("*/" + path.split("/", 1)[1] for path in hot) == sorted(omit)
