@@ -72,6 +72,24 @@ def serving(port: int) -> bool:
         return False
 
 
+def test_embedded_redis_keeps_checkpoints_compact_and_big_hashes_tables(data_dir: Path) -> None:
+    """A checkpoint (6 fields, its state up to 1 KB) is one compact listpack, about half
+    the memory of a hash table; a hash of more than 16 fields (a shard's outbox, one
+    entry a pending delivery) is a hash table, whose writes do not slow down with its
+    size (a listpack is rewritten whole by each)."""
+    import redis
+
+    client = redis.Redis.from_url(embedded_redis.ensure_running(data_dir))
+    try:
+        fields = {"state": "s" * 1000, "pstate": "p" * 200, "version": "1.0.0", "seq": 7}
+        client.hset("checkpoint", mapping={**fields, "updated": 1, "created": 1})
+        client.hset("outbox", mapping={f"entry-{i}": "e" * 500 for i in range(17)})
+        assert client.object("encoding", "checkpoint") in (b"listpack", b"ziplist")
+        assert client.object("encoding", "outbox") == b"hashtable"
+    finally:
+        client.close()
+
+
 @pytest.mark.slow
 def test_example_config_with_embedded_redis_survives_node_kill(data_dir: Path) -> None:
     port = free_port()

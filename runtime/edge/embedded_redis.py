@@ -32,9 +32,14 @@ class EmbeddedRedisError(TrothError):
 
 #: Checkpoints are small hashes whose state field is a few hundred bytes: kept as one
 #: compact listpack up to 1 KB values instead of a hash table, an actor's checkpoint
-#: takes about half the memory (a pending commitment: about 1.6 KB of Redis in all
-#: instead of 2.4). The README recommends the same for a Redis you run yourself.
-MEMORY_SETTINGS = ("--hash-max-ziplist-value", "1024")
+#: takes about half the memory (a pending commitment: about 1.7 KB of Redis in all
+#: instead of 2.4). Only up to 16 fields, though (a checkpoint has 6): a listpack is
+#: searched and rewritten whole by every write, and a shard's outbox hash holds an
+#: entry of up to 1 KB for every pending delivery of the shard, so that with 128 (the
+#: default) creating commitments got slower as they grew in number (Redis's time a
+#: creation doubled from 10,000 to 90,000 pending). The README recommends the same
+#: for a Redis you run yourself. (The names of Redis 6; 7 and Valkey take them too.)
+MEMORY_SETTINGS = ("--hash-max-ziplist-value", "1024", "--hash-max-ziplist-entries", "16")
 
 
 #: Names a server binary to use instead of the one found (e.g. a valkey-server).
