@@ -344,6 +344,33 @@ def test_a_rotation_reaches_every_node_within_the_refresh(
     wait_until(lambda: signing_on_n2() == (new, old), timeout=3)
 
 
+def test_a_previous_secret_is_deleted_from_redis_once_its_grace_period_ends(
+    make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retired secret is not kept at rest: the next read of the secrets after its
+    grace period deletes it (and a rotation made meanwhile keeps its own previous)."""
+    monkeypatch.setattr(signing, "REFRESH_SECONDS", 0.2)
+    n1 = make_node("n1", serve=True, auth={"api_keys": {KEY_A: "a"}})
+    assert n1.url is not None
+    key = f"{n1.keys.prefix}:signing:a"
+    with Commitments(n1.url, token=KEY_A) as cs:
+        old = cs.secret()
+        new = cs.rotate_secret(keep_previous_seconds=1).secret
+        assert n1.client.hget(key, "previous") == old.encode()
+        time.sleep(0.5)
+        assert cs.secret_info().previous_expires_at is not None  # still signing
+        assert n1.client.hget(key, "previous") == old.encode()
+        time.sleep(0.7)
+        info = cs.secret_info()
+        assert info.secret == new and info.previous_expires_at is None
+        assert n1.client.hmget(key, "previous", "previous_until_ms") == [None, None]
+        assert n1.client.hget(key, "current") == new.encode()
+        newest = cs.rotate_secret(keep_previous_seconds=3600).secret
+        cs.secret_info()
+        assert n1.client.hget(key, "previous") == new.encode()
+        assert cs.secret() == newest
+
+
 def test_configured_secrets_all_sign_and_rotate_in_the_configuration(
     make_node: Callable[..., Node], receiver: Receiver
 ) -> None:

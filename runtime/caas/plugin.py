@@ -389,7 +389,10 @@ class CommitmentsFactory(PluginFactory):
         )
         #: The secrets that sign each principal's deliveries.
         self.secrets = SigningSecrets(
-            self.settings.configured_secrets(), context.batcher, context.keys.prefix
+            self.settings.configured_secrets(),
+            context.batcher,
+            context.keys.prefix,
+            context.clock,
         )
         self._webhook = WebhookExecutor(self)
 

@@ -14,7 +14,10 @@ signatures, and a receiver accepts it if any one checks out):
   :data:`REFRESH_SECONDS` (nodes read the secrets again that often); the previous one
   goes on signing for ``keep_previous_seconds``. A receiver moves to the new secret
   between the two. At most two random secrets sign: a rotation within the grace
-  period of the one before ends that one's.
+  period of the one before ends that one's. Once its grace period has ended, the
+  previous secret is deleted from Redis by the next node that reads the secrets
+  (within :data:`REFRESH_SECONDS` of a delivery or a look at them): a retired secret
+  is not kept at rest.
 
 A node that cannot read Redis goes on signing with the secrets it read last.
 """
@@ -22,12 +25,14 @@ A node that cannot read Redis goes on signing with the secrets it read last.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 from troth.caas import delivery
 from troth.caas.models import MAX_KEEP_PREVIOUS_SECONDS
 from troth.core.batcher import Batcher, Command
+from troth.core.clock import Clock
 from troth.core.scripts import Script, load_lua
 
 log = logging.getLogger(__name__)
@@ -84,15 +89,19 @@ class SigningSecrets:
     """The secrets of every principal, as this node signs with them. Reads go through
     the engine's :class:`Batcher`, so they never block the event loop."""
 
-    def __init__(self, configured: dict[str, list[str]], batcher: Batcher, prefix: str) -> None:
+    def __init__(
+        self, configured: dict[str, list[str]], batcher: Batcher, prefix: str, clock: Clock
+    ) -> None:
         self._configured = {
             p: SecretState(current=s[0], configured=tuple(s)) for p, s in configured.items()
         }
         self._batcher = batcher
         self._prefix = prefix
+        self._clock = clock
         self._cache: dict[str, _Read] = {}
         self._reads: dict[str, asyncio.Future[SecretState]] = {}
         self._rotate = Script(load_lua("rotate_secret.lua", "troth.caas"))
+        self._forget = Script(load_lua("forget_previous.lua", "troth.caas"))
 
     def _key(self, principal: str) -> str:
         return f"{self._prefix}:signing:{principal}"
@@ -147,6 +156,13 @@ class SigningSecrets:
             assert state is not None
             if kept is not None:  # the hash holds it now
                 await self._batcher.results(lambda c: c.append(("DEL", legacy)))
+        until = state.previous_until_ms
+        if state.previous is not None and (until or 0) <= self._clock.now_ms():
+            forget = [key]
+            await self._batcher.results(
+                lambda c: self._forget.queue(c, forget, [until or 0]), 1, self._forget
+            )
+            state = dataclasses.replace(state, previous=None, previous_until_ms=None)
         known = self._cache.get(principal)
         if known is None or known.read_at <= started:  # (not over a rotation made meanwhile)
             self._cache[principal] = _Read(state, loop.time())
