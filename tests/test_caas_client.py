@@ -355,12 +355,13 @@ def test_a_previous_secret_is_deleted_from_redis_once_its_grace_period_ends(
     key = f"{n1.keys.prefix}:signing:a"
     with Commitments(n1.url, token=KEY_A) as cs:
         old = cs.secret()
-        new = cs.rotate_secret(keep_previous_seconds=1).secret
+        rotated = cs.rotate_secret(keep_previous_seconds=2)
+        new, ends = rotated.secret, rotated.previous_expires_at
+        assert ends is not None and n1.client.hget(key, "previous") == old.encode()
+        time.sleep(0.3)
+        assert cs.secret_info().previous_expires_at == ends  # read again: still signing
         assert n1.client.hget(key, "previous") == old.encode()
-        time.sleep(0.5)
-        assert cs.secret_info().previous_expires_at is not None  # still signing
-        assert n1.client.hget(key, "previous") == old.encode()
-        time.sleep(0.7)
+        time.sleep(max(0.0, (ends - datetime.now(UTC)).total_seconds()) + 0.3)
         info = cs.secret_info()
         assert info.secret == new and info.previous_expires_at is None
         assert n1.client.hmget(key, "previous", "previous_until_ms") == [None, None]

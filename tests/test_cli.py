@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from conftest import REPO, NodeProcess, free_port, free_port_run, on_cluster_too, wait_until
 from troth.edge import embedded_redis
@@ -77,8 +78,6 @@ def test_embedded_redis_keeps_checkpoints_compact_and_big_hashes_tables(data_dir
     the memory of a hash table; a hash of more than 16 fields (a shard's outbox, one
     entry a pending delivery) is a hash table, whose writes do not slow down with its
     size (a listpack is rewritten whole by each)."""
-    import redis
-
     client = redis.Redis.from_url(embedded_redis.ensure_running(data_dir))
     try:
         fields = {"state": "s" * 1000, "pstate": "p" * 200, "version": "1.0.0", "seq": 7}
