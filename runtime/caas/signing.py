@@ -158,9 +158,8 @@ class SigningSecrets:
                 await self._batcher.results(lambda c: c.append(("DEL", legacy)))
         until = state.previous_until_ms
         if state.previous is not None and (until or 0) <= self._clock.now_ms():
-            forget = [key]
             await self._batcher.results(
-                lambda c: self._forget.queue(c, forget, [until or 0]), 1, self._forget
+                lambda c: self._forget.queue(c, [key], [until or 0]), 1, self._forget
             )
             state = dataclasses.replace(state, previous=None, previous_until_ms=None)
         known = self._cache.get(principal)
